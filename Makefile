@@ -1,0 +1,37 @@
+# The README's two commands: `make demo` (set up + run the main job) and `make test` (set up + run the tests).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test bench lint clean
+
+$(BIN)/mmtune: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# CPU torch first, in the same command as the package: otherwise accelerate/peft pull a CUDA build.
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/pip install --quiet -e ".[dev]"; \
+	else \
+		$(BIN)/pip install --quiet "torch==2.13.0" -e ".[dev]"; \
+	fi
+	touch $(BIN)/mmtune
+
+setup: $(BIN)/mmtune
+
+demo: setup
+	$(BIN)/mmtune demo --out runs/demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,99 @@
+"""Load a local Hugging Face VLM checkpoint (model + processor) through the Auto classes.
+
+mmtune never downloads: ``path`` must be a local folder, the way a user with a GPU keeps
+LLaVA-1.5, Qwen2-VL or SmolVLM checkpoints. Tiny test models take exactly the same path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    PreTrainedModel,
+    ProcessorMixin,
+    Qwen2VLProcessor,
+)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2-VL / Qwen2.5-VL processor without the video processor.
+
+    The upstream processor insists on a video processor, which needs torchvision; mmtune tunes on
+    images only, so where torchvision is missing we build the processor from its image processor
+    and tokenizer. It saves itself as the upstream class so other tools load the folder normally.
+    """
+
+    upstream_class = "Qwen2VLProcessor"
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+def save_processor(processor: ProcessorMixin, out_dir: str | Path) -> None:
+    """``save_pretrained`` that records the upstream class name for mmtune's stand-in processors."""
+    processor.save_pretrained(out_dir)
+    upstream = getattr(processor, "upstream_class", None)
+    config_file = Path(out_dir) / "processor_config.json"
+    if upstream and config_file.exists():
+        config = json.loads(config_file.read_text())
+        config["processor_class"] = upstream
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def load_processor(path: str | Path) -> ProcessorMixin:
+    """AutoProcessor, or the image-only stand-in when the video processor cannot be built."""
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    needs_image_only = config.get("model_type") in ("qwen2_vl", "qwen2_5_vl")
+    if not needs_image_only:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    else:
+        try:
+            processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        except (ImportError, AttributeError, ValueError, OSError):
+            processor = None  # torchvision missing: the video processor cannot be built
+        if not isinstance(processor, ProcessorMixin) or getattr(processor, "image_processor", None) is None:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True, backend="pil")
+            chat_template = getattr(tokenizer, "chat_template", None)
+            template_file = path / "chat_template.jinja"
+            if template_file.exists():
+                chat_template = template_file.read_text()
+            processor = ImageOnlyQwen2VLProcessor(image_processor, tokenizer, chat_template=chat_template)
+    if not isinstance(processor, ProcessorMixin) or getattr(processor, "image_processor", None) is None:
+        raise ValueError(f"{path}: no image-text processor could be loaded (got {type(processor).__name__})")
+    return processor
+
+
+def load_model(
+    path: str | Path,
+    dtype: str = "fp32",
+    attn_implementation: str | None = None,
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Return ``(model, processor)`` from a local checkpoint folder."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path}: not a Hugging Face model folder (no config.json). mmtune loads local checkpoints only; "
+            "download the model once (e.g. `huggingface-cli download llava-hf/llava-1.5-7b-hf --local-dir DIR`) "
+            "and point model.path at DIR."
+        )
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype!r}; choose one of {sorted(DTYPES)}")
+    kwargs = {"dtype": DTYPES[dtype], "local_files_only": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    return model, load_processor(path)
