@@ -1,0 +1,244 @@
+"""Typed run configuration: dataclasses, YAML files and ``key=value`` overrides.
+
+An unknown key or a value of the wrong type is an error that names the key and lists the valid
+ones — a typo in a config must never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # local Hugging Face checkpoint folder
+    tiny: str | None = None  # or build a tiny random model of this architecture: llava | qwen2_vl
+    tiny_hidden_size: int = 64
+    tiny_layers: int = 4
+    tiny_image_size: int = 32
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (weights as loaded)
+    attn_implementation: str | None = None  # eager | sdpa | flash_attention_2
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class ScopeConfig:
+    """What trains (the papers' setup): vision frozen, projector + last N LLM blocks, two learning rates."""
+
+    train_projector: bool = True
+    last_n_blocks: int = 2
+    lr_blocks: float = 2e-4
+    lr_projector: float = 2e-5
+
+
+@dataclass
+class TaskSpec:
+    path: str  # a task file (JSONL records) or synthetic:<family>
+    n: int | None = None  # draw this many records at random with the run's seed (None: all)
+    weight: float = 1.0  # each drawn record appears `weight` times per epoch (fractions drawn at random)
+
+
+@dataclass
+class SyntheticConfig:
+    """The generated world used by ``synthetic:<family>`` task paths."""
+
+    dir: str | None = None  # default: <output_dir>/synthetic
+    seed: int = 0
+    n_train: int = 1000
+    n_test: int = 200
+    image_size: int = 48
+
+
+@dataclass
+class DataConfig:
+    tasks: list[TaskSpec] = field(default_factory=list)
+    max_length: int = 2048
+    skip_bad_records: bool = False
+    num_workers: int = 0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/run"
+    seed: int = 0
+    epochs: float = 1.0
+    max_steps: int | None = None  # if set, overrides epochs
+    batch_size: int = 16  # per device, per micro-batch
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    log_every: int = 1
+    save_every: int | None = None  # optimizer steps between checkpoints (None: only at the end)
+    keep_checkpoints: int | None = None  # keep the newest N periodic checkpoints (None: all)
+    resume_from: str | None = None  # a checkpoint folder or "latest"
+    overwrite: bool = False  # allow replacing an existing run in output_dir
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    downstream: list[str] = field(default_factory=list)  # specialization tasks (test files or synthetic:<family>)
+    heldout: list[str] = field(default_factory=list)  # generalization tasks
+    batch_size: int = 16
+    max_new_tokens: int = 128
+    limit: int | None = None  # at most this many records per task
+    before: bool = True  # also evaluate the base model before training
+
+
+@dataclass
+class MethodSection:
+    """``name``: one method or several joined by ``+`` (applied in order); other keys: per-method options."""
+
+    name: str = "vanilla"
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [n.strip() for n in self.name.split("+") if n.strip()]
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scope: ScopeConfig = field(default_factory=ScopeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodSection = field(default_factory=MethodSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(f"{key}: {value!r} is not {' or '.join(_type_name(a) for a in args)}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and tp is TaskSpec:
+            value = {"path": value}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(tp)
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "2e-4" as a string
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{key}: {value!r} is not of type {_type_name(tp)}")
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from a mapping; unknown keys are errors that list the valid ones."""
+    if cls is MethodSection:
+        data = dict(data)
+        name = data.pop("name", "vanilla")
+        if not isinstance(name, str):
+            raise ConfigError(f"{prefix}.name: expected a string like 'nrca' or 'nrca+spider', got {name!r}")
+        for method, options in data.items():
+            if not isinstance(options, dict):
+                raise ConfigError(f"{prefix}.{method}: expected a mapping of {method}'s options, got {options!r}")
+        return MethodSection(name=name, options=data)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}; valid keys{' of ' + prefix if prefix else ''}: "
+                          f"{', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as error:
+        raise ConfigError(f"{prefix or cls.__name__}: {error}") from None
+
+
+def to_dict(config) -> dict:
+    if isinstance(config, MethodSection):
+        return {"name": config.name, **config.options}
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, list):
+        return [to_dict(v) for v in config]
+    return config
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to a nested dict."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form key=value")
+    key, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: invalid YAML: {error}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as error:
+        raise ConfigError(f"{path or 'config'}: {error}") from None
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

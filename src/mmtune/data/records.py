@@ -1,0 +1,185 @@
+"""The one record schema every mmtune command reads and writes, stored as JSONL task files.
+
+A record is one (image, prompt, answers) sample of one task. ``kind`` says whether the task is
+open-response (captions, free-form answers: what NRCA protects) or fixed-choice (lettered options).
+``answers[0]`` is the training target; all of ``answers`` are the references for evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+KINDS = ("open", "choice")
+METRICS = ("cider", "vqa", "mc", "exact")
+MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
+SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
+
+
+class RecordError(ValueError):
+    """A bad record: the message names the file, the line and what is wrong."""
+
+
+@dataclass
+class Record:
+    id: str
+    task: str
+    kind: str
+    image: str
+    prompt: str
+    answers: list[str]
+    choices: list[str] | None = None
+    answer_index: int | None = None
+    metric: str | None = None  # optional: how evaluation scores this task (inferred when absent)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def target(self) -> str:
+        """The training target: the first reference answer."""
+        return self.answers[0]
+
+    def validate(self) -> None:
+        if not isinstance(self.id, str) or not self.id:
+            raise ValueError("'id' must be a non-empty string")
+        if self.kind not in KINDS:
+            raise ValueError(f"'kind' is {self.kind!r}; must be one of {KINDS}")
+        if not self.prompt:
+            raise ValueError("empty 'prompt'")
+        if not self.answers or not all(isinstance(a, str) for a in self.answers) or not self.answers[0].strip():
+            raise ValueError("no answer: 'answers' must be a non-empty list of strings")
+        if self.kind == "choice":
+            if not self.choices or len(self.choices) < 2:
+                raise ValueError("a 'choice' record needs at least two 'choices'")
+            if self.answer_index is None or not 0 <= self.answer_index < len(self.choices):
+                raise ValueError(f"'answer_index' {self.answer_index!r} is not an index into its {len(self.choices)} choices")
+        if self.metric is not None and self.metric not in METRICS:
+            raise ValueError(f"'metric' is {self.metric!r}; must be one of {METRICS}")
+
+    def to_json(self, base_dir: Path | None = None) -> dict:
+        data = asdict(self)
+        if not data["extra"]:
+            del data["extra"]
+        for key in ("choices", "answer_index", "metric"):
+            if data[key] is None:
+                del data[key]
+        if base_dir is not None:
+            try:
+                data["image"] = os.path.relpath(Path(self.image).resolve(), base_dir)
+            except ValueError:  # another drive on Windows
+                pass
+        return data
+
+
+def letter(index: int) -> str:
+    return chr(ord("A") + index)
+
+
+def multiple_choice_prompt(question: str, choices: list[str], context: str | None = None,
+                           instruction: str = MC_INSTRUCTION) -> str:
+    """LLaVA-1.5 evaluation convention: context, question, "A. ..." options, then the instruction."""
+    lines = []
+    if context and context.strip():
+        lines.append(f"Context: {context.strip()}")
+    lines.append(question.strip())
+    lines += [f"{letter(i)}. {choice}" for i, choice in enumerate(choices)]
+    lines.append(instruction)
+    return "\n".join(lines)
+
+
+def infer_metric(records: list[Record]) -> str:
+    """How to score a task when its records don't say: choice → mc; 10 annotators → vqa; long → cider."""
+    declared = {r.metric for r in records if r.metric}
+    if len(declared) == 1:
+        return declared.pop()
+    if any(r.kind == "choice" for r in records):
+        return "mc"
+    if records and sum(len(r.answers) >= 10 for r in records) > len(records) / 2:
+        return "vqa"
+    mean_words = sum(len(r.target.split()) for r in records) / max(1, len(records))
+    return "cider" if mean_words > 3 else "exact"
+
+
+def _parse_line(line: str, base_dir: Path) -> Record:
+    data = json.loads(line)
+    if not isinstance(data, dict):
+        raise ValueError("a record must be a JSON object")
+    known = {"id", "task", "kind", "image", "prompt", "answers", "choices", "answer_index", "metric", "extra"}
+    missing = {"id", "task", "kind", "image", "prompt", "answers"} - data.keys()
+    if missing:
+        raise ValueError(f"missing field(s) {sorted(missing)}")
+    unknown = data.keys() - known
+    if unknown:
+        raise ValueError(f"unknown field(s) {sorted(unknown)}; valid fields: {sorted(known)}")
+    data["id"] = str(data["id"])
+    image = Path(data["image"])
+    data["image"] = str(image if image.is_absolute() else (base_dir / image))
+    record = Record(**data)
+    record.validate()
+    return record
+
+
+def check_image(path: str) -> None:
+    """Open the image header (cheap: no decoding) so a missing or corrupt file fails now, not mid-training."""
+    if not os.path.isfile(path):
+        raise ValueError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as error:  # PIL raises many types for corrupt files
+        raise ValueError(f"unreadable image {path}: {error}") from error
+
+
+def iter_records(path: str | Path, skip_bad_records: bool = False, check_images: bool = True,
+                 skipped: list[str] | None = None) -> Iterator[Record]:
+    """Stream records from a JSONL task file; bad lines raise ``RecordError`` or, if skipping, are noted."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"task file not found: {path}")
+    base_dir = path.parent
+    seen: set[str] = set()
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = _parse_line(line, base_dir)
+                if record.id in seen:
+                    raise ValueError(f"duplicate id {record.id!r}")
+                if check_images:
+                    check_image(record.image)
+            except (ValueError, TypeError, json.JSONDecodeError) as error:
+                message = f"{path}:{number}: {error}"
+                if not skip_bad_records:
+                    raise RecordError(message) from None
+                if skipped is not None:
+                    skipped.append(message)
+                continue
+            seen.add(record.id)
+            yield record
+
+
+def read_records(path: str | Path, skip_bad_records: bool = False, check_images: bool = True,
+                 skipped: list[str] | None = None) -> list[Record]:
+    return list(iter_records(path, skip_bad_records, check_images, skipped))
+
+
+def write_records(records: Iterable[Record], path: str | Path, overwrite: bool = False) -> int:
+    """Write a JSONL task file with image paths relative to it; refuses to replace a file unless asked."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record.to_json(path.parent.resolve()), ensure_ascii=False) + "\n")
+            count += 1
+    tmp.replace(path)
+    return count

@@ -1,0 +1,311 @@
+"""A generated world with the structure of the papers' protocol, fully determined by a seed.
+
+Images hold 1–3 objects (shape, colour, size, cell of a 3×3 grid) on a plain background, sometimes
+with a rendered letter. Task families mirror the papers' datasets:
+
+* pre-training families (the base model's skills, later the held-out side): brief captions,
+  colour / shape / position short answers, yes/no existence, reading the letter (like GQA,
+  OKVQA, OCR-VQA, TextVQA);
+* downstream open-response: a new, detailed caption style with several paraphrased references
+  (like Flickr30k / COCO, scored with CIDEr);
+* downstream fixed-choice: lettered multiple-choice counting and attribute questions
+  (like ScienceQA / IconQA).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from mmtune.data.records import (
+    CAPTION_PROMPT,
+    SHORT_ANSWER_INSTRUCTION,
+    Record,
+    letter,
+    multiple_choice_prompt,
+    write_records,
+)
+
+SHAPES = ("circle", "square", "triangle", "cross")
+COLORS = {
+    "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 230),
+    "yellow": (235, 220, 40), "purple": (150, 60, 200), "white": (240, 240, 240),
+}
+SIZES = ("small", "large")
+CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+BACKGROUNDS = {"black": (15, 15, 15), "gray": (110, 110, 110), "brown": (100, 70, 40), "navy": (20, 25, 80)}
+CHARACTERS = "ABCDEFGHKMNPRSTXYZ"
+
+PRETRAIN_FAMILIES = ("brief_caption", "color_vqa", "shape_vqa", "position_vqa", "exists_vqa", "ocr_vqa")
+DOWNSTREAM_OPEN = ("detailed_caption",)
+DOWNSTREAM_CHOICE = ("count_mc", "attribute_mc")
+FAMILIES = PRETRAIN_FAMILIES + DOWNSTREAM_OPEN + DOWNSTREAM_CHOICE
+
+
+@dataclass(frozen=True)
+class Thing:
+    shape: str
+    color: str
+    size: str
+    cell: int
+
+
+@dataclass(frozen=True)
+class Scene:
+    things: tuple[Thing, ...]
+    background: str
+    character: str | None
+
+
+def sample_scene(rng: random.Random, character_rate: float = 0.4) -> Scene:
+    count = rng.randint(1, 3)
+    cells = rng.sample(range(9), count)
+    # Distinct (shape, colour) pairs keep every question about "the red circle" unambiguous.
+    pairs = rng.sample([(s, c) for s in SHAPES for c in COLORS], count)
+    things = tuple(Thing(s, c, rng.choice(SIZES), cell) for (s, c), cell in zip(pairs, cells))
+    background = rng.choice(list(BACKGROUNDS))
+    # The letter sits in a free cell so it never hides an object.
+    free = [cell for cell in range(9) if cell not in cells]
+    character = rng.choice(CHARACTERS) if free and rng.random() < character_rate else None
+    return Scene(things, background, character)
+
+
+def render(scene: Scene, size: int = 48, rng_seed: int = 0) -> Image.Image:
+    image = Image.new("RGB", (size, size), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(image)
+    cell = size / 3
+    for thing in scene.things:
+        row, col = divmod(thing.cell, 3)
+        cx, cy = (col + 0.5) * cell, (row + 0.5) * cell
+        r = cell * (0.45 if thing.size == "large" else 0.25)
+        box = (cx - r, cy - r, cx + r, cy + r)
+        color = COLORS[thing.color]
+        if thing.shape == "circle":
+            draw.ellipse(box, fill=color)
+        elif thing.shape == "square":
+            draw.rectangle(box, fill=color)
+        elif thing.shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+        else:
+            w = max(1.0, r / 2.5)
+            draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=color)
+            draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=color)
+    if scene.character:
+        used = {t.cell for t in scene.things}
+        free = [c for c in range(9) if c not in used]
+        row, col = divmod(free[0], 3)
+        font = ImageFont.load_default(size=max(8, int(cell * 0.9)))
+        cx, cy = (col + 0.5) * cell, (row + 0.5) * cell
+        draw.text((cx, cy), scene.character, fill=(255, 255, 255), font=font, anchor="mm")
+    return image
+
+
+def describe(thing: Thing, with_size: bool = False) -> str:
+    return f"{thing.size + ' ' if with_size else ''}{thing.color} {thing.shape}"
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _at(cell: int) -> str:
+    name = CELLS[cell]
+    return "in the center" if name == "center" else f"at the {name}"
+
+
+# --- task families: each returns (prompt, answers, choices, answer_index) or None if not applicable ---
+
+def brief_caption(scene: Scene, rng: random.Random):
+    return "Describe the image briefly.", [_join(["a " + describe(t) for t in scene.things])], None, None
+
+
+def detailed_caption(scene: Scene, rng: random.Random):
+    things = scene.things
+    placed = [f"a {describe(t, True)} {_at(t.cell)}" for t in things]
+    n = len(things)
+    count_word = {1: "one object", 2: "two objects", 3: "three objects"}[n]
+    references = [
+        f"there is {_join(placed)} on a {scene.background} background .",
+        f"the image shows {count_word} : {_join(placed)} .",
+        f"{_join(placed)} , drawn on a {scene.background} background .",
+        f"on a {scene.background} background there is {_join(placed)} .",
+        f"a picture of {count_word} , {_join(placed)} .",
+    ]
+    return CAPTION_PROMPT, references, None, None
+
+
+def _unique_thing(scene: Scene, rng: random.Random) -> Thing:
+    return rng.choice(scene.things)
+
+
+def color_vqa(scene: Scene, rng: random.Random):
+    shapes = [t.shape for t in scene.things]
+    candidates = [t for t in scene.things if shapes.count(t.shape) == 1]
+    if not candidates:
+        return None
+    thing = rng.choice(candidates)
+    return f"What color is the {thing.shape}?\n{SHORT_ANSWER_INSTRUCTION}", [thing.color], None, None
+
+
+def shape_vqa(scene: Scene, rng: random.Random):
+    colors = [t.color for t in scene.things]
+    candidates = [t for t in scene.things if colors.count(t.color) == 1]
+    if not candidates:
+        return None
+    thing = rng.choice(candidates)
+    return f"What shape is the {thing.color} object?\n{SHORT_ANSWER_INSTRUCTION}", [thing.shape], None, None
+
+
+def position_vqa(scene: Scene, rng: random.Random):
+    thing = _unique_thing(scene, rng)
+    return f"Where is the {describe(thing)}?\n{SHORT_ANSWER_INSTRUCTION}", [CELLS[thing.cell]], None, None
+
+
+def exists_vqa(scene: Scene, rng: random.Random):
+    if rng.random() < 0.5:
+        thing = _unique_thing(scene, rng)
+        shape, color, answer = thing.shape, thing.color, "yes"
+    else:
+        present = {(t.shape, t.color) for t in scene.things}
+        absent = [(s, c) for s in SHAPES for c in COLORS if (s, c) not in present]
+        shape, color = rng.choice(absent)
+        answer = "no"
+    return f"Is there a {color} {shape}?\n{SHORT_ANSWER_INSTRUCTION}", [answer], None, None
+
+
+def ocr_vqa(scene: Scene, rng: random.Random):
+    if scene.character is None:
+        return None
+    return f"What letter is written in the image?\n{SHORT_ANSWER_INSTRUCTION}", [scene.character.lower()], None, None
+
+
+def count_mc(scene: Scene, rng: random.Random):
+    options = ["1", "2", "3", "4"]
+    rng.shuffle(options)
+    index = options.index(str(len(scene.things)))
+    prompt = multiple_choice_prompt("How many objects are in the image?", options)
+    return prompt, [letter(index)], options, index
+
+
+def attribute_mc(scene: Scene, rng: random.Random):
+    thing = _unique_thing(scene, rng)
+    if rng.random() < 0.5:
+        question, truth, pool = f"Which color does the {thing.shape} at the {CELLS[thing.cell]} have?", thing.color, list(COLORS)
+    else:
+        question, truth, pool = f"Which shape is the {thing.color} object at the {CELLS[thing.cell]}?", thing.shape, list(SHAPES)
+    distractors = rng.sample([p for p in pool if p != truth], 3)
+    options = [truth, *distractors]
+    rng.shuffle(options)
+    index = options.index(truth)
+    context = f"The objects are drawn on a {scene.background} background."
+    return multiple_choice_prompt(question, options, context=context), [letter(index)], options, index
+
+
+GENERATORS: dict[str, Callable] = {
+    "brief_caption": brief_caption, "color_vqa": color_vqa, "shape_vqa": shape_vqa,
+    "position_vqa": position_vqa, "exists_vqa": exists_vqa, "ocr_vqa": ocr_vqa,
+    "detailed_caption": detailed_caption, "count_mc": count_mc, "attribute_mc": attribute_mc,
+}
+METRIC = {"brief_caption": "cider", "detailed_caption": "cider", "count_mc": "mc", "attribute_mc": "mc"}
+
+
+def vocabulary() -> list[str]:
+    """Every word the world can produce: the tiny tokenizers' vocabulary."""
+    words = [*SHAPES, *COLORS, *SIZES, *CELLS, *BACKGROUNDS, *CHARACTERS.lower(), "1", "2", "3", "4"]
+    rng = random.Random(0)
+    for _ in range(200):
+        scene = sample_scene(rng)
+        for generate in GENERATORS.values():
+            out = generate(scene, rng)
+            if out:
+                words += [out[0], *out[1], *(out[2] or [])]
+    return words
+
+
+def make_records(scenes: list[tuple[str, Scene]], family: str, split: str, seed: int) -> list[Record]:
+    rng = random.Random(f"{seed}-{family}-{split}")
+    records = []
+    kind = "choice" if family in DOWNSTREAM_CHOICE else "open"
+    for image_path, scene in scenes:
+        out = GENERATORS[family](scene, rng)
+        if out is None:
+            continue
+        prompt, answers, choices, answer_index = out
+        records.append(Record(
+            id=f"{family}-{split}-{Path(image_path).stem}", task=family, kind=kind, image=image_path,
+            prompt=prompt, answers=answers, choices=choices, answer_index=answer_index,
+            metric=METRIC.get(family, "exact"),
+        ))
+    return records
+
+
+def generate_world(out_dir: str | Path, seed: int = 0, n_train: int = 1000, n_test: int = 200,
+                   image_size: int = 48, families: tuple[str, ...] = FAMILIES,
+                   overwrite: bool = False, progress: bool = True) -> dict[str, dict[str, Path]]:
+    """Write images and one task file per (family, split); return ``{family: {split: path}}``."""
+    out = Path(out_dir)
+    marker = out / "world.json"
+    if marker.exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds a synthetic world; pass overwrite to regenerate it")
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown families {sorted(unknown)}; valid: {FAMILIES}")
+    files: dict[str, dict[str, Path]] = {family: {} for family in families}
+    for split, count in (("train", n_train), ("test", n_test)):
+        rng = random.Random(f"{seed}-{split}")
+        image_dir = out / "images" / split
+        image_dir.mkdir(parents=True, exist_ok=True)
+        scenes = []
+        for index in tqdm(range(count), desc=f"synth {split} images", disable=not progress, leave=False):
+            scene = sample_scene(rng)
+            path = image_dir / f"{index:06d}.png"
+            render(scene, image_size).save(path)
+            scenes.append((str(path), scene))
+        for family in families:
+            path = out / f"{family}_{split}.jsonl"
+            write_records(make_records(scenes, family, split, seed), path, overwrite=True)
+            files[family][split] = path
+    import json
+
+    marker.write_text(json.dumps({"seed": seed, "n_train": n_train, "n_test": n_test,
+                                  "image_size": image_size, "families": list(families)}, indent=2) + "\n")
+    return files
+
+
+SYNTHETIC_PREFIX = "synthetic:"
+
+
+def ensure_world(world_dir: str | Path, seed: int, n_train: int, n_test: int, image_size: int,
+                 progress: bool = True) -> Path:
+    """Generate the world into ``world_dir`` unless the same world is already there."""
+    import json
+
+    world_dir = Path(world_dir)
+    wanted = {"seed": seed, "n_train": n_train, "n_test": n_test, "image_size": image_size,
+              "families": list(FAMILIES)}
+    marker = world_dir / "world.json"
+    if marker.exists():
+        found = json.loads(marker.read_text())
+        if found != wanted:
+            raise FileExistsError(f"{world_dir} holds a different synthetic world ({found}); wanted {wanted}. "
+                                  "Point data.synthetic.dir elsewhere or remove it.")
+        return world_dir
+    generate_world(world_dir, seed, n_train, n_test, image_size, progress=progress)
+    return world_dir
+
+
+def resolve_task_path(path: str, world_dir: Path | None, split: str) -> Path:
+    """``synthetic:<family>`` → the family's task file of ``split`` in the world; anything else is a file path."""
+    if not path.startswith(SYNTHETIC_PREFIX):
+        return Path(path)
+    family = path[len(SYNTHETIC_PREFIX):]
+    if family not in FAMILIES:
+        raise ValueError(f"unknown synthetic family {family!r}; valid: {', '.join(FAMILIES)}")
+    if world_dir is None:
+        raise ValueError(f"{path}: no synthetic world configured")
+    return world_dir / f"{family}_{split}.jsonl"

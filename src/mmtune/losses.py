@@ -1,0 +1,44 @@
+"""Per-sample token statistics shared by the training loop and the methods."""
+
+from __future__ import annotations
+
+import torch
+
+from mmtune.data.collate import IGNORE_INDEX
+
+
+def target_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the target tokens (causal shift: logits at t predict labels at t+1).
+
+    Returns ``(log_probs [N], sample_index [N])`` for the N non-ignored target tokens of the batch; the
+    softmax runs over those positions only, never over the whole ``[B, L, V]`` tensor.
+    """
+    shift_logits = logits[:, :-1]
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE_INDEX
+    selected = shift_logits[mask].float()
+    log_probs = torch.log_softmax(selected, dim=-1).gather(-1, shift_labels[mask].unsqueeze(-1)).squeeze(-1)
+    sample_index = mask.nonzero(as_tuple=True)[0]
+    return log_probs, sample_index
+
+
+def per_sample_mean(values: torch.Tensor, sample_index: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Mean of ``values`` per sample (samples with no target token get 0)."""
+    sums = torch.zeros(batch_size, dtype=values.dtype, device=values.device).index_add(0, sample_index, values)
+    counts = torch.zeros(batch_size, dtype=values.dtype, device=values.device).index_add(
+        0, sample_index, torch.ones_like(values))
+    return sums / counts.clamp(min=1)
+
+
+def sample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy: the mean over that sample's target tokens, shape ``[B]``.
+
+    The training loss is the plain mean of these over samples (as NRCA's reference code computes
+    it), so a long caption and a one-letter answer weigh the same.
+    """
+    log_probs, index = target_log_probs(logits, labels)
+    return per_sample_mean(-log_probs, index, labels.shape[0])
+
+
+def target_token_counts(labels: torch.Tensor) -> torch.Tensor:
+    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)

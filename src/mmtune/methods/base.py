@@ -1,0 +1,121 @@
+"""The extension point: a method is a small typed config plus one class with no-op hooks.
+
+The training loop (``mmtune.train``) calls these hooks and never names a method. A method
+overrides only what it needs:
+
+* ``prepare_model``   before the optimizer exists (LoRA wraps the model here);
+* ``setup``           after model and optimizer exist (snapshot W0, build masks);
+* ``extra_losses``    named loss terms added to the cross-entropy, each one logged;
+* ``before_optimizer_step``  gradients final (accumulated, all-reduced, clipped), weights not yet updated;
+* ``after_optimizer_step``   weights updated: restore / re-allocate entries here (zeroing gradients is
+  not enough: AdamW's momentum and weight decay still move "frozen" entries);
+* ``on_train_end``    post-training weight surgery (grafting, DARE, WiSE-FT, LoRA merge);
+* ``state_dict`` / ``load_state_dict``  saved with every checkpoint, so a resumed run is the same run.
+
+All randomness comes from ``ctx.generator`` (seeded by the run), so a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's hyperparameters (``method.<name>.<key>`` in a run config)."""
+
+
+@dataclass
+class TrainContext:
+    """What hooks may read or use: the model (as trained, possibly DDP-wrapped) and its trainable tensors."""
+
+    model: nn.Module  # call this for forward passes (it may be wrapped by DDP / FSDP)
+    unwrapped: nn.Module  # the plain model
+    trainable: dict[str, nn.Parameter]  # name → parameter, the tensors being fine-tuned
+    generator: torch.Generator  # the method's seeded randomness (saved in checkpoints)
+    accelerator: Any = None
+    optimizer: Any = None
+    step: int = 0  # optimizer steps done so far
+    total_steps: int = 0
+    final_model: nn.Module | None = None  # what gets saved at the end (on_train_end may replace it)
+    scratch: dict = field(default_factory=dict)
+
+
+class Method:
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, config: MethodConfig | None = None):
+        self.config = config if config is not None else self.config_class()
+
+    def prepare_model(self, model: nn.Module, layout) -> nn.Module:
+        return model
+
+    def setup(self, ctx: TrainContext) -> None:
+        pass
+
+    def extra_losses(self, ctx: TrainContext, batch: dict, outputs, sample_loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    def before_optimizer_step(self, ctx: TrainContext) -> None:
+        pass
+
+    def after_optimizer_step(self, ctx: TrainContext) -> None:
+        pass
+
+    def on_train_end(self, ctx: TrainContext) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_config(cls: type[Method], options: dict, prefix: str) -> MethodConfig:
+    from mmtune.config import ConfigError, from_dict
+
+    try:
+        return from_dict(cls.config_class, options, prefix)
+    except ConfigError as error:
+        raise ConfigError(str(error)) from None
+
+
+def build_methods(section) -> list[Method]:
+    """Instantiate the methods a run names (``method.name``, ``+``-joined) with their options."""
+    import mmtune.methods  # noqa: F401  (registers the built-in methods)
+    from mmtune.config import ConfigError
+
+    names = section.names or ["vanilla"]
+    for name in names:
+        if name not in METHODS:
+            raise ConfigError(f"unknown method {name!r}; registered methods: {', '.join(sorted(METHODS))}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"method.name={section.name!r} lists a method twice")
+    for key in section.options:
+        if key not in names:
+            raise ConfigError(f"method.{key}: options for a method the run does not use "
+                              f"(method.name={section.name!r}); registered methods: {', '.join(sorted(METHODS))}")
+    return [METHODS[n](method_config(METHODS[n], section.options.get(n, {}), f"method.{n}")) for n in names]
+
+
+def describe_config(cls: type[Method]) -> str:
+    fields = dataclasses.fields(cls.config_class)
+    return ", ".join(f"{f.name}={f.default!r}" for f in fields) or "—"
