@@ -236,7 +236,7 @@ def train(config: RunConfig) -> Path:
         for method in methods:
             method.load_state_dict(state["methods"].get(method.name, {}))
         say(f"resumed from {checkpoint} at step {ctx.step}")
-    elif is_main:
+    if is_main and not (paths.root / "config.yaml").exists():
         save_config(config, paths.root / "config.yaml")
 
     say(f"training {total_steps} steps ({steps_per_epoch} per epoch), methods: {config.method.name}")

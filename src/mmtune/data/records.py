@@ -118,7 +118,7 @@ def _parse_line(line: str, base_dir: Path) -> Record:
         raise ValueError(f"unknown field(s) {sorted(unknown)}; valid fields: {sorted(known)}")
     data["id"] = str(data["id"])
     image = Path(data["image"])
-    data["image"] = str(image if image.is_absolute() else (base_dir / image))
+    data["image"] = os.path.normpath(image if image.is_absolute() else (base_dir / image))
     record = Record(**data)
     record.validate()
     return record

@@ -1,0 +1,38 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mmtune.config import load_config  # noqa: E402
+from mmtune.data.synthetic import ensure_world  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> Path:
+    """The synthetic world of configs/tiny.yaml, generated once per test session."""
+    directory = tmp_path_factory.mktemp("world")
+    return ensure_world(directory, seed=0, n_train=128, n_test=32, image_size=32, progress=False)
+
+
+@pytest.fixture
+def tiny_config(world, tmp_path):
+    """Build a RunConfig from configs/tiny.yaml writing into tmp_path, sharing the session's world."""
+
+    def make(*overrides: str, out: str = "run"):
+        base = [f"data.synthetic.dir={world}", f"train.output_dir={tmp_path / out}", "train.progress=false",
+                "data.tasks=[{path: 'synthetic:detailed_caption', n: 16}, {path: 'synthetic:count_mc', n: 16}]",
+                "train.batch_size=4", "train.max_steps=4", "train.warmup_ratio=0.0"]
+        return load_config(TINY_CONFIG, [*base, *overrides])
+
+    return make

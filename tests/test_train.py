@@ -1,0 +1,92 @@
+"""The loop's own guarantees (the per-method contract tests live in tests/methods/test_contract.py)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from helpers import base_weights, final_weights, losses
+from mmtune.cli import main
+from mmtune.train import train
+
+
+def test_tiny_run_writes_a_loadable_model_config_and_metrics(tiny_config, tmp_path):
+    config = tiny_config()
+    run = train(config)
+    model = AutoModelForImageTextToText.from_pretrained(run / "final")
+    processor = AutoProcessor.from_pretrained(run / "final")
+    assert model.config.model_type == "llava" and processor.tokenizer is not None
+    assert (run / "config.yaml").exists() and (run / "final" / "mmtune_config.yaml").exists()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert {"loss", "ce", "lr", "grad_norm"} <= rows[0].keys()
+
+
+def test_refuses_to_write_over_another_run(tiny_config):
+    train(tiny_config())
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(tiny_config())
+    train(tiny_config("train.overwrite=true"))  # explicit consent
+
+
+def test_gradient_accumulation_2x4_matches_8x1(tiny_config):
+    a = train(tiny_config("train.batch_size=4", "train.grad_accum=2", "train.max_steps=2", out="accum"))
+    b = train(tiny_config("train.batch_size=8", "train.grad_accum=1", "train.max_steps=2", out="batch"))
+    wa, wb = final_weights(a), final_weights(b)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert losses(a) == pytest.approx(losses(b), rel=1e-5)
+
+
+def test_resume_equals_uninterrupted_run(tiny_config, tmp_path):
+    full = train(tiny_config("train.max_steps=6", "train.save_every=3", out="full"))
+    checkpoint = full / "checkpoints" / "step-000003"
+    assert checkpoint.is_dir()
+    resumed = train(tiny_config("train.max_steps=6", f"train.resume_from={checkpoint}", out="resumed"))
+    wf, wr = final_weights(full), final_weights(resumed)
+    for name in wf:
+        assert torch.equal(wf[name], wr[name]), name
+    assert losses(resumed) == losses(full)[3:]
+
+
+def test_resume_latest_in_the_same_folder(tiny_config):
+    run = train(tiny_config("train.max_steps=4", "train.save_every=2", out="same"))
+    before = final_weights(run)
+    train(tiny_config("train.max_steps=4", "train.resume_from=latest", out="same"))
+    after = final_weights(run)
+    for name in before:
+        assert torch.equal(before[name], after[name])
+
+
+def test_skip_bad_records_counts_them_in_the_summary(tiny_config, tmp_path, world):
+    lines = (world / "count_mc_train.jsonl").read_text().splitlines()[:12]
+    bad = tmp_path / "bad.jsonl"
+    rows = [json.loads(line) for line in lines]
+    for row in rows:
+        row["image"] = str(world / row["image"])
+    rows[3]["image"] = "missing.png"
+    bad.write_text("\n".join(json.dumps(r) for r in rows) + "\n{oops\n")
+    with pytest.raises(Exception, match="bad.jsonl:4: image not found"):
+        train(tiny_config(f"data.tasks=[{{path: '{bad}'}}]", out="strict"))
+    run = train(tiny_config(f"data.tasks=[{{path: '{bad}'}}]", "data.skip_bad_records=true", out="lenient"))
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["skipped_records"] == 2 and summary["records"] == 11
+
+
+def test_cli_train_and_errors(tiny_config, tmp_path, world, capsys):
+    config = tmp_path / "c.yaml"
+    from mmtune.config import save_config
+
+    save_config(tiny_config(out="cli"), config)
+    assert main(["train", "--config", str(config)]) == 0
+    assert main(["train", "--config", str(config), "train.bogus=1"]) == 2
+    assert "unknown key train.bogus" in capsys.readouterr().err
+
+
+def test_frozen_parameters_untouched_by_vanilla(tiny_config):
+    config = tiny_config()
+    run = train(config)
+    base, final = base_weights(config), final_weights(run)
+    changed = {n for n in base if not torch.equal(base[n], final[n])}
+    assert changed and all("multi_modal_projector" in n or ".layers.2." in n or ".layers.3." in n for n in changed)
