@@ -191,7 +191,7 @@ def from_dict(cls, data: dict, prefix: str = ""):
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise ConfigError(f"{prefix or cls.__name__}: {error}") from None
 
 

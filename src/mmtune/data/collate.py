@@ -135,3 +135,28 @@ MODEL_INPUT_EXCLUDE = ("labels", "open_mask", "records")
 def model_inputs(batch: dict) -> dict:
     """The part of a batch the model's ``forward`` takes."""
     return {k: v for k, v in batch.items() if k not in MODEL_INPUT_EXCLUDE}
+
+
+def subset_batch(batch: dict, rows: torch.Tensor) -> dict:
+    """The batch restricted to ``rows`` (a 1-D index tensor), for every processor layout.
+
+    Per-sample tensors are indexed on their first dimension. Qwen2-VL style processors flatten all
+    images' patches into one ``pixel_values`` tensor; those are sliced with ``image_grid_thw``.
+    """
+    size = batch["input_ids"].shape[0]
+    out = {}
+    grid = batch.get("image_grid_thw")
+    for key, value in batch.items():
+        if key == "pixel_values" and grid is not None:
+            counts = grid.prod(dim=-1).tolist()
+            starts = [0]
+            for count in counts:
+                starts.append(starts[-1] + count)
+            out[key] = torch.cat([value[starts[i]:starts[i + 1]] for i in rows.tolist()])
+        elif torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == size:
+            out[key] = value[rows.to(value.device)]
+        elif key == "records":
+            out[key] = [value[i] for i in rows.tolist()]
+        else:
+            out[key] = value
+    return out

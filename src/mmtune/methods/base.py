@@ -117,5 +117,10 @@ def build_methods(section) -> list[Method]:
 
 
 def describe_config(cls: type[Method]) -> str:
-    fields = dataclasses.fields(cls.config_class)
-    return ", ".join(f"{f.name}={f.default!r}" for f in fields) or "—"
+    defaults = dataclasses.asdict(cls.config_class())
+    return ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "—"
+
+
+def snapshot(trainable: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """A detached copy of the trainable tensors: W0, the values fine-tuning starts from."""
+    return {name: param.detach().clone() for name, param in trainable.items()}

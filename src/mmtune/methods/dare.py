@@ -1,0 +1,55 @@
+"""dare — drop-and-rescale the fine-tuning delta.
+
+Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free
+Lunch" (DARE), ICML 2024, as a post-training step: drop a fraction ``p`` of the delta ``W − W0`` at
+random and rescale the rest by ``1/(1 − p)``. Hyperparameter: ``p`` = 0.9 (0 is vanilla). The drop mask
+comes from the run's seeded generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmtune.methods.base import Method, MethodConfig, register, snapshot
+
+
+def drop_and_rescale(pretrained: torch.Tensor, finetuned: torch.Tensor, p: float,
+                     generator: torch.Generator) -> torch.Tensor:
+    if p == 0:
+        return finetuned.clone()
+    keep = torch.rand(finetuned.shape, generator=generator, device=generator.device) >= p
+    delta = (finetuned - pretrained) * keep.to(finetuned.device) / (1 - p)
+    return pretrained + delta
+
+
+@dataclass
+class DareConfig(MethodConfig):
+    p: float = 0.9
+
+    def __post_init__(self):
+        if not 0 <= self.p < 1:
+            raise ValueError(f"method.dare.p={self.p} must be in [0, 1)")
+
+
+@register
+class Dare(Method):
+    name = "dare"
+    description = "after training, drop a fraction p of W−W0 at random, rescale the rest by 1/(1−p) (Yu et al., 2024)"
+    config_class = DareConfig
+
+    def setup(self, ctx):
+        self.pretrained = snapshot(ctx.trainable)
+
+    @torch.no_grad()
+    def on_train_end(self, ctx):
+        for name, param in ctx.trainable.items():
+            param.copy_(drop_and_rescale(self.pretrained[name], param, self.config.p, ctx.generator))
+
+    def state_dict(self):
+        return {"pretrained": self.pretrained}
+
+    def load_state_dict(self, state):
+        if state:
+            self.pretrained = state["pretrained"]

@@ -1,0 +1,52 @@
+"""grafting — keep only the largest entries of the fine-tuning update, reset the rest to W0.
+
+Panigrahi et al., "Task-Specific Skill Localization in Fine-tuned Language Models", ICML 2023
+(model grafting), as a post-training step: per tensor, the top ``keep_ratio`` of entries by
+``|W − W0|`` keep their fine-tuned value; all others return to W0. Hyperparameter:
+``keep_ratio`` = 0.1 (1 is vanilla).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmtune.methods.base import Method, MethodConfig, register, snapshot
+
+
+def graft(pretrained: torch.Tensor, finetuned: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    delta = finetuned - pretrained
+    flat = delta.abs().flatten()
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    k = round(keep_ratio * flat.numel())
+    if k:
+        keep[torch.topk(flat, k).indices] = True
+    return torch.where(keep.reshape(delta.shape), finetuned, pretrained)
+
+
+@dataclass
+class GraftingConfig(MethodConfig):
+    keep_ratio: float = 0.1
+
+
+@register
+class Grafting(Method):
+    name = "grafting"
+    description = "after training, keep the top-k% |W−W0| update entries, reset the rest (Panigrahi et al., 2023)"
+    config_class = GraftingConfig
+
+    def setup(self, ctx):
+        self.pretrained = snapshot(ctx.trainable)
+
+    @torch.no_grad()
+    def on_train_end(self, ctx):
+        for name, param in ctx.trainable.items():
+            param.copy_(graft(self.pretrained[name], param, self.config.keep_ratio))
+
+    def state_dict(self):
+        return {"pretrained": self.pretrained}
+
+    def load_state_dict(self, state):
+        if state:
+            self.pretrained = state["pretrained"]

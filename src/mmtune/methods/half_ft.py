@@ -1,0 +1,65 @@
+"""half_ft — Half Fine-Tuning: each round, a random half of the trainable tensors is frozen at W0.
+
+Hui et al., "HFT: Half Fine-Tuning for Large Language Models", 2024. At the start of every round
+(``round_steps`` optimizer steps) a fresh random ``frozen_fraction`` of the trainable tensors is
+chosen; those are reset to their pre-trained values and held there for the round (restored after
+each step, so AdamW's momentum cannot move them). Hyperparameters: ``frozen_fraction`` = 0.5
+(0 is vanilla), ``round_steps`` = 50.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmtune.methods.base import Method, MethodConfig, register, snapshot
+
+
+def choose_frozen(names: list[str], fraction: float, generator: torch.Generator) -> set[str]:
+    order = torch.randperm(len(names), generator=generator, device=generator.device).tolist()
+    return {names[i] for i in order[: round(fraction * len(names))]}
+
+
+@dataclass
+class HalfFTConfig(MethodConfig):
+    frozen_fraction: float = 0.5
+    round_steps: int = 50
+
+    def __post_init__(self):
+        if self.round_steps < 1:
+            raise ValueError("method.half_ft.round_steps must be at least 1")
+
+
+@register
+class HalfFT(Method):
+    name = "half_ft"
+    description = "each round, a random half of the trainable tensors is reset to and held at W0 (Hui et al., 2024)"
+    config_class = HalfFTConfig
+
+    def setup(self, ctx):
+        self.pretrained = snapshot(ctx.trainable)
+        self.frozen: set[str] = set()
+        self._new_round(ctx)
+
+    @torch.no_grad()
+    def _new_round(self, ctx):
+        self.frozen = choose_frozen(sorted(ctx.trainable), self.config.frozen_fraction, ctx.generator)
+        self._restore(ctx)
+
+    @torch.no_grad()
+    def _restore(self, ctx):
+        for name in self.frozen:
+            ctx.trainable[name].copy_(self.pretrained[name])
+
+    def after_optimizer_step(self, ctx):
+        self._restore(ctx)
+        if ctx.step + 1 < ctx.total_steps and (ctx.step + 1) % self.config.round_steps == 0:
+            self._new_round(ctx)
+
+    def state_dict(self):
+        return {"pretrained": self.pretrained, "frozen": sorted(self.frozen)}
+
+    def load_state_dict(self, state):
+        if state:
+            self.pretrained, self.frozen = state["pretrained"], set(state["frozen"])

@@ -1,0 +1,47 @@
+"""l2_reg — pull the fine-tuned weights towards the pre-trained ones with an L2 penalty.
+
+The forgetting baseline of both papers (released-code semantics): ``loss += λ · mean over trainable
+tensors of MSE(W, W0)``. Hyperparameter: ``lam`` λ = 1e-3 (λ = 0 is vanilla).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmtune.methods.base import Method, MethodConfig, register, snapshot
+
+
+def distance_penalty(trainable: dict[str, torch.Tensor], pretrained: dict[str, torch.Tensor], power: int) -> torch.Tensor:
+    """Mean over tensors of the per-tensor mean ``|W − W0|^power`` (MSE for 2, L1 for 1)."""
+    terms = [(param - pretrained[name]).abs().pow(power).mean() for name, param in trainable.items()]
+    return torch.stack(terms).mean()
+
+
+@dataclass
+class L2RegConfig(MethodConfig):
+    lam: float = 1e-3
+
+
+@register
+class L2Reg(Method):
+    name = "l2_reg"
+    description = "loss += λ·mean MSE(W, W0) over trainable tensors (papers' baseline)"
+    config_class = L2RegConfig
+    power = 2
+
+    def setup(self, ctx):
+        self.pretrained = snapshot(ctx.trainable)
+
+    def extra_losses(self, ctx, batch, outputs, sample_loss):
+        if self.config.lam == 0:
+            return {}
+        return {f"{self.name}": self.config.lam * distance_penalty(ctx.trainable, self.pretrained, self.power)}
+
+    def state_dict(self):
+        return {"pretrained": self.pretrained}
+
+    def load_state_dict(self, state):
+        if state:
+            self.pretrained = state["pretrained"]

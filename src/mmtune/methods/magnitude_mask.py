@@ -1,0 +1,31 @@
+"""magnitude_mask — the largest-magnitude pre-trained entries stay at their pre-trained values.
+
+The papers' baseline: per tensor, the top ``ratio`` (0.5) of entries by ``|W0|`` are frozen and
+restored after every optimizer step (0 is vanilla).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmtune.methods.base import register
+from mmtune.methods.random_mask import RandomMask
+
+
+def magnitude_frozen_mask(pretrained: torch.Tensor, ratio: float) -> torch.Tensor:
+    """True for the ``round(ratio·n)`` entries with the largest ``|W0|``."""
+    flat = pretrained.detach().abs().flatten()
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    k = round(ratio * flat.numel())
+    if k:
+        mask[torch.topk(flat, k).indices] = True
+    return mask.reshape(pretrained.shape)
+
+
+@register
+class MagnitudeMask(RandomMask):
+    name = "magnitude_mask"
+    description = "the top-50% |W0| entries frozen at W0 (papers' baseline)"
+
+    def make_mask(self, name, param, ctx):
+        return magnitude_frozen_mask(param, self.config.ratio)

@@ -1,0 +1,68 @@
+"""The contract every method passes (design.md): one parametrized table over all registered methods."""
+
+import pytest
+import torch
+
+from helpers import base_weights, final_weights, losses, trainable_names
+from mmtune.methods import METHODS
+from mmtune.train import train
+
+# Settings that make each method do something visible in 4 tiny steps.
+ACTIVE = {
+    "half_ft": ["method.half_ft.round_steps=2"],
+    "l2_reg": ["method.l2_reg.lam=1.0"],
+    "l1_reg": ["method.l1_reg.lam=0.01"],
+}
+# The null setting of each method, which must reproduce vanilla exactly.
+NULL = {
+    "nrca": ["method.nrca.lam=0"],
+    "l2_reg": ["method.l2_reg.lam=0"],
+    "l1_reg": ["method.l1_reg.lam=0"],
+    "random_mask": ["method.random_mask.ratio=0"],
+    "magnitude_mask": ["method.magnitude_mask.ratio=0"],
+    "grafting": ["method.grafting.keep_ratio=1"],
+    "dare": ["method.dare.p=0"],
+    "wise_ft": ["method.wise_ft.alpha=1"],
+    "half_ft": ["method.half_ft.frozen_fraction=0"],
+}
+COMBINATIONS = ["nrca+spider", "nrca+random_mask", "lora+nrca"]
+ALL = sorted(METHODS) + COMBINATIONS
+
+
+def _settings(name):
+    return [s for part in name.split("+") for s in ACTIVE.get(part, [])]
+
+
+def test_every_method_is_in_the_table():
+    assert set(NULL) | {"vanilla", "spider", "lora"} == set(METHODS)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_frozen_parameters_bit_identical_and_trainable_ones_change(tiny_config, name):
+    config = tiny_config(f"method.name={name}", *_settings(name))
+    run = train(config)
+    base, final = base_weights(config), final_weights(run)
+    trainable = trainable_names(base)
+    for key in base:
+        if key not in trainable:
+            assert torch.equal(base[key], final[key]), f"{name} moved frozen {key}"
+    assert any(not torch.equal(base[k], final[k]) for k in trainable), f"{name} changed nothing"
+
+
+@pytest.mark.parametrize("name", sorted(NULL))
+def test_null_setting_reproduces_vanilla(tiny_config, name):
+    vanilla = final_weights(train(tiny_config("method.name=vanilla", out="vanilla")))
+    null = final_weights(train(tiny_config(f"method.name={name}", *NULL[name], out="null")))
+    for key in vanilla:
+        assert torch.equal(vanilla[key], null[key]), f"{name} at its null setting differs from vanilla at {key}"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_resume_equals_uninterrupted(tiny_config, name):
+    settings = [f"method.name={name}", *_settings(name), "train.max_steps=4"]
+    full = train(tiny_config(*settings, "train.save_every=2", out="full"))
+    resumed = train(tiny_config(*settings, f"train.resume_from={full / 'checkpoints' / 'step-000002'}", out="resumed"))
+    wf, wr = final_weights(full), final_weights(resumed)
+    for key in wf:
+        assert torch.equal(wf[key], wr[key]), f"{name}: resumed run differs at {key}"
+    assert losses(resumed) == losses(full)[2:]
