@@ -155,7 +155,7 @@ def train(config: RunConfig) -> Path:
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(
         mixed_precision=config.train.mixed_precision, cpu=not cuda,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)],
     )
     is_main = accelerator.is_main_process
     paths = prepare_output_dir(config, is_main)
