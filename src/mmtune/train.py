@@ -28,11 +28,13 @@ from mmtune.data.collate import RecordDataset, TrainCollator, model_inputs
 from mmtune.data.mixture import build_mixture, mixture_summary
 from mmtune.data.records import RecordError
 from mmtune.data.synthetic import SYNTHETIC_PREFIX, ensure_world, resolve_task_path, vocabulary
+from mmtune.evaluate import evaluate
 from mmtune.losses import sample_cross_entropy
 from mmtune.methods.base import TrainContext, build_methods
 from mmtune.models.load import load_model, save_processor
 from mmtune.models.scope import apply_scope, parameter_groups, scope_summary
 from mmtune.models.tiny import build_tiny
+from mmtune.report import to_markdown, write_report
 
 STATE_FILE = "mmtune_state.pt"
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "final", "checkpoints")
@@ -224,6 +226,9 @@ def train(config: RunConfig) -> Path:
                        total_steps=total_steps)
     for method in methods:
         method.setup(ctx)
+    if config.eval.before and is_main and not (paths.root / "eval" / "base" / "scores.json").exists():
+        run_evaluation(ctx.unwrapped, processor, config, world, paths.root / "eval" / "base")
+    accelerator.wait_for_everyone()
 
     epoch, step_in_epoch = 0, 0
     if config.train.resume_from:
@@ -309,9 +314,22 @@ def train(config: RunConfig) -> Path:
                    "skipped_examples": skipped[:20], "methods": config.method.name,
                    "train_seconds": round(time.time() - started, 2)}
         (paths.root / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if run_evaluation(ctx.final_model, processor, config, world, paths.root / "eval" / "final"):
+            report = write_report([paths.root], paths.root / "report")
+            say(to_markdown(report))
     accelerator.wait_for_everyone()
     say(f"saved {paths.final}")
     return paths.root
+
+
+def run_evaluation(model, processor, config: RunConfig, world: Path | None, out: Path) -> dict | None:
+    """Evaluate the configured downstream and held-out tasks (nothing if none are configured)."""
+    sides = {side: [resolve_task_path(p, world, "test") for p in getattr(config.eval, side)]
+             for side in ("downstream", "heldout")}
+    if not any(sides.values()):
+        return None
+    return evaluate(model, processor, sides, out, config.eval.batch_size, config.eval.max_new_tokens,
+                    config.eval.limit, config.train.progress, overwrite=True)
 
 
 def find_too_long(records, collator: TrainCollator) -> list[tuple]:

@@ -1,0 +1,77 @@
+"""Batched greedy generation over each task's test records, scored with the task's metric.
+
+Every evaluation writes ``predictions/<task>.jsonl`` (one line per sample: id, prompt, prediction,
+references, per-sample score) next to ``scores.json``, so a number can always be traced to its samples.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mmtune.data.collate import GenerationCollator, RecordDataset
+from mmtune.data.records import Record, infer_metric, read_records
+from mmtune.metrics import score
+
+
+def load_tasks(paths: list[Path], limit: int | None = None) -> dict[str, list[Record]]:
+    """Records grouped by task name (a file may hold several tasks); at most ``limit`` per task."""
+    tasks: dict[str, list[Record]] = defaultdict(list)
+    for path in paths:
+        for record in read_records(path):
+            if limit is None or len(tasks[record.task]) < limit:
+                tasks[record.task].append(record)
+    if not tasks:
+        raise ValueError(f"no records in {[str(p) for p in paths]}")
+    return dict(tasks)
+
+
+@torch.no_grad()
+def generate(model, processor, records: list[Record], batch_size: int = 16, max_new_tokens: int = 128,
+             progress: bool = True, desc: str = "generate") -> list[str]:
+    """Greedy answers for ``records``: left-padded batches, KV cache, new tokens only."""
+    model.eval()
+    tokenizer = getattr(processor, "tokenizer", processor)
+    loader = DataLoader(RecordDataset(records), batch_size=batch_size, collate_fn=GenerationCollator(processor))
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        batch.pop("records")
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                pad_token_id=tokenizer.pad_token_id, use_cache=True)
+        new = tokens[:, inputs["input_ids"].shape[1]:]
+        answers += [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return answers
+
+
+def evaluate(model, processor, sides: dict[str, list[Path]], out_dir: str | Path, batch_size: int = 16,
+             max_new_tokens: int = 128, limit: int | None = None, progress: bool = True,
+             overwrite: bool = False) -> dict:
+    """Evaluate every task of every side (``{"downstream": [...], "heldout": [...]}``); write and return scores."""
+    out = Path(out_dir)
+    if (out / "scores.json").exists() and not overwrite:
+        raise FileExistsError(f"{out / 'scores.json'} exists; choose another --out or pass --overwrite")
+    (out / "predictions").mkdir(parents=True, exist_ok=True)
+    results: dict = {"tasks": {}}
+    for side, paths in sides.items():
+        if not paths:
+            continue
+        for task, records in load_tasks(paths, limit).items():
+            metric = infer_metric(records)
+            predictions = generate(model, processor, records, batch_size, max_new_tokens, progress, f"eval {task}")
+            items = [{"id": r.id, "prediction": p, "answers": r.answers, "choices": r.choices,
+                      "answer_index": r.answer_index} for r, p in zip(records, predictions)]
+            result = score(metric, items)
+            with (out / "predictions" / f"{task}.jsonl").open("w") as handle:
+                for record, item, value in zip(records, items, result.per_sample):
+                    handle.write(json.dumps({"id": record.id, "prompt": record.prompt, "prediction": item["prediction"],
+                                             "answers": record.answers, "score": value}) + "\n")
+            results["tasks"][task] = {**result.as_dict(), "side": side}
+    (out / "scores.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
