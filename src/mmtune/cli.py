@@ -18,6 +18,82 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from mmtune.evaluate import evaluate
+    from mmtune.models.load import load_model
+
+    model, processor = load_model(args.model, args.dtype)
+    sides = {"downstream": [Path(p) for p in args.tasks], "heldout": [Path(p) for p in args.heldout]}
+    out = Path(args.out or Path(args.model) / "eval")
+    results = evaluate(model, processor, sides, out, args.batch_size, args.max_new_tokens, args.limit,
+                       overwrite=args.overwrite)
+    for task, result in results["tasks"].items():
+        print(f"{task:<24} {result['metric']:<6} {result['score']:7.2f}  (n={result['n']}, {result['side']})")
+    print(f"wrote {out / 'scores.json'} and {out / 'predictions'}/")
+    return 0
+
+
+def read_predictions(path: str, metric: str) -> list[dict]:
+    """Predictions JSONL for ``mmtune score``: every problem names the line; nothing is silently dropped."""
+    import json
+
+    items, seen = [], set()
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: malformed JSON ({error})") from None
+            if not isinstance(item, dict) or "id" not in item:
+                raise ValueError(f"{where}: each line needs an 'id'")
+            if str(item["id"]) in seen:
+                raise ValueError(f"{where}: duplicate id {item['id']!r}")
+            seen.add(str(item["id"]))
+            if not isinstance(item.get("prediction"), str):
+                raise ValueError(f"{where}: 'prediction' must be a string (use \"\" for an empty answer)")
+            if metric == "mc":
+                if not item.get("choices") or not isinstance(item.get("answer_index"), int):
+                    raise ValueError(f"{where}: metric mc needs 'choices' and an integer 'answer_index'")
+                item.setdefault("answers", [])
+            elif not item.get("answers") or not all(isinstance(a, str) for a in item["answers"]):
+                raise ValueError(f"{where}: no references: 'answers' must be a non-empty list of strings")
+            item["id"] = str(item["id"])
+            items.append(item)
+    return items
+
+
+def cmd_score(args) -> int:
+    import json
+
+    from mmtune.metrics import score
+
+    result = score(args.metric, read_predictions(args.predictions, args.metric))
+    summary = result.as_dict()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for key, value in summary.items():
+            print(f"{key}: {value:.2f}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from mmtune.report import to_markdown, write_report
+
+    out = Path(args.out or "report")
+    report = write_report(args.runs, out)
+    print(to_markdown(report))
+    print(f"wrote {out}/report.md, report.json, tasks.png, s_vs_g.png")
+    return 0
+
+
 def cmd_ls(args) -> int:
     if args.what == "methods":
         from mmtune.methods import METHODS
@@ -50,6 +126,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny.yaml")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.name=nrca train.seed=1")
     train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="batched greedy generation + metrics on task files")
+    ev.add_argument("--model", required=True, help="a local Hugging Face model folder (e.g. RUN/final)")
+    ev.add_argument("--tasks", nargs="+", required=True, help="task files (JSONL records) to evaluate")
+    ev.add_argument("--heldout", nargs="*", default=[], help="task files counted as held-out (generalization)")
+    ev.add_argument("--out", help="output folder (default: MODEL/eval)")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--max-new-tokens", type=int, default=128)
+    ev.add_argument("--limit", type=int, help="at most this many records per task")
+    ev.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing scores.json in --out")
+    ev.set_defaults(func=cmd_eval)
+
+    sc = sub.add_parser("score", help="score predictions produced anywhere (JSONL: id, prediction, answers)")
+    sc.add_argument("--metric", required=True, choices=["cider", "vqa", "mc", "exact"])
+    sc.add_argument("--predictions", required=True, help="JSONL lines {id, prediction, answers[, choices, answer_index]}")
+    sc.add_argument("--json", action="store_true", help="print the result as one JSON object (last line)")
+    sc.set_defaults(func=cmd_score)
+
+    rp = sub.add_parser("report", help="one S/G/H table (+ plots) for several runs")
+    rp.add_argument("runs", nargs="+", help="run folders (each with eval/final/scores.json)")
+    rp.add_argument("--out", help="output folder (default: ./report)")
+    rp.set_defaults(func=cmd_report)
 
     ls = sub.add_parser("ls", help="list registered methods, synthetic task families or architectures")
     ls.add_argument("what", choices=["methods", "families", "architectures"])

@@ -1,0 +1,78 @@
+import json
+
+import pytest
+
+from mmtune.cli import main
+from mmtune.models.tiny import save_tiny
+from mmtune.data.synthetic import vocabulary
+from mmtune.train import train
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" if isinstance(r, dict) else r + "\n" for r in rows))
+    return path
+
+
+def test_score_json_last_line(tmp_path, capsys):
+    path = _write(tmp_path / "p.jsonl", [{"id": 1, "prediction": "two", "answers": ["2"] * 10},
+                                         {"id": 2, "prediction": "cat", "answers": ["dog"] * 10}])
+    assert main(["score", "--metric", "vqa", "--predictions", str(path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["metric"] == "vqa" and result["n"] == 2 and result["score"] == pytest.approx(50.0)
+
+
+@pytest.mark.parametrize("rows,message", [
+    (['{"id": 1, "prediction": "x", "answers": ["y"]}', "{oops"], "p.jsonl:2: malformed JSON"),
+    ([{"id": 1, "prediction": "x"}], "p.jsonl:1: no references"),
+    ([{"id": 1, "prediction": "x", "answers": ["y"]}, {"id": 1, "prediction": "x", "answers": ["y"]}], "duplicate id"),
+    ([{"id": 1, "answers": ["y"]}], "'prediction' must be a string"),
+])
+def test_score_bad_input_names_the_line(tmp_path, capsys, rows, message):
+    path = _write(tmp_path / "p.jsonl", rows)
+    assert main(["score", "--metric", "exact", "--predictions", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_mc_needs_choices(tmp_path, capsys):
+    path = _write(tmp_path / "p.jsonl", [{"id": 1, "prediction": "A", "answers": ["A"]}])
+    assert main(["score", "--metric", "mc", "--predictions", str(path)]) == 2
+    assert "needs 'choices'" in capsys.readouterr().err
+
+
+def test_eval_command_writes_scores_and_predictions(tmp_path, world, capsys):
+    model = save_tiny(tmp_path / "model", "llava", words=vocabulary())
+    args = ["eval", "--model", str(model), "--tasks", str(world / "count_mc_test.jsonl"),
+            "--heldout", str(world / "color_vqa_test.jsonl"), "--out", str(tmp_path / "ev"),
+            "--limit", "5", "--max-new-tokens", "4"]
+    assert main(args) == 0
+    scores = json.loads((tmp_path / "ev" / "scores.json").read_text())
+    assert scores["tasks"]["count_mc"]["n"] == 5 and scores["tasks"]["color_vqa"]["side"] == "heldout"
+    lines = (tmp_path / "ev" / "predictions" / "count_mc.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and {"id", "prediction", "answers", "score"} <= json.loads(lines[0]).keys()
+    assert main(args) == 2  # never silently overwrites
+    assert "exists" in capsys.readouterr().err
+
+
+def test_batched_generation_equals_one_by_one(tmp_path, world):
+    from mmtune.data.records import read_records
+    from mmtune.evaluate import generate
+    from mmtune.models.load import load_model
+
+    model, processor = load_model(save_tiny(tmp_path / "m", "llava", words=vocabulary()))
+    records = read_records(world / "detailed_caption_test.jsonl")[:6] + read_records(world / "count_mc_test.jsonl")[:6]
+    batched = generate(model, processor, records, batch_size=12, max_new_tokens=6, progress=False)
+    single = generate(model, processor, records, batch_size=1, max_new_tokens=6, progress=False)
+    assert batched == single
+
+
+def test_train_with_eval_writes_report_and_report_command(tiny_config, tmp_path, capsys):
+    runs = [train(tiny_config(f"method.name={m}", "train.seed=0", "eval.limit=4", "eval.max_new_tokens=4",
+                              out=m.replace("+", "_"))) for m in ("vanilla", "nrca")]
+    for run in runs:
+        assert (run / "eval" / "base" / "scores.json").exists()
+        assert (run / "report" / "report.md").exists() and (run / "report" / "s_vs_g.png").exists()
+    assert main(["report", *map(str, runs), "--out", str(tmp_path / "rep")]) == 0
+    table = (tmp_path / "rep" / "report.md").read_text()
+    assert "| vanilla |" in table and "| nrca |" in table and "base (before fine-tuning)" in table
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert {"S", "G", "H"} <= report["rows"][0]["values"].keys()
