@@ -94,6 +94,47 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    """Pre-train the tiny base (unless given), fine-tune it with each method and seed, report S vs G."""
+    from pathlib import Path
+
+    from mmtune.config import load_config
+    from mmtune.methods import METHODS
+    from mmtune.report import to_markdown, write_report
+    from mmtune.train import train
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    out = Path(args.out)
+    world = out / "synthetic"
+    common = [f"data.synthetic.dir={world}", *args.overrides]
+    if args.quick:
+        common += ["data.synthetic.n_train=200", "data.synthetic.n_test=20", "eval.limit=20"]
+    base = Path(args.base) if args.base else out / "base" / "final"
+    if not args.base and not base.exists():
+        print(f"== stage 1: pre-training the tiny base into {base.parent}")
+        pre = ["train.max_steps=20"] if args.quick else []
+        train(load_config(root / "demo_pretrain.yaml", [*common, f"train.output_dir={out / 'base'}", *pre]))
+    methods = sorted(m for m in METHODS if not m.startswith("test_")) if args.methods == "all" \
+        else args.methods.split(",")
+    runs = []
+    for method in methods:
+        for seed in range(args.seeds):
+            run = out / f"{method.replace('+', '_')}-seed{seed}"
+            if (run / "eval" / "final" / "scores.json").exists():
+                print(f"== {run.name}: already done, reusing")
+            else:
+                print(f"== stage 2: {method}, seed {seed}")
+                extra = ["train.max_steps=6"] if args.quick else []
+                train(load_config(root / "demo.yaml", [*common, f"model.path={base}", f"method.name={method}",
+                                                       f"train.seed={seed}", f"train.output_dir={run}",
+                                                       "train.overwrite=true", *extra]))
+            runs.append(run)
+    report = write_report(runs, out / "report")
+    print(to_markdown(report))
+    print(f"report: {out / 'report' / 'report.md'} (+ tasks.png, s_vs_g.png)")
+    return 0
+
+
 def cmd_ls(args) -> int:
     if args.what == "methods":
         from mmtune.methods import METHODS
@@ -149,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("runs", nargs="+", help="run folders (each with eval/final/scores.json)")
     rp.add_argument("--out", help="output folder (default: ./report)")
     rp.set_defaults(func=cmd_report)
+
+    demo = sub.add_parser("demo", help="the papers' experiment in miniature on the synthetic world (CPU, minutes)")
+    demo.add_argument("--out", default="runs/demo", help="output folder")
+    demo.add_argument("--methods", default="vanilla,nrca,spider", help="comma-separated methods, or 'all'")
+    demo.add_argument("--seeds", type=int, default=1, help="repeats per method (report shows mean ± std)")
+    demo.add_argument("--base", help="start from this model folder instead of pre-training the tiny base")
+    demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tests)")
+    demo.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    demo.set_defaults(func=cmd_demo)
 
     ls = sub.add_parser("ls", help="list registered methods, synthetic task families or architectures")
     ls.add_argument("what", choices=["methods", "families", "architectures"])
