@@ -32,7 +32,8 @@ def tiny_config(world, tmp_path):
     def make(*overrides: str, out: str = "run"):
         base = [f"data.synthetic.dir={world}", f"train.output_dir={tmp_path / out}", "train.progress=false",
                 "data.tasks=[{path: 'synthetic:detailed_caption', n: 16}, {path: 'synthetic:count_mc', n: 16}]",
-                "train.batch_size=4", "train.max_steps=4", "train.warmup_ratio=0.0"]
+                "train.batch_size=4", "train.max_steps=4", "train.warmup_ratio=0.0",
+                "eval.downstream=[]", "eval.heldout=[]"]  # training tests skip evaluation unless they ask
         return load_config(TINY_CONFIG, [*base, *overrides])
 
     return make

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from mmtune.cli import main
-from mmtune.models.tiny import save_tiny
 from mmtune.data.synthetic import vocabulary
+from mmtune.models.tiny import save_tiny
 from mmtune.train import train
 
 
@@ -67,7 +67,8 @@ def test_batched_generation_equals_one_by_one(tmp_path, world):
 
 def test_train_with_eval_writes_report_and_report_command(tiny_config, tmp_path, capsys):
     runs = [train(tiny_config(f"method.name={m}", "train.seed=0", "eval.limit=4", "eval.max_new_tokens=4",
-                              out=m.replace("+", "_"))) for m in ("vanilla", "nrca")]
+                              "eval.downstream=['synthetic:detailed_caption', 'synthetic:count_mc']",
+                              "eval.heldout=['synthetic:color_vqa']", out=m)) for m in ("vanilla", "nrca")]
     for run in runs:
         assert (run / "eval" / "base" / "scores.json").exists()
         assert (run / "report" / "report.md").exists() and (run / "report" / "s_vs_g.png").exists()

@@ -72,7 +72,7 @@ def cmd_score(args) -> int:
 
     from mmtune.metrics import score
 
-    result = score(args.metric, read_predictions(args.predictions, args.metric))
+    result = score(args.metric, read_predictions(args.predictions, args.metric), meteor=args.meteor)
     summary = result.as_dict()
     if args.json:
         print(json.dumps(summary))
@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--metric", required=True, choices=["cider", "vqa", "mc", "exact"])
     sc.add_argument("--predictions", required=True, help="JSONL lines {id, prediction, answers[, choices, answer_index]}")
     sc.add_argument("--json", action="store_true", help="print the result as one JSON object (last line)")
+    sc.add_argument("--meteor", action="store_true", help="also compute METEOR for cider (needs Java)")
     sc.set_defaults(func=cmd_score)
 
     rp = sub.add_parser("report", help="one S/G/H table (+ plots) for several runs")

@@ -66,10 +66,10 @@ def evaluate(model, processor, sides: dict[str, list[Path]], out_dir: str | Path
             metric = infer_metric(records)
             predictions = generate(model, processor, records, batch_size, max_new_tokens, progress, f"eval {task}")
             items = [{"id": r.id, "prediction": p, "answers": r.answers, "choices": r.choices,
-                      "answer_index": r.answer_index} for r, p in zip(records, predictions)]
+                      "answer_index": r.answer_index} for r, p in zip(records, predictions, strict=True)]
             result = score(metric, items)
             with (out / "predictions" / f"{task}.jsonl").open("w") as handle:
-                for record, item, value in zip(records, items, result.per_sample):
+                for record, item, value in zip(records, items, result.per_sample, strict=True):
                     handle.write(json.dumps({"id": record.id, "prompt": record.prompt, "prediction": item["prediction"],
                                              "answers": record.answers, "score": value}) + "\n")
             results["tasks"][task] = {**result.as_dict(), "side": side}

@@ -1,7 +1,7 @@
 """The metrics the papers report, defined exactly, each returning a percentage (0–100).
 
 * ``cider``  — CIDEr-D of the COCO caption evaluation (``pycocoevalcap``) on PTB-tokenized text, with
-  BLEU-4, ROUGE-L and (when Java is present) METEOR beside it;
+  BLEU-4, ROUGE-L and (opt-in, when Java is present) METEOR beside it;
 * ``vqa``    — the official VQA accuracy: answer normalisation, then ``min(1, matches/3)`` averaged over
   the 10 leave-one-out subsets of the annotators' answers;
 * ``mc``     — multiple-choice accuracy with a robust parse of the predicted option;
@@ -156,8 +156,12 @@ class Score:
 
 
 def score_captions(predictions: dict[str, str], references: dict[str, list[str]],
-                   use_java: bool | None = None) -> Score:
-    """CIDEr-D (×100) with BLEU-4, ROUGE-L and METEOR (Java only) on PTB-tokenized text."""
+                   use_java: bool | None = None, meteor: bool = False) -> Score:
+    """CIDEr-D (×100) with BLEU-4, ROUGE-L and, if asked and Java is present, METEOR, on PTB-tokenized text.
+
+    METEOR is opt-in: pycocoevalcap runs it as a long-lived Java subprocess that can stall on some systems,
+    and a stalled metric must never hold a training run hostage.
+    """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -174,7 +178,7 @@ def score_captions(predictions: dict[str, str], references: dict[str, list[str]]
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     rouge, _ = Rouge().compute_score(gts, res)
     extra = {"bleu4": 100 * float(bleu[3]), "rougeL": 100 * float(rouge), "tokenizer": tokenizer, "empty_predictions": empty}
-    if use_java if use_java is not None else java_available():
+    if meteor and (use_java if use_java is not None else java_available()):
         try:
             from pycocoevalcap.meteor.meteor import Meteor
 
@@ -185,13 +189,13 @@ def score_captions(predictions: dict[str, str], references: dict[str, list[str]]
     return Score("cider", 100 * float(cider), len(ids), extra, [100 * float(c) for c in cider_per])
 
 
-def score(metric: str, items: list[dict], use_java: bool | None = None) -> Score:
+def score(metric: str, items: list[dict], use_java: bool | None = None, meteor: bool = False) -> Score:
     """Score ``items`` of ``{"id", "prediction", "answers", ["choices", "answer_index"]}``."""
     if not items:
         raise ValueError("nothing to score: no predictions")
     if metric == "cider":
         return score_captions({i["id"]: i["prediction"] for i in items}, {i["id"]: i["answers"] for i in items},
-                              use_java)
+                              use_java, meteor)
     if metric == "mc":
         per_sample, unparseable = [], 0
         for item in items:

@@ -3,8 +3,8 @@ import json
 import pytest
 from PIL import Image
 
-from mmtune.data.mixture import build_mixture, draw
 from mmtune.config import TaskSpec
+from mmtune.data.mixture import build_mixture, draw
 from mmtune.data.records import Record, RecordError, multiple_choice_prompt, read_records, write_records
 
 

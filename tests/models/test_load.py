@@ -29,7 +29,7 @@ def test_forward_backward_generate_and_round_trip(tmp_path, world, architecture)
     model.save_pretrained(tmp_path / "again")
     save_processor(processor, tmp_path / "again")
     again, _ = load_model(tmp_path / "again")
-    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
 

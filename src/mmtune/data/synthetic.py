@@ -67,7 +67,7 @@ def sample_scene(rng: random.Random, character_rate: float = 0.4) -> Scene:
     cells = rng.sample(range(9), count)
     # Distinct (shape, colour) pairs keep every question about "the red circle" unambiguous.
     pairs = rng.sample([(s, c) for s in SHAPES for c in COLORS], count)
-    things = tuple(Thing(s, c, rng.choice(SIZES), cell) for (s, c), cell in zip(pairs, cells))
+    things = tuple(Thing(s, c, rng.choice(SIZES), cell) for (s, c), cell in zip(pairs, cells, strict=True))
     background = rng.choice(list(BACKGROUNDS))
     # The letter sits in a free cell so it never hides an object.
     free = [cell for cell in range(9) if cell not in cells]

@@ -124,3 +124,31 @@ def describe_config(cls: type[Method]) -> str:
 def snapshot(trainable: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     """A detached copy of the trainable tensors: W0, the values fine-tuning starts from."""
     return {name: param.detach().clone() for name, param in trainable.items()}
+
+
+class PretrainedSnapshotMethod(Method):
+    """Base for methods that need W0: snapshots it in ``setup`` and keeps it in checkpoints.
+
+    Post-training weight surgery (grafting, DARE, WiSE-FT) only overrides ``merge``; it is applied to every
+    trainable tensor in ``on_train_end``.
+    """
+
+    def setup(self, ctx: TrainContext) -> None:
+        self.pretrained = snapshot(ctx.trainable)
+
+    def merge(self, pretrained: torch.Tensor, finetuned: torch.Tensor, ctx: TrainContext) -> torch.Tensor | None:
+        return None  # no post-training step
+
+    @torch.no_grad()
+    def on_train_end(self, ctx: TrainContext) -> None:
+        for name, param in ctx.trainable.items():
+            merged = self.merge(self.pretrained[name], param, ctx)
+            if merged is not None:
+                param.copy_(merged)
+
+    def state_dict(self) -> dict:
+        return {"pretrained": self.pretrained}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.pretrained = state["pretrained"]

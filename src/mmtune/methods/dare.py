@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmtune.methods.base import Method, MethodConfig, register, snapshot
+from mmtune.methods.base import MethodConfig, PretrainedSnapshotMethod, register
 
 
 def drop_and_rescale(pretrained: torch.Tensor, finetuned: torch.Tensor, p: float,
@@ -34,22 +34,10 @@ class DareConfig(MethodConfig):
 
 
 @register
-class Dare(Method):
+class Dare(PretrainedSnapshotMethod):
     name = "dare"
     description = "after training, drop a fraction p of W−W0 at random, rescale the rest by 1/(1−p) (Yu et al., 2024)"
     config_class = DareConfig
 
-    def setup(self, ctx):
-        self.pretrained = snapshot(ctx.trainable)
-
-    @torch.no_grad()
-    def on_train_end(self, ctx):
-        for name, param in ctx.trainable.items():
-            param.copy_(drop_and_rescale(self.pretrained[name], param, self.config.p, ctx.generator))
-
-    def state_dict(self):
-        return {"pretrained": self.pretrained}
-
-    def load_state_dict(self, state):
-        if state:
-            self.pretrained = state["pretrained"]
+    def merge(self, pretrained, finetuned, ctx):
+        return drop_and_rescale(pretrained, finetuned, self.config.p, ctx.generator)

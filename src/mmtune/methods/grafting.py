@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmtune.methods.base import Method, MethodConfig, register, snapshot
+from mmtune.methods.base import MethodConfig, PretrainedSnapshotMethod, register
 
 
 def graft(pretrained: torch.Tensor, finetuned: torch.Tensor, keep_ratio: float) -> torch.Tensor:
@@ -31,22 +31,10 @@ class GraftingConfig(MethodConfig):
 
 
 @register
-class Grafting(Method):
+class Grafting(PretrainedSnapshotMethod):
     name = "grafting"
     description = "after training, keep the top-k% |W−W0| update entries, reset the rest (Panigrahi et al., 2023)"
     config_class = GraftingConfig
 
-    def setup(self, ctx):
-        self.pretrained = snapshot(ctx.trainable)
-
-    @torch.no_grad()
-    def on_train_end(self, ctx):
-        for name, param in ctx.trainable.items():
-            param.copy_(graft(self.pretrained[name], param, self.config.keep_ratio))
-
-    def state_dict(self):
-        return {"pretrained": self.pretrained}
-
-    def load_state_dict(self, state):
-        if state:
-            self.pretrained = state["pretrained"]
+    def merge(self, pretrained, finetuned, ctx):
+        return graft(pretrained, finetuned, self.config.keep_ratio)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmtune.methods.base import Method, MethodConfig, register, snapshot
+from mmtune.methods.base import MethodConfig, PretrainedSnapshotMethod, register
 
 
 def choose_frozen(names: list[str], fraction: float, generator: torch.Generator) -> set[str]:
@@ -32,13 +32,13 @@ class HalfFTConfig(MethodConfig):
 
 
 @register
-class HalfFT(Method):
+class HalfFT(PretrainedSnapshotMethod):
     name = "half_ft"
     description = "each round, a random half of the trainable tensors is reset to and held at W0 (Hui et al., 2024)"
     config_class = HalfFTConfig
 
     def setup(self, ctx):
-        self.pretrained = snapshot(ctx.trainable)
+        super().setup(ctx)
         self.frozen: set[str] = set()
         self._new_round(ctx)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmtune.methods.base import Method, MethodConfig, register, snapshot
+from mmtune.methods.base import MethodConfig, PretrainedSnapshotMethod, register
 
 
 def distance_penalty(trainable: dict[str, torch.Tensor], pretrained: dict[str, torch.Tensor], power: int) -> torch.Tensor:
@@ -25,23 +25,13 @@ class L2RegConfig(MethodConfig):
 
 
 @register
-class L2Reg(Method):
+class L2Reg(PretrainedSnapshotMethod):
     name = "l2_reg"
     description = "loss += λ·mean MSE(W, W0) over trainable tensors (papers' baseline)"
     config_class = L2RegConfig
     power = 2
 
-    def setup(self, ctx):
-        self.pretrained = snapshot(ctx.trainable)
-
     def extra_losses(self, ctx, batch, outputs, sample_loss):
         if self.config.lam == 0:
             return {}
         return {f"{self.name}": self.config.lam * distance_penalty(ctx.trainable, self.pretrained, self.power)}
-
-    def state_dict(self):
-        return {"pretrained": self.pretrained}
-
-    def load_state_dict(self, state):
-        if state:
-            self.pretrained = state["pretrained"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmtune.methods.base import Method, MethodConfig, register, snapshot
+from mmtune.methods.base import MethodConfig, PretrainedSnapshotMethod, register
 
 
 def interpolate(pretrained: torch.Tensor, finetuned: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -24,22 +24,10 @@ class WiseFTConfig(MethodConfig):
 
 
 @register
-class WiseFT(Method):
+class WiseFT(PretrainedSnapshotMethod):
     name = "wise_ft"
     description = "after training, W = (1−α)·W0 + α·W (Wortsman et al., 2022)"
     config_class = WiseFTConfig
 
-    def setup(self, ctx):
-        self.pretrained = snapshot(ctx.trainable)
-
-    @torch.no_grad()
-    def on_train_end(self, ctx):
-        for name, param in ctx.trainable.items():
-            param.copy_(interpolate(self.pretrained[name], param, self.config.alpha))
-
-    def state_dict(self):
-        return {"pretrained": self.pretrained}
-
-    def load_state_dict(self, state):
-        if state:
-            self.pretrained = state["pretrained"]
+    def merge(self, pretrained, finetuned, ctx):
+        return interpolate(pretrained, finetuned, self.config.alpha)

@@ -23,8 +23,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2VLConfig,
     Qwen2VLImageProcessorPil,
-
 )
+
 from mmtune.models.load import ImageOnlyQwen2VLProcessor, save_processor
 
 TINY_ARCHITECTURES = ("llava", "qwen2_vl")
