@@ -40,6 +40,7 @@ class ScopeConfig:
     last_n_blocks: int = 2
     lr_blocks: float = 2e-4
     lr_projector: float = 2e-5
+    full: bool = False  # train every parameter (pre-training a model from scratch, e.g. the demo's base)
 
 
 @dataclass

@@ -183,7 +183,7 @@ def train(config: RunConfig) -> Path:
 
     # --- model, scope, methods, optimizer ---
     model, processor = load_base(config)
-    layout = apply_scope(model, config.scope.train_projector, config.scope.last_n_blocks)
+    layout = apply_scope(model, config.scope.train_projector, config.scope.last_n_blocks, config.scope.full)
     methods = build_methods(config.method)
     for method in methods:
         model = method.prepare_model(model, layout)

@@ -43,10 +43,12 @@ def block_names(model: nn.Module, layout: Layout, last_n: int) -> list[str]:
     return [f"{layout.blocks}.{i}" for i in range(len(blocks) - last_n, len(blocks))]
 
 
-def apply_scope(model: nn.Module, train_projector: bool = True, last_n_blocks: int = 2) -> Layout:
-    """Freeze everything, then unfreeze the projector and the last N LLM blocks."""
+def apply_scope(model: nn.Module, train_projector: bool = True, last_n_blocks: int = 2, full: bool = False) -> Layout:
+    """Freeze everything, then unfreeze the projector and the last N LLM blocks (``full``: train everything)."""
     layout = layout_of(model)
-    model.requires_grad_(False)
+    model.requires_grad_(full)
+    if full:
+        return layout
     if train_projector:
         model.get_submodule(layout.projector).requires_grad_(True)
     for name in block_names(model, layout, last_n_blocks):
