@@ -135,6 +135,52 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from collections import Counter
+    from pathlib import Path
+
+    from mmtune.data.records import read_records, write_records
+
+    if args.data_command == "prepare":
+        from mmtune.data.formats import prepare
+
+        options = {k: v for k, v in {"images": args.images, "questions": args.questions,
+                                     "annotations": args.annotations, "file": args.file,
+                                     "restval": not args.no_restval}.items() if v is not None}
+        records, skipped = prepare(args.format, args.root, args.split, args.limit, args.seed,
+                                   args.skip_bad_records, args.prompt, **options)
+        count = write_records(records, args.out, overwrite=args.overwrite)
+        print(f"wrote {count} records to {args.out}" + (f"; skipped {len(skipped)} bad records" if skipped else ""))
+        for problem in skipped[:10]:
+            print(f"  skipped: {problem}")
+        return 0
+    if args.data_command == "export-llava":
+        from mmtune.data.formats.llava import export
+
+        records = [r for path in args.files for r in read_records(path)]
+        count = export(records, args.out, args.image_root, args.overwrite)
+        print(f"wrote {count} conversations to {args.out}")
+        return 0
+    if args.data_command == "stats":
+        for path in args.files:
+            records = read_records(path, check_images=False)
+            print(f"{path}: {len(records)} records")
+            for (task, kind), n in sorted(Counter((r.task, r.kind) for r in records).items()):
+                lengths = sorted(len(r.target.split()) for r in records if r.task == task)
+                refs = sum(len(r.answers) for r in records if r.task == task) / n
+                print(f"  {task:<20} {kind:<7} {n:>8} records  answer words: min {lengths[0]}, "
+                      f"median {lengths[len(lengths) // 2]}, max {lengths[-1]}; {refs:.1f} references/record")
+        return 0
+    if args.data_command == "synth":
+        from mmtune.data.synthetic import generate_world
+
+        files = generate_world(Path(args.out), args.seed, args.n_train, args.n_test, args.image_size,
+                               overwrite=args.overwrite)
+        print(f"wrote {len(files)} families x (train, test) to {args.out}")
+        return 0
+    raise AssertionError(args.data_command)
+
+
 def cmd_ls(args) -> int:
     if args.what == "methods":
         from mmtune.methods import METHODS
@@ -200,6 +246,45 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tests)")
     demo.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     demo.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="prepare task files from public datasets, export, stats, synthetic world")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    from mmtune.data.formats import FORMAT_NAMES, get_format
+
+    layouts = "\n\n".join(f"{name} (splits: {get_format(name).splits}):\n{get_format(name).layout}"
+                           for name in FORMAT_NAMES)
+    prep = data_sub.add_parser("prepare", help="convert a public dataset's native layout to a task file",
+                               formatter_class=argparse.RawDescriptionHelpFormatter,
+                               epilog="Formats and the layout each expects under --root:\n\n" + layouts)
+    prep.add_argument("format", choices=FORMAT_NAMES)
+    prep.add_argument("--root", required=True, help="the dataset's folder as downloaded")
+    prep.add_argument("--split", default="train")
+    prep.add_argument("--out", required=True, help="task file to write (JSONL)")
+    prep.add_argument("--limit", type=int, help="draw this many records at random (the papers: 10000)")
+    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--prompt", help="replace every record's prompt (default: the LLaVA-1.5 conventions)")
+    prep.add_argument("--images", help="image folder, when not where the layout expects it")
+    prep.add_argument("--questions", help="okvqa: questions file")
+    prep.add_argument("--annotations", help="okvqa: annotations file")
+    prep.add_argument("--file", help="llava: the conversation JSON file name under --root")
+    prep.add_argument("--no-restval", action="store_true", help="coco/flickr30k: train without restval")
+    prep.add_argument("--skip-bad-records", action="store_true", help="skip (and count) missing images, duplicate ids")
+    prep.add_argument("--overwrite", action="store_true")
+    export = data_sub.add_parser("export-llava", help="write task files (a mix) as LLaVA conversation JSON")
+    export.add_argument("files", nargs="+")
+    export.add_argument("--out", required=True)
+    export.add_argument("--image-root", help="image paths are written relative to this (default: the JSON's folder)")
+    export.add_argument("--overwrite", action="store_true")
+    stats = data_sub.add_parser("stats", help="counts per task/kind and answer-length statistics")
+    stats.add_argument("files", nargs="+")
+    synth = data_sub.add_parser("synth", help="generate the synthetic world (task files + images)")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--n-train", type=int, default=1000)
+    synth.add_argument("--n-test", type=int, default=200)
+    synth.add_argument("--image-size", type=int, default=48)
+    synth.add_argument("--overwrite", action="store_true")
+    data.set_defaults(func=cmd_data)
 
     ls = sub.add_parser("ls", help="list registered methods, synthetic task families or architectures")
     ls.add_argument("what", choices=["methods", "families", "architectures"])
