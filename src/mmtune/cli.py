@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -94,26 +95,40 @@ def cmd_report(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    """Pre-train the tiny base (unless given), fine-tune it with each method and seed, report S vs G."""
-    from pathlib import Path
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+SHIPPED_BASE = ASSETS / "tiny-llava-base"
 
+
+def cmd_demo(args) -> int:
+    """``mmtune demo``: fine-tune the tiny base with each method and seed, report S vs G.
+
+    ``mmtune demo pretrain``: regenerate the tiny base from scratch (stage 1) into OUT/base.
+    """
     from mmtune.config import load_config
     from mmtune.methods import METHODS
     from mmtune.report import to_markdown, write_report
     from mmtune.train import train
 
-    root = Path(__file__).resolve().parents[2] / "configs"
+    overrides = list(args.overrides)
+    pretrain_only = bool(overrides) and overrides[0] == "pretrain"
+    if pretrain_only:
+        overrides = overrides[1:]
     out = Path(args.out)
-    world = out / "synthetic"
-    common = [f"data.synthetic.dir={world}", *args.overrides]
+    common = [f"data.synthetic.dir={out / 'synthetic'}", *overrides]
     if args.quick:
         common += ["data.synthetic.n_train=200", "data.synthetic.n_test=20", "eval.limit=20"]
-    base = Path(args.base) if args.base else out / "base" / "final"
-    if not args.base and not base.exists():
-        print(f"== stage 1: pre-training the tiny base into {base.parent}")
+    reuse = not pretrain_only and (out / "base" / "final" / "config.json").exists()
+    if pretrain_only or (not args.base and not SHIPPED_BASE.exists() and not reuse):
+        print(f"== stage 1: pre-training the tiny base into {out / 'base'}")
         pre = ["train.max_steps=20"] if args.quick else []
-        train(load_config(root / "demo_pretrain.yaml", [*common, f"train.output_dir={out / 'base'}", *pre]))
+        train(load_config(CONFIGS / "demo_pretrain.yaml", [*common, f"train.output_dir={out / 'base'}", *pre]))
+        base = out / "base" / "final"
+        if pretrain_only:
+            return 0
+    else:
+        base = Path(args.base) if args.base else (out / "base" / "final" if reuse else SHIPPED_BASE)
+    print(f"== base model: {base}")
     methods = sorted(m for m in METHODS if not m.startswith("test_")) if args.methods == "all" \
         else args.methods.split(",")
     runs = []
@@ -125,9 +140,9 @@ def cmd_demo(args) -> int:
             else:
                 print(f"== stage 2: {method}, seed {seed}")
                 extra = ["train.max_steps=6"] if args.quick else []
-                train(load_config(root / "demo.yaml", [*common, f"model.path={base}", f"method.name={method}",
-                                                       f"train.seed={seed}", f"train.output_dir={run}",
-                                                       "train.overwrite=true", *extra]))
+                train(load_config(CONFIGS / "demo.yaml", [*common, f"model.path={base}", f"method.name={method}",
+                                                          f"train.seed={seed}", f"train.output_dir={run}",
+                                                          "train.overwrite=true", *extra]))
             runs.append(run)
     report = write_report(runs, out / "report")
     print(to_markdown(report))
@@ -242,9 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="output folder")
     demo.add_argument("--methods", default="vanilla,nrca,spider", help="comma-separated methods, or 'all'")
     demo.add_argument("--seeds", type=int, default=1, help="repeats per method (report shows mean ± std)")
-    demo.add_argument("--base", help="start from this model folder instead of pre-training the tiny base")
+    demo.add_argument("--base", help="start from this model folder (default: the shipped assets/tiny-llava-base)")
     demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tests)")
-    demo.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    demo.add_argument("overrides", nargs="*",
+                      help="key=value overrides for every run; 'mmtune demo pretrain' regenerates the base instead")
     demo.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="prepare task files from public datasets, export, stats, synthetic world")
