@@ -90,3 +90,28 @@ def test_frozen_parameters_untouched_by_vanilla(tiny_config):
     base, final = base_weights(config), final_weights(run)
     changed = {n for n in base if not torch.equal(base[n], final[n])}
     assert changed and all("multi_modal_projector" in n or ".layers.2." in n or ".layers.3." in n for n in changed)
+
+
+def test_qwen2_vl_trains_with_nrca_and_spider(tiny_config):
+    """The flattened-patch layout of Qwen2-VL goes through NRCA's open-row subset and SPIDER."""
+    run = train(tiny_config("model.tiny=qwen2_vl", "method.name=nrca+spider", "train.max_steps=2"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["nrca_gap"] > 0 for r in rows) and all(r["nrca_gap"] >= 0 for r in rows)
+    model = AutoModelForImageTextToText.from_pretrained(run / "final")
+    assert model.config.model_type == "qwen2_vl"
+
+
+def test_spider_refuses_lora(tiny_config):
+    with pytest.raises(ValueError, match="spider cannot run on LoRA"):
+        train(tiny_config("method.name=lora+spider"))
+
+
+def test_merge_interpolates_a_finished_run(tiny_config, tmp_path):
+    config = tiny_config()
+    run = train(config)
+    base, final = base_weights(config), final_weights(run)
+    assert main(["merge", str(run), "--alpha", "0.5"]) == 0
+    merged = AutoModelForImageTextToText.from_pretrained(run / "merged-alpha0.5").state_dict()
+    for key in base:
+        torch.testing.assert_close(merged[key], torch.lerp(base[key], final[key], 0.5))
+    assert main(["merge", str(run), "--alpha", "0.5"]) == 2  # never overwrites

@@ -196,6 +196,31 @@ def cmd_data(args) -> int:
     raise AssertionError(args.data_command)
 
 
+def cmd_merge(args) -> int:
+    """WiSE-FT on a finished run: ``(1 − α)·base + α·final`` for every weight, saved as a new model folder."""
+    from mmtune.config import load_config
+    from mmtune.methods.wise_ft import interpolate
+    from mmtune.models.load import load_model, save_processor
+    from mmtune.train import load_base
+
+    run = Path(args.run)
+    if not (run / "final" / "config.json").exists() or not (run / "config.yaml").exists():
+        raise FileNotFoundError(f"{run} is not a finished mmtune run (needs config.yaml and final/)")
+    out = Path(args.out) if args.out else run / f"merged-alpha{args.alpha:g}"
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    base, _ = load_base(load_config(run / "config.yaml"))
+    final, processor = load_model(run / "final")
+    base_state = base.state_dict()
+    merged = {k: interpolate(base_state[k], v, args.alpha) if v.is_floating_point() else v
+              for k, v in final.state_dict().items()}
+    final.load_state_dict(merged)
+    final.save_pretrained(out)
+    save_processor(processor, out)
+    print(f"wrote {out} (alpha={args.alpha})")
+    return 0
+
+
 def cmd_ls(args) -> int:
     if args.what == "methods":
         from mmtune.methods import METHODS
@@ -301,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--image-size", type=int, default=48)
     synth.add_argument("--overwrite", action="store_true")
     data.set_defaults(func=cmd_data)
+
+    merge = sub.add_parser("merge", help="WiSE-FT: interpolate a finished run with its base model")
+    merge.add_argument("run", help="a run folder (with config.yaml and final/)")
+    merge.add_argument("--alpha", type=float, required=True, help="weight of the fine-tuned model (1 = unchanged)")
+    merge.add_argument("--out", help="output model folder (default: RUN/merged-alpha<A>)")
+    merge.add_argument("--overwrite", action="store_true")
+    merge.set_defaults(func=cmd_merge)
 
     ls = sub.add_parser("ls", help="list registered methods, synthetic task families or architectures")
     ls.add_argument("what", choices=["methods", "families", "architectures"])

@@ -247,6 +247,7 @@ def train(config: RunConfig) -> Path:
     say(f"training {total_steps} steps ({steps_per_epoch} per epoch), methods: {config.method.name}")
     progress = tqdm(total=total_steps, initial=ctx.step, desc="train", disable=not (is_main and config.train.progress))
     metrics_file = paths.metrics.open("a") if is_main else None
+    tensorboard = tensorboard_writer(paths.root / "tensorboard") if is_main else None
     started = time.time()
     while ctx.step < total_steps:
         loader.set_epoch(epoch)
@@ -288,6 +289,10 @@ def train(config: RunConfig) -> Path:
                 if metrics_file:
                     metrics_file.write(json.dumps(row) + "\n")
                     metrics_file.flush()
+                if tensorboard:
+                    for key, value in row.items():
+                        if isinstance(value, float) and key != "epoch":
+                            tensorboard.add_scalar(f"train/{key}", value, ctx.step)
                 progress.set_postfix(loss=f"{row['loss']:.4f}")
             done_epoch = step_in_epoch >= steps_per_epoch
             position = {"step": ctx.step, "epoch": epoch + int(done_epoch),
@@ -300,6 +305,8 @@ def train(config: RunConfig) -> Path:
     progress.close()
     if metrics_file:
         metrics_file.close()
+    if tensorboard:
+        tensorboard.close()
 
     # --- post-training hooks, then the final model folder ---
     accelerator.wait_for_everyone()
@@ -320,6 +327,15 @@ def train(config: RunConfig) -> Path:
     accelerator.wait_for_everyone()
     say(f"saved {paths.final}")
     return paths.root
+
+
+def tensorboard_writer(log_dir: Path):
+    """A TensorBoard writer when tensorboard is installed (it is optional), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(log_dir))
 
 
 def run_evaluation(model, processor, config: RunConfig, world: Path | None, out: Path) -> dict | None:
