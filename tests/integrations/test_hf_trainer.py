@@ -1,0 +1,39 @@
+import torch
+from transformers import TrainingArguments
+
+from mmtune.data.collate import RecordDataset, TrainCollator
+from mmtune.data.records import read_records
+from mmtune.data.synthetic import vocabulary
+from mmtune.integrations.hf_trainer import MethodTrainer
+from mmtune.methods.nrca import NRCA
+from mmtune.methods.spider import Spider, allocation_coefficients, importance
+from mmtune.models.scope import apply_scope
+from mmtune.models.tiny import build_tiny
+
+
+def test_methods_run_inside_the_hf_trainer(world, tmp_path):
+    model, processor = build_tiny("llava", words=vocabulary())
+    apply_scope(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    records = read_records(world / "detailed_caption_train.jsonl")[:8] + read_records(world / "count_mc_train.jsonl")[:8]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                             learning_rate=1e-3, report_to=[], use_cpu=True, remove_unused_columns=False,
+                             save_strategy="no", logging_strategy="no", disable_tqdm=True)
+    spider = Spider()
+    trainer = MethodTrainer(model=model, args=args, train_dataset=RecordDataset(records),
+                            data_collator=TrainCollator(processor), methods=[NRCA(), spider])
+    trainer.train()
+    assert trainer.ctx.step == 2
+    state = trainer.method_state_dict()["spider"]
+    moved = pulled_back = 0
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            w0, grad_sum = state["pretrained"][name], state["grad_sum"][name]
+            assert grad_sum.abs().sum() > 0
+            c = allocation_coefficients(importance(w0), importance(grad_sum))
+            delta = param.detach() - w0
+            pulled_back += int((delta[c == 0] == 0).sum())
+            moved += int((c > 0).sum())
+        else:
+            assert torch.equal(param, before[name]), name
+    assert moved > 0 and pulled_back > 0
