@@ -30,7 +30,7 @@ def test_official_normalization(raw, normal):
 
 
 @pytest.mark.parametrize("prediction,expected", [
-    ("B", 1), ("B.", 1), ("(B)", 1), ("The answer is B", 1), ("Answer: B", 1), ("B. blue", 1),
+    ("B", 1), ("b", 1), ("b .", 1), ("B.", 1), ("(B)", 1), ("The answer is B", 1), ("Answer: B", 1), ("B. blue", 1),
     ("blue", 1), ("The answer is blue.", 1), ("E", None), ("", None), ("red or blue", None),
 ])
 def test_parse_choice(prediction, expected):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -131,7 +132,8 @@ def cmd_demo(args) -> int:
     print(f"== base model: {base}")
     methods = sorted(m for m in METHODS if not m.startswith("test_")) if args.methods == "all" \
         else args.methods.split(",")
-    runs = []
+    runs: list[Path] = []
+    base_scores: Path | None = None  # the base is evaluated once; later runs get a copy of its scores
     for method in methods:
         for seed in range(args.seeds):
             run = out / f"{method.replace('+', '_')}-seed{seed}"
@@ -140,9 +142,16 @@ def cmd_demo(args) -> int:
             else:
                 print(f"== stage 2: {method}, seed {seed}")
                 extra = ["train.max_steps=6"] if args.quick else []
+                if base_scores is not None:
+                    extra.append("eval.before=false")
                 train(load_config(CONFIGS / "demo.yaml", [*common, f"model.path={base}", f"method.name={method}",
                                                           f"train.seed={seed}", f"train.output_dir={run}",
                                                           "train.overwrite=true", *extra]))
+                if base_scores is not None:
+                    (run / "eval" / "base").mkdir(parents=True, exist_ok=True)
+                    shutil.copy(base_scores, run / "eval" / "base" / "scores.json")
+            if base_scores is None and (run / "eval" / "base" / "scores.json").exists():
+                base_scores = run / "eval" / "base" / "scores.json"
             runs.append(run)
     report = write_report(runs, out / "report")
     print(to_markdown(report))

@@ -116,27 +116,36 @@ def exact_match(prediction: str, answers: Sequence[str]) -> float:
 
 
 # ---------------------------------------------------------------- multiple choice
-_LETTER_PATTERNS = [
-    re.compile(r"^\s*\(?([A-Z])\)?\s*$"),  # "B", "(B)"
-    re.compile(r"^\s*\(?([A-Z])[.):](?:\s|$)"),  # "B.", "B. text", "B)", "B:"
-    re.compile(r"answer\s*(?:is|:)\s*\(?([A-Z])\)?(?:[.):\s]|$)", re.IGNORECASE),  # "The answer is B", "Answer: B"
-    re.compile(r"^\s*option\s+\(?([A-Z])\)?", re.IGNORECASE),
-]
+_BARE_LETTER = re.compile(r"^\s*\(?([A-Z])\)?\s*[.):]?\s*$")  # "B", "(B)", "B.", "b ." (word-level decoders)
+_LETTER_THEN_TEXT = re.compile(r"^\s*\(?([A-Z])[.):]\s")  # "B. text", "B) text"
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*\(?([A-Z])\)?(?:[.):\s]|$)", re.IGNORECASE)  # "The answer is B"
+_OPTION = re.compile(r"^\s*option\s+\(?([A-Z])\)?", re.IGNORECASE)
+
+
+def _index(letter_text: str, choices: Sequence[str]) -> int | None:
+    index = ord(letter_text.upper()) - ord("A")
+    return index if 0 <= index < len(choices) else None
 
 
 def parse_choice(prediction: str, choices: Sequence[str]) -> int | None:
-    """The option a prediction picks (index), or None when it cannot be parsed or is out of range."""
+    """The option a prediction picks (index), or None when it cannot be parsed or is out of range.
+
+    Order: an upper-case letter ("B", "(B)", "B.", "B. text"); the option's own text ("blue"); a lower-case
+    letter ("b", from lower-casing tokenizers); "The answer is B" / "Answer: B" / "Option B"; finally a
+    prediction that mentions exactly one option's text.
+    """
     text = prediction.strip()
-    for pattern in _LETTER_PATTERNS:
-        match = pattern.search(text) if pattern.pattern.startswith("answer") else pattern.match(text)
-        if match:
-            index = ord(match.group(1).upper()) - ord("A")
-            return index if 0 <= index < len(choices) else None
-    # the option's own text, e.g. "blue" or "The answer is blue."
+    match = _BARE_LETTER.match(text) or _LETTER_THEN_TEXT.match(text)
+    if match:
+        return _index(match.group(1), choices)
     norm = normalize_answer(text)
     exact = [i for i, c in enumerate(choices) if normalize_answer(c) == norm]
     if len(exact) == 1:
         return exact[0]
+    match = (_BARE_LETTER.match(text.upper()) if len(text) <= 4 else None) or _ANSWER_IS.search(text) \
+        or _OPTION.match(text)
+    if match:
+        return _index(match.group(1), choices)
     contained = [i for i, c in enumerate(choices) if normalize_answer(c) and
                  re.search(rf"\b{re.escape(normalize_answer(c))}\b", norm)]
     return contained[0] if len(contained) == 1 else None
