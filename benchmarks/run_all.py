@@ -25,21 +25,31 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["vanilla", "nrca", "spider", "nrca+spider", "l2_reg", "random_mask"]
 
 
-def one_method(method: str, steps: int, world: str, out: str) -> dict:
+def one_method(method: str, steps: int, world: str, out: str, hidden: int) -> dict:
     from mmtune.config import load_config
     from mmtune.train import train
 
     config = load_config(ROOT / "configs" / "tiny.yaml", [
         f"method.name={method}", f"train.max_steps={steps}", "train.batch_size=16", "train.progress=false",
-        f"train.output_dir={out}", f"data.synthetic.dir={world}", "model.tiny_hidden_size=128",
+        f"train.output_dir={out}", f"data.synthetic.dir={world}", f"model.tiny_hidden_size={hidden}",
         "data.tasks=[{path: 'synthetic:detailed_caption', n: 128}, {path: 'synthetic:count_mc', n: 128}]",
-        "data.synthetic.n_train=256", "eval.downstream=[]", "eval.heldout=[]"])
+        "data.synthetic.n_train=256", "data.synthetic.n_test=64", "eval.downstream=[]", "eval.heldout=[]"])
     run = train(config)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     warm = min(5, steps // 3)
     step_time = (rows[-1]["elapsed_s"] - rows[warm - 1]["elapsed_s"]) / (len(rows) - warm)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"method": method, "step_s": step_time, "peak_rss_mb": peak_mb}
+    trainable = sum(p.numel() for p in load_trainable_count(config))
+    return {"method": method, "hidden": hidden, "step_s": step_time, "peak_rss_mb": peak_mb, "trainable": trainable}
+
+
+def load_trainable_count(config):
+    from mmtune.models.scope import apply_scope
+    from mmtune.train import load_base
+
+    model, _ = load_base(config)
+    apply_scope(model, config.scope.train_projector, config.scope.last_n_blocks)
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def eval_throughput(world: Path, batch_size: int, n: int) -> float:
@@ -62,9 +72,10 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--world", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--hidden", type=int, default=128, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(one_method(args.child, args.steps, args.world, args.out)))
+        print(json.dumps(one_method(args.child, args.steps, args.world, args.out, args.hidden)))
         return
 
     from mmtune.data.synthetic import ensure_world
@@ -72,13 +83,14 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="mmtune-bench-"))
     world = ensure_world(tmp / "world", 0, 256, 64, 32, progress=False)
     results = []
-    for method in METHODS:
-        output = subprocess.run([sys.executable, __file__, "--child", method, "--steps", str(args.steps),
-                                 "--world", str(world), "--out", str(tmp / method.replace("+", "_"))],
-                                capture_output=True, text=True, check=True).stdout
-        results.append(json.loads(output.strip().splitlines()[-1]))
-        print(results[-1], flush=True)
-    base = results[0]
+    for hidden, methods in ((128, METHODS), (512, ["vanilla", "nrca", "spider"])):
+        for method in methods:
+            output = subprocess.run([sys.executable, __file__, "--child", method, "--steps", str(args.steps),
+                                     "--world", str(world), "--hidden", str(hidden),
+                                     "--out", str(tmp / f"{method.replace('+', '_')}-{hidden}")],
+                                    capture_output=True, text=True, check=True).stdout
+            results.append(json.loads(output.strip().splitlines()[-1]))
+            print(results[-1], flush=True)
     throughput = {b: eval_throughput(world, b, 64) for b in (1, 16)}
 
     lines = [
@@ -86,12 +98,15 @@ def main() -> None:
         f"Measured by `benchmarks/run_all.py` on {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. "
         "Numbers from one run; re-run `make bench` to refresh.", "",
-        "## Training step (tiny LLaVA, hidden 128, batch 16, 50/50 open/choice mix)", "",
-        "| method | step time (s) | × vanilla | peak RSS (MB) | × vanilla |", "|---|---|---|---|---|",
+        "## Training step (tiny LLaVA, batch 16, 50/50 open/choice mix, projector + last 2 blocks trained)", "",
+        "| LLM hidden | trainable params | method | step time (s) | × vanilla | peak RSS (MB) | × vanilla |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r['method']} | {r['step_s']:.4f} | {r['step_s'] / base['step_s']:.2f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f} |")
+        base = next(b for b in results if b["method"] == "vanilla" and b["hidden"] == r["hidden"])
+        lines.append(f"| {r['hidden']} | {r['trainable']:,} | {r['method']} | {r['step_s']:.4f} | "
+                     f"{r['step_s'] / base['step_s']:.2f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f} |")
     lines += ["", "Targets: `nrca` ≤ 1.6× vanilla (the reference's two full passes cost ≈ 2×); `spider` ≤ 1.10× "
               "time and extra memory ≤ 2× the trainable parameters' size (W0 and G). Peak RSS is the whole "
               "process (Python, torch, data), so it understates relative differences on a model this small.", "",

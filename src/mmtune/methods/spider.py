@@ -37,25 +37,23 @@ from mmtune.methods.base import Method, MethodConfig, register
 
 def importance(tensor: torch.Tensor) -> torch.Tensor:
     """``sigmoid((|A| − mean|A|) / std|A|)`` over the tensor (unbiased std); all-zero input gives zeros."""
-    magnitude = tensor.detach().abs().float()
-    if not magnitude.any():
-        return torch.zeros_like(magnitude)
+    magnitude = tensor.detach().float().abs()
     if magnitude.numel() < 2:
-        return torch.full_like(magnitude, 0.5)
-    std = magnitude.std()
-    if std == 0:
-        return torch.full_like(magnitude, 0.5)
-    return torch.sigmoid((magnitude - magnitude.mean()) / std)
+        return torch.full_like(magnitude, 0.5 if magnitude.any() else 0.0)
+    std, mean = torch.std_mean(magnitude)
+    if std == 0:  # constant magnitude (all zeros included): no entry is more important than another
+        return torch.full_like(magnitude, 0.5 if mean > 0 else 0.0)
+    return magnitude.sub_(mean).div_(std).sigmoid_()
 
 
 def allocation_coefficients(importance_pre: torch.Tensor, importance_ft: torch.Tensor) -> torch.Tensor:
     """``C = I_ft/(I_pre + I_ft)`` where ``I_pre < I_ft``, else 0; divided by its non-zero mean; clipped at 1."""
-    coefficients = torch.where(importance_pre < importance_ft,
-                               importance_ft / (importance_pre + importance_ft), torch.zeros_like(importance_ft))
-    nonzero = coefficients > 0
-    if nonzero.any():
-        coefficients = coefficients / coefficients[nonzero].mean()
-    return coefficients.clamp(max=1.0)
+    coefficients = importance_ft / (importance_pre + importance_ft)
+    coefficients = coefficients.masked_fill_(~(importance_pre < importance_ft), 0.0)
+    count = torch.count_nonzero(coefficients)
+    if count > 0:
+        coefficients.mul_(count / coefficients.sum())  # divide by the mean of the non-zero entries
+    return coefficients.clamp_(max=1.0)
 
 
 def allocate(weight: torch.Tensor, pretrained: torch.Tensor, grad_sum: torch.Tensor) -> torch.Tensor:
