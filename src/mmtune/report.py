@@ -122,7 +122,7 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
     for i, (label, means, stds) in enumerate(series):
         xs = [j + i * width for j in range(len(columns))]
         ax.bar(xs, [means[c] or 0 for c in columns], width, yerr=[stds.get(c, 0) for c in columns] or None,
-               label=label)
+               label=label, color=plt.get_cmap("tab20").colors[i % 20])
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(columns))])
     ax.set_xticklabels([f"{c}\n({report['sides'][c]})" for c in columns], fontsize=8)
     ax.set_ylabel("score (%)")
@@ -134,10 +134,13 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 4.5))
-    for row in rows:
+    colors = plt.get_cmap("tab20").colors
+    markers = "osD^vP<>Xph*"
+    for index, row in enumerate(rows):  # colour + marker: distinct for up to 20 methods
         s, g = row["values"].get("S"), row["values"].get("G")
         if s and g:
-            ax.errorbar(s["mean"], g["mean"], xerr=s["std"], yerr=g["std"], fmt="o", capsize=3, label=row["method"])
+            ax.errorbar(s["mean"], g["mean"], xerr=s["std"], yerr=g["std"], fmt=markers[index % len(markers)],
+                        color=colors[index % len(colors)], capsize=3, label=row["method"])
     if report["base"]:
         ax.scatter([report["base"]["S"]], [report["base"]["G"]], marker="*", s=200, color="black", label="base")
     ax.set_xlabel("specialization S (downstream, %)")
