@@ -115,3 +115,17 @@ def test_merge_interpolates_a_finished_run(tiny_config, tmp_path):
     for key in base:
         torch.testing.assert_close(merged[key], torch.lerp(base[key], final[key], 0.5))
     assert main(["merge", str(run), "--alpha", "0.5"]) == 2  # never overwrites
+
+
+def test_gradient_checkpointing_and_bf16_autocast_train(tiny_config):
+    run = train(tiny_config("model.gradient_checkpointing=true", "train.mixed_precision=bf16", "train.max_steps=2"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)  # finite, not NaN
+
+
+def test_bad_method_option_fails_before_any_work(tiny_config, tmp_path):
+    from mmtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key method.nrca.lambda"):
+        train(tiny_config("method.name=nrca", "method.nrca.lambda=2", out="typo"))
+    assert not (tmp_path / "typo" / "synthetic").exists()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
@@ -155,6 +156,9 @@ def save_checkpoint(accelerator: Accelerator, paths: RunPaths, ctx: TrainContext
 def train(config: RunConfig) -> Path:
     """Run one fine-tuning; return the output folder (``final/`` holds the model)."""
     cuda = torch.cuda.is_available()
+    # Accelerate keeps one AcceleratorState per process; several runs in one process (the demo, notebooks)
+    # may differ in mixed precision, so start each run from a fresh state (the process group is kept).
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         mixed_precision=config.train.mixed_precision, cpu=not cuda,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)],
@@ -164,6 +168,7 @@ def train(config: RunConfig) -> Path:
     accelerator.wait_for_everyone()
     set_seed(config.train.seed)
     say = accelerator.print
+    methods = build_methods(config.method)  # a bad method name or option fails now, before any work
 
     # --- data (the synthetic world, if used, is generated once by the main process) ---
     world = world_dir(config)
@@ -184,7 +189,6 @@ def train(config: RunConfig) -> Path:
     # --- model, scope, methods, optimizer ---
     model, processor = load_base(config)
     layout = apply_scope(model, config.scope.train_projector, config.scope.last_n_blocks, config.scope.full)
-    methods = build_methods(config.method)
     for method in methods:
         model = method.prepare_model(model, layout)
     if config.model.gradient_checkpointing:
