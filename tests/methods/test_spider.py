@@ -42,3 +42,16 @@ def test_allocate_interpolates_towards_pretrained():
     g = torch.tensor([0.1, -5.0, 0.0, 4.0])
     c = allocation_coefficients(importance(w0), importance(g))
     torch.testing.assert_close(allocate(w, w0, g), w0 + c * (w - w0))
+
+
+@pytest.mark.parametrize("pretrained,grad_sum", [
+    (torch.randn(6, 5, generator=torch.Generator().manual_seed(1)), torch.randn(6, 5, generator=torch.Generator().manual_seed(2))),
+    (torch.zeros(7), torch.randn(7, generator=torch.Generator().manual_seed(3))),
+    (torch.ones(4), torch.zeros(4)),
+    (torch.tensor([3.0]), torch.tensor([1.0])),
+])
+def test_branch_free_update_equals_the_reference_rule(pretrained, grad_sum):
+    from mmtune.methods.spider import allocate_fused
+
+    weight = pretrained + 0.1 * torch.randn(pretrained.shape, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(allocate_fused(weight, pretrained, grad_sum), allocate(weight, pretrained, grad_sum))
