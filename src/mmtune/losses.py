@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mmtune.data.collate import IGNORE_INDEX
+from mmtune.data.collate import IGNORE_INDEX, model_inputs
 
 
 def target_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,3 +42,19 @@ def sample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
 def target_token_counts(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+
+
+def compute_losses(ctx, methods, batch: dict):
+    """Cross-entropy (plain mean of per-sample means) plus every method's named extra terms.
+
+    Returns ``(terms, outputs)``: the named loss terms and the clean forward's outputs.
+    """
+    outputs = ctx.model(**model_inputs(batch))
+    sample_loss = sample_cross_entropy(outputs.logits, batch["labels"])
+    terms = {"ce": sample_loss.mean()}
+    for method in methods:
+        for key, value in method.extra_losses(ctx, batch, outputs, sample_loss).items():
+            if key in terms:
+                raise ValueError(f"loss term {key!r} is produced twice; method names must not clash")
+            terms[key] = value
+    return terms, outputs

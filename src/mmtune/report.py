@@ -106,6 +106,15 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n" + legend
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(report: dict, out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -128,10 +137,7 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
     ax.set_ylabel("score (%)")
     ax.set_title("per-task scores by method")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / "tasks.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir / "tasks.png"))
 
     fig, ax = plt.subplots(figsize=(5, 4.5))
     colors = plt.get_cmap("tab20").colors
@@ -147,10 +153,7 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
     ax.set_ylabel("generalization G (held-out, %)")
     ax.set_title("specialization vs generalization")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / "s_vs_g.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir / "s_vs_g.png"))
     return paths
 
 

@@ -25,12 +25,12 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from mmtune.config import RunConfig, save_config
-from mmtune.data.collate import RecordDataset, TrainCollator, model_inputs
+from mmtune.data.collate import RecordDataset, TrainCollator
 from mmtune.data.mixture import build_mixture, mixture_summary
 from mmtune.data.records import RecordError
 from mmtune.data.synthetic import SYNTHETIC_PREFIX, ensure_world, resolve_task_path, vocabulary
 from mmtune.evaluate import evaluate
-from mmtune.losses import sample_cross_entropy
+from mmtune.losses import compute_losses
 from mmtune.methods.base import TrainContext, build_methods
 from mmtune.models.load import load_model, save_processor
 from mmtune.models.scope import apply_scope, parameter_groups, scope_summary
@@ -121,19 +121,6 @@ def find_checkpoint(paths: RunPaths, resume_from: str) -> Path:
     if not found:
         raise FileNotFoundError(f"train.resume_from=latest, but {paths.checkpoints} holds no checkpoint")
     return found[-1]
-
-
-def compute_losses(ctx: TrainContext, methods, batch: dict) -> dict[str, torch.Tensor]:
-    """Cross-entropy (plain mean of per-sample means) plus every method's named extra terms."""
-    outputs = ctx.model(**model_inputs(batch))
-    sample_loss = sample_cross_entropy(outputs.logits, batch["labels"])
-    terms = {"ce": sample_loss.mean()}
-    for method in methods:
-        for key, value in method.extra_losses(ctx, batch, outputs, sample_loss).items():
-            if key in terms:
-                raise ValueError(f"loss term {key!r} is produced twice; method names must not clash")
-            terms[key] = value
-    return terms
 
 
 def save_checkpoint(accelerator: Accelerator, paths: RunPaths, ctx: TrainContext, methods, position: dict,
@@ -266,7 +253,7 @@ def train(config: RunConfig) -> Path:
                 last = index == len(micro) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(model):
                     with accelerator.autocast():
-                        terms = compute_losses(ctx, methods, piece)
+                        terms, _ = compute_losses(ctx, methods, piece)
                     accelerator.backward(sum(terms.values()) / accum)
                 for key, value in terms.items():
                     totals[key] = totals.get(key, 0.0) + float(value.detach()) / accum

@@ -50,8 +50,9 @@ def test_allocate_interpolates_towards_pretrained():
     (torch.ones(4), torch.zeros(4)),
     (torch.tensor([3.0]), torch.tensor([1.0])),
 ])
-def test_branch_free_update_equals_the_reference_rule(pretrained, grad_sum):
-    from mmtune.methods.spider import allocate_fused
+def test_compiled_update_equals_the_rule(pretrained, grad_sum):
+    from mmtune.methods.spider import compiled_allocate
 
     weight = pretrained + 0.1 * torch.randn(pretrained.shape, generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(allocate_fused(weight, pretrained, grad_sum), allocate(weight, pretrained, grad_sum))
+    c = allocation_coefficients(importance(pretrained), importance(grad_sum))
+    torch.testing.assert_close(compiled_allocate(weight, pretrained, grad_sum), pretrained + c * (weight - pretrained))

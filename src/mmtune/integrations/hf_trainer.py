@@ -20,8 +20,7 @@ from __future__ import annotations
 import torch
 from transformers import Trainer, TrainerCallback
 
-from mmtune.data.collate import model_inputs
-from mmtune.losses import sample_cross_entropy
+from mmtune.losses import compute_losses
 from mmtune.methods.base import Method, TrainContext
 
 
@@ -63,11 +62,7 @@ class MethodTrainer(Trainer):
         self.add_callback(MethodCallback(self.methods, self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**model_inputs(inputs))
-        sample_loss = sample_cross_entropy(outputs.logits, inputs["labels"])
-        terms = {"ce": sample_loss.mean()}
-        for method in self.methods:
-            terms.update(method.extra_losses(self.ctx, inputs, outputs, sample_loss))
+        terms, outputs = compute_losses(self.ctx, self.methods, inputs)
         loss = sum(terms.values())
         return (loss, outputs) if return_outputs else loss
 

@@ -89,19 +89,10 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def method_config(cls: type[Method], options: dict, prefix: str) -> MethodConfig:
-    from mmtune.config import ConfigError, from_dict
-
-    try:
-        return from_dict(cls.config_class, options, prefix)
-    except ConfigError as error:
-        raise ConfigError(str(error)) from None
-
-
 def build_methods(section) -> list[Method]:
     """Instantiate the methods a run names (``method.name``, ``+``-joined) with their options."""
     import mmtune.methods  # noqa: F401  (registers the built-in methods)
-    from mmtune.config import ConfigError
+    from mmtune.config import ConfigError, from_dict
 
     names = section.names or ["vanilla"]
     for name in names:
@@ -113,7 +104,7 @@ def build_methods(section) -> list[Method]:
         if key not in names:
             raise ConfigError(f"method.{key}: options for a method the run does not use "
                               f"(method.name={section.name!r}); registered methods: {', '.join(sorted(METHODS))}")
-    return [METHODS[n](method_config(METHODS[n], section.options.get(n, {}), f"method.{n}")) for n in names]
+    return [METHODS[n](from_dict(METHODS[n].config_class, section.options.get(n, {}), f"method.{n}")) for n in names]
 
 
 def describe_config(cls: type[Method]) -> str:

@@ -36,24 +36,24 @@ from mmtune.methods.base import Method, MethodConfig, register
 
 
 def importance(tensor: torch.Tensor) -> torch.Tensor:
-    """``sigmoid((|A| − mean|A|) / std|A|)`` over the tensor (unbiased std); all-zero input gives zeros."""
+    """``sigmoid((|A| − mean|A|) / std|A|)`` over the tensor (unbiased std); all-zero input gives zeros.
+
+    Written without data-dependent branches so ``torch.compile`` can fuse it: a constant magnitude (std 0, or a
+    single element, whose unbiased std is NaN) gives 0.5 everywhere, an all-zero tensor 0.
+    """
     magnitude = tensor.detach().float().abs()
-    if magnitude.numel() < 2:
-        return torch.full_like(magnitude, 0.5 if magnitude.any() else 0.0)
     std, mean = torch.std_mean(magnitude)
-    if std == 0:  # constant magnitude (all zeros included): no entry is more important than another
-        return torch.full_like(magnitude, 0.5 if mean > 0 else 0.0)
-    return magnitude.sub_(mean).div_(std).sigmoid_()
+    scores = magnitude.sub_(mean).div_(std).sigmoid_()  # in place: this runs on every tensor, every step
+    return torch.where(std > 0, scores, torch.where(mean > 0, 0.5, 0.0))
 
 
 def allocation_coefficients(importance_pre: torch.Tensor, importance_ft: torch.Tensor) -> torch.Tensor:
-    """``C = I_ft/(I_pre + I_ft)`` where ``I_pre < I_ft``, else 0; divided by its non-zero mean; clipped at 1."""
-    coefficients = importance_ft / (importance_pre + importance_ft)
-    coefficients = coefficients.masked_fill_(~(importance_pre < importance_ft), 0.0)
+    """``C = I_ft/(I_pre + I_ft)`` where ``I_pre < I_ft``, else 0; divided by the mean of its non-zero entries
+    (if any); clipped at 1."""
+    coefficients = (importance_ft / (importance_pre + importance_ft)).masked_fill_(importance_pre >= importance_ft, 0.0)
     count = torch.count_nonzero(coefficients)
-    if count > 0:
-        coefficients.mul_(count / coefficients.sum())  # divide by the mean of the non-zero entries
-    return coefficients.clamp_(max=1.0)
+    scale = torch.where(count > 0, count / coefficients.sum(), 0.0)  # 1 / mean of the non-zero entries
+    return coefficients.mul_(scale).clamp_(max=1.0)
 
 
 def allocate(weight: torch.Tensor, pretrained: torch.Tensor, grad_sum: torch.Tensor) -> torch.Tensor:
@@ -71,30 +71,14 @@ def shards_parameters(accelerator) -> bool:
     return plugin is not None and plugin.zero_stage == 3
 
 
-def _branch_free_importance(tensor: torch.Tensor) -> torch.Tensor:
-    magnitude = tensor.float().abs()
-    std, mean = torch.std_mean(magnitude)
-    flat = torch.where(mean > 0, 0.5, 0.0)  # constant magnitude (or one element): 0.5; all zeros: 0
-    return torch.where(std > 0, torch.sigmoid((magnitude - mean) / std), flat)
-
-
-def allocate_fused(weight: torch.Tensor, pretrained: torch.Tensor, grad_sum: torch.Tensor) -> torch.Tensor:
-    """``allocate`` without data-dependent branches, so ``torch.compile`` fuses it into a few kernels."""
-    importance_pre, importance_ft = _branch_free_importance(pretrained), _branch_free_importance(grad_sum)
-    coefficients = torch.where(importance_pre < importance_ft, importance_ft / (importance_pre + importance_ft), 0.0)
-    count = torch.count_nonzero(coefficients)
-    scale = torch.where(count > 0, count / coefficients.sum(), 0.0)
-    return torch.lerp(pretrained, weight.float(), (coefficients * scale).clamp(max=1.0)).to(weight.dtype)
-
-
 _COMPILED_ALLOCATE = None
 
 
 def compiled_allocate(weight: torch.Tensor, pretrained: torch.Tensor, grad_sum: torch.Tensor) -> torch.Tensor:
-    """``allocate_fused`` compiled once per process (dynamic shapes: one compilation serves every tensor)."""
+    """``allocate`` compiled once per process (dynamic shapes: one compilation serves every tensor)."""
     global _COMPILED_ALLOCATE
     if _COMPILED_ALLOCATE is None:
-        _COMPILED_ALLOCATE = torch.compile(allocate_fused, dynamic=True)
+        _COMPILED_ALLOCATE = torch.compile(allocate, dynamic=True)
     return _COMPILED_ALLOCATE(weight, pretrained, grad_sum)
 
 
