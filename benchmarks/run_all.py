@@ -1,10 +1,11 @@
 """Speed and memory benchmarks; prints numbers and writes them to docs/benchmarks.md.
 
 * training step time and peak memory of each method relative to ``vanilla`` (tiny LLaVA, 50/50
-  open/choice mix, batch 16), each method in its own process so peak RSS is its own;
+  open/choice mix, batch 16), each method in its own process so peak RSS is its own, in interleaved
+  rounds; the time spent in the methods' optimizer-step hooks is measured directly;
 * evaluation throughput: samples/s of batched greedy generation at batch 1 vs 16.
 
-Run: ``make bench`` (or ``python benchmarks/run_all.py [--steps N]``).
+Run: ``make bench`` (or ``python benchmarks/run_all.py [--steps N] [--rounds R]``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,45 +24,64 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["vanilla", "nrca", "spider", "spider(compile)", "nrca+spider", "l2_reg", "random_mask"]
+METHODS_SMALL = ["vanilla", "nrca", "spider", "nrca+spider", "l2_reg", "random_mask"]
+METHODS_LARGE = ["vanilla", "nrca", "spider"]
 
 
 READING = """
 ## Reading these numbers
 
+- Each method runs in its own process, in {rounds} interleaved rounds (vanilla, nrca, spider, ..., then again),
+  so that slow phases of the machine hit every method alike. Step time is the median over the steps of all
+  rounds (after {warm} warm-up steps per run); "per round" is the range of the ratio to the vanilla run of the
+  same round. Step times on this shared machine drift by up to ±7% between runs of the same method.
 - **NRCA** runs the noisy forward only on the open-response half of the batch: about 1.5–1.6× vanilla here,
   against ≈ 2× for the reference's second full pass (target ≤ 1.6×: met at hidden 512, borderline on the
   smallest model, where fixed per-step costs weigh more).
-- **SPIDER** is element-wise work over the trainable parameters (gradient sum, two importances, the
-  coefficients, the interpolation: about 25 memory passes per step), independent of the number of tokens.
-  With the benchmark's ~800 tokens per step it costs 1.2–1.35× vanilla eagerly and 1.05–1.17× with
-  `method.spider.compile=true` (the per-tensor update fused by `torch.compile`, ~3–4× faster update) over the
-  runs measured so far — the 1.10× target is met in some runs at hidden 128, **not reliably**, and not at 512.
-  Run-to-run noise on these step times is about ±7%. Forward and backward grow with tokens × parameters while SPIDER grows
-  with parameters only, so at the papers' setting (16 sequences of up to 2,048 tokens per step) the same work is
-  a few percent. Memory: two fp32 copies (W0, G) plus the temporaries of one tensor at a time (the compiled
-  variant's RSS also holds the compiler).
+- **SPIDER** is element-wise work over the trainable parameters, independent of the number of tokens: the
+  gradient sum before the step, then per tensor the two importances, the coefficients and the interpolation
+  (about 25 in-place kernels, with the mean/std of |W0| computed once). "hook ms/step" is the time spent in
+  SPIDER's two hooks, measured directly, and the steadier number: compare it with vanilla's step time.
+  Forward and backward grow with tokens × parameters while SPIDER grows with parameters only, so at the
+  papers' setting (16 sequences of up to 2,048 tokens per step) the same work is a smaller share still.
+  Memory: two fp32 copies (W0, G) persist; three scratch buffers the size of the largest tensor live only
+  during the update.
 """
+
+WARM = 5
 
 
 def one_method(method: str, steps: int, world: str, out: str, hidden: int) -> dict:
     from mmtune.config import load_config
+    from mmtune.methods.base import METHODS
     from mmtune.train import train
 
-    method_args = ["method.name=spider", "method.spider.compile=true"] if method == "spider(compile)" \
-        else [f"method.name={method}"]
+    hook_seconds = [0.0]
+
+    def timed(hook):
+        def wrapper(self, ctx):
+            start = time.perf_counter()
+            hook(self, ctx)
+            hook_seconds[0] += time.perf_counter() - start
+        return wrapper
+
+    for cls in METHODS.values():  # time what each method adds around the optimizer step
+        for hook in ("before_optimizer_step", "after_optimizer_step"):
+            setattr(cls, hook, timed(getattr(cls, hook)))
+
     config = load_config(ROOT / "configs" / "tiny.yaml", [
-        *method_args, f"train.max_steps={steps}", "train.batch_size=16", "train.progress=false",
-        f"train.output_dir={out}", f"data.synthetic.dir={world}", f"model.tiny_hidden_size={hidden}",
+        f"method.name={method}", f"train.max_steps={steps}", "train.batch_size=16", "train.progress=false",
+        "train.log_every=1", f"train.output_dir={out}", f"data.synthetic.dir={world}",
+        f"model.tiny_hidden_size={hidden}",
         "data.tasks=[{path: 'synthetic:detailed_caption', n: 128}, {path: 'synthetic:count_mc', n: 128}]",
         "data.synthetic.n_train=256", "data.synthetic.n_test=64", "eval.downstream=[]", "eval.heldout=[]"])
     run = train(config)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    warm = min(5, steps // 3)
-    step_time = (rows[-1]["elapsed_s"] - rows[warm - 1]["elapsed_s"]) / (len(rows) - warm)
+    elapsed = [json.loads(line)["elapsed_s"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    step_seconds = [b - a for a, b in zip(elapsed[WARM - 1:], elapsed[WARM:], strict=False)]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     trainable = sum(p.numel() for p in load_trainable_count(config))
-    return {"method": method, "hidden": hidden, "step_s": step_time, "peak_rss_mb": peak_mb, "trainable": trainable}
+    return {"method": method, "hidden": hidden, "step_seconds": step_seconds, "hook_ms": hook_seconds[0] / steps * 1e3,
+            "peak_rss_mb": peak_mb, "trainable": trainable}
 
 
 def load_trainable_count(config):
@@ -86,9 +107,30 @@ def eval_throughput(world: Path, batch_size: int, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+def summarise(runs: list[dict]) -> list[dict]:
+    """Per (hidden, method): median step time over all rounds, ratio to vanilla, per-round ratio range."""
+    rows = []
+    keys = list(dict.fromkeys((r["hidden"], r["method"]) for r in runs))
+    for hidden, method in keys:
+        mine = [r for r in runs if (r["hidden"], r["method"]) == (hidden, method)]
+        vanilla = [r for r in runs if (r["hidden"], r["method"]) == (hidden, "vanilla")]
+        step = statistics.median(s for r in mine for s in r["step_seconds"])
+        base = statistics.median(s for r in vanilla for s in r["step_seconds"])
+        per_round = [statistics.median(m["step_seconds"]) / statistics.median(v["step_seconds"])
+                     for m, v in zip(mine, vanilla, strict=True)]
+        rows.append({"hidden": hidden, "method": method, "trainable": mine[0]["trainable"], "step_s": step,
+                     "ratio": step / base, "round_min": min(per_round), "round_max": max(per_round),
+                     "hook_ms": statistics.median(r["hook_ms"] for r in mine),
+                     "rss": statistics.median(r["peak_rss_mb"] for r in mine),
+                     "rss_ratio": statistics.median(r["peak_rss_mb"] for r in mine)
+                     / statistics.median(r["peak_rss_mb"] for r in vanilla)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--world", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -102,31 +144,35 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="mmtune-bench-"))
     world = ensure_world(tmp / "world", 0, 256, 64, 32, progress=False)
-    results = []
-    for hidden, methods in ((128, METHODS), (512, ["vanilla", "nrca", "spider", "spider(compile)"])):
-        for method in methods:
-            output = subprocess.run([sys.executable, __file__, "--child", method, "--steps", str(args.steps),
-                                     "--world", str(world), "--hidden", str(hidden),
-                                     "--out", str(tmp / f"{method.replace('+', '_').replace('(', '_').replace(')', '')}-{hidden}")],
-                                    capture_output=True, text=True, check=True).stdout
-            results.append(json.loads(output.strip().splitlines()[-1]))
-            print(results[-1], flush=True)
+    runs = []
+    for round_index in range(args.rounds):
+        for hidden, methods in ((128, METHODS_SMALL), (512, METHODS_LARGE)):
+            for method in methods:
+                out = tmp / f"{method.replace('+', '_')}-{hidden}-{round_index}"
+                output = subprocess.run([sys.executable, __file__, "--child", method, "--steps", str(args.steps),
+                                         "--world", str(world), "--hidden", str(hidden), "--out", str(out)],
+                                        capture_output=True, text=True, check=True).stdout
+                runs.append(json.loads(output.strip().splitlines()[-1]))
+                last = runs[-1]
+                print(f"round {round_index} hidden {hidden} {method}: median step "
+                      f"{statistics.median(last['step_seconds']):.4f} s, hooks {last['hook_ms']:.1f} ms/step", flush=True)
+    rows = summarise(runs)
     throughput = {b: eval_throughput(world, b, 64) for b in (1, 16)}
 
     lines = [
         "# Benchmarks", "",
         f"Measured by `benchmarks/run_all.py` on {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. "
-        "Numbers from one run; re-run `make bench` to refresh.", "",
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
+        f"{args.rounds} rounds × {args.steps} steps per method. Re-run `make bench` to refresh.", "",
         "## Training step (tiny LLaVA, batch 16, 50/50 open/choice mix, projector + last 2 blocks trained)", "",
-        "| LLM hidden | trainable params | method | step time (s) | × vanilla | peak RSS (MB) | × vanilla |",
-        "|---|---|---|---|---|---|---|",
+        "| LLM hidden | trainable params | method | step time (s) | × vanilla | per round | hook ms/step "
+        "| peak RSS (MB) | × vanilla |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
-        base = next(b for b in results if b["method"] == "vanilla" and b["hidden"] == r["hidden"])
-        lines.append(f"| {r['hidden']} | {r['trainable']:,} | {r['method']} | {r['step_s']:.4f} | "
-                     f"{r['step_s'] / base['step_s']:.2f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f} |")
+    for r in rows:
+        lines.append(f"| {r['hidden']} | {r['trainable']:,} | {r['method']} | {r['step_s']:.4f} | {r['ratio']:.3f} | "
+                     f"{r['round_min']:.2f}–{r['round_max']:.2f} | {r['hook_ms']:.1f} | {r['rss']:.0f} | "
+                     f"{r['rss_ratio']:.2f} |")
     lines += ["", "Targets: `nrca` ≤ 1.6× vanilla (the reference's two full passes cost ≈ 2×); `spider` ≤ 1.10× "
               "time and extra memory ≤ 2× the trainable parameters' size (W0 and G). Peak RSS is the whole "
               "process (Python, torch, data), so it understates relative differences on a model this small.", "",
@@ -134,7 +180,7 @@ def main() -> None:
               "| batch size | samples/s |", "|---|---|"]
     lines += [f"| {b} | {v:.1f} |" for b, v in throughput.items()]
     lines += ["", f"Batch 16 is {throughput[16] / throughput[1]:.1f}× faster than one sample at a time.", ""]
-    (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines) + READING)
+    (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines) + READING.format(rounds=args.rounds, warm=WARM))
     print("\n".join(lines))
 
 

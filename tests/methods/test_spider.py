@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mmtune.methods.spider import allocate, allocation_coefficients, importance
+from mmtune.methods.spider import allocate, allocate_, allocation_coefficients, importance, standardisation
 
 
 def test_importance_by_hand():
@@ -44,15 +44,49 @@ def test_allocate_interpolates_towards_pretrained():
     torch.testing.assert_close(allocate(w, w0, g), w0 + c * (w - w0))
 
 
+def test_a_one_ulp_win_still_moves():
+    # I_ft beats I_pre by one ulp: I_pre + I_ft rounds to 2·I_ft, so the ratio is exactly 0.5. A threshold on
+    # the ratio would drop this entry; the rule keeps it.
+    pre = torch.tensor([1.0 - 2.0**-24, 0.2])
+    ft = torch.tensor([1.0, 0.1])
+    c = allocation_coefficients(pre, ft)
+    assert c[0] == 1.0 and c[1] == 0.0
+
+
+def test_both_importances_zero_do_not_move():
+    # An all-zero W0 (a zero-initialised bias) and an all-zero G (no gradient yet): 0/0, which must not be NaN.
+    c = allocation_coefficients(importance(torch.zeros(5)), importance(torch.zeros(5)))
+    assert torch.equal(c, torch.zeros(5))
+
+
+def test_pure_functions_leave_their_inputs_alone():
+    pre, ft = torch.tensor([0.2, 0.6]), torch.tensor([0.6, 0.2])
+    a = torch.tensor([1.0, -2.0])
+    importance(a)
+    allocation_coefficients(pre, ft)
+    assert torch.equal(a, torch.tensor([1.0, -2.0]))
+    assert torch.equal(pre, torch.tensor([0.2, 0.6])) and torch.equal(ft, torch.tensor([0.6, 0.2]))
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
 @pytest.mark.parametrize("pretrained,grad_sum", [
-    (torch.randn(6, 5, generator=torch.Generator().manual_seed(1)), torch.randn(6, 5, generator=torch.Generator().manual_seed(2))),
-    (torch.zeros(7), torch.randn(7, generator=torch.Generator().manual_seed(3))),
+    (torch.randn(64, 33, generator=_generator(1)), torch.randn(64, 33, generator=_generator(2))),
+    (torch.zeros(7), torch.randn(7, generator=_generator(3))),
+    (torch.zeros(7), torch.zeros(7)),
     (torch.ones(4), torch.zeros(4)),
     (torch.tensor([3.0]), torch.tensor([1.0])),
 ])
-def test_compiled_update_equals_the_rule(pretrained, grad_sum):
-    from mmtune.methods.spider import compiled_allocate
-
-    weight = pretrained + 0.1 * torch.randn(pretrained.shape, generator=torch.Generator().manual_seed(4))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_update_equals_the_rule(pretrained, grad_sum, dtype):
+    weight = (pretrained + 0.1 * torch.randn(pretrained.shape, generator=_generator(4))).to(dtype)
+    expected = allocate(weight, pretrained, grad_sum)
     c = allocation_coefficients(importance(pretrained), importance(grad_sum))
-    torch.testing.assert_close(compiled_allocate(weight, pretrained, grad_sum), pretrained + c * (weight - pretrained))
+    torch.testing.assert_close(expected.float(), torch.lerp(pretrained, weight.float(), c).to(dtype).float())
+    buffers = tuple(torch.full((3 * pretrained.numel(),), float("nan")).view(3, *pretrained.shape))  # dirty scratch
+    pretrained_before, grad_sum_before = pretrained.clone(), grad_sum.clone()
+    allocate_(weight, pretrained, grad_sum, standardisation(pretrained.abs()), buffers)
+    assert torch.equal(weight, expected)
+    assert torch.equal(pretrained, pretrained_before) and torch.equal(grad_sum, grad_sum_before)
