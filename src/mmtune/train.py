@@ -31,7 +31,7 @@ from mmtune.data.records import RecordError
 from mmtune.data.synthetic import SYNTHETIC_PREFIX, ensure_world, resolve_task_path, vocabulary
 from mmtune.evaluate import evaluate
 from mmtune.losses import compute_losses
-from mmtune.methods.base import TrainContext, build_methods
+from mmtune.methods.base import METHODS, TrainContext, build_methods, shards_parameters
 from mmtune.models.load import load_model, save_processor
 from mmtune.models.scope import apply_scope, parameter_groups, scope_summary
 from mmtune.models.tiny import build_tiny
@@ -123,13 +123,20 @@ def find_checkpoint(paths: RunPaths, resume_from: str) -> Path:
     return found[-1]
 
 
+def method_shard_file(process_index: int) -> str:
+    return f"mmtune_methods_rank{process_index}.pt"
+
+
 def save_checkpoint(accelerator: Accelerator, paths: RunPaths, ctx: TrainContext, methods, position: dict,
                     config: RunConfig, keep: int | None) -> Path:
     directory = paths.checkpoints / f"step-{ctx.step:06d}"
     accelerator.save_state(str(directory))
+    method_states = {m.name: m.state_dict() for m in methods}
+    if shards_parameters(accelerator):  # the methods' state follows the parameter shards: one file per process
+        torch.save(method_states, directory / method_shard_file(accelerator.process_index))
     if accelerator.is_main_process:
         state = {"position": position, "generator": ctx.generator.get_state(),
-                 "methods": {m.name: m.state_dict() for m in methods}}
+                 "methods": {} if shards_parameters(accelerator) else method_states}
         torch.save(state, directory / STATE_FILE)
         save_config(config, directory / "config.yaml")
         if keep:
@@ -156,6 +163,12 @@ def train(config: RunConfig) -> Path:
     set_seed(config.train.seed)
     say = accelerator.print
     methods = build_methods(config.method)  # a bad method name or option fails now, before any work
+    sharded = shards_parameters(accelerator)
+    unsupported = [m.name for m in methods if not m.supports_sharding]
+    if sharded and unsupported:
+        ready = ", ".join(n for n, cls in sorted(METHODS.items()) if cls.supports_sharding)
+        raise ValueError(f"{' + '.join(unsupported)}: not tested with parameters sharded over processes (FSDP / "
+                         f"ZeRO-3); methods that are: {ready}. Use DDP or DeepSpeed ZeRO-2 for the others.")
 
     # --- data (the synthetic world, if used, is generated once by the main process) ---
     world = world_dir(config)
@@ -184,7 +197,6 @@ def train(config: RunConfig) -> Path:
     groups = parameter_groups(model, layout, config.scope.lr_blocks, config.scope.lr_projector,
                               config.train.weight_decay)
     optimizer = torch.optim.AdamW(groups)
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
     collator = TrainCollator(processor, config.data.max_length)
     too_long = find_too_long(records, collator)
@@ -198,7 +210,15 @@ def train(config: RunConfig) -> Path:
     loader = DataLoader(RecordDataset(records), batch_size=config.train.batch_size, drop_last=True,
                         sampler=EpochSampler(len(records), config.train.seed), collate_fn=collator,
                         num_workers=config.data.num_workers)
+    if sharded:
+        # A sharded model can't be evaluated by one process: evaluate the base before sharding it.
+        base_eval = paths.root / "eval" / "base"
+        if config.eval.before and is_main and not (base_eval / "scores.json").exists():
+            run_evaluation(model.to(accelerator.device), processor, config, world, base_eval)
+        accelerator.wait_for_everyone()
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # FSDP2 swaps each parameter for a sharded DTensor: look them up again on the prepared model.
+    trainable = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
     accum = config.train.grad_accum
     steps_per_epoch = len(loader) // accum
     if steps_per_epoch == 0:
@@ -217,7 +237,7 @@ def train(config: RunConfig) -> Path:
                        total_steps=total_steps)
     for method in methods:
         method.setup(ctx)
-    if config.eval.before and is_main and not (paths.root / "eval" / "base" / "scores.json").exists():
+    if config.eval.before and is_main and not sharded and not (paths.root / "eval" / "base" / "scores.json").exists():
         run_evaluation(ctx.unwrapped, processor, config, world, paths.root / "eval" / "base")
     accelerator.wait_for_everyone()
 
@@ -229,6 +249,12 @@ def train(config: RunConfig) -> Path:
         ctx.step = state["position"]["step"]
         epoch, step_in_epoch = state["position"]["epoch"], state["position"]["step_in_epoch"]
         generator.set_state(state["generator"])
+        if shards_parameters(accelerator):
+            shard_file = checkpoint / method_shard_file(accelerator.process_index)
+            if not shard_file.is_file():
+                raise FileNotFoundError(f"{shard_file} is missing: resume a sharded run with the same number of "
+                                        "processes it was saved with")
+            state["methods"] = torch.load(shard_file, weights_only=False)
         for method in methods:
             method.load_state_dict(state["methods"].get(method.name, {}))
         say(f"resumed from {checkpoint} at step {ctx.step}")
@@ -304,15 +330,19 @@ def train(config: RunConfig) -> Path:
     ctx.final_model = accelerator.unwrap_model(model)
     for method in methods:
         method.on_train_end(ctx)
+    full_state = accelerator.get_state_dict(model) if sharded else None  # gathers shards: every process calls
     if is_main:
-        ctx.final_model.save_pretrained(paths.final)
+        ctx.final_model.save_pretrained(paths.final, state_dict=full_state)
         save_processor(processor, paths.final)
         save_config(config, paths.final / "mmtune_config.yaml")
         summary = {"steps": ctx.step, "records": len(records), "skipped_records": len(skipped),
                    "skipped_examples": skipped[:20], "methods": config.method.name,
                    "train_seconds": round(time.time() - started, 2)}
         (paths.root / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if run_evaluation(ctx.final_model, processor, config, world, paths.root / "eval" / "final"):
+        # A sharded model can't be evaluated by one process: evaluate the saved model instead.
+        final_model = load_model(paths.final, config.model.dtype)[0].to(accelerator.device) if sharded \
+            else ctx.final_model
+        if run_evaluation(final_model, processor, config, world, paths.root / "eval" / "final"):
             report = write_report([paths.root], paths.root / "report")
             say(to_markdown(report))
     accelerator.wait_for_everyone()

@@ -50,6 +50,9 @@ class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    # Tested with parameters sharded over processes (FSDP2): DTensor parameters, per-process state. A method
+    # that is not refuses to start under FSDP / ZeRO-3 instead of doing something wrong there.
+    supports_sharding: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_class()
@@ -80,6 +83,17 @@ class Method:
 
 
 METHODS: dict[str, type[Method]] = {}
+
+
+def shards_parameters(accelerator) -> bool:
+    """Whether the engine splits parameters over processes (FSDP, DeepSpeed ZeRO-3): method state that
+    follows the parameters is then per process."""
+    if accelerator is None:
+        return False
+    if str(getattr(accelerator, "distributed_type", "")).endswith("FSDP"):
+        return True
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
 
 
 def register(cls: type[Method]) -> type[Method]:

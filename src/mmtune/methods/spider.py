@@ -32,93 +32,140 @@ with a clear error) and FSDP / ZeRO-3 sharded parameters (mean/std need the whol
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from mmtune.methods.base import Method, MethodConfig, register
+from mmtune.methods.base import Method, MethodConfig, register, shards_parameters
 
-Standardisation = tuple[torch.Tensor, torch.Tensor]  # (scale, shift): z = |A|·scale + shift
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support
+    DTensor = ()
+
+Groups = Sequence["dist.ProcessGroup"]  # the processes holding the other shards of a tensor (none: whole tensor)
+Standardisation = tuple[float, float]  # (centre, scale): z = (|A| − centre)·scale
+TINY = torch.finfo(torch.float32).tiny
 
 
-def standardisation(magnitude: torch.Tensor) -> Standardisation:
-    """``(|A| − mean|A|) / std|A|`` (unbiased std, as ``torch.std``) as ``|A|·scale + shift``: two scalars, so
-    the big tensor sees only in-place kernels, and SPIDER computes W0's once (W0 never changes).
+def _global_sums(values: list[torch.Tensor | float], groups: Groups) -> list[float]:
+    """Sum a few scalars over the shards of a tensor (one small all-reduce per group) and return them as
+    Python floats: the only communication SPIDER needs. Scalars stay on the host so that the big tensors see
+    only in-place kernels with scalar operands (a dozen 0-d tensor ops per tensor cost more than the
+    element-wise work itself on a small model)."""
+    if not groups:
+        return [float(v) for v in values]
+    device = next(v.device for v in values if isinstance(v, torch.Tensor))
+    packed = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    for group in groups:
+        dist.all_reduce(packed, group=group)
+    return packed.tolist()
 
-    A constant magnitude (std 0, or one element) gets z = 0 (importance 0.5); an all-zero tensor z = −inf (0).
+
+def _standardise_(magnitude: torch.Tensor, groups: Groups = ()) -> Standardisation:
+    """Centre ``magnitude`` (= |A|, contiguous) in place on mean|A| and return ``(centre, scale)``, with
+    ``scale = 1/std|A|`` (unbiased std, as ``torch.std``); mean and std are over the whole tensor, all its
+    shards when ``groups`` are given (all-reduces of scalars, no gather).
+
+    Degenerate tensors are folded into the two scalars, so the big tensor sees only in-place arithmetic
+    (``torch.where`` / masking over a large tensor cost ~10× an arithmetic pass on CPU): a constant
+    magnitude (std 0, or one element) gets scale 0, hence z = 0 and importance 0.5; an all-zero tensor is
+    centred on the smallest normal float with scale inf, hence z = −inf and importance 0.
     """
-    mean = magnitude.mean()
-    std = magnitude.std() if magnitude.numel() > 1 else magnitude.new_zeros(())  # one element: no unbiased std
-    scale = torch.where(std > 0, std.reciprocal(), 0.0)
-    shift = torch.where(mean > 0, -mean * scale, -torch.inf)
-    return scale, shift
+    total, count = _global_sums([magnitude.sum(), magnitude.numel()], groups)
+    mean = total / count if count else 0.0
+    centre = mean if mean > 0 else TINY
+    centred = magnitude.sub_(centre).view(-1)
+    (sum_sq,) = _global_sums([torch.dot(centred, centred)], groups)
+    std = math.sqrt(sum_sq / (count - 1)) if count > 1 else 0.0
+    if mean <= 0:
+        return centre, math.inf
+    return centre, 1.0 / std if std > 0 else 0.0
 
 
-def importance(tensor: torch.Tensor, *, scale_shift: Standardisation | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+def standardisation(tensor: torch.Tensor, groups: Groups = ()) -> Standardisation:
+    """``(centre, scale)`` of ``importance(tensor)``: SPIDER computes W0's once (W0 never changes)."""
+    return _standardise_(tensor.detach().float().abs().contiguous(), groups)
+
+
+def importance(tensor: torch.Tensor, *, standardised: Standardisation | None = None,
+               out: torch.Tensor | None = None, groups: Groups = ()) -> torch.Tensor:
     """``sigmoid((|A| − mean|A|) / std|A|)`` over the tensor (unbiased std); all-zero input gives zeros.
 
     A constant magnitude (std 0, or a single element) gives 0.5 everywhere.
-    ``scale_shift``: precomputed ``standardisation(|A|)``; ``out``: an fp32 buffer of the tensor's shape to
-    compute in, instead of allocating one.
+    ``standardised``: precomputed ``standardisation(tensor)``; ``out``: a contiguous fp32 buffer of the
+    tensor's shape to compute in, instead of allocating one; ``groups``: ``tensor`` is one shard of a tensor
+    split over these process groups (mean and std are then over the whole tensor).
     """
     tensor = tensor.detach()
     if out is None:
-        magnitude = tensor.float().abs()
+        magnitude = tensor.float().abs().contiguous()
     elif tensor.dtype == out.dtype:
         magnitude = torch.abs(tensor, out=out)
     else:
         magnitude = out.copy_(tensor).abs_()
-    scale, shift = scale_shift if scale_shift is not None else standardisation(magnitude)
-    # (torch.where / masked_fill over a large tensor cost ~10x an in-place arithmetic pass on CPU.)
-    return magnitude.mul_(scale).add_(shift).sigmoid_()
+    if standardised is None:
+        centre, scale = _standardise_(magnitude, groups)
+    else:
+        centre, scale = standardised
+        magnitude.sub_(centre)
+    return magnitude.mul_(scale).sigmoid_()
 
 
-def allocation_coefficients(importance_pre: torch.Tensor, importance_ft: torch.Tensor, *,
-                            in_place: bool = False, scratch: torch.Tensor | None = None) -> torch.Tensor:
+def allocation_coefficients(importance_pre: torch.Tensor, importance_ft: torch.Tensor, *, in_place: bool = False,
+                            scratch: torch.Tensor | None = None, groups: Groups = ()) -> torch.Tensor:
     """``C = I_ft/(I_pre + I_ft)`` where ``I_pre < I_ft``, else 0; divided by the mean of its non-zero entries
     (if any); clipped at 1.
 
     ``in_place=True`` overwrites both inputs (the result lives in ``importance_ft``) and computes the mask in
-    ``scratch`` when given: the training update's path, with no allocation per tensor.
+    ``scratch`` when given: the training update's path, with no allocation per tensor. ``groups``: the inputs
+    are shards of a tensor split over these process groups (the mean is then over the whole tensor).
     """
     if not in_place:
         importance_pre, importance_ft = importance_pre.clone(), importance_ft.clone()
     # 1.0 where I_pre < I_ft, else 0.0 (the sign of a float difference is exact: no tie is mis-classified).
     moves = torch.sub(importance_ft, importance_pre, out=scratch).sign_().clamp_(min=0.0)
-    count = moves.sum()
     ratio = importance_ft.div_(importance_pre.add_(importance_ft))
     coefficients = ratio.mul_(moves).nan_to_num_(0.0)  # 0/0 where both importances are 0: no move
-    scale = torch.where(count > 0, count / coefficients.sum(), 0.0)  # 1 / mean of the non-zero entries
-    return coefficients.mul_(scale).clamp_(max=1.0)
+    count, total = _global_sums([moves.sum(), coefficients.sum()], groups)
+    return coefficients.mul_(count / total if count > 0 else 0.0).clamp_(max=1.0)  # ÷ mean of the non-zero C
 
 
 def allocate(weight: torch.Tensor, pretrained: torch.Tensor, grad_sum: torch.Tensor) -> torch.Tensor:
-    """The new value of one tensor: ``(1 − C)·W0 + C·W`` (a new tensor; see ``Spider`` for the in-place update)."""
+    """The new value of one tensor: ``(1 − C)·W0 + C·W`` (a new tensor; see ``allocate_`` for the in-place update)."""
     c = allocation_coefficients(importance(pretrained), importance(grad_sum), in_place=True)
     return torch.lerp(pretrained.float(), weight.float(), c).to(weight.dtype)
 
 
 def allocate_(weight: torch.Tensor, pretrained: torch.Tensor, grad_sum: torch.Tensor,
-              pretrained_scale_shift: Standardisation, buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-    """``allocate`` in place on ``weight``, computing in three fp32 ``buffers`` of the tensor's shape."""
+              pretrained_standardised: Standardisation, buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+              groups: Groups = ()) -> None:
+    """``allocate`` in place on ``weight`` (or on a shard of it, with ``groups``), computing in three
+    contiguous fp32 ``buffers`` of its shape."""
     pre, ft, scratch = buffers
-    importance(pretrained, scale_shift=pretrained_scale_shift, out=pre)
-    importance(grad_sum, out=ft)
-    c = allocation_coefficients(pre, ft, in_place=True, scratch=scratch)
-    if weight.dtype == torch.float32:
+    importance(pretrained, standardised=pretrained_standardised, out=pre)
+    importance(grad_sum, out=ft, groups=groups)
+    c = allocation_coefficients(pre, ft, in_place=True, scratch=scratch, groups=groups)
+    if weight.dtype == pretrained.dtype == torch.float32:
         torch.lerp(pretrained, weight, c, out=weight)
     else:
-        weight.copy_(torch.lerp(pretrained, weight.float(), c))
+        weight.copy_(torch.lerp(pretrained.float(), weight.float(), c))
 
 
-def shards_parameters(accelerator) -> bool:
-    if accelerator is None:
-        return False
-    if str(getattr(accelerator, "distributed_type", "")).endswith("FSDP"):
-        return True
-    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
-    return plugin is not None and plugin.zero_stage == 3
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's (FSDP2's) local shard — a view, so in-place updates reach the parameter; else the tensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_groups(tensor: torch.Tensor) -> tuple:
+    """The process groups a DTensor is sharded over (its replicated mesh dimensions hold equal copies)."""
+    if not isinstance(tensor, DTensor):
+        return ()
+    return tuple(tensor.device_mesh.get_group(dim) for dim, placement in enumerate(tensor.placements)
+                 if placement.is_shard())
 
 
 @dataclass
@@ -130,32 +177,40 @@ class SpiderConfig(MethodConfig):
 class Spider(Method):
     name = "spider"
     description = "importance-discrepancy weight allocation against forgetting (Huang et al., ICML 2025)"
+    supports_sharding = True
     config_class = SpiderConfig
 
     def __init__(self, config=None):
         super().__init__(config)
+        # Per trainable tensor (its local shard under FSDP2): W0 in the parameter's dtype, G in fp32.
         self.pretrained: dict[str, torch.Tensor] = {}
         self.grad_sum: dict[str, torch.Tensor] = {}
-        self.pretrained_scale_shift: dict[str, Standardisation] = {}  # derived from W0: recomputed on load
+        self.standardised: dict[str, Standardisation] = {}  # of W0, derived: recomputed on load
+        self.groups: dict[str, tuple] = {}
 
     def setup(self, ctx):
         lora = [n for n in ctx.trainable if "lora_" in n]
         if lora:
             raise ValueError("spider cannot run on LoRA adapters: a zero-initialised adapter has no pre-trained "
                              f"importance (e.g. {lora[0]}). Use full tuning of the scope (drop 'lora').")
-        if shards_parameters(ctx.accelerator):
-            raise ValueError("spider needs whole tensors (per-tensor mean/std), but FSDP / ZeRO-3 shards them; "
-                             "use DDP or DeepSpeed ZeRO-2 (the papers' setting)")
+        if shards_parameters(ctx.accelerator) and not all(isinstance(p, DTensor) for p in ctx.trainable.values()):
+            raise ValueError("spider needs each tensor's shards as DTensors to compute its mean/std across them; "
+                             "FSDP1 flat parameters and DeepSpeed ZeRO-3 partitions hide them. Use FSDP2 "
+                             "(accelerate launch --use_fsdp --fsdp_version 2), DDP, or DeepSpeed ZeRO-2.")
+        self.groups = {name: shard_groups(param) for name, param in ctx.trainable.items()}
         for name, param in ctx.trainable.items():
-            self.pretrained[name] = param.detach().float().clone()
-            self.grad_sum[name] = torch.zeros_like(self.pretrained[name])
-        self.pretrained_scale_shift = {name: standardisation(w.abs()) for name, w in self.pretrained.items()}
+            self.pretrained[name] = local_shard(param).detach().clone()
+            self.grad_sum[name] = torch.zeros_like(self.pretrained[name], dtype=torch.float32)
+        self._standardise_pretrained()
+
+    def _standardise_pretrained(self) -> None:
+        self.standardised = {name: standardisation(w0, self.groups.get(name, ())) for name, w0 in self.pretrained.items()}
 
     @torch.no_grad()
     def before_optimizer_step(self, ctx):
         for name, param in ctx.trainable.items():
             if param.grad is not None:
-                self.grad_sum[name].add_(param.grad.float())
+                self.grad_sum[name].add_(local_shard(param.grad))
 
     @torch.no_grad()
     def after_optimizer_step(self, ctx):
@@ -164,10 +219,12 @@ class Spider(Method):
         largest = max(w.numel() for w in self.pretrained.values())
         scratch: dict[torch.device, torch.Tensor] = {}
         for name, param in ctx.trainable.items():
-            if param.device not in scratch:
-                scratch[param.device] = torch.empty(3, largest, device=param.device)
-            buffers = tuple(b[:param.numel()].view(param.shape) for b in scratch[param.device])
-            allocate_(param, self.pretrained[name], self.grad_sum[name], self.pretrained_scale_shift[name], buffers)
+            weight = local_shard(param)
+            if weight.device not in scratch:
+                scratch[weight.device] = torch.empty(3, largest, device=weight.device)
+            buffers = tuple(b[:weight.numel()].view(weight.shape) for b in scratch[weight.device])
+            allocate_(weight, self.pretrained[name], self.grad_sum[name], self.standardised[name], buffers,
+                      self.groups[name])
 
     def state_dict(self):
         return {"pretrained": self.pretrained, "grad_sum": self.grad_sum}
@@ -176,4 +233,4 @@ class Spider(Method):
         if state:
             self.pretrained = {k: v.clone() for k, v in state["pretrained"].items()}
             self.grad_sum = {k: v.clone() for k, v in state["grad_sum"].items()}
-            self.pretrained_scale_shift = {name: standardisation(w.abs()) for name, w in self.pretrained.items()}
+            self._standardise_pretrained()

@@ -7,3 +7,4 @@ from mmtune.methods.base import Method, register
 class Vanilla(Method):
     name = "vanilla"
     description = "plain cross-entropy fine-tuning (the reference point)"
+    supports_sharding = True
