@@ -126,8 +126,9 @@ def allocation_coefficients(importance_pre: torch.Tensor, importance_ft: torch.T
     """
     if not in_place:
         importance_pre, importance_ft = importance_pre.clone(), importance_ft.clone()
-    # 1.0 where I_pre < I_ft, else 0.0 (the sign of a float difference is exact: no tie is mis-classified).
-    moves = torch.sub(importance_ft, importance_pre, out=scratch).sign_().clamp_(min=0.0)
+    # 1.0 where I_pre < I_ft, else 0.0: the comparison itself, written into a float buffer (no bool temporary).
+    moves = torch.lt(importance_pre, importance_ft, out=scratch) if scratch is not None \
+        else torch.lt(importance_pre, importance_ft).float()
     ratio = importance_ft.div_(importance_pre.add_(importance_ft))
     coefficients = ratio.mul_(moves).nan_to_num_(0.0)  # 0/0 where both importances are 0: no move
     count, total = _global_sums([moves.sum(), coefficients.sum()], groups)
