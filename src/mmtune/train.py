@@ -302,7 +302,7 @@ def train(config: RunConfig) -> Path:
                           for k, v in totals.items()}
                 row = {"step": ctx.step, "epoch": epoch + step_in_epoch / steps_per_epoch,
                        "loss": sum(logged.values()), **logged, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": grad_norm, "elapsed_s": round(time.time() - started, 3)}
+                       "grad_norm": grad_norm, "elapsed_s": round(time.time() - started, 4)}
                 if metrics_file:
                     metrics_file.write(json.dumps(row) + "\n")
                     metrics_file.flush()

@@ -16,18 +16,23 @@ the others are pulled back to their pre-trained value.
 The gradient is read just before ``optimizer.step()`` (accumulated, all-reduced, clipped); the
 released code reads it after the step, which fails under engines that free gradients at the step.
 
-State and memory: W0 and G, fp32 (two copies of the trainable parameters; the reference keeps three
-— I(W0) is recomputed from W0 per tensor here, with the mean/std of |W0| cached as two scalars per
-tensor). Both are saved with every checkpoint. The update runs tensor by tensor in three scratch
-buffers the size of the largest trainable tensor, with in-place element-wise kernels only: this
-is what keeps it near one optimizer step in time (docs/benchmarks.md).
+State and memory: W0 (in the parameters' dtype) and G (fp32): two copies of the trainable parameters;
+the reference keeps three — I(W0) is recomputed from W0 per tensor here, with the mean/std of |W0|
+computed once. Both are saved with every checkpoint. The update runs tensor by tensor in three scratch
+buffers the size of the largest trainable tensor, with in-place element-wise kernels and host-side
+scalars only: this keeps it below the cost of one AdamW step (docs/benchmarks.md).
+
+Sharded parameters (FSDP2 DTensors): everything runs on the local shard; the statistics that need the
+whole tensor (mean/std of |A|, the mean of the non-zero C) come from all-reduced partial sums over the
+tensor's shard group — scalars only, no gather.
 
 Edge cases the reference leaves undefined: a tensor with constant magnitude (std 0) has importance
 0.5 everywhere (no entry matters more than another) instead of NaN; a one-element tensor likewise;
 an entry where both importances are 0 does not move.
 
 Not supported: LoRA (W0 of a zero-initialised adapter has no pre-trained importance; SPIDER refuses
-with a clear error) and FSDP / ZeRO-3 sharded parameters (mean/std need the whole tensor).
+with a clear error) and shards that are not DTensors (FSDP1 flat parameters, DeepSpeed ZeRO-3
+partitions), whose tensor layout SPIDER can't see.
 """
 
 from __future__ import annotations
