@@ -136,6 +136,7 @@ def test_sharded_engine_bookkeeping(tiny_config, monkeypatch):
     process: Accelerate enables FSDP on accelerators only, so CI can't shard the whole loop (SPIDER's own
     sharded math runs on real FSDP2 shards in tests/methods/test_spider_sharded.py)."""
     monkeypatch.setattr("mmtune.train.shards_parameters", lambda accelerator: True)
+    monkeypatch.setattr("mmtune.methods.base.shards_parameters", lambda accelerator: True)
     with pytest.raises(ValueError, match="l2_reg: not tested with parameters sharded"):
         train(tiny_config("method.name=l2_reg", out="refused"))
     evaluated = ["eval.downstream=['synthetic:detailed_caption']", "eval.limit=4", "eval.max_new_tokens=4"]

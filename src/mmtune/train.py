@@ -31,7 +31,14 @@ from mmtune.data.records import RecordError
 from mmtune.data.synthetic import SYNTHETIC_PREFIX, ensure_world, resolve_task_path, vocabulary
 from mmtune.evaluate import evaluate
 from mmtune.losses import compute_losses
-from mmtune.methods.base import METHODS, TrainContext, build_methods, shards_parameters
+from mmtune.methods.base import (
+    METHODS,
+    TrainContext,
+    build_methods,
+    load_method_states,
+    save_method_states,
+    shards_parameters,
+)
 from mmtune.models.load import load_model, save_processor
 from mmtune.models.scope import apply_scope, parameter_groups, scope_summary
 from mmtune.models.tiny import build_tiny
@@ -123,20 +130,13 @@ def find_checkpoint(paths: RunPaths, resume_from: str) -> Path:
     return found[-1]
 
 
-def method_shard_file(process_index: int) -> str:
-    return f"mmtune_methods_rank{process_index}.pt"
-
-
 def save_checkpoint(accelerator: Accelerator, paths: RunPaths, ctx: TrainContext, methods, position: dict,
                     config: RunConfig, keep: int | None) -> Path:
     directory = paths.checkpoints / f"step-{ctx.step:06d}"
     accelerator.save_state(str(directory))
-    method_states = {m.name: m.state_dict() for m in methods}
-    if shards_parameters(accelerator):  # the methods' state follows the parameter shards: one file per process
-        torch.save(method_states, directory / method_shard_file(accelerator.process_index))
+    save_method_states(methods, directory, accelerator)
     if accelerator.is_main_process:
-        state = {"position": position, "generator": ctx.generator.get_state(),
-                 "methods": {} if shards_parameters(accelerator) else method_states}
+        state = {"position": position, "generator": ctx.generator.get_state()}
         torch.save(state, directory / STATE_FILE)
         save_config(config, directory / "config.yaml")
         if keep:
@@ -249,14 +249,7 @@ def train(config: RunConfig) -> Path:
         ctx.step = state["position"]["step"]
         epoch, step_in_epoch = state["position"]["epoch"], state["position"]["step_in_epoch"]
         generator.set_state(state["generator"])
-        if shards_parameters(accelerator):
-            shard_file = checkpoint / method_shard_file(accelerator.process_index)
-            if not shard_file.is_file():
-                raise FileNotFoundError(f"{shard_file} is missing: resume a sharded run with the same number of "
-                                        "processes it was saved with")
-            state["methods"] = torch.load(shard_file, weights_only=False)
-        for method in methods:
-            method.load_state_dict(state["methods"].get(method.name, {}))
+        load_method_states(methods, checkpoint, accelerator)
         say(f"resumed from {checkpoint} at step {ctx.step}")
     if is_main and not (paths.root / "config.yaml").exists():
         save_config(config, paths.root / "config.yaml")

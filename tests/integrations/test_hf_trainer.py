@@ -1,3 +1,5 @@
+import shutil
+
 import torch
 from transformers import TrainingArguments
 
@@ -37,3 +39,28 @@ def test_methods_run_inside_the_hf_trainer(world, tmp_path):
         else:
             assert torch.equal(param, before[name]), name
     assert moved > 0 and pulled_back > 0
+
+
+def test_trainer_checkpoints_carry_method_state_and_resume_exactly(world, tmp_path):
+    records = read_records(world / "detailed_caption_train.jsonl")[:8] + read_records(world / "count_mc_train.jsonl")[:8]
+
+    def run(out: str, resume: str | bool | None = None):
+        model, processor = build_tiny("llava", words=vocabulary())
+        apply_scope(model)
+        args = TrainingArguments(output_dir=str(tmp_path / out), max_steps=4, per_device_train_batch_size=4,
+                                 learning_rate=1e-3, report_to=[], use_cpu=True, remove_unused_columns=False,
+                                 save_strategy="steps", save_steps=2, logging_strategy="no", disable_tqdm=True,
+                                 seed=0, data_seed=0)
+        trainer = MethodTrainer(model=model, args=args, train_dataset=RecordDataset(records),
+                                data_collator=TrainCollator(processor), methods=[Spider()])
+        trainer.train(resume_from_checkpoint=resume)
+        return model, trainer
+
+    full, _ = run("full")
+    assert (tmp_path / "full" / "checkpoint-2" / "mmtune_methods.pt").is_file()
+    # resume a copy of the interrupted run: W0 must be the original weights, not those at step 2
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed, trainer = run("resumed", resume=True)
+    assert trainer.ctx.step == 4
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)

@@ -11,17 +11,22 @@ accumulated and clipped); ``after_optimizer_step`` → ``on_optimizer_step``; ``
                             methods=[NRCA(), Spider()])
     trainer.train()
 
-Resuming a Trainer run restores the Trainer's own state; method state (e.g. SPIDER's W0 and G) is in
-``trainer.method_state_dict()`` for you to save with your checkpoints.
+Method state (e.g. SPIDER's W0 and G) is saved into every Trainer checkpoint folder
+(``mmtune_methods.pt``) and restored by ``trainer.train(resume_from_checkpoint=...)``, so a resumed run is
+the uninterrupted one; ``trainer.method_state_dict()`` returns it too.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+from safetensors import safe_open
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from mmtune.losses import compute_losses
-from mmtune.methods.base import Method, TrainContext
+from mmtune.methods.base import Method, TrainContext, load_method_states, save_method_states
 
 
 class MethodCallback(TrainerCallback):
@@ -36,6 +41,9 @@ class MethodCallback(TrainerCallback):
                                         optimizer=optimizer, total_steps=state.max_steps)
         for method in self.methods:
             method.setup(self.trainer.ctx)
+        if self.trainer.resumed_from:  # the Trainer restored weights and its state; the methods follow
+            load_method_states(self.methods, self.trainer.resumed_from, self.trainer.accelerator)
+            self.trainer.ctx.step = state.global_step
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         for method in self.methods:
@@ -45,6 +53,10 @@ class MethodCallback(TrainerCallback):
         for method in self.methods:
             method.after_optimizer_step(self.trainer.ctx)
         self.trainer.ctx.step += 1
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        save_method_states(self.methods, checkpoint, self.trainer.accelerator)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.trainer.ctx.final_model = model
@@ -59,7 +71,32 @@ class MethodTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.methods = methods or []
         self.ctx: TrainContext | None = None
+        self.resumed_from: str | None = None
         self.add_callback(MethodCallback(self.methods, self))
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True, but {self.args.output_dir} holds no checkpoint")
+        self.resumed_from = resume_from_checkpoint or None
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # The Trainer loads its checkpoint's weights without the key conversion ``from_pretrained`` applies, and
+        # vision-language models (LLaVA, Qwen2-VL, ...) save under their original key names: the weights would
+        # silently stay as they were (huggingface/transformers#43701). Reload them the way from_pretrained does.
+        model = model if model is not None else self.model
+        weights = os.path.join(resume_from_checkpoint, "model.safetensors")
+        if not os.path.isfile(weights):
+            return
+        with safe_open(weights, framework="pt") as saved:
+            saved_keys = set(saved.keys())
+        if saved_keys <= set(model.state_dict()):
+            return
+        reloaded = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
+        model.load_state_dict(reloaded.state_dict())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         terms, outputs = compute_losses(self.ctx, self.methods, inputs)

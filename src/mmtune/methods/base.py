@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -94,6 +95,32 @@ def shards_parameters(accelerator) -> bool:
         return True
     plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
     return plugin is not None and plugin.zero_stage == 3
+
+
+def method_state_file(accelerator) -> str:
+    """Where methods' state lives in a checkpoint folder: one file, or one per process when parameters (and so
+    the state that follows them, like SPIDER's W0 and G) are sharded."""
+    if shards_parameters(accelerator):
+        return f"mmtune_methods_rank{accelerator.process_index}.pt"
+    return "mmtune_methods.pt"
+
+
+def save_method_states(methods: list[Method], directory: Path, accelerator) -> None:
+    """Write the methods' state into a checkpoint folder (call on every process)."""
+    if shards_parameters(accelerator) or accelerator is None or accelerator.is_main_process:
+        torch.save({m.name: m.state_dict() for m in methods}, Path(directory) / method_state_file(accelerator))
+
+
+def load_method_states(methods: list[Method], directory: Path, accelerator) -> None:
+    """Restore the methods' state from a checkpoint folder written by ``save_method_states``."""
+    path = Path(directory) / method_state_file(accelerator)
+    if not path.is_file():
+        hint = " (a sharded run resumes with the number of processes it was saved with)" \
+            if shards_parameters(accelerator) else ""
+        raise FileNotFoundError(f"{path} is missing: {directory} holds no mmtune method state{hint}")
+    states = torch.load(path, weights_only=False)
+    for method in methods:
+        method.load_state_dict(states.get(method.name, {}))
 
 
 def register(cls: type[Method]) -> type[Method]:
