@@ -32,21 +32,24 @@ READING = """
 ## Reading these numbers
 
 - Each method runs in its own process, in {rounds} interleaved rounds (vanilla, nrca, spider, ..., then again),
-  so that slow phases of the machine hit every method alike. Step time is the median over the steps of all
-  rounds (after {warm} warm-up steps per run); "per round" is the range of the ratio to the vanilla run of the
-  same round. Step times on this shared machine drift by up to ±7% between runs of the same method.
-- **NRCA** runs the noisy forward only on the open-response half of the batch: about 1.5–1.6× vanilla here,
-  against ≈ 2× for the reference's second full pass (target ≤ 1.6×: met at hidden 512, borderline on the
-  smallest model, where fixed per-step costs weigh more).
+  so that slow phases of the shared machine hit every method alike. Step time is the median over the steps
+  of all rounds (after {warm} warm-up steps per run); "per round" is the range of the ratio to the vanilla run
+  of the same round. Methods that add no work per step (`l2_reg` adds a few element-wise terms to the loss)
+  show how large that round-to-round noise is: several percent either way.
+- **NRCA** runs the noisy forward only on the open-response half of the batch, against the reference's
+  second full pass (≈ 2×); target ≤ 1.6×.
 - **SPIDER** is element-wise work over the trainable parameters, independent of the number of tokens: the
   gradient sum before the step, then per tensor the two importances, the coefficients and the interpolation
-  (about 25 in-place kernels, with the mean/std of |W0| computed once). "hook ms/step" is the time spent in
-  SPIDER's two hooks, measured directly, and the steadier number: "1 + hooks/vanilla" is the step-time
-  ratio it implies. "method state" is the size of the tensors a method keeps (W0 and G for SPIDER: 2.00).
-  Forward and backward grow with tokens × parameters while SPIDER grows with parameters only, so at the
-  papers' setting (16 sequences of up to 2,048 tokens per step) the same work is a smaller share still.
-  Memory: two fp32 copies (W0, G) persist; three scratch buffers the size of the largest tensor live only
-  during the update.
+  (about 20 in-place kernels with host-side scalars; the mean/std of |W0| are computed once). "hook ms/step"
+  is the time spent in SPIDER's two hooks, measured directly: it does not depend on how the machine's speed
+  drifts between runs, so "1 + hooks/vanilla" is the steadier estimate of the step-time ratio (target
+  ≤ 1.10×). The update costs less than the AdamW step itself. Forward and backward grow with tokens ×
+  parameters while SPIDER grows with parameters only, so at the papers' setting (16 sequences of up to
+  2,048 tokens per step) its share is smaller still.
+- **Memory**: "method state" is the size of the tensors a method keeps, relative to the trainable
+  parameters: 2.00 for SPIDER (W0 and G, target ≤ 2×; the reference keeps 3), 1.00 for the baselines that
+  keep W0. SPIDER's three scratch buffers (the size of the largest trainable tensor) live only during the
+  update. Peak RSS is the whole process (Python, torch, data), so it understates relative differences.
 """
 
 WARM = 5
