@@ -34,8 +34,8 @@ READING = """
 - Each method runs in its own process, in {rounds} interleaved rounds (vanilla, nrca, spider, ..., then again),
   so that slow phases of the shared machine hit every method alike. Step time is the median over the steps
   of all rounds (after {warm} warm-up steps per run); "per round" is the range of the ratio to the vanilla run
-  of the same round. Methods that add no work per step (`l2_reg` adds a few element-wise terms to the loss)
-  show how large that round-to-round noise is: several percent either way.
+  of the same round; its width (5–10 points even for `l2_reg`, which adds only a small loss term) is the
+  round-to-round noise of this shared machine.
 - **NRCA** runs the noisy forward only on the open-response half of the batch, against the reference's
   second full pass (≈ 2×); target ≤ 1.6×.
 - **SPIDER** is element-wise work over the trainable parameters, independent of the number of tokens: the
