@@ -249,7 +249,11 @@ def train(config: RunConfig) -> Path:
         ctx.step = state["position"]["step"]
         epoch, step_in_epoch = state["position"]["epoch"], state["position"]["step_in_epoch"]
         generator.set_state(state["generator"])
-        load_method_states(methods, checkpoint, accelerator)
+        if "methods" in state:  # checkpoints from before method state had its own file
+            for method in methods:
+                method.load_state_dict(state["methods"].get(method.name, {}))
+        else:
+            load_method_states(methods, checkpoint, accelerator)
         say(f"resumed from {checkpoint} at step {ctx.step}")
     if is_main and not (paths.root / "config.yaml").exists():
         save_config(config, paths.root / "config.yaml")
