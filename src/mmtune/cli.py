@@ -96,8 +96,15 @@ def cmd_report(args) -> int:
     return 0
 
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+def _shipped(name: str) -> Path:
+    """A folder shipped with mmtune: at the top of the repository (editable install) or inside the installed
+    package (wheel)."""
+    in_repo = Path(__file__).resolve().parents[2] / name
+    return in_repo if in_repo.is_dir() else Path(__file__).resolve().parent / name
+
+
+ASSETS = _shipped("assets")
+CONFIGS = _shipped("configs")
 SHIPPED_BASE = ASSETS / "tiny-llava-base"
 
 
