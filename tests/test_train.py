@@ -158,3 +158,18 @@ def test_spider_refuses_shards_it_cannot_see(tiny_config, monkeypatch):
     monkeypatch.setattr("mmtune.methods.spider.shards_parameters", lambda accelerator: True)
     with pytest.raises(ValueError, match="Use FSDP2"):
         train(tiny_config("method.name=spider", out="refused"))
+
+
+def test_idefics3_trains_with_nrca_and_spider_and_evaluates(tiny_config):
+    """SmolVLM's architecture (Idefics3: pixel-shuffle connector, text_model blocks) end to end: scope, NRCA's
+    noisy pass over its image tiles, SPIDER, generation in the evaluation, reload."""
+    run = train(tiny_config("model.tiny=idefics3", "method.name=nrca+spider", "train.max_steps=2",
+                            "eval.downstream=['synthetic:detailed_caption']", "eval.limit=4",
+                            "eval.max_new_tokens=4"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["nrca_gap"] > 0 for r in rows)
+    assert (run / "eval" / "final" / "scores.json").is_file()
+    model = AutoModelForImageTextToText.from_pretrained(run / "final")
+    assert model.config.model_type == "idefics3"
+    processor = AutoProcessor.from_pretrained(run / "final")
+    assert type(processor).__name__ == "Idefics3Processor"

@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     path: str = ""  # local Hugging Face checkpoint folder
-    tiny: str | None = None  # or build a tiny random model of this architecture: llava | qwen2_vl
+    tiny: str | None = None  # or build a tiny random model of this architecture: llava | qwen2_vl | idefics3
     tiny_hidden_size: int = 64
     tiny_layers: int = 4
     tiny_image_size: int = 32

@@ -1,7 +1,7 @@
 """Tiny random vision-language models built from config, with an offline tokenizer and processor.
 
 Tests and the demo cannot download weights, so they build small models of the real architectures
-(LLaVA, Qwen2-VL) here, save them with ``save_pretrained`` and load them back through
+(LLaVA, Qwen2-VL, Idefics3 = SmolVLM) here, save them with ``save_pretrained`` and load them back through
 :func:`mmtune.models.load.load_model` — the same public path a real checkpoint takes.
 """
 
@@ -17,6 +17,10 @@ from transformers import (
     AutoModelForImageTextToText,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
+    Idefics3Config,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
+    Idefics3VisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaProcessor,
@@ -27,7 +31,7 @@ from transformers import (
 
 from mmtune.models.load import ImageOnlyQwen2VLProcessor, save_processor
 
-TINY_ARCHITECTURES = ("llava", "qwen2_vl")
+TINY_ARCHITECTURES = ("llava", "qwen2_vl", "idefics3")
 
 # Words every tiny tokenizer knows, so prompts of the converters and metrics tests tokenize too.
 BASE_WORDS = (
@@ -59,8 +63,17 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% endfor %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+IDEFICS3_CHAT_TEMPLATE = (  # SmolVLM's layout: "User:<image>question<end_of_utterance>\nAssistant: answer..."
+    "{% for message in messages %}{{ 'User:' if message['role'] == 'user' else 'Assistant:' }}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>{% elif item['type'] == 'text' %} {{ item['text'] }}{% endif %}"
+    "{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
 SPECIAL_TOKENS = {
     "llava": ["<pad>", "<unk>", "<s>", "</s>", "<image>"],
+    "idefics3": ["<pad>", "<unk>", "<s>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
+                 "<global-img>"],
     "qwen2_vl": [
         "<pad>", "<unk>", "<s>", "<|im_end|>", "<|im_start|>", "<|image_pad|>", "<|video_pad|>",
         "<|vision_start|>", "<|vision_end|>",
@@ -88,7 +101,7 @@ def build_tokenizer(architecture: str, words: Iterable[str] = ()) -> PreTrainedT
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    eos = "</s>" if architecture == "llava" else "<|im_end|>"
+    eos = {"llava": "</s>", "qwen2_vl": "<|im_end|>", "idefics3": "<end_of_utterance>"}[architecture]
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token=eos,
         extra_special_tokens={},
@@ -139,6 +152,31 @@ def build_tiny(
             image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
             vision_feature_select_strategy="default", num_additional_image_tokens=1,
             chat_template=LLAVA_CHAT_TEMPLATE,
+        )
+    elif architecture == "idefics3":
+        scale_factor = 2  # the connector's pixel shuffle: (image/patch)² patches → that / scale² image tokens
+        vision = Idefics3VisionConfig(
+            hidden_size=vision_hidden_size, intermediate_size=vision_hidden_size * 2,
+            num_hidden_layers=vision_layers, num_attention_heads=max(1, vision_hidden_size // 16),
+            image_size=image_size, patch_size=patch_size,
+        )
+        text = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+            num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=heads,
+            max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        config = Idefics3Config(
+            vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=scale_factor,
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=tokenizer.pad_token_id,
+        )
+        image_processor = Idefics3ImageProcessorPil(
+            do_image_splitting=False, size={"longest_edge": image_size},
+            max_image_size={"longest_edge": image_size},
+        )
+        processor = Idefics3Processor(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=IDEFICS3_CHAT_TEMPLATE,
+            image_seq_len=(image_size // patch_size) ** 2 // scale_factor**2,
         )
     else:
         token_id = tokenizer.convert_tokens_to_ids
