@@ -129,18 +129,17 @@ def build_tiny(
     vocab_size = len(tokenizer)
     torch.manual_seed(seed)
     heads = max(1, hidden_size // 32)
+    vision_sizes = {"hidden_size": vision_hidden_size, "intermediate_size": vision_hidden_size * 2,
+                    "num_hidden_layers": vision_layers, "num_attention_heads": max(1, vision_hidden_size // 16),
+                    "image_size": image_size, "patch_size": patch_size}
+    text = LlamaConfig(  # the language model of LLaVA and Idefics3 (Qwen2-VL brings its own)
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
     if architecture == "llava":
-        vision = CLIPVisionConfig(
-            hidden_size=vision_hidden_size, intermediate_size=vision_hidden_size * 2,
-            num_hidden_layers=vision_layers, num_attention_heads=max(1, vision_hidden_size // 16),
-            image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden_size,
-        )
-        text = LlamaConfig(
-            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-            num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=heads,
-            max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        )
+        vision = CLIPVisionConfig(**vision_sizes, projection_dim=vision_hidden_size)
         config = LlavaConfig(
             vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
             vision_feature_select_strategy="default", vision_feature_layer=-1,
@@ -155,17 +154,7 @@ def build_tiny(
         )
     elif architecture == "idefics3":
         scale_factor = 2  # the connector's pixel shuffle: (image/patch)² patches → that / scale² image tokens
-        vision = Idefics3VisionConfig(
-            hidden_size=vision_hidden_size, intermediate_size=vision_hidden_size * 2,
-            num_hidden_layers=vision_layers, num_attention_heads=max(1, vision_hidden_size // 16),
-            image_size=image_size, patch_size=patch_size,
-        )
-        text = LlamaConfig(
-            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-            num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=heads,
-            max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        )
+        vision = Idefics3VisionConfig(**vision_sizes)
         config = Idefics3Config(
             vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=scale_factor,
             image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=tokenizer.pad_token_id,
