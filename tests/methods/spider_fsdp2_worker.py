@@ -6,6 +6,7 @@ largest difference between the two per parameter to the JSON file named on the c
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -62,7 +63,13 @@ def main() -> None:
     if rank == 0:
         with open(sys.argv[1], "w") as handle:
             json.dump({"differences": differences, "moved": moved}, handle)
+    dist.barrier()  # both ranks done with every collective before either tears the group down
     dist.destroy_process_group()
+    # Skip interpreter finalization: gloo worker threads still holding work objects can abort the process
+    # there (seen once in CI: "terminate called without an active exception"); the result is written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
