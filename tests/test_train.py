@@ -173,3 +173,17 @@ def test_idefics3_trains_with_nrca_and_spider_and_evaluates(tiny_config):
     assert model.config.model_type == "idefics3"
     processor = AutoProcessor.from_pretrained(run / "final")
     assert type(processor).__name__ == "Idefics3Processor"
+
+
+def test_spider_on_bf16_parameters_keeps_w0_in_bf16(tiny_config, tmp_path):
+    from mmtune.data.synthetic import vocabulary
+    from mmtune.models.tiny import save_tiny
+
+    base = save_tiny(tmp_path / "base", "llava", words=vocabulary())
+    run = train(tiny_config("model.tiny=null", f"model.path={base}", "model.dtype=bf16", "method.name=spider",
+                            "train.max_steps=2", "train.save_every=1"))
+    state = torch.load(run / "checkpoints" / "step-000001" / "mmtune_methods.pt", weights_only=False)["spider"]
+    assert all(w0.dtype == torch.bfloat16 for w0 in state["pretrained"].values())  # exact, half the memory
+    assert all(g.dtype == torch.float32 for g in state["grad_sum"].values())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)
