@@ -94,8 +94,9 @@ def one_method(method: str, steps: int, world: str, out: str, hidden: int) -> di
     elapsed = [json.loads(line)["elapsed_s"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     step_seconds = [b - a for a, b in zip(elapsed[WARM - 1:], elapsed[WARM:], strict=False)]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    trainable = sum(p.numel() for p in load_trainable_count(config))
-    trainable_bytes = sum(p.numel() * p.element_size() for p in load_trainable_count(config))
+    parameters = trainable_parameters(config)  # loads the base once more: count and size from one load
+    trainable = sum(p.numel() for p in parameters)
+    trainable_bytes = sum(p.numel() * p.element_size() for p in parameters)
     return {"method": method, "hidden": hidden, "step_seconds": step_seconds, "hook_ms": hook_seconds[0] / steps * 1e3,
             "peak_rss_mb": peak_mb, "trainable": trainable, "state_x": state_bytes[0] / trainable_bytes}
 
@@ -110,7 +111,7 @@ def tensors_in(state) -> list[torch.Tensor]:
     return []
 
 
-def load_trainable_count(config):
+def trainable_parameters(config):
     from mmtune.models.scope import apply_scope
     from mmtune.train import load_base
 

@@ -210,10 +210,11 @@ def train(config: RunConfig) -> Path:
     loader = DataLoader(RecordDataset(records), batch_size=config.train.batch_size, drop_last=True,
                         sampler=EpochSampler(len(records), config.train.seed), collate_fn=collator,
                         num_workers=config.data.num_workers)
+    base_eval = paths.root / "eval" / "base"
+    evaluate_base = config.eval.before and is_main and not (base_eval / "scores.json").exists()
     if sharded:
         # A sharded model can't be evaluated by one process: evaluate the base before sharding it.
-        base_eval = paths.root / "eval" / "base"
-        if config.eval.before and is_main and not (base_eval / "scores.json").exists():
+        if evaluate_base:
             run_evaluation(model.to(accelerator.device), processor, config, world, base_eval)
         accelerator.wait_for_everyone()
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -237,8 +238,8 @@ def train(config: RunConfig) -> Path:
                        total_steps=total_steps)
     for method in methods:
         method.setup(ctx)
-    if config.eval.before and is_main and not sharded and not (paths.root / "eval" / "base" / "scores.json").exists():
-        run_evaluation(ctx.unwrapped, processor, config, world, paths.root / "eval" / "base")
+    if evaluate_base and not sharded:
+        run_evaluation(ctx.unwrapped, processor, config, world, base_eval)
     accelerator.wait_for_everyone()
 
     epoch, step_in_epoch = 0, 0
