@@ -30,6 +30,11 @@ def test_refuses_to_write_over_another_run(tiny_config):
     train(tiny_config("train.overwrite=true"))  # explicit consent
 
 
+def metric_rows(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in rows]
+
+
 def test_gradient_accumulation_2x4_matches_8x1(tiny_config):
     a = train(tiny_config("train.batch_size=4", "train.grad_accum=2", "train.max_steps=2", out="accum"))
     b = train(tiny_config("train.batch_size=8", "train.grad_accum=1", "train.max_steps=2", out="batch"))
@@ -51,12 +56,17 @@ def test_resume_equals_uninterrupted_run(tiny_config, tmp_path):
 
 
 def test_resume_latest_in_the_same_folder(tiny_config):
+    import shutil
+
     run = train(tiny_config("train.max_steps=4", "train.save_every=2", out="same"))
-    before = final_weights(run)
+    before, rows = final_weights(run), metric_rows(run)
+    shutil.rmtree(run / "final")  # as if killed after the step-2 checkpoint, with steps 3-4 logged
+    (run / "train_summary.json").unlink()
     train(tiny_config("train.max_steps=4", "train.resume_from=latest", out="same"))
     after = final_weights(run)
     for name in before:
         assert torch.equal(before[name], after[name])
+    assert metric_rows(run) == rows  # redone steps replace their rows: no duplicates
 
 
 def test_skip_bad_records_counts_them_in_the_summary(tiny_config, tmp_path, world):
@@ -182,7 +192,7 @@ def test_spider_on_bf16_parameters_keeps_w0_in_bf16(tiny_config, tmp_path):
     base = save_tiny(tmp_path / "base", "llava", words=vocabulary())
     run = train(tiny_config("model.tiny=null", f"model.path={base}", "model.dtype=bf16", "method.name=spider",
                             "train.max_steps=2", "train.save_every=1"))
-    state = torch.load(run / "checkpoints" / "step-000001" / "mmtune_methods.pt", weights_only=False)["spider"]
+    state = torch.load(run / "checkpoints" / "step-000001" / "mmtune_methods.pt", weights_only=True)["spider"]
     assert all(w0.dtype == torch.bfloat16 for w0 in state["pretrained"].values())  # exact, half the memory
     assert all(g.dtype == torch.float32 for g in state["grad_sum"].values())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -41,12 +41,18 @@ def read_predictions(path: str, metric: str) -> list[dict]:
     """Predictions JSONL for ``mmtune score``: every problem names the line; nothing is silently dropped."""
     import json
 
+    from mmtune.metrics import check_item
+
     items, seen = [], set()
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{where}: not UTF-8 text ({error})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as error:
@@ -56,14 +62,12 @@ def read_predictions(path: str, metric: str) -> list[dict]:
             if str(item["id"]) in seen:
                 raise ValueError(f"{where}: duplicate id {item['id']!r}")
             seen.add(str(item["id"]))
-            if not isinstance(item.get("prediction"), str):
-                raise ValueError(f"{where}: 'prediction' must be a string (use \"\" for an empty answer)")
             if metric == "mc":
-                if not item.get("choices") or not isinstance(item.get("answer_index"), int):
-                    raise ValueError(f"{where}: metric mc needs 'choices' and an integer 'answer_index'")
                 item.setdefault("answers", [])
-            elif not item.get("answers") or not all(isinstance(a, str) for a in item["answers"]):
-                raise ValueError(f"{where}: no references: 'answers' must be a non-empty list of strings")
+            try:
+                check_item(item, metric)
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from None
             item["id"] = str(item["id"])
             items.append(item)
     return items
@@ -359,14 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from mmtune.config import ConfigError
     from mmtune.data.records import RecordError
+    from mmtune.errors import CheckpointError, NonFiniteError, RunInUseError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, RecordError, FileExistsError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, RecordError, ValueError, OSError, CheckpointError, RunInUseError) as error:
         print(f"mmtune: error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteError as error:
+        print(f"mmtune: error: {error}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

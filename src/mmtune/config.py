@@ -20,6 +20,16 @@ class ConfigError(ValueError):
     pass
 
 
+def _check(ok: bool, message: str) -> None:
+    """Range checks of the config sections; written ``not (x > 0)``-style by callers so NaN fails too."""
+    if not ok:
+        raise ValueError(message)
+
+
+DTYPES = ("fp32", "bf16", "fp16")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+
+
 @dataclass
 class ModelConfig:
     path: str = ""  # local Hugging Face checkpoint folder
@@ -27,9 +37,21 @@ class ModelConfig:
     tiny_hidden_size: int = 64
     tiny_layers: int = 4
     tiny_image_size: int = 32
+    tiny_vision_hidden_size: int = 32
     dtype: str = "fp32"  # fp32 | bf16 | fp16 (weights as loaded)
     attn_implementation: str | None = None  # eager | sdpa | flash_attention_2
     gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        from mmtune.models.tiny import TINY_ARCHITECTURES
+
+        _check(self.tiny is None or self.tiny in TINY_ARCHITECTURES,
+               f"model.tiny={self.tiny!r}; choose one of {', '.join(TINY_ARCHITECTURES)}")
+        _check(not (self.tiny and self.path), f"model.path={self.path!r} and model.tiny={self.tiny!r} are both set: "
+               "a run starts from a checkpoint folder or from a tiny random model, not both")
+        _check(self.dtype in DTYPES, f"model.dtype={self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        for key in ("tiny_hidden_size", "tiny_layers", "tiny_image_size", "tiny_vision_hidden_size"):
+            _check(getattr(self, key) >= 1, f"model.{key}={getattr(self, key)} must be ≥ 1")
 
 
 @dataclass
@@ -42,12 +64,22 @@ class ScopeConfig:
     lr_projector: float = 2e-5
     full: bool = False  # train every parameter (pre-training a model from scratch, e.g. the demo's base)
 
+    def __post_init__(self):
+        _check(self.last_n_blocks >= 0, f"scope.last_n_blocks={self.last_n_blocks} must be ≥ 0")
+        for key in ("lr_blocks", "lr_projector"):
+            _check(getattr(self, key) > 0, f"scope.{key}={getattr(self, key)} must be > 0")
+
 
 @dataclass
 class TaskSpec:
     path: str  # a task file (JSONL records) or synthetic:<family>
     n: int | None = None  # draw this many records at random with the run's seed (None: all)
     weight: float = 1.0  # each drawn record appears `weight` times per epoch (fractions drawn at random)
+
+    def __post_init__(self):
+        _check(bool(self.path.strip()), "a task's path is empty")
+        _check(self.n is None or self.n >= 1, f"task {self.path}: n={self.n} must be ≥ 1 (or null: all records)")
+        _check(self.weight > 0, f"task {self.path}: weight={self.weight} must be > 0")
 
 
 @dataclass
@@ -60,6 +92,10 @@ class SyntheticConfig:
     n_test: int = 200
     image_size: int = 48
 
+    def __post_init__(self):
+        for key, least in (("n_train", 1), ("n_test", 1), ("image_size", 8)):
+            _check(getattr(self, key) >= least, f"data.synthetic.{key}={getattr(self, key)} must be ≥ {least}")
+
 
 @dataclass
 class DataConfig:
@@ -68,6 +104,10 @@ class DataConfig:
     skip_bad_records: bool = False
     num_workers: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self):
+        _check(self.max_length >= 1, f"data.max_length={self.max_length} must be ≥ 1")
+        _check(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be ≥ 0")
 
 
 @dataclass
@@ -89,6 +129,24 @@ class TrainConfig:
     overwrite: bool = False  # allow replacing an existing run in output_dir
     progress: bool = True
 
+    def __post_init__(self):
+        _check(bool(self.output_dir.strip()), "train.output_dir is empty: name the run's folder")
+        _check(self.epochs > 0, f"train.epochs={self.epochs} must be > 0")
+        _check(self.max_steps is None or self.max_steps >= 1, f"train.max_steps={self.max_steps} must be ≥ 1 (or null)")
+        for key in ("batch_size", "grad_accum", "log_every"):
+            _check(getattr(self, key) >= 1, f"train.{key}={getattr(self, key)} must be ≥ 1")
+        _check(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay} must be ≥ 0")
+        _check(0 <= self.warmup_ratio <= 1, f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1]")
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0,
+               f"train.max_grad_norm={self.max_grad_norm} must be > 0 (or null: no clipping)")
+        _check(self.mixed_precision in MIXED_PRECISIONS,
+               f"train.mixed_precision={self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISIONS)}")
+        for key in ("save_every", "keep_checkpoints"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, f"train.{key}={value} must be ≥ 1 (or null)")
+        _check(self.resume_from is None or bool(self.resume_from.strip()),
+               "train.resume_from is empty: use 'latest', a checkpoint folder, or null")
+
 
 @dataclass
 class EvalConfig:
@@ -99,6 +157,11 @@ class EvalConfig:
     limit: int | None = None  # at most this many records per task
     before: bool = True  # also evaluate the base model before training
 
+    def __post_init__(self):
+        for key in ("batch_size", "max_new_tokens"):
+            _check(getattr(self, key) >= 1, f"eval.{key}={getattr(self, key)} must be ≥ 1")
+        _check(self.limit is None or self.limit >= 1, f"eval.limit={self.limit} must be ≥ 1 (or null: all)")
+
 
 @dataclass
 class MethodSection:
@@ -107,9 +170,13 @@ class MethodSection:
     name: str = "vanilla"
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def __post_init__(self):
+        parts = [n.strip() for n in self.name.split("+")]
+        _check(all(parts), f"method.name={self.name!r}: each '+'-joined part must name a method (e.g. 'nrca+spider')")
+
     @property
     def names(self) -> list[str]:
-        return [n.strip() for n in self.name.split("+") if n.strip()]
+        return [n.strip() for n in self.name.split("+")]
 
 
 @dataclass
@@ -181,7 +248,10 @@ def from_dict(cls, data: dict, prefix: str = ""):
         for method, options in data.items():
             if not isinstance(options, dict):
                 raise ConfigError(f"{prefix}.{method}: expected a mapping of {method}'s options, got {options!r}")
-        return MethodSection(name=name, options=data)
+        try:
+            return MethodSection(name=name, options=data)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
@@ -211,7 +281,10 @@ def apply_override(data: dict, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not of the form key=value")
     key, raw = override.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({error})") from None
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:

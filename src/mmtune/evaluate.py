@@ -14,8 +14,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mmtune.data.collate import GenerationCollator, RecordDataset
+from mmtune.data.collate import GenerationCollator, RecordDataset, TrainCollator, model_inputs
 from mmtune.data.records import Record, infer_metric, read_records
+from mmtune.files import atomic_write, safe_file_name
+from mmtune.losses import per_sample_mean, target_log_probs
 from mmtune.metrics import score
 
 
@@ -50,6 +52,26 @@ def generate(model, processor, records: list[Record], batch_size: int = 16, max_
     return answers
 
 
+@torch.no_grad()
+def target_confidence(model, processor, records: list[Record], batch_size: int = 16, max_length: int = 2048) -> float:
+    """Mean over records of the mean probability the model gives its target tokens (NRCA's clean ``c_i``).
+
+    Why: NRCA divides by this number. A base that gives the downstream targets almost no probability
+    (a format it never saw) makes the relative confidence gap explode; the benchmark reports it so a
+    reader can check the papers' premise — a base that already does the task partially — holds.
+    """
+    model.eval()
+    loader = DataLoader(RecordDataset(records), batch_size=batch_size, collate_fn=TrainCollator(processor, max_length))
+    device = next(model.parameters()).device
+    total = 0.0
+    for batch in loader:
+        inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+        labels = batch["labels"].to(device)
+        log_probs, index = target_log_probs(model(**inputs).logits, labels)
+        total += per_sample_mean(log_probs.exp(), index, labels.shape[0]).sum().item()
+    return total / len(records)
+
+
 def evaluate(model, processor, sides: dict[str, list[Path]], out_dir: str | Path, batch_size: int = 16,
              max_new_tokens: int = 128, limit: int | None = None, progress: bool = True,
              overwrite: bool = False) -> dict:
@@ -68,10 +90,11 @@ def evaluate(model, processor, sides: dict[str, list[Path]], out_dir: str | Path
             items = [{"id": r.id, "prediction": p, "answers": r.answers, "choices": r.choices,
                       "answer_index": r.answer_index} for r, p in zip(records, predictions, strict=True)]
             result = score(metric, items)
-            with (out / "predictions" / f"{task}.jsonl").open("w") as handle:
-                for record, item, value in zip(records, items, result.per_sample, strict=True):
-                    handle.write(json.dumps({"id": record.id, "prompt": record.prompt, "prediction": item["prediction"],
-                                             "answers": record.answers, "score": value}) + "\n")
-            results["tasks"][task] = {**result.as_dict(), "side": side}
-    (out / "scores.json").write_text(json.dumps(results, indent=2) + "\n")
+            confidence = target_confidence(model, processor, records, batch_size)
+            lines = [json.dumps({"id": record.id, "prompt": record.prompt, "prediction": item["prediction"],
+                                 "answers": record.answers, "score": value}) + "\n"
+                     for record, item, value in zip(records, items, result.per_sample, strict=True)]
+            atomic_write(out / "predictions" / f"{safe_file_name(task)}.jsonl", "".join(lines))
+            results["tasks"][task] = {**result.as_dict(), "side": side, "target_confidence": confidence}
+    atomic_write(out / "scores.json", json.dumps(results, indent=2) + "\n")
     return results

@@ -198,10 +198,35 @@ def score_captions(predictions: dict[str, str], references: dict[str, list[str]]
     return Score("cider", 100 * float(cider), len(ids), extra, [100 * float(c) for c in cider_per])
 
 
+def _strings(value, name: str, least: int) -> None:
+    if not isinstance(value, list) or len(value) < least or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"'{name}' must be a list of at least {least} strings, got {value!r}"[:300])
+
+
+def check_item(item: dict, metric: str) -> None:
+    """Refuse what would be scored silently wrong: a string where a list belongs (iterated as characters), a
+    boolean or out-of-range ``answer_index``, a missing prediction."""
+    if not isinstance(item.get("prediction"), str):
+        raise ValueError("'prediction' must be a string (use \"\" for an empty answer)")
+    if metric == "mc":
+        _strings(item.get("choices"), "choices", 2)
+        index = item.get("answer_index")
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(item["choices"]):
+            raise ValueError(f"'answer_index' must be an integer index into the {len(item['choices'])} choices, "
+                             f"got {index!r}")
+    else:
+        _strings(item.get("answers"), "answers", 1)
+
+
 def score(metric: str, items: list[dict], use_java: bool | None = None, meteor: bool = False) -> Score:
     """Score ``items`` of ``{"id", "prediction", "answers", ["choices", "answer_index"]}``."""
     if not items:
         raise ValueError("nothing to score: no predictions")
+    for item in items:
+        try:
+            check_item(item, metric)
+        except ValueError as error:
+            raise ValueError(f"item {item.get('id')!r}: {error}") from None
     if metric == "cider":
         return score_captions({i["id"]: i["prediction"] for i in items}, {i["id"]: i["answers"] for i in items},
                               use_java, meteor)

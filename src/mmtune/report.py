@@ -1,33 +1,61 @@
 """Specialization vs generalization: one table for many runs, as Markdown, JSON and PNG plots.
 
-S = mean score over the downstream tasks, G = mean over the held-out tasks, H = 2SG / (S + G).
-Runs of the same method (several seeds) are averaged: mean ± std. Each value is also shown as its
-change against the base model (evaluated before fine-tuning).
+Two aggregates of the same per-task scores:
+
+* raw: S = mean score over the downstream tasks, G = mean over the held-out tasks, H = 2SG / (S + G).
+  Scores live on different scales (CIDEr ×100 can reach several hundred, accuracies stop at 100), so one
+  task can dominate a raw mean;
+* normalised to the base (scale-free): each task's score divided by the base model's score on that task,
+  ×100, then averaged — ``S/base`` is "downstream skill, in % of the base's", ``G/base`` is "what is left of
+  the base's held-out skills, in %". A task whose base score is 0 cannot be normalised; it is left out of
+  these means and named in the report.
+
+Runs of the same method (several seeds) are averaged (mean ± sample std); ``report.json`` keeps every
+seed's values. A method's mean is marked where it differs from vanilla's by more than seed noise:
+Welch's t-test (unequal variances) over the seeds, p < 0.05, when both have at least two seeds.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
 import yaml
 
+SUMMARY_KEYS = ("S", "G", "H", "S/base", "G/base", "H/base")
+SIGNIFICANCE = 0.05
+
 
 def harmonic(s: float, g: float) -> float:
+    if math.isnan(s) or math.isnan(g):
+        return float("nan")
     return 0.0 if s + g == 0 else 2 * s * g / (s + g)
 
 
-def summarize(scores: dict) -> dict:
-    """Per-task scores plus S, G and H of one evaluation (``scores.json``)."""
+def _mean(values: list[float]) -> float:
+    return statistics.mean(values) if values else float("nan")
+
+
+def summarize(scores: dict, base: dict | None = None) -> dict:
+    """Per-task scores plus raw S, G, H of one evaluation (``scores.json``) and, given the base model's
+    evaluation, the normalised S/base, G/base, H/base."""
     tasks = scores["tasks"]
-    down = [t["score"] for t in tasks.values() if t["side"] == "downstream"]
-    held = [t["score"] for t in tasks.values() if t["side"] == "heldout"]
-    s = statistics.mean(down) if down else float("nan")
-    g = statistics.mean(held) if held else float("nan")
-    return {"tasks": {k: v["score"] for k, v in tasks.items()}, "S": s, "G": g,
-            "H": harmonic(s, g) if down and held else float("nan")}
+    values = {k: v["score"] for k, v in tasks.items()}
+    down = [k for k, v in tasks.items() if v["side"] == "downstream"]
+    held = [k for k, v in tasks.items() if v["side"] == "heldout"]
+    out = {"tasks": values, "S": _mean([values[k] for k in down]), "G": _mean([values[k] for k in held])}
+    out["H"] = harmonic(out["S"], out["G"])
+    if base is not None:
+        ref = {k: v["score"] for k, v in base["tasks"].items()}
+        norm = {k: 100 * values[k] / ref[k] for k in values if ref.get(k)}
+        out["normalised"] = norm
+        out["S/base"] = _mean([norm[k] for k in down if k in norm])
+        out["G/base"] = _mean([norm[k] for k in held if k in norm])
+        out["H/base"] = harmonic(out["S/base"], out["G/base"])
+    return out
 
 
 def load_run(run_dir: str | Path) -> dict:
@@ -38,17 +66,38 @@ def load_run(run_dir: str | Path) -> dict:
     config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else {}
     base_file = run / "eval" / "base" / "scores.json"
     scores = json.loads(final.read_text())
+    base_scores = json.loads(base_file.read_text()) if base_file.exists() else None
     return {
         "run": str(run), "method": config.get("method", {}).get("name", "?"),
         "seed": config.get("train", {}).get("seed"),
         "sides": {k: v["side"] for k, v in scores["tasks"].items()},
-        "final": summarize(scores),
-        "base": summarize(json.loads(base_file.read_text())) if base_file.exists() else None,
+        "final": summarize(scores, base_scores),
+        "base": summarize(base_scores, base_scores) if base_scores else None,
     }
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def welch_p(a: list[float], b: list[float]) -> float | None:
+    """Two-sided p-value of Welch's t-test; None when either side has fewer than two values.
+
+    Two constant samples (both stds 0) are a difference beyond any seed noise when their means differ
+    (p = 0) and none when they are equal (p = 1): scipy returns NaN there.
+    """
+    if len(a) < 2 or len(b) < 2:
+        return None
+    if statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0:
+        return 0.0 if statistics.mean(a) != statistics.mean(b) else 1.0
+    from scipy.stats import ttest_ind
+
+    return float(ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def _value(summary: dict, key: str, columns: list[str]) -> float | None:
+    value = summary["tasks"].get(key) if key in columns else summary.get(key)
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
 def build_report(run_dirs: list[str | Path]) -> dict:
@@ -60,50 +109,81 @@ def build_report(run_dirs: list[str | Path]) -> dict:
     base = next((r["base"] for r in runs if r["base"]), None)
     by_method: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
-        by_method[run["method"]].append(run["final"])
+        by_method[run["method"]].append(run)
+    keys = [*columns, *SUMMARY_KEYS]
+    per_method = {method: {key: [v for r in group if (v := _value(r["final"], key, columns)) is not None]
+                           for key in keys} for method, group in by_method.items()}
+    vanilla = per_method.get("vanilla")
     rows = []
-    for method, finals in by_method.items():
-        row = {"method": method, "seeds": len(finals), "values": {}}
-        for key in [*columns, "S", "G", "H"]:
-            values = [f["tasks"].get(key) if key in columns else f[key] for f in finals]
-            values = [v for v in values if v is not None]
-            if values:
-                mean, std = _mean_std(values)
-                reference = (base["tasks"].get(key) if key in columns else base[key]) if base else None
-                row["values"][key] = {"mean": mean, "std": std,
-                                      "delta": None if reference is None else mean - reference}
+    for method, group in by_method.items():
+        row = {"method": method, "seeds": len(group), "values": {},
+               "per_seed": [{"run": r["run"], "seed": r["seed"], "tasks": r["final"]["tasks"],
+                             **{k: r["final"].get(k) for k in SUMMARY_KEYS if k in r["final"]}} for r in group]}
+        for key in keys:
+            values = per_method[method][key]
+            if not values:
+                continue
+            mean, std = _mean_std(values)
+            reference = _value(base, key, columns) if base else None
+            p = welch_p(values, vanilla[key]) if vanilla is not None and method != "vanilla" else None
+            row["values"][key] = {"mean": mean, "std": std, "delta": None if reference is None else mean - reference,
+                                  "p_vs_vanilla": p}
         rows.append(row)
-    return {"columns": columns, "sides": sides, "base": base, "rows": rows, "runs": [r["run"] for r in runs]}
+    unnormalised = sorted(c for c in columns if base and not base["tasks"].get(c))
+    return {"columns": columns, "sides": sides, "base": base, "rows": rows, "runs": [r["run"] for r in runs],
+            "not_normalised": unnormalised, "significance": {"test": "welch", "alpha": SIGNIFICANCE}}
+
+
+def _mark(value: dict | None, vanilla: dict | None) -> str:
+    """▲ / ▼: above / below vanilla beyond seed noise (Welch, p < 0.05)."""
+    if value is None or vanilla is None or value.get("p_vs_vanilla") is None:
+        return ""
+    if value["p_vs_vanilla"] >= SIGNIFICANCE:
+        return ""
+    return " ▲" if value["mean"] > vanilla["mean"] else " ▼"
+
+
+def _format(value: dict | None, seeds: int, vanilla: dict | None, delta: bool = True) -> str:
+    if value is None:
+        return "–"
+    text = f"{value['mean']:.1f}"
+    if seeds > 1:
+        text += f" ± {value['std']:.1f}"
+    if delta and value["delta"] is not None:
+        text += f" ({value['delta']:+.1f})"
+    return text + _mark(value, vanilla)
 
 
 def to_markdown(report: dict) -> str:
-    columns = report["columns"]
-    sides = report["sides"]
-    head = ["method", "seeds"] + [f"{c} ({'down' if sides[c] == 'downstream' else 'held'})" for c in columns] + \
-        ["S", "G", "H"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    if report["base"]:
-        base = report["base"]
-        cells = [f"{base['tasks'].get(c, float('nan')):.1f}" for c in columns] + \
-            [f"{base[k]:.1f}" for k in ("S", "G", "H")]
-        lines.append("| base (before fine-tuning) | – | " + " | ".join(cells) + " |")
-    for row in report["rows"]:
-        cells = []
-        for key in [*columns, "S", "G", "H"]:
-            value = row["values"].get(key)
-            if value is None:
-                cells.append("–")
-                continue
-            text = f"{value['mean']:.1f}"
-            if row["seeds"] > 1:
-                text += f" ± {value['std']:.1f}"
-            if value["delta"] is not None:
-                text += f" ({value['delta']:+.1f})"
-            cells.append(text)
-        lines.append(f"| {row['method']} | {row['seeds']} | " + " | ".join(cells) + " |")
-    legend = ("\nScores in %. S = mean downstream (specialization), G = mean held-out (generalization), "
-              "H = 2SG/(S+G). In parentheses: change against the base model; ± is the std over seeds.\n")
-    return "\n".join(lines) + "\n" + legend
+    """Two tables: per-task scores (raw), then the summary — raw S/G/H and S/G/H normalised to the base."""
+    columns, sides, base = report["columns"], report["sides"], report["base"]
+    vanilla = next((r for r in report["rows"] if r["method"] == "vanilla"), None)
+
+    def table(keys: list[str], head: list[str], base_cells: list[str], delta: bool) -> list[str]:
+        lines = ["| method | seeds | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 2)]
+        if base:
+            lines.append("| base (before fine-tuning) | – | " + " | ".join(base_cells) + " |")
+        for row in report["rows"]:
+            cells = [_format(row["values"].get(k), row["seeds"], vanilla["values"].get(k) if vanilla else None,
+                             delta) for k in keys]
+            lines.append(f"| {row['method']} | {row['seeds']} | " + " | ".join(cells) + " |")
+        return lines
+
+    task_head = [f"{c} ({'down' if sides[c] == 'downstream' else 'held'})" for c in columns]
+    base_tasks = [f"{base['tasks'].get(c, float('nan')):.1f}" for c in columns] if base else []
+    lines = ["Per-task scores (accuracy in %, CIDEr ×100):", "", *table(columns, task_head, base_tasks, True)]
+    summary_head = ["S (raw)", "G (raw)", "H (raw)", "S/base %", "G/base %", "H/base %"]
+    keys = list(SUMMARY_KEYS) if base else ["S", "G", "H"]
+    base_summary = [f"{base[k]:.1f}" for k in keys] if base else []
+    lines += ["", "Summary:", "", *table(keys, summary_head[:len(keys)], base_summary, True)]
+    legend = ["", "S = mean over downstream tasks (specialization), G = mean over held-out tasks (generalization), "
+              "H = 2SG/(S+G). Raw: the mean of the scores as they are (CIDEr and accuracies mixed). /base %: the mean "
+              "of each task's score divided by the base model's, ×100 (scale-free; the base is 100). "
+              "In parentheses: change against the base model; ± is the sample std over seeds. "
+              "▲ / ▼: above / below vanilla beyond seed noise (Welch's t-test over seeds, p < 0.05)."]
+    if report.get("not_normalised"):
+        legend.append(f"Left out of the /base means (base score 0): {', '.join(report['not_normalised'])}.")
+    return "\n".join(lines + legend) + "\n"
 
 
 def _save(fig, path: Path) -> Path:
@@ -115,44 +195,68 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def method_style(method: str) -> tuple[tuple, str]:
+    """The same colour and marker for a method in every plot of every report (by its place among the
+    registered methods; combinations and unknown names after them)."""
+    import matplotlib.pyplot as plt
+
+    from mmtune.methods import METHODS
+
+    names = sorted(m for m in METHODS if not m.startswith("test_"))
+    index = names.index(method) if method in names else len(names) + sum(map(ord, method)) % 8
+    return plt.get_cmap("tab20").colors[index % 20], "osD^vP<>Xph*"[index % 12]
+
+
 def plot(report: dict, out_dir: Path) -> list[Path]:
+    """Per-task bars and the S-vs-G scatter; normalised to the base (scale-free) when the base is known."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    columns, rows = report["columns"], report["rows"]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(columns) * max(1, len(rows)) / 2), 4))
-    width = 0.8 / (len(rows) + (1 if report["base"] else 0))
-    series = ([("base", {c: report["base"]["tasks"].get(c) for c in columns}, {})] if report["base"] else []) + \
-        [(r["method"], {c: r["values"].get(c, {}).get("mean") for c in columns},
-          {c: r["values"].get(c, {}).get("std", 0) for c in columns}) for r in rows]
-    for i, (label, means, stds) in enumerate(series):
-        xs = [j + i * width for j in range(len(columns))]
-        ax.bar(xs, [means[c] or 0 for c in columns], width, yerr=[stds.get(c, 0) for c in columns] or None,
-               label=label, color=plt.get_cmap("tab20").colors[i % 20])
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(columns))])
-    ax.set_xticklabels([f"{c}\n({report['sides'][c]})" for c in columns], fontsize=8)
-    ax.set_ylabel("score (%)")
+    columns, rows, base = report["columns"], report["rows"], report["base"]
+    normalised = base is not None
+    shown = [c for c in columns if c not in report.get("not_normalised", [])] if normalised else columns
+
+    def per_task(row: dict, c: str) -> tuple[float, float]:
+        if not normalised:
+            value = row["values"].get(c, {})
+            return value.get("mean") or 0.0, value.get("std", 0.0)
+        values = [s["tasks"][c] / base["tasks"][c] * 100 for s in row["per_seed"] if c in s["tasks"]]
+        return (_mean_std(values) if values else (0.0, 0.0))
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(shown) * max(1, len(rows)) / 2), 4))
+    width = 0.8 / max(1, len(rows))
+    for i, row in enumerate(rows):
+        color, _ = method_style(row["method"])
+        stats = [per_task(row, c) for c in shown]
+        ax.bar([j + i * width for j in range(len(shown))], [m for m, _ in stats], width,
+               yerr=[s for _, s in stats], label=row["method"], color=color)
+    if normalised:
+        ax.axhline(100, color="black", linewidth=1, linestyle="--", label="base = 100")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shown))])
+    ax.set_xticklabels([f"{c}\n({report['sides'][c]})" for c in shown], fontsize=8)
+    ax.set_ylabel("score, % of the base model's" if normalised else "score (accuracy %, CIDEr ×100)")
     ax.set_title("per-task scores by method")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     paths.append(_save(fig, out_dir / "tasks.png"))
 
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    colors = plt.get_cmap("tab20").colors
-    markers = "osD^vP<>Xph*"
-    for index, row in enumerate(rows):  # colour + marker: distinct for up to 20 methods
-        s, g = row["values"].get("S"), row["values"].get("G")
+    s_key, g_key = ("S/base", "G/base") if normalised else ("S", "G")
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for row in rows:
+        s, g = row["values"].get(s_key), row["values"].get(g_key)
         if s and g:
-            ax.errorbar(s["mean"], g["mean"], xerr=s["std"], yerr=g["std"], fmt=markers[index % len(markers)],
-                        color=colors[index % len(colors)], capsize=3, label=row["method"])
-    if report["base"]:
-        ax.scatter([report["base"]["S"]], [report["base"]["G"]], marker="*", s=200, color="black", label="base")
-    ax.set_xlabel("specialization S (downstream, %)")
-    ax.set_ylabel("generalization G (held-out, %)")
+            color, marker = method_style(row["method"])
+            ax.errorbar(s["mean"], g["mean"], xerr=s["std"], yerr=g["std"], fmt=marker, color=color, capsize=3,
+                        label=row["method"])
+    if base:
+        ax.scatter([base[s_key]], [base[g_key]], marker="*", s=200, color="black", label="base")
+    unit = "mean of score / base × 100" if normalised else "raw mean"
+    ax.set_xlabel(f"specialization S ({unit})")
+    ax.set_ylabel(f"generalization G ({unit})")
     ax.set_title("specialization vs generalization")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     paths.append(_save(fig, out_dir / "s_vs_g.png"))
     return paths
 

@@ -1,9 +1,10 @@
 """THE training loop: one file, on Hugging Face Accelerate, calling method hooks; it never names a method.
 
-Read top to bottom: build model and scope → methods prepare → optimizer and schedule → data →
-(resume) → for each optimizer step: micro-batches (cross-entropy + methods' extra losses, backward),
-clip, ``before_optimizer_step``, step, ``after_optimizer_step``, log, checkpoint → ``on_train_end`` →
-save ``final/`` as a Hugging Face model folder.
+``train`` reads top to bottom as its phases: open the run (config checked, output folder locked) → data →
+model, scope, methods, optimizer → base evaluation → resume (verified checkpoint, same config) → the loop
+(for each optimizer step: micro-batches of cross-entropy + methods' extra losses, backward, a finiteness
+check, clip, ``before_optimizer_step``, step, ``after_optimizer_step``, log, checkpoint) → ``on_train_end``
+→ ``final/`` (a Hugging Face model folder, only with finite weights) → final evaluation and report.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,11 +26,21 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from mmtune.config import RunConfig, save_config
+from mmtune.checkpoint import (
+    finalize,
+    find_checkpoint,
+    load_run_state,
+    partial_dir,
+    remove_partials,
+    save_run_state,
+    step_dir_name,
+)
+from mmtune.config import RunConfig, load_config, save_config, to_dict
 from mmtune.data.collate import RecordDataset, TrainCollator
 from mmtune.data.mixture import build_mixture, mixture_summary
 from mmtune.data.records import RecordError
 from mmtune.data.synthetic import SYNTHETIC_PREFIX, ensure_world, resolve_task_path, vocabulary
+from mmtune.errors import NonFiniteError, RunInUseError
 from mmtune.evaluate import evaluate
 from mmtune.losses import compute_losses
 from mmtune.methods.base import (
@@ -39,13 +51,18 @@ from mmtune.methods.base import (
     save_method_states,
     shards_parameters,
 )
-from mmtune.models.load import load_model, save_processor
+from mmtune.models.load import DTYPES, load_model, save_processor
 from mmtune.models.scope import apply_scope, parameter_groups, scope_summary
 from mmtune.models.tiny import build_tiny
 from mmtune.report import to_markdown, write_report
 
-STATE_FILE = "mmtune_state.pt"
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "final", "checkpoints")
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "eval", "report", "train_summary.json",
+               "tensorboard")
+LOCK_FILE = "mmtune.lock"
+# Config keys that may differ between a checkpoint and the run resuming it: where things go and how they are
+# shown. Everything else changes what is trained, so a resume with a different value is refused.
+RESUME_MAY_CHANGE = ("train.output_dir", "train.resume_from", "train.overwrite", "train.progress", "train.log_every",
+                     "train.save_every", "train.keep_checkpoints", "data.num_workers", "data.synthetic.dir", "eval.")
 
 
 class EpochSampler(Sampler):
@@ -81,15 +98,49 @@ class RunPaths:
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
 
+    @property
+    def summary(self) -> Path:
+        return self.root / "train_summary.json"
+
+
+@dataclass
+class Run:
+    """What the phases of one training share; filled phase by phase."""
+
+    config: RunConfig
+    accelerator: Accelerator
+    paths: RunPaths
+    methods: list
+    sharded: bool
+    lock: int | None = None
+    world: Path | None = None
+    records: list = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    processor: object = None
+    model: object = None
+    optimizer: object = None
+    loader: object = None
+    scheduler: object = None
+    ctx: TrainContext | None = None
+    steps_per_epoch: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def say(self, message: str) -> None:
+        self.accelerator.print(message)
+
 
 def load_base(config: RunConfig):
     """The model a run starts from: a local checkpoint, or a tiny random model (tests, demos)."""
     if config.model.tiny:
-        return build_tiny(config.model.tiny, words=vocabulary(), image_size=config.model.tiny_image_size,
-                          hidden_size=config.model.tiny_hidden_size, num_layers=config.model.tiny_layers,
-                          seed=config.train.seed)
+        model, processor = build_tiny(config.model.tiny, words=vocabulary(), image_size=config.model.tiny_image_size,
+                                      hidden_size=config.model.tiny_hidden_size, num_layers=config.model.tiny_layers,
+                                      vision_hidden_size=config.model.tiny_vision_hidden_size, seed=config.train.seed)
+        return model.to(DTYPES[config.model.dtype]), processor
     if not config.model.path:
-        raise ValueError("set model.path (a local checkpoint folder) or model.tiny (llava | qwen2_vl)")
+        raise ValueError("set model.path (a local checkpoint folder) or model.tiny (llava | qwen2_vl | idefics3)")
     return load_model(config.model.path, config.model.dtype, config.model.attn_implementation)
 
 
@@ -101,55 +152,61 @@ def world_dir(config: RunConfig) -> Path | None:
     return Path(synth.dir) if synth.dir else Path(config.train.output_dir) / "synthetic"
 
 
-def prepare_output_dir(config: RunConfig, is_main: bool) -> RunPaths:
-    """Refuse to write into a folder that holds another run, unless resuming or told to overwrite."""
+def lock_output_dir(root: Path) -> int | None:
+    """Hold an exclusive lock on ``root`` for the life of this process (released by the OS even on kill -9),
+    so two runs can never write into one folder. Returns the lock's file descriptor."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no advisory locks
+        return None
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise RunInUseError(f"{root} is in use by a live run (pid {holder}); wait for it to finish or choose "
+                            "another train.output_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def release_lock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+def prepare_output_dir(config: RunConfig, is_main: bool) -> tuple[RunPaths, int | None]:
+    """Create and lock the run folder; refuse one that holds another run unless resuming or told to overwrite."""
     root = Path(config.train.output_dir)
-    taken = root.exists() and any((root / m).exists() for m in RUN_MARKERS)
+    if not is_main:
+        return RunPaths(root), None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"train.output_dir={root}: can't create the run folder ({error.strerror or error})") from None
+    if not os.access(root, os.W_OK):
+        raise PermissionError(f"train.output_dir={root}: the folder is not writable")
+    lock = lock_output_dir(root)
+    taken = any((root / m).exists() for m in RUN_MARKERS)
     if taken and not config.train.resume_from:
         if not config.train.overwrite:
+            release_lock(lock)
             raise FileExistsError(f"{root} already holds a run; choose another train.output_dir, resume with "
                                   "train.resume_from=latest, or replace it with train.overwrite=true")
-        if is_main:
-            for marker in RUN_MARKERS:
-                target = root / marker
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    if is_main:
-        root.mkdir(parents=True, exist_ok=True)
-    return RunPaths(root)
+        for marker in RUN_MARKERS:
+            target = root / marker
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    return RunPaths(root), lock
 
 
-def find_checkpoint(paths: RunPaths, resume_from: str) -> Path:
-    if resume_from != "latest":
-        path = Path(resume_from)
-        if not (path / STATE_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not an mmtune checkpoint (no {STATE_FILE})")
-        return path
-    found = sorted(paths.checkpoints.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    if not found:
-        raise FileNotFoundError(f"train.resume_from=latest, but {paths.checkpoints} holds no checkpoint")
-    return found[-1]
-
-
-def save_checkpoint(accelerator: Accelerator, paths: RunPaths, ctx: TrainContext, methods, position: dict,
-                    config: RunConfig, keep: int | None) -> Path:
-    directory = paths.checkpoints / f"step-{ctx.step:06d}"
-    accelerator.save_state(str(directory))
-    save_method_states(methods, directory, accelerator)
-    if accelerator.is_main_process:
-        state = {"position": position, "generator": ctx.generator.get_state()}
-        torch.save(state, directory / STATE_FILE)
-        save_config(config, directory / "config.yaml")
-        if keep:
-            old = sorted(paths.checkpoints.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]
-            for path in old:
-                shutil.rmtree(path)
-    accelerator.wait_for_everyone()
-    return directory
-
-
-def train(config: RunConfig) -> Path:
-    """Run one fine-tuning; return the output folder (``final/`` holds the model)."""
+def open_run(config: RunConfig) -> Run:
+    """Phase 1: the engine, the locked output folder, the methods (a bad name or option fails now)."""
     cuda = torch.cuda.is_available()
+    if config.train.mixed_precision == "fp16" and not cuda:
+        raise ValueError("train.mixed_precision=fp16 needs a CUDA GPU (on CPU it would silently do nothing); "
+                         "use bf16 or no")
     # Accelerate keeps one AcceleratorState per process; several runs in one process (the demo, notebooks)
     # may differ in mixed precision, so start each run from a fresh state (the process group is kept).
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -157,195 +214,299 @@ def train(config: RunConfig) -> Path:
         mixed_precision=config.train.mixed_precision, cpu=not cuda,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)],
     )
-    is_main = accelerator.is_main_process
-    paths = prepare_output_dir(config, is_main)
-    accelerator.wait_for_everyone()
-    set_seed(config.train.seed)
-    say = accelerator.print
-    methods = build_methods(config.method)  # a bad method name or option fails now, before any work
+    methods = build_methods(config.method)
     sharded = shards_parameters(accelerator)
     unsupported = [m.name for m in methods if not m.supports_sharding]
     if sharded and unsupported:
         ready = ", ".join(n for n, cls in sorted(METHODS.items()) if cls.supports_sharding)
         raise ValueError(f"{' + '.join(unsupported)}: not tested with parameters sharded over processes (FSDP / "
                          f"ZeRO-3); methods that are: {ready}. Use DDP or DeepSpeed ZeRO-2 for the others.")
-
-    # --- data (the synthetic world, if used, is generated once by the main process) ---
-    world = world_dir(config)
-    if world is not None and is_main:
-        synth = config.data.synthetic
-        ensure_world(world, synth.seed, synth.n_train, synth.n_test, synth.image_size, config.train.progress)
+    paths, lock = prepare_output_dir(config, accelerator.is_main_process)
     accelerator.wait_for_everyone()
+    set_seed(config.train.seed)
+    return Run(config, accelerator, paths, methods, sharded, lock)
+
+
+def load_data(run: Run) -> None:
+    """Phase 2: the synthetic world (generated once, by the main process) and the shuffled task mixture."""
+    config = run.config
+    run.world = world_dir(config)
+    if run.world is not None and run.is_main:
+        synth = config.data.synthetic
+        ensure_world(run.world, synth.seed, synth.n_train, synth.n_test, synth.image_size, config.train.progress)
+    run.accelerator.wait_for_everyone()
     if not config.data.tasks:
         raise ValueError("data.tasks is empty: name at least one task file")
-    skipped: list[str] = []
-    records = build_mixture(config.data.tasks, config.train.seed,
-                            resolve=lambda p: resolve_task_path(p, world, "train"),
-                            skip_bad_records=config.data.skip_bad_records, skipped=skipped)
-    say(f"mixture: {len(records)} records — {mixture_summary(records)}")
-    if skipped:
-        say(f"skipped {len(skipped)} bad records (data.skip_bad_records=true); first: {skipped[0]}")
+    run.records = build_mixture(config.data.tasks, config.train.seed,
+                                resolve=lambda p: resolve_task_path(p, run.world, "train"),
+                                skip_bad_records=config.data.skip_bad_records, skipped=run.skipped)
+    run.say(f"mixture: {len(run.records)} records — {mixture_summary(run.records)}")
+    if run.skipped:
+        run.say(f"skipped {len(run.skipped)} bad records (data.skip_bad_records=true); first: {run.skipped[0]}")
 
-    # --- model, scope, methods, optimizer ---
-    model, processor = load_base(config)
+
+def build_model(run: Run) -> None:
+    """Phase 3: model, scope (what trains), methods' model changes, optimizer, data loader, schedule."""
+    config = run.config
+    model, run.processor = load_base(config)
     layout = apply_scope(model, config.scope.train_projector, config.scope.last_n_blocks, config.scope.full)
-    for method in methods:
+    for method in run.methods:
         model = method.prepare_model(model, layout)
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    say(scope_summary(model, layout))
-    groups = parameter_groups(model, layout, config.scope.lr_blocks, config.scope.lr_projector,
-                              config.train.weight_decay)
-    optimizer = torch.optim.AdamW(groups)
-
-    collator = TrainCollator(processor, config.data.max_length)
-    too_long = find_too_long(records, collator)
+    run.say(scope_summary(model, layout))
+    optimizer = torch.optim.AdamW(parameter_groups(model, layout, config.scope.lr_blocks, config.scope.lr_projector,
+                                                   config.train.weight_decay))
+    collator = TrainCollator(run.processor, config.data.max_length)
+    too_long = find_too_long(run.records, collator)
     if too_long and not config.data.skip_bad_records:
         raise RecordError(too_long[0][1] + f" ({len(too_long)} such records; data.skip_bad_records=true skips them)")
     if too_long:
-        skipped += [message for _, message in too_long]
+        run.skipped += [message for _, message in too_long]
         dropped = {id(record) for record, _ in too_long}
-        records = [r for r in records if id(r) not in dropped]
-        say(f"skipped {len(too_long)} records longer than data.max_length")
-    loader = DataLoader(RecordDataset(records), batch_size=config.train.batch_size, drop_last=True,
-                        sampler=EpochSampler(len(records), config.train.seed), collate_fn=collator,
+        run.records = [r for r in run.records if id(r) not in dropped]
+        run.say(f"skipped {len(too_long)} records longer than data.max_length")
+    loader = DataLoader(RecordDataset(run.records), batch_size=config.train.batch_size, drop_last=True,
+                        sampler=EpochSampler(len(run.records), config.train.seed), collate_fn=collator,
                         num_workers=config.data.num_workers)
-    base_eval = paths.root / "eval" / "base"
-    evaluate_base = config.eval.before and is_main and not (base_eval / "scores.json").exists()
-    if sharded:
+    if run.sharded and base_needs_evaluation(run):
         # A sharded model can't be evaluated by one process: evaluate the base before sharding it.
-        if evaluate_base:
-            run_evaluation(model.to(accelerator.device), processor, config, world, base_eval)
-        accelerator.wait_for_everyone()
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        run_evaluation(model.to(run.accelerator.device), run.processor, config, run.world, base_eval_dir(run))
+    run.accelerator.wait_for_everyone()
+    run.model, run.optimizer, run.loader = run.accelerator.prepare(model, optimizer, loader)
+    run.steps_per_epoch = len(run.loader) // config.train.grad_accum
+    if run.steps_per_epoch == 0:
+        raise ValueError(f"{len(run.records)} records are too few for batch_size={config.train.batch_size} × "
+                         f"grad_accum={config.train.grad_accum} × {run.accelerator.num_processes} processes")
+    total_steps = config.train.max_steps or math.ceil(config.train.epochs * run.steps_per_epoch)
+    # Stepped by hand once per optimizer step (not prepared: Accelerate would step it once per process), so
+    # the schedule is the same for 1 or N processes; its state goes into mmtune's JSON run state.
+    run.scheduler = get_cosine_schedule_with_warmup(
+        run.optimizer, math.ceil(config.train.warmup_ratio * total_steps), total_steps)
     # FSDP2 swaps each parameter for a sharded DTensor: look them up again on the prepared model.
-    trainable = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-    accum = config.train.grad_accum
-    steps_per_epoch = len(loader) // accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(records)} records are too few for batch_size={config.train.batch_size} × "
-                         f"grad_accum={accum} × {accelerator.num_processes} processes")
-    total_steps = config.train.max_steps or math.ceil(config.train.epochs * steps_per_epoch)
-    # The scheduler is stepped by hand once per optimizer step (not prepared: Accelerate would step it
-    # once per process), so the schedule is the same for 1 or N processes.
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, math.ceil(config.train.warmup_ratio * total_steps), total_steps)
-    accelerator.register_for_checkpointing(scheduler)
+    unwrapped = run.accelerator.unwrap_model(run.model)
+    trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
+    generator = torch.Generator(device=run.accelerator.device).manual_seed(config.train.seed)
+    run.ctx = TrainContext(model=run.model, unwrapped=unwrapped, trainable=trainable, generator=generator,
+                           accelerator=run.accelerator, optimizer=run.optimizer, total_steps=total_steps)
+    for method in run.methods:
+        method.setup(run.ctx)
 
-    generator = torch.Generator(device=accelerator.device).manual_seed(config.train.seed)
-    ctx = TrainContext(model=model, unwrapped=accelerator.unwrap_model(model), trainable=trainable,
-                       generator=generator, accelerator=accelerator, optimizer=optimizer,
-                       total_steps=total_steps)
-    for method in methods:
-        method.setup(ctx)
-    if evaluate_base and not sharded:
-        run_evaluation(ctx.unwrapped, processor, config, world, base_eval)
+
+def base_eval_dir(run: Run) -> Path:
+    return run.paths.root / "eval" / "base"
+
+
+def base_needs_evaluation(run: Run) -> bool:
+    return run.config.eval.before and run.is_main and not (base_eval_dir(run) / "scores.json").exists()
+
+
+def training_differences(saved: RunConfig, current: RunConfig) -> list[str]:
+    """``key: saved → current`` for every training-relevant key that differs."""
+
+    def flat(data, prefix=""):
+        if isinstance(data, dict):
+            return {k: v for key, value in data.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: data}
+
+    before, after = flat(to_dict(saved)), flat(to_dict(current))
+    keys = sorted(set(before) | set(after))
+    return [f"{k}: {before.get(k)!r} → {after.get(k)!r}" for k in keys
+            if before.get(k) != after.get(k) and not k.startswith(RESUME_MAY_CHANGE)]
+
+
+def resume(run: Run) -> tuple[int, int]:
+    """Phase 4 (with ``train.resume_from``): restore a verified checkpoint of the same training; return
+    ``(epoch, step_in_epoch)`` to continue from."""
+    config, paths = run.config, run.paths
+    if paths.summary.exists() and paths.final.exists():
+        done = json.loads(paths.summary.read_text()).get("steps")
+        raise FileExistsError(f"{paths.root} holds a finished run (final/ saved after {done} steps): nothing to "
+                              f"resume. To train further, start a new run from it (model.path={paths.final}).")
+    if run.is_main:
+        for path in remove_partials(paths.checkpoints):
+            run.say(f"removed {path.name}: a checkpoint left half-written by a killed run")
+    run.accelerator.wait_for_everyone()
+    checkpoint = find_checkpoint(paths.checkpoints, config.train.resume_from, run.say)
+    differences = training_differences(load_config(checkpoint / "config.yaml"), config)
+    if differences:
+        raise ValueError(f"{checkpoint} was trained with another configuration; resuming would silently mix "
+                         f"two runs. Differences: {'; '.join(differences)}")
+    run.accelerator.load_state(str(checkpoint))
+    state = load_run_state(checkpoint)
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.ctx.generator.set_state(state["generator"])
+    load_method_states(run.methods, checkpoint, run.accelerator)
+    run.ctx.step = state["position"]["step"]
+    if run.is_main and paths.metrics.exists():  # steps after the checkpoint are redone: drop their rows
+        rows = [line for line in paths.metrics.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= run.ctx.step]
+        paths.metrics.write_text("".join(row + "\n" for row in rows))
+    run.say(f"resumed from {checkpoint} at step {run.ctx.step}")
+    return state["position"]["epoch"], state["position"]["step_in_epoch"]
+
+
+def save_checkpoint(run: Run, position: dict) -> Path:
+    """Write ``checkpoints/step-N`` atomically: into a partial folder, flushed, manifested, then renamed."""
+    accelerator, ctx, checkpoints = run.accelerator, run.ctx, run.paths.checkpoints
+    partial, final = partial_dir(checkpoints, ctx.step), checkpoints / step_dir_name(ctx.step)
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    save_method_states(run.methods, partial, accelerator)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_run_state(partial, position, ctx.generator, run.scheduler)
+        save_config(run.config, partial / "config.yaml")
+        finalize(partial, final, ctx.step)
+        keep = run.config.train.keep_checkpoints
+        if keep:
+            for path in sorted(checkpoints.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+                shutil.rmtree(path)
+    accelerator.wait_for_everyone()
+    return final
 
-    epoch, step_in_epoch = 0, 0
-    if config.train.resume_from:
-        checkpoint = find_checkpoint(paths, config.train.resume_from)
-        accelerator.load_state(str(checkpoint))
-        state = torch.load(checkpoint / STATE_FILE, weights_only=False)
-        ctx.step = state["position"]["step"]
-        epoch, step_in_epoch = state["position"]["epoch"], state["position"]["step_in_epoch"]
-        generator.set_state(state["generator"])
-        if "methods" in state:  # checkpoints from before method state had its own file
-            for method in methods:
-                method.load_state_dict(state["methods"].get(method.name, {}))
-        else:
-            load_method_states(methods, checkpoint, accelerator)
-        say(f"resumed from {checkpoint} at step {ctx.step}")
-    if is_main and not (paths.root / "config.yaml").exists():
-        save_config(config, paths.root / "config.yaml")
 
-    say(f"training {total_steps} steps ({steps_per_epoch} per epoch), methods: {config.method.name}")
-    progress = tqdm(total=total_steps, initial=ctx.step, desc="train", disable=not (is_main and config.train.progress))
-    metrics_file = paths.metrics.open("a") if is_main else None
-    tensorboard = tensorboard_writer(paths.root / "tensorboard") if is_main else None
+def check_finite(step: int, terms: dict[str, float], grad_norm: float) -> None:
+    """Stop before the optimizer step when a loss term or the gradient is NaN / inf (all processes agree:
+    a non-finite loss anywhere makes the all-reduced gradient norm non-finite everywhere)."""
+    bad = [f"{k}={v}" for k, v in terms.items() if not math.isfinite(v)]
+    if bad or not math.isfinite(grad_norm):
+        what = f"loss term {', '.join(bad)}" if bad else f"gradient norm {grad_norm}"
+        raise NonFiniteError(f"step {step}: {what} is not finite. The run stops before the optimizer step; "
+                             "nothing after the last checkpoint is saved. Lower the learning rate or the method's "
+                             "coefficients, or check the data.")
+
+
+def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
+    """Phase 5: optimizer steps until ``total_steps``; returns the seconds spent."""
+    config, accelerator, ctx, methods = run.config, run.accelerator, run.ctx, run.methods
+    accum, total_steps = config.train.grad_accum, ctx.total_steps
+    parameters = list(ctx.trainable.values())
+    run.say(f"training {total_steps} steps ({run.steps_per_epoch} per epoch), methods: {config.method.name}")
+    progress = tqdm(total=total_steps, initial=ctx.step, desc="train", disable=not (run.is_main and config.train.progress))
+    metrics_file = run.paths.metrics.open("a") if run.is_main else None
+    tensorboard = tensorboard_writer(run.paths.root / "tensorboard") if run.is_main else None
     started = time.time()
-    while ctx.step < total_steps:
-        loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, step_in_epoch * accum) if step_in_epoch else loader
-        micro: list[dict] = []
-        for batch in batches:
-            micro.append(batch)
-            if len(micro) < accum:
-                continue
-            totals: dict[str, float] = {}
-            for index, piece in enumerate(micro):
-                last = index == len(micro) - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    with accelerator.autocast():
-                        terms, _ = compute_losses(ctx, methods, piece)
-                    accelerator.backward(sum(terms.values()) / accum)
-                for key, value in terms.items():
-                    totals[key] = totals.get(key, 0.0) + float(value.detach()) / accum
-            micro = []
-            grad_norm = None
-            if config.train.max_grad_norm:
-                grad_norm = float(accelerator.clip_grad_norm_(list(trainable.values()), config.train.max_grad_norm))
-            for method in methods:
-                method.before_optimizer_step(ctx)
-            optimizer.step()
-            scheduler.step()
-            for method in methods:
-                method.after_optimizer_step(ctx)
-            optimizer.zero_grad(set_to_none=True)
-            ctx.step += 1
-            step_in_epoch += 1
-            progress.update(1)
-            if ctx.step % config.train.log_every == 0 or ctx.step == total_steps:
-                logged = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
-                          for k, v in totals.items()}
-                row = {"step": ctx.step, "epoch": epoch + step_in_epoch / steps_per_epoch,
-                       "loss": sum(logged.values()), **logged, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": grad_norm, "elapsed_s": round(time.time() - started, 4)}
-                if metrics_file:
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
-                if tensorboard:
-                    for key, value in row.items():
-                        if isinstance(value, float) and key != "epoch":
-                            tensorboard.add_scalar(f"train/{key}", value, ctx.step)
-                progress.set_postfix(loss=f"{row['loss']:.4f}")
-            done_epoch = step_in_epoch >= steps_per_epoch
-            position = {"step": ctx.step, "epoch": epoch + int(done_epoch),
-                        "step_in_epoch": 0 if done_epoch else step_in_epoch}
-            if config.train.save_every and ctx.step % config.train.save_every == 0 and ctx.step < total_steps:
-                save_checkpoint(accelerator, paths, ctx, methods, position, config, config.train.keep_checkpoints)
-            if ctx.step >= total_steps or done_epoch:
-                break
-        epoch, step_in_epoch = epoch + 1, 0
-    progress.close()
-    if metrics_file:
-        metrics_file.close()
-    if tensorboard:
-        tensorboard.close()
+    try:
+        while ctx.step < total_steps:
+            run.loader.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(run.loader, step_in_epoch * accum) if step_in_epoch \
+                else run.loader
+            micro: list[dict] = []
+            for batch in batches:
+                micro.append(batch)
+                if len(micro) < accum:
+                    continue
+                totals: dict[str, float] = {}
+                for index, piece in enumerate(micro):
+                    last = index == len(micro) - 1
+                    with contextlib.nullcontext() if last else accelerator.no_sync(run.model):
+                        with accelerator.autocast():
+                            terms, _ = compute_losses(ctx, methods, piece)
+                        accelerator.backward(sum(terms.values()) / accum)
+                    for key, value in terms.items():
+                        totals[key] = totals.get(key, 0.0) + float(value.detach()) / accum
+                micro = []
+                # Without clipping, an infinite threshold still measures the norm (and scales by 1).
+                grad_norm = float(accelerator.clip_grad_norm_(parameters, config.train.max_grad_norm or math.inf))
+                check_finite(ctx.step + 1, totals, grad_norm)
+                for method in methods:
+                    method.before_optimizer_step(ctx)
+                run.optimizer.step()
+                run.scheduler.step()
+                for method in methods:
+                    method.after_optimizer_step(ctx)
+                run.optimizer.zero_grad(set_to_none=True)
+                ctx.step += 1
+                step_in_epoch += 1
+                progress.update(1)
+                if ctx.step % config.train.log_every == 0 or ctx.step == total_steps:
+                    logged = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
+                              for k, v in totals.items()}
+                    row = {"step": ctx.step, "epoch": epoch + step_in_epoch / run.steps_per_epoch,
+                           "loss": sum(logged.values()), **logged, "lr": run.scheduler.get_last_lr()[0],
+                           "grad_norm": grad_norm, "elapsed_s": round(time.time() - started, 4)}
+                    if metrics_file:
+                        metrics_file.write(json.dumps(row) + "\n")
+                        metrics_file.flush()
+                    if tensorboard:
+                        for key, value in row.items():
+                            if isinstance(value, float) and key != "epoch":
+                                tensorboard.add_scalar(f"train/{key}", value, ctx.step)
+                    progress.set_postfix(loss=f"{row['loss']:.4f}")
+                done_epoch = step_in_epoch >= run.steps_per_epoch
+                position = {"step": ctx.step, "epoch": epoch + int(done_epoch),
+                            "step_in_epoch": 0 if done_epoch else step_in_epoch}
+                if config.train.save_every and ctx.step % config.train.save_every == 0 and ctx.step < total_steps:
+                    save_checkpoint(run, position)
+                if ctx.step >= total_steps or done_epoch:
+                    break
+            epoch, step_in_epoch = epoch + 1, 0
+    finally:
+        progress.close()
+        if metrics_file:
+            metrics_file.close()
+        if tensorboard:
+            tensorboard.close()
+    return time.time() - started
 
-    # --- post-training hooks, then the final model folder ---
+
+def non_finite_tensors(model) -> list[str]:
+    return [name for name, tensor in model.state_dict().items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
+def finish(run: Run, seconds: float) -> None:
+    """Phase 6: post-training hooks, ``final/`` (finite weights only), summary, final evaluation and report."""
+    config, accelerator, ctx, paths = run.config, run.accelerator, run.ctx, run.paths
     accelerator.wait_for_everyone()
-    ctx.final_model = accelerator.unwrap_model(model)
-    for method in methods:
+    ctx.final_model = accelerator.unwrap_model(run.model)
+    for method in run.methods:
         method.on_train_end(ctx)
-    full_state = accelerator.get_state_dict(model) if sharded else None  # gathers shards: every process calls
-    if is_main:
+    full_state = accelerator.get_state_dict(run.model) if run.sharded else None  # gathers shards: every process
+    if run.is_main:
+        bad = non_finite_tensors(ctx.final_model) if full_state is None else \
+            [k for k, v in full_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise NonFiniteError(f"the trained model has non-finite values in {len(bad)} tensors (first: {bad[0]}); "
+                                 "final/ is not written")
         ctx.final_model.save_pretrained(paths.final, state_dict=full_state)
-        save_processor(processor, paths.final)
+        save_processor(run.processor, paths.final)
         save_config(config, paths.final / "mmtune_config.yaml")
-        summary = {"steps": ctx.step, "records": len(records), "skipped_records": len(skipped),
-                   "skipped_examples": skipped[:20], "methods": config.method.name,
-                   "train_seconds": round(time.time() - started, 2)}
-        (paths.root / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary = {"steps": ctx.step, "records": len(run.records), "skipped_records": len(run.skipped),
+                   "skipped_examples": run.skipped[:20], "methods": config.method.name,
+                   "train_seconds": round(seconds, 2)}
+        paths.summary.write_text(json.dumps(summary, indent=2) + "\n")
         # A sharded model can't be evaluated by one process: evaluate the saved model instead.
-        final_model = load_model(paths.final, config.model.dtype)[0].to(accelerator.device) if sharded \
+        final_model = load_model(paths.final, config.model.dtype)[0].to(accelerator.device) if run.sharded \
             else ctx.final_model
-        if run_evaluation(final_model, processor, config, world, paths.root / "eval" / "final"):
+        if run_evaluation(final_model, run.processor, config, run.world, paths.root / "eval" / "final"):
             report = write_report([paths.root], paths.root / "report")
-            say(to_markdown(report))
+            run.say(to_markdown(report))
     accelerator.wait_for_everyone()
-    say(f"saved {paths.final}")
-    return paths.root
+    run.say(f"saved {paths.final}")
+
+
+def train(config: RunConfig) -> Path:
+    """Run one fine-tuning; return the output folder (``final/`` holds the model)."""
+    run = open_run(config)
+    try:
+        load_data(run)
+        build_model(run)
+        if not run.sharded and base_needs_evaluation(run):
+            run_evaluation(run.ctx.unwrapped, run.processor, config, run.world, base_eval_dir(run))
+        run.accelerator.wait_for_everyone()
+        epoch, step_in_epoch = resume(run) if config.train.resume_from else (0, 0)
+        if run.is_main and not (run.paths.root / "config.yaml").exists():
+            save_config(config, run.paths.root / "config.yaml")
+        seconds = train_loop(run, epoch, step_in_epoch)
+        finish(run, seconds)
+    finally:
+        release_lock(run.lock)
+    return run.paths.root
 
 
 def tensorboard_writer(log_dir: Path):
@@ -388,6 +549,7 @@ def find_too_long(records, collator: TrainCollator) -> list[tuple]:
         prompt_tokens = len(tokenizer(prompt_text(processor, record.prompt), add_special_tokens=False)["input_ids"])
         length = prompt_tokens + image_tokens + len(collator.answer_ids(record.target))
         if length > collator.max_length:
-            found.append((record, f"record {record.id!r} (task {record.task}, {record.image}): prompt + answer is "
-                                  f"about {length} tokens, longer than data.max_length={collator.max_length}"))
+            where = f"{record.source}: " if record.source else ""
+            found.append((record, f"{where}record {record.id!r} (task {record.task}, {record.image}): prompt + answer "
+                                  f"is about {length} tokens, longer than data.max_length={collator.max_length}"))
     return found

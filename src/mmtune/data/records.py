@@ -12,8 +12,11 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from PIL import Image
+
+from mmtune.files import atomic_write
 
 KINDS = ("open", "choice")
 METRICS = ("cider", "vqa", "mc", "exact")
@@ -38,6 +41,7 @@ class Record:
     answer_index: int | None = None
     metric: str | None = None  # optional: how evaluation scores this task (inferred when absent)
     extra: dict = field(default_factory=dict)
+    source: ClassVar[str] = ""  # "file:line" it was read from (set by iter_records; not a field)
 
     @property
     def target(self) -> str:
@@ -45,21 +49,36 @@ class Record:
         return self.answers[0]
 
     def validate(self) -> None:
-        if not isinstance(self.id, str) or not self.id:
-            raise ValueError("'id' must be a non-empty string")
+        """Type and consistency checks: a field of the wrong type would otherwise train or score silently wrong
+        (a string ``answers`` is iterated as characters; ``True`` is the index 1)."""
+        for name in ("id", "task", "image", "prompt"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"'{name}' must be a non-empty string, got {value!r}"[:200])
         if self.kind not in KINDS:
             raise ValueError(f"'kind' is {self.kind!r}; must be one of {KINDS}")
-        if not self.prompt:
-            raise ValueError("empty 'prompt'")
-        if not self.answers or not all(isinstance(a, str) for a in self.answers) or not self.answers[0].strip():
-            raise ValueError("no answer: 'answers' must be a non-empty list of strings")
+        if not isinstance(self.answers, list) or not self.answers or \
+                not all(isinstance(a, str) for a in self.answers) or not self.answers[0].strip():
+            raise ValueError(f"no answer: 'answers' must be a non-empty list of strings, got {self.answers!r}"[:200])
+        if self.choices is not None and (not isinstance(self.choices, list) or
+                                         not all(isinstance(c, str) for c in self.choices)):
+            raise ValueError(f"'choices' must be a list of strings, got {self.choices!r}"[:200])
+        if self.answer_index is not None and (not isinstance(self.answer_index, int) or
+                                              isinstance(self.answer_index, bool)):
+            raise ValueError(f"'answer_index' must be an integer, got {self.answer_index!r}")
         if self.kind == "choice":
             if not self.choices or len(self.choices) < 2:
                 raise ValueError("a 'choice' record needs at least two 'choices'")
             if self.answer_index is None or not 0 <= self.answer_index < len(self.choices):
                 raise ValueError(f"'answer_index' {self.answer_index!r} is not an index into its {len(self.choices)} choices")
+            expected = (letter(self.answer_index), self.choices[self.answer_index])
+            if self.answers[0].strip() not in expected:
+                raise ValueError(f"'answers' {self.answers[0]!r} disagrees with 'answer_index' {self.answer_index} "
+                                 f"(expected {expected[0]!r} or {expected[1]!r})")
         if self.metric is not None and self.metric not in METRICS:
             raise ValueError(f"'metric' is {self.metric!r}; must be one of {METRICS}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"'extra' must be a mapping, got {self.extra!r}"[:200])
 
     def to_json(self, base_dir: Path | None = None) -> dict:
         data = asdict(self)
@@ -116,7 +135,10 @@ def _parse_line(line: str, base_dir: Path) -> Record:
     unknown = data.keys() - known
     if unknown:
         raise ValueError(f"unknown field(s) {sorted(unknown)}; valid fields: {sorted(known)}")
-    data["id"] = str(data["id"])
+    if isinstance(data["id"], int) and not isinstance(data["id"], bool):
+        data["id"] = str(data["id"])
+    if not isinstance(data["image"], str):
+        raise ValueError(f"'image' must be a path string, got {data['image']!r}"[:200])
     image = Path(data["image"])
     data["image"] = os.path.normpath(image if image.is_absolute() else (base_dir / image))
     record = Record(**data)
@@ -125,14 +147,15 @@ def _parse_line(line: str, base_dir: Path) -> Record:
 
 
 def check_image(path: str) -> None:
-    """Open the image header (cheap: no decoding) so a missing or corrupt file fails now, not mid-training."""
+    """Decode the whole image now, so a missing, corrupt or truncated file fails at validation, not mid-training
+    (the header alone — what ``verify`` reads — passes for a truncated JPEG)."""
     if not os.path.isfile(path):
         raise ValueError(f"image not found: {path}")
     try:
         with Image.open(path) as image:
-            image.verify()
+            image.load()
     except Exception as error:  # PIL raises many types for corrupt files
-        raise ValueError(f"unreadable image {path}: {error}") from error
+        raise ValueError(f"unreadable image {path}: {error}") from None
 
 
 def iter_records(path: str | Path, skip_bad_records: bool = False, check_images: bool = True,
@@ -143,12 +166,21 @@ def iter_records(path: str | Path, skip_bad_records: bool = False, check_images:
         raise FileNotFoundError(f"task file not found: {path}")
     base_dir = path.parent
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                line, bad_encoding = "", error
+            else:
+                bad_encoding = None
+            if not line.strip() and bad_encoding is None:
                 continue
             try:
+                if bad_encoding is not None:
+                    raise ValueError(f"not UTF-8 text ({bad_encoding})")
                 record = _parse_line(line, base_dir)
+                record.source = f"{path}:{number}"
                 if record.id in seen:
                     raise ValueError(f"duplicate id {record.id!r}")
                 if check_images:
@@ -176,10 +208,12 @@ def write_records(records: Iterable[Record], path: str | Path, overwrite: bool =
         raise FileExistsError(f"{path} exists; pass overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
+
+    def write(handle) -> None:
+        nonlocal count
         for record in records:
             handle.write(json.dumps(record.to_json(path.parent.resolve()), ensure_ascii=False) + "\n")
             count += 1
-    tmp.replace(path)
+
+    atomic_write(path, write)
     return count

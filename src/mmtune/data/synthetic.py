@@ -1,15 +1,21 @@
 """A generated world with the structure of the papers' protocol, fully determined by a seed.
 
 Images hold 1–3 objects (shape, colour, size, cell of a 3×3 grid) on a plain background, sometimes
-with a rendered letter. Task families mirror the papers' datasets:
+with a rendered letter. Task families mirror the papers' datasets (world version 2, the papers' regime):
 
-* pre-training families (the base model's skills, later the held-out side): brief captions,
-  colour / shape / position short answers, yes/no existence, reading the letter (like GQA,
-  OKVQA, OCR-VQA, TextVQA);
-* downstream open-response: a new, detailed caption style with several paraphrased references
+* held-out families (the base's skills, the generalization side): brief captions with five varied
+  references per image (like COCO captions), colour / shape / position short answers, yes/no existence,
+  reading the letter (like GQA, OKVQA, OCR-VQA, TextVQA), and lettered multiple choice on positions, so
+  the letter format is known before fine-tuning;
+* pre-training only, at a small share: short-answer counting, and the downstream caption style itself
+  (a generalist base has seen a little of every format, as LLaVA-1.5 has seen captions);
+* downstream open-response: the detailed caption style with five paraphrased references
   (like Flickr30k / COCO, scored with CIDEr);
 * downstream fixed-choice: lettered multiple-choice counting and attribute questions
   (like ScienceQA / IconQA).
+
+Version 1 (commit b6ccf67 and before) had one templated brief caption per image and no lettered or
+counting family in pre-training; ``world.json`` records the version, so a v1 folder is never reused.
 """
 
 from __future__ import annotations
@@ -41,10 +47,16 @@ CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left
 BACKGROUNDS = {"black": (15, 15, 15), "gray": (110, 110, 110), "brown": (100, 70, 40), "navy": (20, 25, 80)}
 CHARACTERS = "ABCDEFGHKMNPRSTXYZ"
 
-PRETRAIN_FAMILIES = ("brief_caption", "color_vqa", "shape_vqa", "position_vqa", "exists_vqa", "ocr_vqa")
+WORLD_VERSION = 2
+HELDOUT_FAMILIES = ("brief_caption", "color_vqa", "shape_vqa", "position_vqa", "exists_vqa", "ocr_vqa",
+                    "position_mc")
+PRETRAIN_ONLY = ("count_vqa",)
+PRETRAIN_FAMILIES = HELDOUT_FAMILIES + PRETRAIN_ONLY  # the base also sees a little detailed_caption (configs)
 DOWNSTREAM_OPEN = ("detailed_caption",)
 DOWNSTREAM_CHOICE = ("count_mc", "attribute_mc")
 FAMILIES = PRETRAIN_FAMILIES + DOWNSTREAM_OPEN + DOWNSTREAM_CHOICE
+CHOICE_FAMILIES = ("position_mc", *DOWNSTREAM_CHOICE)
+COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 
 
 @dataclass(frozen=True)
@@ -82,7 +94,7 @@ def render(scene: Scene, size: int = 48, rng_seed: int = 0) -> Image.Image:
     for thing in scene.things:
         row, col = divmod(thing.cell, 3)
         cx, cy = (col + 0.5) * cell, (row + 0.5) * cell
-        r = cell * (0.45 if thing.size == "large" else 0.25)
+        r = cell * (0.45 if thing.size == "large" else 0.3)  # v1: 0.25, small shapes were hard to tell apart
         box = (cx - r, cy - r, cx + r, cy + r)
         color = COLORS[thing.color]
         if thing.shape == "circle":
@@ -121,7 +133,20 @@ def _at(cell: int) -> str:
 # --- task families: each returns (prompt, answers, choices, answer_index) or None if not applicable ---
 
 def brief_caption(scene: Scene, rng: random.Random):
-    return "Describe the image briefly.", [_join(["a " + describe(t) for t in scene.things])], None, None
+    """Five varied references per image, in a random order: the first (the training target) varies too,
+    as a COCO caption does, so the base learns the content rather than one template."""
+    named = ["a " + describe(t) for t in scene.things]
+    n = len(scene.things)
+    shapes = {1: "one shape", 2: "two shapes", 3: "three shapes"}[n]
+    references = [
+        _join(named),
+        f"an image of {_join(named)}",
+        _join(list(reversed(named))),
+        f"{shapes} : {_join(named)}",
+        f"{_join(named)} on a {scene.background} background",
+    ]
+    rng.shuffle(references)
+    return "Describe the image briefly.", references, None, None
 
 
 def detailed_caption(scene: Scene, rng: random.Random):
@@ -184,10 +209,24 @@ def ocr_vqa(scene: Scene, rng: random.Random):
     return f"What letter is written in the image?\n{SHORT_ANSWER_INSTRUCTION}", [scene.character.lower()], None, None
 
 
-def count_mc(scene: Scene, rng: random.Random):
-    options = ["1", "2", "3", "4"]
+def count_vqa(scene: Scene, rng: random.Random):
+    answer = COUNT_WORDS[len(scene.things)]
+    return f"How many objects are there?\n{SHORT_ANSWER_INSTRUCTION}", [answer], None, None
+
+
+def position_mc(scene: Scene, rng: random.Random):
+    thing = _unique_thing(scene, rng)
+    truth = CELLS[thing.cell]
+    options = [truth, *rng.sample([c for c in CELLS if c != truth], 3)]
     rng.shuffle(options)
-    index = options.index(str(len(scene.things)))
+    index = options.index(truth)
+    return multiple_choice_prompt(f"Where is the {describe(thing)}?", options), [letter(index)], options, index
+
+
+def count_mc(scene: Scene, rng: random.Random):
+    options = ["one", "two", "three", "four"]
+    rng.shuffle(options)
+    index = options.index(COUNT_WORDS[len(scene.things)])
     prompt = multiple_choice_prompt("How many objects are in the image?", options)
     return prompt, [letter(index)], options, index
 
@@ -209,14 +248,16 @@ def attribute_mc(scene: Scene, rng: random.Random):
 GENERATORS: dict[str, Callable] = {
     "brief_caption": brief_caption, "color_vqa": color_vqa, "shape_vqa": shape_vqa,
     "position_vqa": position_vqa, "exists_vqa": exists_vqa, "ocr_vqa": ocr_vqa,
+    "position_mc": position_mc, "count_vqa": count_vqa,
     "detailed_caption": detailed_caption, "count_mc": count_mc, "attribute_mc": attribute_mc,
 }
-METRIC = {"brief_caption": "cider", "detailed_caption": "cider", "count_mc": "mc", "attribute_mc": "mc"}
+METRIC = {"brief_caption": "cider", "detailed_caption": "cider", **{f: "mc" for f in CHOICE_FAMILIES}}
 
 
 def vocabulary() -> list[str]:
     """Every word the world can produce: the tiny tokenizers' vocabulary."""
-    words = [*SHAPES, *COLORS, *SIZES, *CELLS, *BACKGROUNDS, *CHARACTERS.lower(), "1", "2", "3", "4"]
+    words = [*SHAPES, *COLORS, *SIZES, *CELLS, *BACKGROUNDS, *CHARACTERS.lower(), *COUNT_WORDS.values(),
+             "1", "2", "3", "4"]
     rng = random.Random(0)
     for _ in range(200):
         scene = sample_scene(rng)
@@ -230,7 +271,7 @@ def vocabulary() -> list[str]:
 def make_records(scenes: list[tuple[str, Scene]], family: str, split: str, seed: int) -> list[Record]:
     rng = random.Random(f"{seed}-{family}-{split}")
     records = []
-    kind = "choice" if family in DOWNSTREAM_CHOICE else "open"
+    kind = "choice" if family in CHOICE_FAMILIES else "open"
     for image_path, scene in scenes:
         out = GENERATORS[family](scene, rng)
         if out is None:
@@ -272,7 +313,7 @@ def generate_world(out_dir: str | Path, seed: int = 0, n_train: int = 1000, n_te
             files[family][split] = path
     import json
 
-    marker.write_text(json.dumps({"seed": seed, "n_train": n_train, "n_test": n_test,
+    marker.write_text(json.dumps({"version": WORLD_VERSION, "seed": seed, "n_train": n_train, "n_test": n_test,
                                   "image_size": image_size, "families": list(families)}, indent=2) + "\n")
     return files
 
@@ -286,8 +327,8 @@ def ensure_world(world_dir: str | Path, seed: int, n_train: int, n_test: int, im
     import json
 
     world_dir = Path(world_dir)
-    wanted = {"seed": seed, "n_train": n_train, "n_test": n_test, "image_size": image_size,
-              "families": list(FAMILIES)}
+    wanted = {"version": WORLD_VERSION, "seed": seed, "n_train": n_train, "n_test": n_test,
+              "image_size": image_size, "families": list(FAMILIES)}
     marker = world_dir / "world.json"
     if marker.exists():
         found = json.loads(marker.read_text())

@@ -118,7 +118,10 @@ def load_method_states(methods: list[Method], directory: Path, accelerator) -> N
         hint = " (a sharded run resumes with the number of processes it was saved with)" \
             if shards_parameters(accelerator) else ""
         raise FileNotFoundError(f"{path} is missing: {directory} holds no mmtune method state{hint}")
-    states = torch.load(path, weights_only=False)
+    try:  # tensors and plain containers only: a file that needs unpickling is refused, never run
+        states = torch.load(path, weights_only=True)
+    except Exception as error:  # noqa: BLE001
+        raise RuntimeError(f"{path}: refused to load method state ({type(error).__name__}: {error})") from None
     for method in methods:
         method.load_state_dict(states.get(method.name, {}))
 

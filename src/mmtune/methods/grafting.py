@@ -29,6 +29,10 @@ def graft(pretrained: torch.Tensor, finetuned: torch.Tensor, keep_ratio: float) 
 class GraftingConfig(MethodConfig):
     keep_ratio: float = 0.1
 
+    def __post_init__(self):
+        if not 0 <= self.keep_ratio <= 1:
+            raise ValueError(f"keep_ratio={self.keep_ratio} must be in [0, 1]")
+
 
 @register
 class Grafting(PretrainedSnapshotMethod):

@@ -29,6 +29,8 @@ class HalfFTConfig(MethodConfig):
     def __post_init__(self):
         if self.round_steps < 1:
             raise ValueError("method.half_ft.round_steps must be at least 1")
+        if not 0 <= self.frozen_fraction <= 1:
+            raise ValueError(f"frozen_fraction={self.frozen_fraction} must be in [0, 1]")
 
 
 @register

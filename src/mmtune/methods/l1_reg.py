@@ -16,6 +16,10 @@ from mmtune.methods.l2_reg import L2Reg
 class L1RegConfig(MethodConfig):
     lam: float = 1e-6
 
+    def __post_init__(self):
+        if not self.lam >= 0:
+            raise ValueError(f"lam={self.lam} must be ≥ 0")
+
 
 @register
 class L1Reg(L2Reg):

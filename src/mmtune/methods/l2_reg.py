@@ -23,6 +23,10 @@ def distance_penalty(trainable: dict[str, torch.Tensor], pretrained: dict[str, t
 class L2RegConfig(MethodConfig):
     lam: float = 1e-3
 
+    def __post_init__(self):
+        if not self.lam >= 0:
+            raise ValueError(f"lam={self.lam} must be ≥ 0")
+
 
 @register
 class L2Reg(PretrainedSnapshotMethod):

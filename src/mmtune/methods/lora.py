@@ -25,6 +25,16 @@ class LoraMethodConfig(MethodConfig):
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
+    def __post_init__(self):
+        if self.r < 1:
+            raise ValueError(f"r={self.r} must be ≥ 1")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha={self.alpha} must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if not self.target_modules:
+            raise ValueError("target_modules is empty: name the modules that get adapters")
+
 
 @register
 class Lora(Method):

@@ -91,6 +91,8 @@ class NRCAConfig(MethodConfig):
             raise ValueError(f"method.nrca.noise={self.noise!r}; choose one of {NOISES}")
         if not 0 <= self.delta <= 1:
             raise ValueError(f"method.nrca.delta={self.delta} must be in [0, 1]")
+        if not self.lam >= 0:  # also refuses NaN
+            raise ValueError(f"method.nrca.lam={self.lam} must be ≥ 0")
 
 
 @register

@@ -22,6 +22,10 @@ def interpolate(pretrained: torch.Tensor, finetuned: torch.Tensor, alpha: float)
 class WiseFTConfig(MethodConfig):
     alpha: float = 0.5
 
+    def __post_init__(self):
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha={self.alpha} must be in [0, 1]")
+
 
 @register
 class WiseFT(PretrainedSnapshotMethod):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mmtune.data.formats import load_json
 from mmtune.data.records import Record, RecordError
+from mmtune.files import atomic_write
 
 LAYOUT = """ROOT/<file>.json (--file, default llava.json): [{"id", "image", "conversations": [{"from": "human",
     "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}]; every human/gpt pair becomes a record
@@ -49,5 +50,5 @@ def export(records: Iterable[Record], out: str | Path, image_root: str | Path | 
               "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{r.prompt}"},
                                 {"from": "gpt", "value": r.target}]} for r in records]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(items, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write(out, json.dumps(items, indent=1, ensure_ascii=False) + "\n")
     return len(items)

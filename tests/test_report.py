@@ -1,0 +1,75 @@
+"""The report on hand-written evaluations: normalisation to the base, per-seed values, Welch marks."""
+
+import json
+import math
+
+import pytest
+import yaml
+
+from mmtune.report import build_report, summarize, to_markdown, welch_p, write_report
+
+BASE = {"cap": 500.0, "mc": 40.0, "vqa": 80.0}
+SIDES = {"cap": "heldout", "mc": "downstream", "vqa": "heldout"}
+
+
+def _scores(values: dict) -> dict:
+    return {"tasks": {k: {"score": v, "side": SIDES[k], "metric": "x", "n": 10} for k, v in values.items()}}
+
+
+def _run(root, method: str, seed: int, values: dict):
+    run = root / f"{method}-{seed}"
+    (run / "eval" / "final").mkdir(parents=True)
+    (run / "eval" / "base").mkdir(parents=True)
+    (run / "eval" / "final" / "scores.json").write_text(json.dumps(_scores(values)))
+    (run / "eval" / "base" / "scores.json").write_text(json.dumps(_scores(BASE)))
+    (run / "config.yaml").write_text(yaml.safe_dump({"method": {"name": method}, "train": {"seed": seed}}))
+    return run
+
+
+def test_normalised_aggregates_are_scale_free():
+    out = summarize(_scores({"cap": 250.0, "mc": 60.0, "vqa": 40.0}), _scores(BASE))
+    assert out["G"] == pytest.approx(145.0)  # raw: the caption's scale dominates
+    assert out["G/base"] == pytest.approx(50.0)  # each held-out task kept half of the base's score
+    assert out["S/base"] == pytest.approx(150.0)
+    assert out["H/base"] == pytest.approx(2 * 150 * 50 / 200)
+
+
+def test_a_task_at_zero_in_the_base_is_left_out_of_normalised_means():
+    base = _scores({**BASE, "mc": 0.0})
+    out = summarize(_scores({"cap": 500.0, "mc": 30.0, "vqa": 80.0}), base)
+    assert math.isnan(out["S/base"]) and out["G/base"] == pytest.approx(100.0)
+
+
+def test_welch_p_matches_the_textbook_case():
+    # Equal variances 1 and n = 3: t = 3 / sqrt(2/3) = 3.674, df = 4, and the t(4) CDF has a closed form:
+    # F(t) = 1/2 + 3/8 · x · (1 − t² / (12 (1 + t²/4))), x = t / sqrt(1 + t²/4)  ->  p = 2 (1 − F) = 0.02131.
+    assert welch_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(0.021312, abs=1e-5)
+    assert welch_p([1.0, 1.0], [2.0, 2.0]) == 0.0 and welch_p([1.0, 1.0], [1.0, 1.0]) == 1.0
+    assert welch_p([1.0], [2.0, 3.0]) is None
+
+
+def test_report_keeps_every_seed_and_marks_only_differences_beyond_noise(tmp_path):
+    runs = [_run(tmp_path, "vanilla", s, {"cap": 100 + s, "mc": 70 + s, "vqa": 40 + s}) for s in range(3)]
+    runs += [_run(tmp_path, "keeper", s, {"cap": 300 + s, "mc": 70 + 2 * s, "vqa": 60 + s}) for s in range(3)]
+    report = write_report(runs, tmp_path / "rep")
+    keeper = next(r for r in report["rows"] if r["method"] == "keeper")
+    assert [s["seed"] for s in keeper["per_seed"]] == [0, 1, 2]
+    assert keeper["per_seed"][2]["tasks"]["cap"] == 302
+    assert keeper["values"]["G/base"]["p_vs_vanilla"] < 0.05
+    assert keeper["values"]["mc"]["p_vs_vanilla"] > 0.05  # 71 ± 2 vs 71 ± 1: noise
+    task_line, summary_line = [line for line in to_markdown(report).splitlines() if line.startswith("| keeper")]
+    mc_cell, cap_cell = task_line.split("|")[3:5]  # columns: method, seeds, mc (down), cap (held), vqa (held)
+    assert "▲" not in mc_cell and "▼" not in mc_cell and cap_cell.endswith("▲ ")
+    g_base_cell = summary_line.split("|")[8]  # S, G, H raw, then S/base, G/base, H/base
+    assert g_base_cell.endswith("▲ ")
+    saved = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert len(saved["rows"][0]["per_seed"]) == 3
+    assert (tmp_path / "rep" / "tasks.png").exists() and (tmp_path / "rep" / "s_vs_g.png").exists()
+
+
+def test_report_without_vanilla_has_no_marks(tmp_path):
+    runs = [_run(tmp_path, "spider", s, {"cap": 100.0 + s, "mc": 50.0, "vqa": 50.0}) for s in range(2)]
+    report = build_report(runs)
+    assert all(v["p_vs_vanilla"] is None for v in report["rows"][0]["values"].values())
+    rows = [line for line in to_markdown(report).splitlines() if line.startswith("| spider")]
+    assert len(rows) == 2 and not any("▲" in row or "▼" in row for row in rows)
