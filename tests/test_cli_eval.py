@@ -23,7 +23,7 @@ def test_score_json_last_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("rows,message", [
     (['{"id": 1, "prediction": "x", "answers": ["y"]}', "{oops"], "p.jsonl:2: malformed JSON"),
-    ([{"id": 1, "prediction": "x"}], "p.jsonl:1: no references"),
+    ([{"id": 1, "prediction": "x"}], "p.jsonl:1: 'answers' must be a list"),
     ([{"id": 1, "prediction": "x", "answers": ["y"]}, {"id": 1, "prediction": "x", "answers": ["y"]}], "duplicate id"),
     ([{"id": 1, "answers": ["y"]}], "'prediction' must be a string"),
 ])
@@ -36,7 +36,53 @@ def test_score_bad_input_names_the_line(tmp_path, capsys, rows, message):
 def test_mc_needs_choices(tmp_path, capsys):
     path = _write(tmp_path / "p.jsonl", [{"id": 1, "prediction": "A", "answers": ["A"]}])
     assert main(["score", "--metric", "mc", "--predictions", str(path)]) == 2
-    assert "needs 'choices'" in capsys.readouterr().err
+    assert "p.jsonl:1: 'choices' must be a list of at least 2 strings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("metric,row,message", [
+    ("exact", {"answers": "yes"}, "'answers' must be a list"),  # a string would be scored as its characters
+    ("vqa", {"answers": ["yes", 3]}, "'answers' must be a list of at least 1 strings"),
+    ("mc", {"choices": "xy", "answer_index": 0}, "'choices' must be a list"),
+    ("mc", {"choices": ["x", "y"], "answer_index": 2}, "'answer_index' must be an integer index into the 2"),
+    ("mc", {"choices": ["x", "y"], "answer_index": True}, "got True"),
+    ("mc", {"choices": ["x", "y"], "answer_index": -1}, "got -1"),
+    ("cider", {"answers": None}, "'answers' must be a list"),
+])
+def test_score_refuses_what_would_be_scored_silently_wrong(tmp_path, capsys, metric, row, message):
+    path = _write(tmp_path / "p.jsonl", [{"id": 1, "prediction": "yes", **row}])
+    assert main(["score", "--metric", metric, "--predictions", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_score_names_the_line_of_non_utf8_bytes(tmp_path, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"id": 1, "prediction": "x", "answers": ["y"]}\n{"id": 2, "prediction": "\xff"}\n')
+    assert main(["score", "--metric", "exact", "--predictions", str(path)]) == 2
+    assert "p.jsonl:2: not UTF-8" in capsys.readouterr().err
+
+
+def test_the_score_api_refuses_bad_items_too():
+    from mmtune.metrics import score
+
+    with pytest.raises(ValueError, match="item 'a': 'answers' must be a list"):
+        score("exact", [{"id": "a", "prediction": "yes", "answers": "yes"}])
+
+
+def test_a_task_name_cannot_write_outside_the_eval_folder(tmp_path, world):
+    from mmtune.data.records import read_records, write_records
+    from mmtune.evaluate import evaluate
+    from mmtune.models.load import load_model
+
+    records = read_records(world / "color_vqa_test.jsonl")[:2]
+    records[0].task = "../../escaped"
+    records[1].task = str(tmp_path / "absolute")
+    write_records(records, tmp_path / "tasks" / "evil.jsonl")
+    model, processor = load_model(save_tiny(tmp_path / "m", "llava", words=vocabulary()))
+    evaluate(model, processor, {"heldout": [tmp_path / "tasks" / "evil.jsonl"]}, tmp_path / "out" / "ev",
+             max_new_tokens=2, progress=False)
+    written = {p.relative_to(tmp_path) for p in tmp_path.rglob("*.jsonl")} - {__import__("pathlib").Path("tasks/evil.jsonl")}
+    assert all(str(p).startswith("out/ev/predictions/") for p in written) and len(written) == 2
+    assert not (tmp_path / "escaped.jsonl").exists() and not (tmp_path / "absolute.jsonl").exists()
 
 
 def test_eval_command_writes_scores_and_predictions(tmp_path, world, capsys):

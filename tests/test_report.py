@@ -73,3 +73,22 @@ def test_report_without_vanilla_has_no_marks(tmp_path):
     assert all(v["p_vs_vanilla"] is None for v in report["rows"][0]["values"].values())
     rows = [line for line in to_markdown(report).splitlines() if line.startswith("| spider")]
     assert len(rows) == 2 and not any("▲" in row or "▼" in row for row in rows)
+
+
+def test_runs_that_are_not_comparable_are_refused_unless_asked(tmp_path):
+    from mmtune.cli import main
+
+    a = _run(tmp_path, "vanilla", 0, {"cap": 100.0, "mc": 50.0, "vqa": 50.0})
+    b = _run(tmp_path, "vanilla", 1, {"cap": 100.0, "mc": 50.0, "vqa": 50.0})
+    (b / "eval" / "base" / "scores.json").write_text(json.dumps(_scores({**BASE, "mc": 41.0})))  # another base
+    with pytest.raises(ValueError, match="not comparable: their base_scores differ \\(mc: 40.0 vs 41.0\\)"):
+        build_report([a, b])
+    assert main(["report", str(a), str(b), "--out", str(tmp_path / "r")]) == 2
+    assert main(["report", str(a), str(b), "--out", str(tmp_path / "r"), "--allow-mixed"]) == 0
+    c = _run(tmp_path, "spider", 0, {"cap": 100.0, "mc": 50.0})  # another task set
+    with pytest.raises(ValueError, match="their tasks differ"):
+        build_report([a, c])
+    d = _run(tmp_path, "spider", 1, {"cap": 100.0, "mc": 50.0, "vqa": 50.0})
+    (d / "config.yaml").write_text(yaml.safe_dump({"method": {"name": "spider"}, "eval": {"limit": 5}}))
+    with pytest.raises(ValueError, match="their eval differ \\(limit: None vs 5\\)"):
+        build_report([a, d])

@@ -94,7 +94,7 @@ def cmd_report(args) -> int:
     from mmtune.report import to_markdown, write_report
 
     out = Path(args.out or "report")
-    report = write_report(args.runs, out)
+    report = write_report(args.runs, out, allow_mixed=args.allow_mixed)
     print(to_markdown(report))
     print(f"wrote {out}/report.md, report.json, tasks.png, s_vs_g.png")
     return 0
@@ -296,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="one S/G/H table (+ plots) for several runs")
     rp.add_argument("runs", nargs="+", help="run folders (each with eval/final/scores.json)")
     rp.add_argument("--out", help="output folder (default: ./report)")
+    rp.add_argument("--allow-mixed", action="store_true",
+                    help="put runs with different bases, tasks or evaluation settings in one table anyway")
     rp.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="the papers' experiment in miniature on the synthetic world (CPU, minutes)")

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from mmtune.files import atomic_write
+
 SUMMARY_KEYS = ("S", "G", "H", "S/base", "G/base", "H/base")
 SIGNIFICANCE = 0.05
 
@@ -58,6 +60,23 @@ def summarize(scores: dict, base: dict | None = None) -> dict:
     return out
 
 
+def comparable_settings(config: dict, scores: dict, base_scores: dict | None) -> dict:
+    """What must be equal for two runs to share a table: the model they started from, the evaluated tasks and
+    sides, how they were evaluated, the synthetic world, and the base model's own scores."""
+    model = dict(config.get("model", {}))
+    evaluation = config.get("eval", {})
+    synthetic = dict(config.get("data", {}).get("synthetic", {}))
+    synthetic.pop("dir", None)
+    return {
+        "model": {k: model.get(k) for k in sorted(model) if k != "gradient_checkpointing"},
+        "tasks": {k: v["side"] for k, v in sorted(scores["tasks"].items())},
+        "eval": {k: evaluation.get(k) for k in ("max_new_tokens", "limit")},
+        "world": synthetic,
+        "base_scores": None if base_scores is None else
+        {k: round(v["score"], 6) for k, v in sorted(base_scores["tasks"].items())},
+    }
+
+
 def load_run(run_dir: str | Path) -> dict:
     run = Path(run_dir)
     final = run / "eval" / "final" / "scores.json"
@@ -69,6 +88,7 @@ def load_run(run_dir: str | Path) -> dict:
     base_scores = json.loads(base_file.read_text()) if base_file.exists() else None
     return {
         "run": str(run), "method": config.get("method", {}).get("name", "?"),
+        "settings": comparable_settings(config, scores, base_scores),
         "seed": config.get("train", {}).get("seed"),
         "sides": {k: v["side"] for k, v in scores["tasks"].items()},
         "final": summarize(scores, base_scores),
@@ -100,8 +120,27 @@ def _value(summary: dict, key: str, columns: list[str]) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-def build_report(run_dirs: list[str | Path]) -> dict:
+def check_comparable(runs: list[dict]) -> None:
+    """Refuse to average or compare runs that differ in base, tasks or evaluation, naming the difference."""
+    first = runs[0]
+    for run in runs[1:]:
+        for key, value in run["settings"].items():
+            if value != first["settings"][key]:
+                mine, theirs = first["settings"][key], value
+                detail = [f"{k}: {mine.get(k)!r} vs {theirs.get(k)!r}" for k in sorted(set(mine) | set(theirs))
+                          if mine.get(k) != theirs.get(k)] if isinstance(mine, dict) and isinstance(theirs, dict) \
+                    else [f"{mine!r} vs {theirs!r}"]
+                raise ValueError(f"{first['run']} and {run['run']} are not comparable: their {key} differ "
+                                 f"({'; '.join(detail)[:600]}). Report them separately, or pass --allow-mixed "
+                                 "(allow_mixed=True) to put them in one table anyway.")
+
+
+def build_report(run_dirs: list[str | Path], allow_mixed: bool = False) -> dict:
     runs = [load_run(r) for r in run_dirs]
+    if not runs:
+        raise ValueError("no runs to report")
+    if not allow_mixed:
+        check_comparable(runs)
     sides: dict[str, str] = {}
     for run in runs:
         sides.update(run["sides"])
@@ -131,6 +170,7 @@ def build_report(run_dirs: list[str | Path]) -> dict:
         rows.append(row)
     unnormalised = sorted(c for c in columns if base and not base["tasks"].get(c))
     return {"columns": columns, "sides": sides, "base": base, "rows": rows, "runs": [r["run"] for r in runs],
+            "settings": runs[0]["settings"],
             "not_normalised": unnormalised, "significance": {"test": "welch", "alpha": SIGNIFICANCE}}
 
 
@@ -261,11 +301,11 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
-def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict:
+def write_report(run_dirs: list[str | Path], out_dir: str | Path, allow_mixed: bool = False) -> dict:
+    report = build_report(run_dirs, allow_mixed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report = build_report(run_dirs)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(to_markdown(report))
+    atomic_write(out / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write(out / "report.md", to_markdown(report))
     plot(report, out)
     return report

@@ -35,12 +35,57 @@ def test_reads_and_resolves_image_relative_to_file(tmp_path):
     (_line(kind="essay"), "'kind' is 'essay'"),
     (_line(kind="choice", choices=["x", "y"], answer_index=5), "not an index"),
     (_line(colour="red"), "unknown field"),
+    (_line(answers="yes"), "'answers' must be a non-empty list of strings"),  # not trained on "y"
+    (_line(kind="choice", choices="xy", answer_index=0, answers=["A"]), "'choices' must be a list of strings"),
+    (_line(kind="choice", choices=["x", "y"], answer_index=1, answers=["A"]), "disagrees with 'answer_index' 1"),
+    (_line(kind="choice", choices=["x", "y"], answer_index=True, answers=["B"]), "must be an integer, got True"),
+    (_line(prompt=["p"]), "'prompt' must be a non-empty string"),
+    (_line(task=7), "'task' must be a non-empty string"),
+    (_line(image=3), "'image' must be a path string"),
+    (_line(extra=[1]), "'extra' must be a mapping"),
 ])
 def test_bad_record_errors_name_file_line_and_problem(tmp_path, line, message):
     path = _write(tmp_path, [_line(id="good"), line])
     with pytest.raises(RecordError, match=message) as error:
         read_records(path)
     assert f"{path}:2:" in str(error.value)
+
+
+def test_choice_answers_may_be_the_letter_or_the_option_text(tmp_path):
+    path = _write(tmp_path, [_line(id="a", kind="choice", choices=["x", "y"], answer_index=1, answers=["B"]),
+                             _line(id="b", kind="choice", choices=["x", "y"], answer_index=1, answers=["y"])])
+    assert len(read_records(path)) == 2
+
+
+def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
+    path = _write(tmp_path, [_line(id="a")])
+    path.write_bytes(path.read_bytes() + b'{"id": "\xff"}\n')
+    with pytest.raises(RecordError, match=f"{path}:2: not UTF-8"):
+        read_records(path)
+
+
+def test_truncated_image_fails_at_validation_even_when_skipping(tmp_path):
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    path = _write(tmp_path, [_line(id="a"), _line(id="b", image="cut.jpg")])
+    with pytest.raises(RecordError, match="task.jsonl:2: unreadable image .*cut.jpg"):
+        read_records(path)
+    skipped = []
+    assert [r.id for r in read_records(path, skip_bad_records=True, skipped=skipped)] == ["a"] and len(skipped) == 1
+
+
+def test_writing_replaces_a_planted_link_instead_of_following_it(tmp_path):
+    target = tmp_path / "victim.txt"
+    target.write_text("precious")
+    out = tmp_path / "out.jsonl"
+    (tmp_path / "out.jsonl.tmp").symlink_to(target)  # what an old writer followed
+    out.symlink_to(target)
+    (record,) = read_records(_write(tmp_path, [_line()]))
+    write_records([record], out, overwrite=True)
+    assert target.read_text() == "precious" and not out.is_symlink() and "a cat" in out.read_text()
 
 
 def test_corrupt_image_is_reported(tmp_path):

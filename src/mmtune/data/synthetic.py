@@ -5,8 +5,8 @@ with a rendered letter. Task families mirror the papers' datasets (world version
 
 * held-out families (the base's skills, the generalization side): brief captions with five varied
   references per image (like COCO captions), colour / shape / position short answers, yes/no existence,
-  reading the letter (like GQA, OKVQA, OCR-VQA, TextVQA), and lettered multiple choice on positions, so
-  the letter format is known before fine-tuning;
+  reading the letter (like GQA, OKVQA, OCR-VQA, TextVQA), and lettered multiple choice on the background
+  colour and on positions, so the letter format is known before fine-tuning;
 * pre-training only, at a small share: short-answer counting, and the downstream caption style itself
   (a generalist base has seen a little of every format, as LLaVA-1.5 has seen captions);
 * downstream open-response: the detailed caption style with five paraphrased references
@@ -49,13 +49,13 @@ CHARACTERS = "ABCDEFGHKMNPRSTXYZ"
 
 WORLD_VERSION = 2
 HELDOUT_FAMILIES = ("brief_caption", "color_vqa", "shape_vqa", "position_vqa", "exists_vqa", "ocr_vqa",
-                    "position_mc")
+                    "background_mc", "position_mc")
 PRETRAIN_ONLY = ("count_vqa",)
 PRETRAIN_FAMILIES = HELDOUT_FAMILIES + PRETRAIN_ONLY  # the base also sees a little detailed_caption (configs)
 DOWNSTREAM_OPEN = ("detailed_caption",)
 DOWNSTREAM_CHOICE = ("count_mc", "attribute_mc")
 FAMILIES = PRETRAIN_FAMILIES + DOWNSTREAM_OPEN + DOWNSTREAM_CHOICE
-CHOICE_FAMILIES = ("position_mc", *DOWNSTREAM_CHOICE)
+CHOICE_FAMILIES = ("background_mc", "position_mc", *DOWNSTREAM_CHOICE)
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 
 
@@ -214,6 +214,13 @@ def count_vqa(scene: Scene, rng: random.Random):
     return f"How many objects are there?\n{SHORT_ANSWER_INSTRUCTION}", [answer], None, None
 
 
+def background_mc(scene: Scene, rng: random.Random):
+    options = list(BACKGROUNDS)
+    rng.shuffle(options)
+    index = options.index(scene.background)
+    return multiple_choice_prompt("What color is the background?", options), [letter(index)], options, index
+
+
 def position_mc(scene: Scene, rng: random.Random):
     thing = _unique_thing(scene, rng)
     truth = CELLS[thing.cell]
@@ -248,7 +255,7 @@ def attribute_mc(scene: Scene, rng: random.Random):
 GENERATORS: dict[str, Callable] = {
     "brief_caption": brief_caption, "color_vqa": color_vqa, "shape_vqa": shape_vqa,
     "position_vqa": position_vqa, "exists_vqa": exists_vqa, "ocr_vqa": ocr_vqa,
-    "position_mc": position_mc, "count_vqa": count_vqa,
+    "background_mc": background_mc, "position_mc": position_mc, "count_vqa": count_vqa,
     "detailed_caption": detailed_caption, "count_mc": count_mc, "attribute_mc": attribute_mc,
 }
 METRIC = {"brief_caption": "cider", "detailed_caption": "cider", **{f: "mc" for f in CHOICE_FAMILIES}}
