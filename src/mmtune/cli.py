@@ -252,9 +252,17 @@ def cmd_ls(args) -> int:
             print(f"{name:<{width}}  {cls.description}")
             print(f"{'':<{width}}  options: {describe_config(cls)}")
     elif args.what == "families":
-        from mmtune.data.synthetic import DOWNSTREAM_CHOICE, DOWNSTREAM_OPEN, PRETRAIN_FAMILIES
+        from mmtune.data.synthetic import (
+            DOWNSTREAM_CHOICE,
+            DOWNSTREAM_OPEN,
+            HELDOUT_FAMILIES,
+            PRETRAIN_ONLY,
+            WORLD_VERSION,
+        )
 
-        print("pre-training / held-out:", ", ".join(PRETRAIN_FAMILIES))
+        print(f"synthetic world, version {WORLD_VERSION}")
+        print("pre-training and held-out:", ", ".join(HELDOUT_FAMILIES))
+        print("pre-training only (a small share):", ", ".join(PRETRAIN_ONLY), "(+ a little detailed_caption)")
         print("downstream open-response:", ", ".join(DOWNSTREAM_OPEN))
         print("downstream fixed-choice:", ", ".join(DOWNSTREAM_CHOICE))
     elif args.what == "architectures":
