@@ -35,13 +35,37 @@ def metric_rows(run):
     return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in rows]
 
 
-def test_gradient_accumulation_2x4_matches_8x1(tiny_config):
-    a = train(tiny_config("train.batch_size=4", "train.grad_accum=2", "train.max_steps=2", out="accum"))
-    b = train(tiny_config("train.batch_size=8", "train.grad_accum=1", "train.max_steps=2", out="batch"))
+@pytest.mark.parametrize("reduction", ["token", "sample"])
+def test_gradient_accumulation_2x4_matches_8x1(tiny_config, reduction):
+    # The micro-batches hold different numbers of target tokens: the token mean must count the whole step's.
+    a = train(tiny_config("train.batch_size=4", "train.grad_accum=2", "train.max_steps=2",
+                          f"train.loss_reduction={reduction}", out="accum"))
+    b = train(tiny_config("train.batch_size=8", "train.grad_accum=1", "train.max_steps=2",
+                          f"train.loss_reduction={reduction}", out="batch"))
     wa, wb = final_weights(a), final_weights(b)
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
     assert losses(a) == pytest.approx(losses(b), rel=1e-5)
+
+
+def test_the_two_loss_reductions_differ_by_hand():
+    """token: Σ token losses / #tokens; sample: mean over samples of each sample's token mean."""
+    from types import SimpleNamespace
+
+    from mmtune.losses import compute_losses
+
+    logits = torch.zeros(2, 4, 3)  # uniform over 3 tokens: every target token costs log 3
+    logits[0, 0, 1] = 5.0  # sample 0's first target is easy
+    labels = torch.tensor([[-100, 1, 2, 0], [-100, 2, -100, -100]])  # 3 target tokens, then 1
+    model = lambda **_: SimpleNamespace(logits=logits)  # noqa: E731
+    ctx = SimpleNamespace(model=model)
+    batch = {"labels": labels, "input_ids": labels}
+    easy = -torch.log_softmax(logits[0, 0], -1)[1]
+    log3 = torch.log(torch.tensor(3.0))
+    token = compute_losses(ctx, [], batch, "token")[0]["ce"]
+    sample = compute_losses(ctx, [], batch, "sample")[0]["ce"]
+    torch.testing.assert_close(token, (easy + 3 * log3) / 4)
+    torch.testing.assert_close(sample, ((easy + 2 * log3) / 3 + log3) / 2)
 
 
 def test_resume_equals_uninterrupted_run(tiny_config, tmp_path):

@@ -122,6 +122,9 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"  # no | bf16 | fp16
+    # token: mean over the batch's target tokens (Hugging Face / LLaVA, SPIDER's released code);
+    # sample: mean over samples of each sample's token mean (NRCA's released code)
+    loss_reduction: str = "token"
     log_every: int = 1
     save_every: int | None = None  # optimizer steps between checkpoints (None: only at the end)
     keep_checkpoints: int | None = None  # keep the newest N periodic checkpoints (None: all)
@@ -139,6 +142,8 @@ class TrainConfig:
         _check(0 <= self.warmup_ratio <= 1, f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1]")
         _check(self.max_grad_norm is None or self.max_grad_norm > 0,
                f"train.max_grad_norm={self.max_grad_norm} must be > 0 (or null: no clipping)")
+        _check(self.loss_reduction in ("token", "sample"),
+               f"train.loss_reduction={self.loss_reduction!r}; choose token or sample")
         _check(self.mixed_precision in MIXED_PRECISIONS,
                f"train.mixed_precision={self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISIONS)}")
         for key in ("save_every", "keep_checkpoints"):

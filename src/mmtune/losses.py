@@ -44,14 +44,29 @@ def target_token_counts(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
 
 
-def compute_losses(ctx, methods, batch: dict):
-    """Cross-entropy (plain mean of per-sample means) plus every method's named extra terms.
+LOSS_REDUCTIONS = ("token", "sample")
 
-    Returns ``(terms, outputs)``: the named loss terms and the clean forward's outputs.
+
+def compute_losses(ctx, methods, batch: dict, reduction: str = "sample", tokens: float | None = None):
+    """Cross-entropy plus every method's named extra terms; returns ``(terms, outputs)`` (terms named, outputs of
+    the clean forward).
+
+    ``reduction`` (``train.loss_reduction``): ``token`` — the sum of target-token losses divided by ``tokens``
+    (the Hugging Face convention: every token weighs the same; the loop passes the step's token count so
+    gradient accumulation and several processes give the batch's exact token mean); ``sample`` — the plain
+    mean over samples of each sample's mean token loss (NRCA's released code: a long caption and a one-letter
+    answer weigh the same). Methods always receive the per-sample losses.
     """
     outputs = ctx.model(**model_inputs(batch))
-    sample_loss = sample_cross_entropy(outputs.logits, batch["labels"])
-    terms = {"ce": sample_loss.mean()}
+    log_probs, index = target_log_probs(outputs.logits, batch["labels"])
+    sample_loss = per_sample_mean(-log_probs, index, batch["labels"].shape[0])
+    if reduction == "sample":
+        ce = sample_loss.mean()
+    elif reduction == "token":
+        ce = -log_probs.sum() / (tokens if tokens is not None else max(1, log_probs.numel()))
+    else:
+        raise ValueError(f"unknown loss reduction {reduction!r}; choose one of {LOSS_REDUCTIONS}")
+    terms = {"ce": ce}
     for method in methods:
         for key, value in method.extra_losses(ctx, batch, outputs, sample_loss).items():
             if key in terms:

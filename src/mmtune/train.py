@@ -36,7 +36,7 @@ from mmtune.checkpoint import (
     step_dir_name,
 )
 from mmtune.config import RunConfig, load_config, save_config, to_dict
-from mmtune.data.collate import RecordDataset, TrainCollator
+from mmtune.data.collate import IGNORE_INDEX, RecordDataset, TrainCollator
 from mmtune.data.mixture import build_mixture, mixture_summary
 from mmtune.data.records import RecordError
 from mmtune.data.synthetic import SYNTHETIC_PREFIX, ensure_world, resolve_task_path, vocabulary
@@ -380,6 +380,16 @@ def check_finite(step: int, terms: dict[str, float], grad_norm: float) -> None:
                              "coefficients, or check the data.")
 
 
+def step_tokens(accelerator: Accelerator, micro: list[dict]) -> float:
+    """Target tokens of one optimizer step, per process on average (all processes' micro-batches counted): the
+    token-mean loss divides by it, so accumulation and DDP's gradient averaging give the exact token mean."""
+    count = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)),
+                         device=accelerator.device)
+    if accelerator.num_processes > 1:
+        count = accelerator.reduce(count, "sum") / accelerator.num_processes
+    return max(1.0, float(count))
+
+
 def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
     """Phase 5: optimizer steps until ``total_steps``; returns the seconds spent."""
     config, accelerator, ctx, methods = run.config, run.accelerator, run.ctx, run.methods
@@ -401,11 +411,12 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
                 if len(micro) < accum:
                     continue
                 totals: dict[str, float] = {}
+                tokens = step_tokens(accelerator, micro) / accum if config.train.loss_reduction == "token" else None
                 for index, piece in enumerate(micro):
                     last = index == len(micro) - 1
                     with contextlib.nullcontext() if last else accelerator.no_sync(run.model):
                         with accelerator.autocast():
-                            terms, _ = compute_losses(ctx, methods, piece)
+                            terms, _ = compute_losses(ctx, methods, piece, config.train.loss_reduction, tokens)
                         accelerator.backward(sum(terms.values()) / accum)
                     for key, value in terms.items():
                         totals[key] = totals.get(key, 0.0) + float(value.detach()) / accum

@@ -16,9 +16,21 @@ def test_importance_by_hand():
     (torch.full((3, 2), -2.0), 0.5),
     (torch.tensor([7.0]), 0.5),
 ])
-def test_importance_edge_cases(tensor, value):
-    out = importance(tensor)
+def test_importance_edge_cases_neutral(tensor, value):
+    out = importance(tensor, constant="neutral")
     assert torch.isfinite(out).all() and torch.all(out == value)
+
+
+def test_constant_magnitude_is_nan_and_frozen_by_default_as_the_released_code():
+    # The released code: (|W| − mean) / std with std 0 → NaN importance → every comparison false → C = 0.
+    ones = torch.ones(3, 2)
+    assert torch.isnan(importance(ones)).all() and torch.isnan(importance(torch.tensor([7.0]))).all()
+    assert torch.all(importance(torch.zeros(4)) == 0)  # all-zero stays 0 (the spec's rule), not NaN
+    moved = ones + torch.tensor([[0.1, -0.2], [0.3, 0.0], [0.05, 0.4]])
+    grad_sum = torch.tensor([[1.0, -3.0], [0.5, 2.0], [0.1, 0.2]])
+    assert torch.equal(allocate(moved, ones, grad_sum), ones)  # held at W0
+    neutral = allocate(moved, ones, grad_sum, constant="neutral")
+    assert not torch.equal(neutral, ones)  # moves where I(G) > 0.5
 
 
 def test_allocation_coefficients_by_hand():

@@ -67,9 +67,13 @@ class MethodCallback(TrainerCallback):
 class MethodTrainer(Trainer):
     """A ``transformers.Trainer`` whose loss and update rules come from mmtune methods."""
 
-    def __init__(self, *args, methods: list[Method] | None = None, **kwargs):
+    def __init__(self, *args, methods: list[Method] | None = None, loss_reduction: str = "token", **kwargs):
         super().__init__(*args, **kwargs)
         self.methods = methods or []
+        self.loss_reduction = loss_reduction  # token (the Hugging Face convention) | sample (NRCA's released code)
+        # Our loss is a mean over each micro-batch, not a sum over the step's tokens: let the Trainer divide by
+        # the accumulation steps (it skips that for models whose forward takes loss kwargs).
+        self.model_accepts_loss_kwargs = False
         self.ctx: TrainContext | None = None
         self.resumed_from: str | None = None
         self.add_callback(MethodCallback(self.methods, self))
@@ -99,7 +103,8 @@ class MethodTrainer(Trainer):
         model.load_state_dict(reloaded.state_dict())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        terms, outputs = compute_losses(self.ctx, self.methods, inputs)
+        # Per micro-batch means; the Trainer divides by the accumulation steps (model_accepts_loss_kwargs=False).
+        terms, outputs = compute_losses(self.ctx, self.methods, inputs, self.loss_reduction)
         loss = sum(terms.values())
         return (loss, outputs) if return_outputs else loss
 

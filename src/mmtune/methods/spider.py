@@ -26,9 +26,12 @@ Sharded parameters (FSDP2 DTensors): everything runs on the local shard; the sta
 whole tensor (mean/std of |A|, the mean of the non-zero C) come from all-reduced partial sums over the
 tensor's shard group — scalars only, no gather.
 
-Edge cases the reference leaves undefined: a tensor with constant magnitude (std 0) has importance
-0.5 everywhere (no entry matters more than another) instead of NaN; a one-element tensor likewise;
-an entry where both importances are 0 does not move.
+A tensor of constant magnitude (std 0 — e.g. LayerNorm weights at their initial 1.0 — or one element):
+the released code divides by a zero std, its importance is NaN, every comparison with NaN is false and its
+coefficient is 0, so the tensor is held at W0 for the whole run. That is the default here
+(``constant_magnitude: freeze``); ``neutral`` instead gives such a tensor importance 0.5 everywhere (no entry
+matters more than another), so it moves where the gradient's importance beats 0.5. An entry where both
+importances are 0 does not move.
 
 Not supported: LoRA (W0 of a zero-initialised adapter has no pre-trained importance; SPIDER refuses
 with a clear error) and shards that are not DTensors (FSDP1 flat parameters, DeepSpeed ZeRO-3
@@ -70,14 +73,18 @@ def _global_sums(values: list[torch.Tensor | float], groups: Groups) -> list[flo
     return packed.tolist()
 
 
-def _standardise_(magnitude: torch.Tensor, groups: Groups = ()) -> Standardisation:
+CONSTANT_MAGNITUDE = ("freeze", "neutral")
+
+
+def _standardise_(magnitude: torch.Tensor, groups: Groups = (), constant: str = "freeze") -> Standardisation:
     """Centre ``magnitude`` (= |A|, contiguous) in place on mean|A| and return ``(centre, scale)``, with
     ``scale = 1/std|A|`` (unbiased std, as ``torch.std``); mean and std are over the whole tensor, all its
     shards when ``groups`` are given (all-reduces of scalars, no gather).
 
     Degenerate tensors are folded into the two scalars, so the big tensor sees only in-place arithmetic
     (``torch.where`` / masking over a large tensor cost ~10× an arithmetic pass on CPU): a constant
-    magnitude (std 0, or one element) gets scale 0, hence z = 0 and importance 0.5; an all-zero tensor is
+    magnitude (std 0, or one element) gets scale NaN with ``constant="freeze"`` (the released code's 0/0:
+    importance NaN, so no entry moves) or 0 with ``"neutral"`` (z = 0, importance 0.5); an all-zero tensor is
     centred on the smallest normal float with scale inf, hence z = −inf and importance 0.
     """
     total, count = _global_sums([magnitude.sum(), magnitude.numel()], groups)
@@ -88,19 +95,22 @@ def _standardise_(magnitude: torch.Tensor, groups: Groups = ()) -> Standardisati
     std = math.sqrt(sum_sq / (count - 1)) if count > 1 else 0.0
     if mean <= 0:
         return centre, math.inf
-    return centre, 1.0 / std if std > 0 else 0.0
+    if std > 0:
+        return centre, 1.0 / std
+    return centre, math.nan if constant == "freeze" else 0.0
 
 
-def standardisation(tensor: torch.Tensor, groups: Groups = ()) -> Standardisation:
+def standardisation(tensor: torch.Tensor, groups: Groups = (), constant: str = "freeze") -> Standardisation:
     """``(centre, scale)`` of ``importance(tensor)``: SPIDER computes W0's once (W0 never changes)."""
-    return _standardise_(tensor.detach().float().abs().contiguous(), groups)
+    return _standardise_(tensor.detach().float().abs().contiguous(), groups, constant)
 
 
 def importance(tensor: torch.Tensor, *, standardised: Standardisation | None = None,
-               out: torch.Tensor | None = None, groups: Groups = ()) -> torch.Tensor:
+               out: torch.Tensor | None = None, groups: Groups = (), constant: str = "freeze") -> torch.Tensor:
     """``sigmoid((|A| − mean|A|) / std|A|)`` over the tensor (unbiased std); all-zero input gives zeros.
 
-    A constant magnitude (std 0, or a single element) gives 0.5 everywhere.
+    A constant magnitude (std 0, or a single element) gives NaN everywhere (``constant="freeze"``, the released
+    code) or 0.5 everywhere (``"neutral"``).
     ``standardised``: precomputed ``standardisation(tensor)``; ``out``: a contiguous fp32 buffer of the
     tensor's shape to compute in, instead of allocating one; ``groups``: ``tensor`` is one shard of a tensor
     split over these process groups (mean and std are then over the whole tensor).
@@ -113,7 +123,7 @@ def importance(tensor: torch.Tensor, *, standardised: Standardisation | None = N
     else:
         magnitude = out.copy_(tensor).abs_()
     if standardised is None:
-        centre, scale = _standardise_(magnitude, groups)
+        centre, scale = _standardise_(magnitude, groups, constant)
     else:
         centre, scale = standardised
         magnitude.sub_(centre)
@@ -135,25 +145,27 @@ def allocation_coefficients(importance_pre: torch.Tensor, importance_ft: torch.T
     moves = torch.lt(importance_pre, importance_ft, out=scratch) if scratch is not None \
         else torch.lt(importance_pre, importance_ft).float()
     ratio = importance_ft.div_(importance_pre.add_(importance_ft))
-    coefficients = ratio.mul_(moves).nan_to_num_(0.0)  # 0/0 where both importances are 0: no move
+    coefficients = ratio.mul_(moves).nan_to_num_(0.0)  # 0/0 (both importances 0) or NaN importance: no move
     count, total = _global_sums([moves.sum(), coefficients.sum()], groups)
     return coefficients.mul_(count / total if count > 0 else 0.0).clamp_(max=1.0)  # ÷ mean of the non-zero C
 
 
-def allocate(weight: torch.Tensor, pretrained: torch.Tensor, grad_sum: torch.Tensor) -> torch.Tensor:
+def allocate(weight: torch.Tensor, pretrained: torch.Tensor, grad_sum: torch.Tensor,
+             constant: str = "freeze") -> torch.Tensor:
     """The new value of one tensor: ``(1 − C)·W0 + C·W`` (a new tensor; see ``allocate_`` for the in-place update)."""
-    c = allocation_coefficients(importance(pretrained), importance(grad_sum), in_place=True)
+    c = allocation_coefficients(importance(pretrained, constant=constant), importance(grad_sum, constant=constant),
+                                in_place=True)
     return torch.lerp(pretrained.float(), weight.float(), c).to(weight.dtype)
 
 
 def allocate_(weight: torch.Tensor, pretrained: torch.Tensor, grad_sum: torch.Tensor,
               pretrained_standardised: Standardisation, buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-              groups: Groups = ()) -> None:
+              groups: Groups = (), constant: str = "freeze") -> None:
     """``allocate`` in place on ``weight`` (or on a shard of it, with ``groups``), computing in three
     contiguous fp32 ``buffers`` of its shape."""
     pre, ft, scratch = buffers
     importance(pretrained, standardised=pretrained_standardised, out=pre)
-    importance(grad_sum, out=ft, groups=groups)
+    importance(grad_sum, out=ft, groups=groups, constant=constant)
     c = allocation_coefficients(pre, ft, in_place=True, scratch=scratch, groups=groups)
     if weight.dtype == pretrained.dtype == torch.float32:
         torch.lerp(pretrained, weight, c, out=weight)
@@ -176,7 +188,16 @@ def shard_groups(tensor: torch.Tensor) -> tuple:
 
 @dataclass
 class SpiderConfig(MethodConfig):
-    """SPIDER has no coefficient to tune: the allocation is decided by the importance discrepancy."""
+    """SPIDER has no coefficient to tune: the allocation is decided by the importance discrepancy.
+
+    ``constant_magnitude``: what a tensor of constant magnitude does — ``freeze`` (released code: held at W0)
+    or ``neutral`` (importance 0.5: it moves where the gradient's importance beats that)."""
+
+    constant_magnitude: str = "freeze"
+
+    def __post_init__(self):
+        if self.constant_magnitude not in CONSTANT_MAGNITUDE:
+            raise ValueError(f"constant_magnitude={self.constant_magnitude!r}; choose one of {CONSTANT_MAGNITUDE}")
 
 
 @register
@@ -210,7 +231,9 @@ class Spider(Method):
         self._standardise_pretrained()
 
     def _standardise_pretrained(self) -> None:
-        self.standardised = {name: standardisation(w0, self.groups.get(name, ())) for name, w0 in self.pretrained.items()}
+        constant = self.config.constant_magnitude
+        self.standardised = {name: standardisation(w0, self.groups.get(name, ()), constant)
+                             for name, w0 in self.pretrained.items()}
 
     @torch.no_grad()
     def before_optimizer_step(self, ctx):
@@ -230,7 +253,7 @@ class Spider(Method):
                 scratch[weight.device] = torch.empty(3, largest, device=weight.device)
             buffers = tuple(b[:weight.numel()].view(weight.shape) for b in scratch[weight.device])
             allocate_(weight, self.pretrained[name], self.grad_sum[name], self.standardised[name], buffers,
-                      self.groups[name])
+                      self.groups[name], self.config.constant_magnitude)
 
     def state_dict(self):
         return {"pretrained": self.pretrained, "grad_sum": self.grad_sum}
