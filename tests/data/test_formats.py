@@ -1,6 +1,7 @@
 """Every converter on a fixture folder in the dataset's real layout (a few records, tiny images)."""
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -182,3 +183,47 @@ def test_cli_prepare_stats_export(tmp_path, capsys):
     assert "scienceqa" in capsys.readouterr().out
     assert main(["data", "export-llava", str(out), "--out", str(tmp_path / "mix.json")]) == 0
     assert len(json.loads((tmp_path / "mix.json").read_text())) == 2
+
+
+def test_scienceqa_mini_splits_find_images_under_each_problems_own_split(tmp_path):
+    # The release: pid_splits.json has minival / minitest lists of val / test problems, and every image sits
+    # under images/<the problem's split>/<pid>/ (ScienceQA's own loader builds that path from problem["split"]).
+    problems = {"7": {"question": "Q?", "choices": ["x", "y"], "answer": 1, "hint": "", "image": "image.png",
+                      "split": "val"},
+                "8": {"question": "Q?", "choices": ["x", "y"], "answer": 0, "hint": "", "image": "image.png",
+                      "split": "test"}}
+    _json(tmp_path / "problems.json", problems)
+    _json(tmp_path / "pid_splits.json", {"val": ["7"], "test": ["8"], "minival": ["7"], "minitest": ["8"]})
+    _image(tmp_path / "images" / "val" / "7" / "image.png")
+    _image(tmp_path / "images" / "test" / "8" / "image.png")
+    (record,) = prepare("scienceqa", tmp_path, "minival")[0]
+    assert record.image == str(tmp_path / "images" / "val" / "7" / "image.png")
+    assert prepare("scienceqa", tmp_path, "minitest")[0][0].id == "scienceqa-8"
+    with pytest.raises(ValueError, match="no split 'minidev'; it has minitest, minival, test, val"):
+        prepare("scienceqa", tmp_path, "minidev")
+
+
+def test_iconqa_accepts_the_folder_as_downloaded(tmp_path):
+    root = tmp_path / "iconqa_data"
+    _json(root / "problems.json", {"5": {"question": "Q?", "choices": ["a", "b"], "answer": 1, "split": "val",
+                                         "ques_type": "choose_txt"}})
+    _json(root / "pid_splits.json", {"choose_txt_val": ["5"]})
+    _json(root / "iconqa" / "val" / "choose_txt" / "5" / "data.json",
+          {"question": "Q?", "choices": ["a", "b"], "answer": 1, "ques_type": "choose_txt"})
+    _image(root / "iconqa" / "val" / "choose_txt" / "5" / "image.png")
+    (record,) = prepare("iconqa", root, "val")[0]
+    assert record.answers == ["B"] and record.image == str(root / "iconqa" / "val" / "choose_txt" / "5" / "image.png")
+    with pytest.raises(FileNotFoundError, match="splits found: val"):
+        prepare("iconqa", root, "test")
+
+
+def test_ocrvqa_image_extension_comes_from_the_image_url(tmp_path):
+    _json(tmp_path / "dataset.json", {
+        "p1": {"imageURL": "http://ecx.images-amazon.com/images/I/51abc.png", "questions": ["Title?"],
+               "answers": ["A"], "split": 1},
+        "g1": {"imageURL": "http://ecx.images-amazon.com/images/I/61xyz.gif", "questions": ["Genre?"],
+               "answers": ["B"], "split": 1}})
+    _image(tmp_path / "images" / "p1.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "images" / "g1.gif")
+    records, _ = prepare("ocrvqa", tmp_path, "train")
+    assert [Path(r.image).name for r in records] == ["p1.png", "g1.gif"]

@@ -8,14 +8,18 @@ from pathlib import Path
 from mmtune.data.formats import load_json
 from mmtune.data.records import Record, letter, multiple_choice_prompt
 
-LAYOUT = """ROOT/<split>/choose_txt/<qid>/data.json   {"question", "choices", "answer" (index), ...}
-ROOT/<split>/choose_txt/<qid>/image.png"""
+LAYOUT = """ROOT/iconqa/<split>/choose_txt/<qid>/data.json   {"question", "choices", "answer" (index), ...}
+ROOT/iconqa/<split>/choose_txt/<qid>/image.png
+ROOT is the folder as downloaded (iconqa_data/, beside problems.json and pid_splits.json), or its inner iconqa/."""
 
 
 def convert(root: Path, split: str, **_) -> Iterator[Record]:
+    if (root / "iconqa").is_dir():  # the release's top folder, iconqa_data/
+        root = root / "iconqa"
     folder = root / split / "choose_txt"
     if not folder.is_dir():
-        raise FileNotFoundError(f"expected IconQA folder not found: {folder}")
+        found = sorted(p.name for p in root.iterdir() if (p / "choose_txt").is_dir()) if root.is_dir() else []
+        raise FileNotFoundError(f"expected IconQA folder not found: {folder} (splits found: {', '.join(found) or 'none'})")
     for question_dir in sorted(folder.iterdir(), key=lambda p: p.name):
         if not (question_dir / "data.json").is_file():
             continue
