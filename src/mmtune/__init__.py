@@ -1,3 +1,32 @@
-"""mmtune: multi-task fine-tuning of multimodal LLMs, measured as specialization vs generalization."""
+"""mmtune: multi-task fine-tuning of multimodal LLMs, measured as specialization vs generalization.
 
-__version__ = "0.1.0"
+The public API (imported on first use, so ``import mmtune`` stays light)::
+
+    from mmtune import load_config, train, evaluate, write_report, NRCA, Spider, MethodTrainer
+"""
+
+from importlib import import_module
+
+__version__ = "0.2.0"
+
+_API = {
+    "load_config": "mmtune.config", "RunConfig": "mmtune.config",
+    "train": "mmtune.train",
+    "evaluate": "mmtune.evaluate",
+    "score": "mmtune.metrics",
+    "build_report": "mmtune.report", "write_report": "mmtune.report",
+    "load_model": "mmtune.models.load",
+    "read_records": "mmtune.data.records", "write_records": "mmtune.data.records", "Record": "mmtune.data.records",
+    "generate_world": "mmtune.data.synthetic",
+    "Method": "mmtune.methods", "MethodConfig": "mmtune.methods", "register": "mmtune.methods",
+    "NRCA": "mmtune.methods", "NRCAConfig": "mmtune.methods", "Spider": "mmtune.methods",
+    "SpiderConfig": "mmtune.methods",
+    "MethodTrainer": "mmtune.integrations.hf_trainer", "MethodCallback": "mmtune.integrations.hf_trainer",
+}
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(import_module(_API[name]), name)
+    raise AttributeError(f"module 'mmtune' has no attribute {name!r}")

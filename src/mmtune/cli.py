@@ -274,7 +274,10 @@ def cmd_ls(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mmtune import __version__
+
     parser = argparse.ArgumentParser(prog="mmtune", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mmtune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="fine-tune a model from a YAML config (+ key=value overrides)")

@@ -1,19 +1,26 @@
-"""Built-in methods; importing this package registers them all."""
+"""Built-in methods; importing this package registers them all.
 
-from mmtune.methods import (  # noqa: F401
-    dare,
-    grafting,
-    half_ft,
-    l1_reg,
-    l2_reg,
-    lora,
-    magnitude_mask,
-    nrca,
-    random_mask,
-    spider,
-    vanilla,
-    wise_ft,
-)
+    from mmtune.methods import NRCA, NRCAConfig, Spider
+    trainer = MethodTrainer(..., methods=[NRCA(NRCAConfig(lam=0.5)), Spider()])
+"""
+
 from mmtune.methods.base import METHODS, Method, MethodConfig, TrainContext, build_methods, register
+from mmtune.methods.dare import Dare, DareConfig
+from mmtune.methods.grafting import Grafting, GraftingConfig
+from mmtune.methods.half_ft import HalfFT, HalfFTConfig
+from mmtune.methods.l1_reg import L1Reg, L1RegConfig
+from mmtune.methods.l2_reg import L2Reg, L2RegConfig
+from mmtune.methods.lora import Lora, LoraMethodConfig
+from mmtune.methods.magnitude_mask import MagnitudeMask
+from mmtune.methods.nrca import NRCA, NRCAConfig
+from mmtune.methods.random_mask import MaskConfig, RandomMask
+from mmtune.methods.spider import Spider, SpiderConfig
+from mmtune.methods.vanilla import Vanilla
+from mmtune.methods.wise_ft import WiseFT, WiseFTConfig
 
-__all__ = ["METHODS", "Method", "MethodConfig", "TrainContext", "build_methods", "register"]
+__all__ = [
+    "METHODS", "Method", "MethodConfig", "TrainContext", "build_methods", "register",
+    "Dare", "DareConfig", "Grafting", "GraftingConfig", "HalfFT", "HalfFTConfig", "L1Reg", "L1RegConfig",
+    "L2Reg", "L2RegConfig", "Lora", "LoraMethodConfig", "MagnitudeMask", "MaskConfig", "NRCA", "NRCAConfig",
+    "RandomMask", "Spider", "SpiderConfig", "Vanilla", "WiseFT", "WiseFTConfig",
+]
