@@ -254,3 +254,20 @@ def test_output_dir_under_a_file_is_a_clear_error(tiny_config, tmp_path):
 def test_tiny_model_honours_model_dtype(tiny_config):
     run = train(tiny_config("model.dtype=bf16"))
     assert all(t.dtype == torch.bfloat16 for t in final_weights(run).values() if t.is_floating_point())
+
+
+def test_an_over_length_record_names_its_file_and_line(tiny_config, world):
+    with pytest.raises(Exception, match=r"detailed_caption_train.jsonl:\d+: record .* longer than data.max_length=20"):
+        train(tiny_config("data.max_length=20", out="long"))
+
+
+def test_export_llava_replaces_a_planted_link(tmp_path, world):
+    from mmtune.data.formats.llava import export
+    from mmtune.data.records import read_records
+
+    victim = tmp_path / "victim.json"
+    victim.write_text("precious")
+    out = tmp_path / "mix.json"
+    out.symlink_to(victim)
+    export(read_records(world / "count_mc_test.jsonl")[:2], out, overwrite=True)
+    assert victim.read_text() == "precious" and not out.is_symlink() and json.loads(out.read_text())
