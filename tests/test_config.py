@@ -52,3 +52,26 @@ def test_round_trip(tmp_path):
     config = load_config(ROOT / "configs/tiny.yaml", ["train.seed=7"])
     save_config(config, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == config
+
+
+def test_config_keys_lists_every_key_with_a_meaning(capsys):
+    from mmtune.cli import main
+    from mmtune.config import describe_keys
+
+    rows = describe_keys()
+    assert all(meaning for *_, meaning in rows), [r[0] for r in rows if not r[3]]  # a new key needs its comment
+    assert {"train.loss_reduction", "data.synthetic.seed", "method.name", "eval.limit"} <= {r[0] for r in rows}
+    assert main(["config", "keys"]) == 0
+    assert "train.loss_reduction" in capsys.readouterr().out
+
+
+def test_config_show_resolves_overrides_and_suggests_keys(capsys):
+    import yaml
+
+    from mmtune.cli import main
+
+    assert main(["config", "show", str(ROOT / "configs/tiny.yaml"), "train.seed=7"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["train"]["seed"] == 7 and shown["train"]["loss_reduction"] == "token"
+    assert main(["config", "show", str(ROOT / "configs/tiny.yaml"), "train.sed=7"]) == 2
+    assert "unknown key train.sed (did you mean seed?)" in capsys.readouterr().err

@@ -241,6 +241,22 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    """``mmtune config show CONFIG [overrides]`` (the resolved config) | ``mmtune config keys`` (every key)."""
+    from mmtune.config import describe_keys, load_config, to_dict
+
+    if args.config_command == "show":
+        import yaml
+
+        print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+        return 0
+    rows = describe_keys()
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for key, kind, default, meaning in rows:
+        print(f"{key:<{widths[0]}}  {kind:<{widths[1]}}  {default:<{widths[2]}}  {meaning}")
+    return 0
+
+
 def cmd_ls(args) -> int:
     if args.what == "methods":
         from mmtune.methods import METHODS
@@ -366,6 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", help="output model folder (default: RUN/merged-alpha<A>)")
     merge.add_argument("--overwrite", action="store_true")
     merge.set_defaults(func=cmd_merge)
+
+    config = sub.add_parser("config", help="show a resolved run config, or list every config key")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="print CONFIG with its overrides applied and every default filled in")
+    show.add_argument("config", help="YAML run config")
+    show.add_argument("overrides", nargs="*", help="key=value overrides")
+    config_sub.add_parser("keys", help="every key with its type, default and meaning")
+    config.set_defaults(func=cmd_config)
 
     ls = sub.add_parser("ls", help="list registered methods, synthetic task families or architectures")
     ls.add_argument("what", choices=["methods", "families", "architectures"])

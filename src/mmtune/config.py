@@ -34,13 +34,13 @@ MIXED_PRECISIONS = ("no", "bf16", "fp16")
 class ModelConfig:
     path: str = ""  # local Hugging Face checkpoint folder
     tiny: str | None = None  # or build a tiny random model of this architecture: llava | qwen2_vl | idefics3
-    tiny_hidden_size: int = 64
-    tiny_layers: int = 4
-    tiny_image_size: int = 32
-    tiny_vision_hidden_size: int = 32
+    tiny_hidden_size: int = 64  # tiny model: hidden size of the language model
+    tiny_layers: int = 4  # tiny model: number of language-model blocks
+    tiny_image_size: int = 32  # tiny model: input image side in pixels (8-pixel patches)
+    tiny_vision_hidden_size: int = 32  # tiny model: hidden size of the vision tower
     dtype: str = "fp32"  # fp32 | bf16 | fp16 (weights as loaded)
     attn_implementation: str | None = None  # eager | sdpa | flash_attention_2
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, more time)
 
     def __post_init__(self):
         from mmtune.models.tiny import TINY_ARCHITECTURES
@@ -58,10 +58,10 @@ class ModelConfig:
 class ScopeConfig:
     """What trains (the papers' setup): vision frozen, projector + last N LLM blocks, two learning rates."""
 
-    train_projector: bool = True
-    last_n_blocks: int = 2
-    lr_blocks: float = 2e-4
-    lr_projector: float = 2e-5
+    train_projector: bool = True  # train the vision-to-language connector
+    last_n_blocks: int = 2  # train the last N language-model blocks (the papers: 2)
+    lr_blocks: float = 2e-4  # learning rate of the LLM blocks (the papers, LLaVA: 2e-4)
+    lr_projector: float = 2e-5  # learning rate of the projector (the papers, LLaVA: 2e-5)
     full: bool = False  # train every parameter (pre-training a model from scratch, e.g. the demo's base)
 
     def __post_init__(self):
@@ -87,10 +87,10 @@ class SyntheticConfig:
     """The generated world used by ``synthetic:<family>`` task paths."""
 
     dir: str | None = None  # default: <output_dir>/synthetic
-    seed: int = 0
-    n_train: int = 1000
-    n_test: int = 200
-    image_size: int = 48
+    seed: int = 0  # the world's seed (images and records)
+    n_train: int = 1000  # training images
+    n_test: int = 200  # test images
+    image_size: int = 48  # image side in pixels
 
     def __post_init__(self):
         for key, least in (("n_train", 1), ("n_test", 1), ("image_size", 8)):
@@ -99,10 +99,10 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    tasks: list[TaskSpec] = field(default_factory=list)
-    max_length: int = 2048
-    skip_bad_records: bool = False
-    num_workers: int = 0
+    tasks: list[TaskSpec] = field(default_factory=list)  # training tasks: {path, n, weight} or a path
+    max_length: int = 2048  # longest prompt + answer in tokens (image tokens included); longer is an error
+    skip_bad_records: bool = False  # skip bad records and count them in train_summary.json instead of stopping
+    num_workers: int = 0  # DataLoader worker processes
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self):
@@ -112,25 +112,23 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/run"
-    seed: int = 0
-    epochs: float = 1.0
+    output_dir: str = "runs/run"  # the run's folder (final/, checkpoints/, metrics.jsonl, eval/, report/)
+    seed: int = 0  # seeds data order, initialisation of new weights and the methods' randomness
+    epochs: float = 1.0  # passes over the task mixture (fractions allowed)
     max_steps: int | None = None  # if set, overrides epochs
     batch_size: int = 16  # per device, per micro-batch
-    grad_accum: int = 1
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"  # no | bf16 | fp16
-    # token: mean over the batch's target tokens (Hugging Face / LLaVA, SPIDER's released code);
-    # sample: mean over samples of each sample's token mean (NRCA's released code)
-    loss_reduction: str = "token"
-    log_every: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step
+    weight_decay: float = 0.0  # AdamW weight decay (the papers: 0)
+    warmup_ratio: float = 0.03  # linear warm-up share of the steps, then cosine decay
+    max_grad_norm: float | None = 1.0  # clip the gradient norm (null: no clipping)
+    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU)
+    loss_reduction: str = "token"  # token: mean over target tokens (Hugging Face, SPIDER) | sample: NRCA's code
+    log_every: int = 1  # optimizer steps between rows of metrics.jsonl
     save_every: int | None = None  # optimizer steps between checkpoints (None: only at the end)
     keep_checkpoints: int | None = None  # keep the newest N periodic checkpoints (None: all)
     resume_from: str | None = None  # a checkpoint folder or "latest"
     overwrite: bool = False  # allow replacing an existing run in output_dir
-    progress: bool = True
+    progress: bool = True  # progress bars
 
     def __post_init__(self):
         _check(bool(self.output_dir.strip()), "train.output_dir is empty: name the run's folder")
@@ -157,8 +155,8 @@ class TrainConfig:
 class EvalConfig:
     downstream: list[str] = field(default_factory=list)  # specialization tasks (test files or synthetic:<family>)
     heldout: list[str] = field(default_factory=list)  # generalization tasks
-    batch_size: int = 16
-    max_new_tokens: int = 128
+    batch_size: int = 16  # generation batch size
+    max_new_tokens: int = 128  # longest generated answer (the papers: 128)
     limit: int | None = None  # at most this many records per task
     before: bool = True  # also evaluate the base model before training
 
@@ -172,7 +170,7 @@ class EvalConfig:
 class MethodSection:
     """``name``: one method or several joined by ``+`` (applied in order); other keys: per-method options."""
 
-    name: str = "vanilla"
+    name: str = "vanilla"  # one method or several joined by '+', e.g. nrca+spider
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -262,8 +260,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
     unknown = [k for k in data if k not in names]
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]}; valid keys{' of ' + prefix if prefix else ''}: "
-                          f"{', '.join(names)}")
+        raise ConfigError(f"unknown key {where}{unknown[0]}{suggest(unknown[0], names)}; valid keys"
+                          f"{' of ' + prefix if prefix else ''}: {', '.join(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -321,3 +319,43 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def save_config(config: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def describe_keys() -> list[tuple[str, str, str, str]]:
+    """``(key, type, default, meaning)`` for every config key, read from the dataclasses themselves (the meaning
+    is the field's trailing comment in this file), so the listing can't drift from the code."""
+    import inspect
+    import re
+
+    rows: list[tuple[str, str, str, str]] = []
+
+    def walk(cls, prefix: str) -> None:
+        comments = {}
+        for line in inspect.getsource(cls).splitlines():
+            match = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
+            if match:
+                comments[match.group(1)] = match.group(2).strip()
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, key + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else \
+                (f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+            rows.append((key, _type_name(tp), repr(default), comments.get(f.name, "")))
+
+    walk(RunConfig, "")
+    rows = [r for r in rows if r[0] != "method.options"]  # written method.<name>.<option>, below
+    rows.append(("method.<name>.<option>", "per method", "see `mmtune ls methods`",
+                 "options of the methods named in method.name"))
+    return rows
+
+
+def suggest(key: str, valid: list[str]) -> str:
+    """' (did you mean x?)' for a mistyped key, else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
