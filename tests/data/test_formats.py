@@ -227,3 +227,15 @@ def test_ocrvqa_image_extension_comes_from_the_image_url(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "images" / "g1.gif")
     records, _ = prepare("ocrvqa", tmp_path, "train")
     assert [Path(r.image).name for r in records] == ["p1.png", "g1.gif"]
+
+
+def test_llava_mixes_that_reuse_ids_keep_every_conversation(tmp_path):
+    # llava_instruct_150k concatenates three subsets keyed by the COCO image id: one id, several conversations.
+    _image(tmp_path / "coco" / "000000033471.jpg")
+    conversation = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A bus."}]
+    _json(tmp_path / "llava_instruct_150k.json",
+          [{"id": "000000033471", "image": "coco/000000033471.jpg", "conversations": conversation},
+           {"id": "000000033471", "image": "coco/000000033471.jpg", "conversations": conversation},
+           {"id": "000000052846", "image": "coco/000000033471.jpg", "conversations": conversation}])
+    records, skipped = prepare("llava", tmp_path, "", file="llava_instruct_150k.json")
+    assert [r.id for r in records] == ["000000033471@0", "000000033471@1", "000000052846"] and not skipped

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -24,9 +25,15 @@ def convert(root: Path, split: str = "", file: str = "llava.json", images: str |
     if not isinstance(items, list):
         raise RecordError(f"{path}: expected a JSON list of conversations")
     image_dir = Path(images) if images else root
+    # The released mixes reuse ids (llava_instruct_150k is three subsets keyed by the COCO image id; the v1.5
+    # 665k mix repeats many): a repeated id gets its item's position, so every conversation keeps a unique id.
+    seen_ids = Counter(str(item.get("id")) for item in items if isinstance(item, dict))
     for position, item in enumerate(items):
         if "image" not in item:
-            continue  # text-only conversations carry no image
+            continue  # text-only conversations carry no image (not yet supported: mmtune records have one image)
+        item_id = str(item.get("id", position))
+        if seen_ids[item_id] > 1:
+            item_id = f"{item_id}@{position}"
         turns = item.get("conversations", [])
         for index in range(0, len(turns) - 1, 2):
             human, gpt = turns[index], turns[index + 1]
@@ -35,7 +42,7 @@ def convert(root: Path, split: str = "", file: str = "llava.json", images: str |
                                   f"not a human/gpt pair")
             prompt = human["value"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "").strip()
             suffix = f"-{index // 2}" if len(turns) > 2 else ""
-            yield Record(id=f"{item.get('id', position)}{suffix}", task=task, kind=kind,
+            yield Record(id=f"{item_id}{suffix}", task=task, kind=kind,
                          image=str(image_dir / item["image"]), prompt=prompt, answers=[gpt["value"]])
 
 
