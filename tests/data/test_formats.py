@@ -154,14 +154,6 @@ def test_missing_image_names_the_record_or_is_counted(tmp_path):
     assert len(records) == 1 and len(skipped) == 1
 
 
-def test_duplicate_ids_are_errors(tmp_path):
-    _json(tmp_path / "llava.json", [{"id": "d", "image": "a.png", "conversations": [
-        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}] * 2)
-    _image(tmp_path / "a.png")
-    with pytest.raises(RecordError, match="duplicate id 'd'"):
-        prepare("llava", tmp_path, "")
-
-
 def test_limit_draws_reproducibly(tmp_path):
     _json(tmp_path / "dataset.json", {f"b{i}": {"questions": ["q"], "answers": ["a"], "split": 1} for i in range(30)})
     for i in range(30):
