@@ -39,7 +39,7 @@ def test_world_v2_families(world):
     captions = read_records(world / "brief_caption_test.jsonl")
     assert all(len(r.answers) == 5 for r in captions)
     assert len({r.answers[0].split(" ")[0] for r in captions}) > 1  # the training target varies in form
-    for family in ("background_mc", "position_mc", "count_mc", "attribute_mc"):
+    for family in ("background_mc", "shape_mc", "count_mc", "attribute_mc"):
         for record in read_records(world / f"{family}_test.jsonl"):
             assert record.kind == "choice" and record.metric == "mc"
             assert record.answers == ["ABCD"[record.answer_index]] and len(record.choices) == 4
