@@ -11,11 +11,17 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def quiet_when_logged() -> list[str]:
+    """Progress bars redraw dozens of times a second: in a log file (not a terminal) they flood it, so they
+    are off there unless an override turns them on."""
+    return [] if sys.stderr.isatty() else ["train.progress=false"]
+
+
 def cmd_train(args) -> int:
     from mmtune.config import load_config
     from mmtune.train import train
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, [*quiet_when_logged(), *args.overrides])
     train(config)
     return 0
 
@@ -127,7 +133,7 @@ def cmd_demo(args) -> int:
     if pretrain_only:
         overrides = overrides[1:]
     out = Path(args.out)
-    common = [f"data.synthetic.dir={out / 'synthetic'}", *overrides]
+    common = [*quiet_when_logged(), f"data.synthetic.dir={out / 'synthetic'}", *overrides]
     if args.quick:
         common += ["data.synthetic.n_train=200", "data.synthetic.n_test=20", "eval.limit=20"]
     reuse = not pretrain_only and (out / "base" / "final" / "config.json").exists()
@@ -144,7 +150,10 @@ def cmd_demo(args) -> int:
     methods = sorted(m for m in METHODS if not m.startswith("test_")) if args.methods == "all" \
         else args.methods.split(",")
     runs: list[Path] = []
-    base_scores: Path | None = None  # the base is evaluated once; later runs get a copy of its scores
+    # The base is evaluated once per OUT folder (by the first run that needs it); later runs, in this call or
+    # in another one over the same OUT, get a copy of its scores.
+    base_scores = next((found for found in sorted(out.glob("*/eval/base/scores.json"))
+                        if same_base(found.parents[2], base)), None)
     for method in methods:
         for seed in range(args.seeds):
             run = out / f"{method.replace('+', '_')}-seed{seed}"
@@ -168,6 +177,17 @@ def cmd_demo(args) -> int:
     print(to_markdown(report))
     print(f"report: {out / 'report' / 'report.md'} (+ tasks.png, s_vs_g.png)")
     return 0
+
+
+def same_base(run: Path, base: Path) -> bool:
+    """Whether ``run`` (a demo run folder) was fine-tuned from ``base``."""
+    import yaml
+
+    config = run / "config.yaml"
+    if not config.is_file():
+        return False
+    path = (yaml.safe_load(config.read_text()) or {}).get("model", {}).get("path", "")
+    return bool(path) and Path(path).resolve() == Path(base).resolve()
 
 
 def cmd_data(args) -> int:
