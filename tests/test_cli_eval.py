@@ -123,3 +123,20 @@ def test_train_with_eval_writes_report_and_report_command(tiny_config, tmp_path,
     assert "| vanilla |" in table and "| nrca |" in table and "base (before fine-tuning)" in table
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert {"S", "G", "H"} <= report["rows"][0]["values"].keys()
+
+
+def test_infer_one_image_and_a_task_file_then_score_it(tmp_path, world, capsys):
+    model = save_tiny(tmp_path / "model", "llava", words=vocabulary())
+    image = sorted((world / "images" / "test").glob("*.png"))[0]
+    assert main(["infer", "--model", str(model), "--image", str(image), "--prompt", "What color is the square?",
+                 "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+    out = tmp_path / "preds.jsonl"
+    assert main(["infer", "--model", str(model), "--tasks", str(world / "count_mc_test.jsonl"), "--limit", "3",
+                 "--max-new-tokens", "2", "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 3
+    assert main(["score", "--metric", "mc", "--predictions", str(out), "--json"]) == 0  # mmtune's own output scores
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 3
+    assert main(["infer", "--model", str(model), "--tasks", str(world / "count_mc_test.jsonl"), "--out", str(out),
+                 "--limit", "1", "--sample", "--temperature", "0.9"]) == 2  # exists: never silently replaced
+    assert main(["infer", "--model", str(model), "--image", str(image)]) == 2

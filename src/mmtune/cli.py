@@ -43,6 +43,50 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_infer(args) -> int:
+    """``mmtune infer``: answer one prompt about one image, or every record of a task file (→ JSONL)."""
+    import json
+
+    import torch
+
+    from mmtune.data.records import Record, check_image, read_records
+    from mmtune.evaluate import generate
+    from mmtune.files import atomic_write
+    from mmtune.models.load import load_model
+
+    if bool(args.tasks) == bool(args.image or args.prompt):
+        raise ValueError("give --image and --prompt, or --tasks FILE (not both)")
+    if args.image and not args.prompt or args.prompt and not args.image:
+        raise ValueError("--image and --prompt go together")
+    if args.image:
+        check_image(args.image)
+        records = [Record(id="prompt", task="infer", kind="open", image=args.image, prompt=args.prompt,
+                          answers=["-"])]
+    else:
+        records = read_records(args.tasks)
+        if args.limit:
+            records = records[:args.limit]
+    sampling = None
+    if args.sample:
+        torch.manual_seed(args.seed)
+        sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+    model, processor = load_model(args.model, args.dtype)
+    answers = generate(model, processor, records, args.batch_size, args.max_new_tokens,
+                       progress=args.tasks is not None and sys.stderr.isatty(), desc="infer", sampling=sampling)
+    if args.image:
+        print(answers[0])
+        return 0
+    out = Path(args.out or Path(args.tasks).with_suffix(".predictions.jsonl"))
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
+    lines = [json.dumps({"id": r.id, "task": r.task, "prompt": r.prompt, "prediction": a, "answers": r.answers,
+                         "choices": r.choices, "answer_index": r.answer_index}) + "\n"
+             for r, a in zip(records, answers, strict=True)]
+    atomic_write(out, "".join(lines))
+    print(f"wrote {len(lines)} predictions to {out} (score them with: mmtune score --predictions {out} --metric …)")
+    return 0
+
+
 def read_predictions(path: str, metric: str) -> list[dict]:
     """Predictions JSONL for ``mmtune score``: every problem names the line; nothing is silently dropped."""
     import json
@@ -332,6 +376,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     ev.add_argument("--overwrite", action="store_true", help="replace an existing scores.json in --out")
     ev.set_defaults(func=cmd_eval)
+
+    inf = sub.add_parser("infer", help="answer a prompt about an image, or every record of a task file")
+    inf.add_argument("--model", required=True, help="a local Hugging Face model folder (e.g. RUN/final)")
+    inf.add_argument("--image", help="an image file (with --prompt)")
+    inf.add_argument("--prompt", help="the question or instruction (with --image)")
+    inf.add_argument("--tasks", help="a task file (JSONL records): predictions for every record")
+    inf.add_argument("--out", help="predictions JSONL (default: TASKS with .predictions.jsonl)")
+    inf.add_argument("--limit", type=int, help="at most this many records")
+    inf.add_argument("--max-new-tokens", type=int, default=128)
+    inf.add_argument("--batch-size", type=int, default=16)
+    inf.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    inf.add_argument("--temperature", type=float, default=0.7)
+    inf.add_argument("--top-p", type=float, default=0.9)
+    inf.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    inf.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    inf.add_argument("--overwrite", action="store_true")
+    inf.set_defaults(func=cmd_infer)
 
     sc = sub.add_parser("score", help="score predictions produced anywhere (JSONL: id, prediction, answers)")
     sc.add_argument("--metric", required=True, choices=["cider", "vqa", "mc", "exact"])

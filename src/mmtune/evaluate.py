@@ -35,8 +35,9 @@ def load_tasks(paths: list[Path], limit: int | None = None) -> dict[str, list[Re
 
 @torch.no_grad()
 def generate(model, processor, records: list[Record], batch_size: int = 16, max_new_tokens: int = 128,
-             progress: bool = True, desc: str = "generate") -> list[str]:
-    """Greedy answers for ``records``: left-padded batches, KV cache, new tokens only."""
+             progress: bool = True, desc: str = "generate", sampling: dict | None = None) -> list[str]:
+    """Answers for ``records``: left-padded batches, KV cache, new tokens only. Greedy unless ``sampling``
+    gives ``generate`` options (``{"do_sample": True, "temperature": 0.7, "top_p": 0.9}``)."""
     model.eval()
     tokenizer = getattr(processor, "tokenizer", processor)
     loader = DataLoader(RecordDataset(records), batch_size=batch_size, collate_fn=GenerationCollator(processor))
@@ -45,8 +46,9 @@ def generate(model, processor, records: list[Record], batch_size: int = 16, max_
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         batch.pop("records")
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                pad_token_id=tokenizer.pad_token_id, use_cache=True)
+        options = sampling or {"do_sample": False, "num_beams": 1}
+        tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                use_cache=True, **options)
         new = tokens[:, inputs["input_ids"].shape[1]:]
         answers += [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
     return answers
