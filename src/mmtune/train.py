@@ -45,6 +45,7 @@ from mmtune.evaluate import evaluate
 from mmtune.losses import compute_losses
 from mmtune.methods.base import (
     METHODS,
+    Method,
     TrainContext,
     build_methods,
     load_method_states,
@@ -201,6 +202,21 @@ def prepare_output_dir(config: RunConfig, is_main: bool) -> tuple[RunPaths, int 
     return RunPaths(root), lock
 
 
+def refuse_unsupported_engine(accelerator: Accelerator, methods: list) -> None:
+    """Under DeepSpeed the optimizer step runs inside ``accelerator.backward``: gradients are gone before
+    ``before_optimizer_step`` and a weight written in ``after_optimizer_step`` is overwritten from DeepSpeed's own
+    copy at the next step. A method with those hooks would silently become another method: refuse it."""
+    if "DEEPSPEED" not in str(getattr(accelerator, "distributed_type", "")):
+        return
+    hooked = [m.name for m in methods if type(m).before_optimizer_step is not Method.before_optimizer_step
+              or type(m).after_optimizer_step is not Method.after_optimizer_step]
+    if hooked:
+        raise ValueError(f"{' + '.join(hooked)}: reads gradients or writes weights around the optimizer step, which "
+                         "DeepSpeed does not expose through Accelerate (the step runs inside backward and its own "
+                         "weight copy overwrites what the method writes); it is not supported under DeepSpeed yet. "
+                         "Use DDP (accelerate launch --multi_gpu) or FSDP2.")
+
+
 def open_run(config: RunConfig) -> Run:
     """Phase 1: the engine, the locked output folder, the methods (a bad name or option fails now)."""
     cuda = torch.cuda.is_available()
@@ -221,6 +237,7 @@ def open_run(config: RunConfig) -> Run:
         ready = ", ".join(n for n, cls in sorted(METHODS.items()) if cls.supports_sharding)
         raise ValueError(f"{' + '.join(unsupported)}: not tested with parameters sharded over processes (FSDP / "
                          f"ZeRO-3); methods that are: {ready}. Use DDP or DeepSpeed ZeRO-2 for the others.")
+    refuse_unsupported_engine(accelerator, methods)
     paths, lock = prepare_output_dir(config, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     set_seed(config.train.seed)
