@@ -386,11 +386,13 @@ def save_checkpoint(run: Run, position: dict) -> Path:
     return final
 
 
-def check_finite(step: int, terms: dict[str, float], grad_norm: float) -> None:
+def check_finite(step: int, terms: dict[str, float], grad_norm: float, scaled: bool = False) -> None:
     """Stop before the optimizer step when a loss term or the gradient is NaN / inf (all processes agree:
-    a non-finite loss anywhere makes the all-reduced gradient norm non-finite everywhere)."""
+    a non-finite loss anywhere makes the all-reduced gradient norm non-finite everywhere). With fp16 loss
+    scaling (``scaled``) an overflowing gradient is expected now and then: the scaler skips that step and
+    lowers the scale, so only the loss is checked."""
     bad = [f"{k}={v}" for k, v in terms.items() if not math.isfinite(v)]
-    if bad or not math.isfinite(grad_norm):
+    if bad or not (scaled or math.isfinite(grad_norm)):
         what = f"loss term {', '.join(bad)}" if bad else f"gradient norm {grad_norm}"
         raise NonFiniteError(f"step {step}: {what} is not finite. The run stops before the optimizer step; "
                              "nothing after the last checkpoint is saved. Lower the learning rate or the method's "
@@ -440,7 +442,7 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
                 micro = []
                 # Without clipping, an infinite threshold still measures the norm (and scales by 1).
                 grad_norm = float(accelerator.clip_grad_norm_(parameters, config.train.max_grad_norm or math.inf))
-                check_finite(ctx.step + 1, totals, grad_norm)
+                check_finite(ctx.step + 1, totals, grad_norm, scaled=config.train.mixed_precision == "fp16")
                 for method in methods:
                     method.before_optimizer_step(ctx)
                 run.optimizer.step()
