@@ -27,6 +27,7 @@ def _check(ok: bool, message: str) -> None:
 
 
 DTYPES = ("fp32", "bf16", "fp16")
+TINY_ARCHITECTURES = ("llava", "qwen2_vl", "idefics3")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
 
@@ -43,8 +44,6 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, more time)
 
     def __post_init__(self):
-        from mmtune.models.tiny import TINY_ARCHITECTURES
-
         _check(self.tiny is None or self.tiny in TINY_ARCHITECTURES,
                f"model.tiny={self.tiny!r}; choose one of {', '.join(TINY_ARCHITECTURES)}")
         _check(not (self.tiny and self.path), f"model.path={self.path!r} and model.tiny={self.tiny!r} are both set: "

@@ -29,9 +29,8 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
+from mmtune.config import TINY_ARCHITECTURES
 from mmtune.models.load import ImageOnlyQwen2VLProcessor, save_processor
-
-TINY_ARCHITECTURES = ("llava", "qwen2_vl", "idefics3")
 
 # Words every tiny tokenizer knows, so prompts of the converters and metrics tests tokenize too.
 BASE_WORDS = (
