@@ -235,3 +235,10 @@ def test_methods_with_step_hooks_refuse_deepspeed(tiny_config, monkeypatch):
             refuse_unsupported_engine(engine, build_methods(tiny_config(f"method.name={name}").method))
     for name in ("vanilla", "nrca", "l2_reg", "l1_reg"):
         refuse_unsupported_engine(engine, build_methods(tiny_config(f"method.name={name}").method))
+
+
+def test_logs_without_progress_bars_get_status_lines_and_a_closing_summary(tiny_config, capsys):
+    run = train(tiny_config("train.max_steps=4"))  # tiny_config sets train.progress=false
+    out = capsys.readouterr().out
+    assert "step 4/4 (100%)  loss" in out and "s left" in out
+    assert f"final model  {run / 'final'}" in out and f"metrics      {run / 'metrics.jsonl'}" in out

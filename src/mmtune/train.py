@@ -418,7 +418,9 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
     progress = tqdm(total=total_steps, initial=ctx.step, desc="train", disable=not (run.is_main and config.train.progress))
     metrics_file = run.paths.metrics.open("a") if run.is_main else None
     tensorboard = tensorboard_writer(run.paths.root / "tensorboard") if run.is_main else None
-    started = time.time()
+    # Without progress bars (logs, CI), one status line per ~5% of the run instead.
+    status_every = 0 if config.train.progress else max(1, total_steps // 20)
+    started, first_step = time.time(), ctx.step
     try:
         while ctx.step < total_steps:
             run.loader.set_epoch(epoch)
@@ -467,6 +469,12 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
                             if isinstance(value, float) and key != "epoch":
                                 tensorboard.add_scalar(f"train/{key}", value, ctx.step)
                     progress.set_postfix(loss=f"{row['loss']:.4f}")
+                if status_every and (ctx.step % status_every == 0 or ctx.step == total_steps):
+                    elapsed = time.time() - started
+                    left = elapsed / max(1, ctx.step - first_step) * (total_steps - ctx.step)
+                    run.say(f"step {ctx.step}/{total_steps} ({100 * ctx.step // total_steps}%)  "
+                            f"loss {sum(totals.values()):.4f}  lr {run.scheduler.get_last_lr()[0]:.2e}  "
+                            f"{elapsed:.0f} s elapsed, ~{left:.0f} s left")
                 done_epoch = step_in_epoch >= run.steps_per_epoch
                 position = {"step": ctx.step, "epoch": epoch + int(done_epoch),
                             "step_in_epoch": 0 if done_epoch else step_in_epoch}
@@ -517,7 +525,12 @@ def finish(run: Run, seconds: float) -> None:
             report = write_report([paths.root], paths.root / "report")
             run.say(to_markdown(report))
     accelerator.wait_for_everyone()
-    run.say(f"saved {paths.final}")
+    where = [f"final model  {paths.final}", f"metrics      {paths.metrics}", f"summary      {paths.summary}"]
+    if (paths.root / "eval").is_dir():
+        where.append(f"evaluation   {paths.root / 'eval'}")
+    if (paths.root / "report").is_dir():
+        where.append(f"report       {paths.root / 'report' / 'report.md'}")
+    run.say(f"done after {ctx.step} steps:\n  " + "\n  ".join(where))
 
 
 def train(config: RunConfig) -> Path:
