@@ -23,7 +23,8 @@ def base_weights(config) -> dict[str, torch.Tensor]:
 
 
 def losses(run: Path, key: str = "loss") -> list[float]:
-    return [json.loads(line)[key] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row[key] for row in rows if key in row]  # evaluation rows (eval.every_steps) carry no loss
 
 
 def trainable_names(weights: dict, last_n: int = 2, layers: int = 4) -> set[str]:

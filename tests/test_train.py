@@ -242,3 +242,16 @@ def test_logs_without_progress_bars_get_status_lines_and_a_closing_summary(tiny_
     out = capsys.readouterr().out
     assert "step 4/4 (100%)  loss" in out and "s left" in out
     assert f"final model  {run / 'final'}" in out and f"metrics      {run / 'metrics.jsonl'}" in out
+
+
+def test_evaluation_during_training_logs_the_trade_off_by_step(tiny_config):
+    run = train(tiny_config("train.max_steps=4", "eval.every_steps=2", "eval.during_limit=3", "eval.limit=3",
+                            "eval.max_new_tokens=3", "eval.downstream=['synthetic:count_mc']",
+                            "eval.heldout=['synthetic:color_vqa']"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert {"S", "G", "H", "S/base", "G/base", "tasks"} <= evals[0]["eval"].keys()
+    assert (run / "eval" / "during" / "base" / "scores.json").is_file()
+    assert json.loads((run / "eval" / "during" / "step-000004" / "scores.json").read_text())["tasks"]["count_mc"]["n"] == 3
+    assert (run / "report" / "s_g_over_steps.png").is_file()

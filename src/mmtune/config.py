@@ -158,11 +158,15 @@ class EvalConfig:
     max_new_tokens: int = 128  # longest generated answer (the papers: 128)
     limit: int | None = None  # at most this many records per task
     before: bool = True  # also evaluate the base model before training
+    every_steps: int | None = None  # also evaluate every N optimizer steps, on eval.during_limit records per task
+    during_limit: int = 50  # records per task for the evaluations during training (a fixed subset: the first N)
 
     def __post_init__(self):
-        for key in ("batch_size", "max_new_tokens"):
+        for key in ("batch_size", "max_new_tokens", "during_limit"):
             _check(getattr(self, key) >= 1, f"eval.{key}={getattr(self, key)} must be ≥ 1")
         _check(self.limit is None or self.limit >= 1, f"eval.limit={self.limit} must be ≥ 1 (or null: all)")
+        _check(self.every_steps is None or self.every_steps >= 1,
+               f"eval.every_steps={self.every_steps} must be ≥ 1 (or null: only before and after training)")
 
 
 @dataclass

@@ -86,8 +86,14 @@ def load_run(run_dir: str | Path) -> dict:
     base_file = run / "eval" / "base" / "scores.json"
     scores = json.loads(final.read_text())
     base_scores = json.loads(base_file.read_text()) if base_file.exists() else None
+    curve = []  # S / G as training went (eval.every_steps): rows of metrics.jsonl with an "eval" entry
+    if (run / "metrics.jsonl").exists():
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if "eval" in row:
+                curve.append({"step": row["step"], **{k: row["eval"].get(k) for k in SUMMARY_KEYS}})
     return {
-        "run": str(run), "method": config.get("method", {}).get("name", "?"),
+        "run": str(run), "method": config.get("method", {}).get("name", "?"), "curve": curve,
         "settings": comparable_settings(config, scores, base_scores),
         "seed": config.get("train", {}).get("seed"),
         "sides": {k: v["side"] for k, v in scores["tasks"].items()},
@@ -155,7 +161,7 @@ def build_report(run_dirs: list[str | Path], allow_mixed: bool = False) -> dict:
     vanilla = per_method.get("vanilla")
     rows = []
     for method, group in by_method.items():
-        row = {"method": method, "seeds": len(group), "values": {},
+        row = {"method": method, "seeds": len(group), "values": {}, "curves": [r["curve"] for r in group if r["curve"]],
                "per_seed": [{"run": r["run"], "seed": r["seed"], "tasks": r["final"]["tasks"],
                              **{k: r["final"].get(k) for k in SUMMARY_KEYS if k in r["final"]}} for r in group]}
         for key in keys:
@@ -298,6 +304,30 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
     ax.set_title("specialization vs generalization")
     ax.legend(fontsize=7)
     paths.append(_save(fig, out_dir / "s_vs_g.png"))
+
+    curves = [(row, curve) for row in rows for curve in row.get("curves", [])]
+    if curves:  # eval.every_steps: the trade-off as it formed
+        def finite(value) -> bool:
+            return isinstance(value, (int, float)) and math.isfinite(value)
+
+        # normalised when every point has it (the base scored above 0 on the subset), else raw
+        keys = ("S/base", "G/base") if all(finite(p.get("S/base")) and finite(p.get("G/base"))
+                                           for _, curve in curves for p in curve) else ("S", "G")
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        labelled = set()
+        for row, curve in curves:
+            color, marker = method_style(row["method"])
+            steps = [point["step"] for point in curve]
+            for key, style in zip(keys, ("-", "--"), strict=True):
+                label = None if (row["method"], key) in labelled else f"{row['method']} {key.split('/')[0]}"
+                labelled.add((row["method"], key))
+                ax.plot(steps, [point.get(key) for point in curve], style, marker=marker, color=color, label=label)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("S (solid), G (dashed): " + ("mean of score / base × 100" if keys[0] == "S/base"
+                                                    else "raw mean"))
+        ax.set_title("specialization and generalization during training")
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, out_dir / "s_g_over_steps.png"))
     return paths
 
 

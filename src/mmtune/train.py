@@ -478,6 +478,12 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
                 done_epoch = step_in_epoch >= run.steps_per_epoch
                 position = {"step": ctx.step, "epoch": epoch + int(done_epoch),
                             "step_in_epoch": 0 if done_epoch else step_in_epoch}
+                every = config.eval.every_steps
+                if every and not run.sharded and (ctx.step % every == 0 or ctx.step == total_steps):
+                    eval_row = evaluate_during_training(run, f"step-{ctx.step:06d}")
+                    if metrics_file and eval_row:
+                        metrics_file.write(json.dumps(eval_row) + "\n")
+                        metrics_file.flush()
                 if config.train.save_every and ctx.step % config.train.save_every == 0 and ctx.step < total_steps:
                     save_checkpoint(run, position)
                 if ctx.step >= total_steps or done_epoch:
@@ -543,6 +549,8 @@ def train(config: RunConfig) -> Path:
             run_evaluation(run.ctx.unwrapped, run.processor, config, run.world, base_eval_dir(run))
         run.accelerator.wait_for_everyone()
         epoch, step_in_epoch = resume(run) if config.train.resume_from else (0, 0)
+        if config.eval.every_steps and not run.sharded and not (during_dir(run, "base") / "scores.json").exists():
+            evaluate_during_training(run, "base")
         if run.is_main and not (run.paths.root / "config.yaml").exists():
             save_config(config, run.paths.root / "config.yaml")
         seconds = train_loop(run, epoch, step_in_epoch)
@@ -561,14 +569,43 @@ def tensorboard_writer(log_dir: Path):
     return SummaryWriter(str(log_dir))
 
 
-def run_evaluation(model, processor, config: RunConfig, world: Path | None, out: Path) -> dict | None:
+def run_evaluation(model, processor, config: RunConfig, world: Path | None, out: Path,
+                   limit: int | None = None) -> dict | None:
     """Evaluate the configured downstream and held-out tasks (nothing if none are configured)."""
     sides = {side: [resolve_task_path(p, world, "test") for p in getattr(config.eval, side)]
              for side in ("downstream", "heldout")}
     if not any(sides.values()):
         return None
     return evaluate(model, processor, sides, out, config.eval.batch_size, config.eval.max_new_tokens,
-                    config.eval.limit, config.train.progress, overwrite=True)
+                    limit or config.eval.limit, config.train.progress, overwrite=True)
+
+
+def during_dir(run: Run, name: str) -> Path:
+    return run.paths.root / "eval" / "during" / name
+
+
+def evaluate_during_training(run: Run, name: str) -> dict | None:
+    """Evaluate the model on the first ``eval.during_limit`` records per task (main process; the others wait)
+    into ``eval/during/<name>`` and return one metrics row: per-task scores and S / G / H, raw and normalised
+    to the base on the same records (``name="base"``, evaluated once before training) — the trade-off as it
+    forms."""
+    from mmtune.report import summarize
+
+    row = None
+    if run.is_main:
+        model = run.ctx.unwrapped
+        was_training = model.training
+        model.eval()
+        scores = run_evaluation(model, run.processor, run.config, run.world, during_dir(run, name),
+                                limit=run.config.eval.during_limit)
+        model.train(was_training)
+        base_file = during_dir(run, "base") / "scores.json"
+        base = json.loads(base_file.read_text()) if base_file.exists() else None
+        if scores is not None:
+            summary = summarize(scores, base)
+            row = {"step": run.ctx.step, "eval": {k: v for k, v in summary.items() if k != "normalised"}}
+    run.accelerator.wait_for_everyone()
+    return row
 
 
 def find_too_long(records, collator: TrainCollator) -> list[tuple]:
