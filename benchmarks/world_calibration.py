@@ -21,7 +21,7 @@ from pathlib import Path
 # 1 / number of possible answers of each world-v2 family (accuracy tasks); captions are judged by CIDEr.
 CHANCE = {"color_vqa": 100 / 6, "shape_vqa": 100 / 4, "position_vqa": 100 / 9, "exists_vqa": 100 / 2,
           "ocr_vqa": 100 / 18, "background_mc": 100 / 4, "shape_mc": 100 / 4, "count_mc": 100 / 4,
-          "attribute_mc": 100 / 4}
+          "attribute_mc": 100 / 4, "count_vqa": 100 / 3}
 CAPTION_FLOOR = 50.0
 
 
