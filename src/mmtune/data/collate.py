@@ -92,9 +92,9 @@ class TrainCollator:
             n = int(prompt_mask[i].sum())
             answer = self.answer_ids(record.target)
             if n + len(answer) > self.max_length:
-                raise RecordError(f"{record.source or 'record'} {record.id!r} (task {record.task}): prompt + answer is "
-                                  f"{n + len(answer)} "
-                                  f"tokens, longer than data.max_length={self.max_length}")
+                where = f"{record.source}: " if record.source else ""
+                raise RecordError(f"{where}record {record.id!r} (task {record.task}): prompt + answer is "
+                                  f"{n + len(answer)} tokens, longer than data.max_length={self.max_length}")
             rows.append(prompt_ids[i, :n].tolist() + answer)
             labels.append([IGNORE_INDEX] * n + answer)
             for key, value in per_token.items():
