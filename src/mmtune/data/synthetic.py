@@ -169,21 +169,24 @@ def _unique_thing(scene: Scene, rng: random.Random) -> Thing:
     return rng.choice(scene.things)
 
 
+def _unique_by(scene: Scene, rng: random.Random, attribute: str) -> Thing | None:
+    """A random object whose ``attribute`` no other object shares (so "the red object" names one), or None."""
+    values = [getattr(t, attribute) for t in scene.things]
+    candidates = [t for t in scene.things if values.count(getattr(t, attribute)) == 1]
+    return rng.choice(candidates) if candidates else None
+
+
 def color_vqa(scene: Scene, rng: random.Random):
-    shapes = [t.shape for t in scene.things]
-    candidates = [t for t in scene.things if shapes.count(t.shape) == 1]
-    if not candidates:
+    thing = _unique_by(scene, rng, "shape")
+    if thing is None:
         return None
-    thing = rng.choice(candidates)
     return f"What color is the {thing.shape}?\n{SHORT_ANSWER_INSTRUCTION}", [thing.color], None, None
 
 
 def shape_vqa(scene: Scene, rng: random.Random):
-    colors = [t.color for t in scene.things]
-    candidates = [t for t in scene.things if colors.count(t.color) == 1]
-    if not candidates:
+    thing = _unique_by(scene, rng, "color")
+    if thing is None:
         return None
-    thing = rng.choice(candidates)
     return f"What shape is the {thing.color} object?\n{SHORT_ANSWER_INSTRUCTION}", [thing.shape], None, None
 
 
@@ -232,11 +235,9 @@ def background_mc(scene: Scene, rng: random.Random):
 
 
 def shape_mc(scene: Scene, rng: random.Random):
-    colors = [t.color for t in scene.things]
-    candidates = [t for t in scene.things if colors.count(t.color) == 1]
-    if not candidates:
+    thing = _unique_by(scene, rng, "color")
+    if thing is None:
         return None
-    thing = rng.choice(candidates)
     return _lettered(f"Which shape is the {thing.color} object?", thing.shape, SHAPES, rng)
 
 
