@@ -27,6 +27,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from mmtune.checkpoint import (
+    complete_checkpoints,
     finalize,
     find_checkpoint,
     load_run_state,
@@ -380,7 +381,7 @@ def save_checkpoint(run: Run, position: dict) -> Path:
         finalize(partial, final, ctx.step)
         keep = run.config.train.keep_checkpoints
         if keep:
-            for path in sorted(checkpoints.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+            for path in complete_checkpoints(checkpoints)[keep:]:  # newest first: the rest are pruned
                 shutil.rmtree(path)
     accelerator.wait_for_everyone()
     return final
@@ -498,8 +499,8 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
     return time.time() - started
 
 
-def non_finite_tensors(model) -> list[str]:
-    return [name for name, tensor in model.state_dict().items()
+def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    return [name for name, tensor in state.items()
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
 
 
@@ -512,8 +513,7 @@ def finish(run: Run, seconds: float) -> None:
         method.on_train_end(ctx)
     full_state = accelerator.get_state_dict(run.model) if run.sharded else None  # gathers shards: every process
     if run.is_main:
-        bad = non_finite_tensors(ctx.final_model) if full_state is None else \
-            [k for k, v in full_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        bad = non_finite_tensors(full_state if full_state is not None else ctx.final_model.state_dict())
         if bad:
             raise NonFiniteError(f"the trained model has non-finite values in {len(bad)} tensors (first: {bad[0]}); "
                                  "final/ is not written")
