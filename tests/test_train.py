@@ -223,20 +223,6 @@ def test_spider_on_bf16_parameters_keeps_w0_in_bf16(tiny_config, tmp_path):
     assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)
 
 
-def test_methods_with_step_hooks_refuse_deepspeed(tiny_config, monkeypatch):
-    """Under DeepSpeed the step runs inside backward and its weight copy overwrites hook writes: SPIDER and the
-    masks would silently become other methods, so they refuse; loss-only methods are unaffected."""
-    from mmtune.methods import build_methods
-    from mmtune.train import refuse_unsupported_engine
-
-    engine = type("Engine", (), {"distributed_type": "DistributedType.DEEPSPEED"})()
-    for name in ("spider", "random_mask", "magnitude_mask", "half_ft", "nrca+spider"):
-        with pytest.raises(ValueError, match="not supported under DeepSpeed"):
-            refuse_unsupported_engine(engine, build_methods(tiny_config(f"method.name={name}").method))
-    for name in ("vanilla", "nrca", "l2_reg", "l1_reg"):
-        refuse_unsupported_engine(engine, build_methods(tiny_config(f"method.name={name}").method))
-
-
 def test_logs_without_progress_bars_get_status_lines_and_a_closing_summary(tiny_config, capsys):
     run = train(tiny_config("train.max_steps=4"))  # tiny_config sets train.progress=false
     out = capsys.readouterr().out

@@ -10,6 +10,7 @@ check, clip, ``before_optimizer_step``, step, ``after_optimizer_step``, log, che
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -19,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -41,12 +42,12 @@ from mmtune.data.collate import IGNORE_INDEX, RecordDataset, TrainCollator
 from mmtune.data.mixture import build_mixture, mixture_summary
 from mmtune.data.records import RecordError
 from mmtune.data.synthetic import SYNTHETIC_PREFIX, ensure_world, resolve_task_path, vocabulary
+from mmtune.engines import backward, configure_deepspeed, optimizer_step
 from mmtune.errors import NonFiniteError, RunInUseError
 from mmtune.evaluate import evaluate
 from mmtune.losses import compute_losses
 from mmtune.methods.base import (
     METHODS,
-    Method,
     TrainContext,
     build_methods,
     load_method_states,
@@ -203,19 +204,9 @@ def prepare_output_dir(config: RunConfig, is_main: bool) -> tuple[RunPaths, int 
     return RunPaths(root), lock
 
 
-def refuse_unsupported_engine(accelerator: Accelerator, methods: list) -> None:
-    """Under DeepSpeed the optimizer step runs inside ``accelerator.backward``: gradients are gone before
-    ``before_optimizer_step`` and a weight written in ``after_optimizer_step`` is overwritten from DeepSpeed's own
-    copy at the next step. A method with those hooks would silently become another method: refuse it."""
-    if "DEEPSPEED" not in str(getattr(accelerator, "distributed_type", "")):
-        return
-    hooked = [m.name for m in methods if type(m).before_optimizer_step is not Method.before_optimizer_step
-              or type(m).after_optimizer_step is not Method.after_optimizer_step]
-    if hooked:
-        raise ValueError(f"{' + '.join(hooked)}: reads gradients or writes weights around the optimizer step, which "
-                         "DeepSpeed does not expose through Accelerate (the step runs inside backward and its own "
-                         "weight copy overwrites what the method writes); it is not supported under DeepSpeed yet. "
-                         "Use DDP (accelerate launch --multi_gpu) or FSDP2.")
+def deepspeed_launched() -> bool:
+    """Whether ``accelerate launch`` was told to use DeepSpeed (``--use_deepspeed`` or a DeepSpeed config)."""
+    return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
 
 
 def open_run(config: RunConfig) -> Run:
@@ -227,8 +218,13 @@ def open_run(config: RunConfig) -> Run:
     # Accelerate keeps one AcceleratorState per process; several runs in one process (the demo, notebooks)
     # may differ in mixed precision, so start each run from a fresh state (the process group is kept).
     AcceleratorState._reset_state(reset_partial_state=False)
+    if deepspeed_launched() and not cuda:
+        # Without a GPU, Accelerate picks no communication backend for DeepSpeed and each process would train alone
+        # on the whole data set (num_processes 1): name CPU's backend.
+        PartialState(backend="gloo")
     accelerator = Accelerator(
-        mixed_precision=config.train.mixed_precision, cpu=not cuda,
+        # cpu=True would turn a DeepSpeed launch into DDP without a word: only force the CPU otherwise.
+        mixed_precision=config.train.mixed_precision, cpu=not cuda and not deepspeed_launched(),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)],
     )
     methods = build_methods(config.method)
@@ -238,7 +234,7 @@ def open_run(config: RunConfig) -> Run:
         ready = ", ".join(n for n, cls in sorted(METHODS.items()) if cls.supports_sharding)
         raise ValueError(f"{' + '.join(unsupported)}: not tested with parameters sharded over processes (FSDP / "
                          f"ZeRO-3); methods that are: {ready}. Use DDP or DeepSpeed ZeRO-2 for the others.")
-    refuse_unsupported_engine(accelerator, methods)
+    configure_deepspeed(accelerator, config, methods)
     paths, lock = prepare_output_dir(config, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     set_seed(config.train.seed)
@@ -414,7 +410,6 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
     """Phase 5: optimizer steps until ``total_steps``; returns the seconds spent."""
     config, accelerator, ctx, methods = run.config, run.accelerator, run.ctx, run.methods
     accum, total_steps = config.train.grad_accum, ctx.total_steps
-    parameters = list(ctx.trainable.values())
     run.say(f"training {total_steps} steps ({run.steps_per_epoch} per epoch), methods: {config.method.name}")
     progress = tqdm(total=total_steps, initial=ctx.step, desc="train", disable=not (run.is_main and config.train.progress))
     metrics_file = run.paths.metrics.open("a") if run.is_main else None
@@ -439,20 +434,14 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
                     with contextlib.nullcontext() if last else accelerator.no_sync(run.model):
                         with accelerator.autocast():
                             terms, _ = compute_losses(ctx, methods, piece, config.train.loss_reduction, tokens)
-                        accelerator.backward(sum(terms.values()) / accum)
+                        backward(accelerator, sum(terms.values()) / accum, last)
                     for key, value in terms.items():
                         totals[key] = totals.get(key, 0.0) + float(value.detach()) / accum
                 micro = []
-                # Without clipping, an infinite threshold still measures the norm (and scales by 1).
-                grad_norm = float(accelerator.clip_grad_norm_(parameters, config.train.max_grad_norm or math.inf))
-                check_finite(ctx.step + 1, totals, grad_norm, scaled=config.train.mixed_precision == "fp16")
-                for method in methods:
-                    method.before_optimizer_step(ctx)
-                run.optimizer.step()
+                check = functools.partial(check_finite, ctx.step + 1, totals,
+                                          scaled=config.train.mixed_precision == "fp16")
+                grad_norm = optimizer_step(ctx, methods, run.optimizer, config.train.max_grad_norm, check)
                 run.scheduler.step()
-                for method in methods:
-                    method.after_optimizer_step(ctx)
-                run.optimizer.zero_grad(set_to_none=True)
                 ctx.step += 1
                 step_in_epoch += 1
                 progress.update(1)
@@ -504,6 +493,15 @@ def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
 
 
+def engine_summary(accelerator: Accelerator) -> dict:
+    """Which engine the run really used (a launch can fall back silently), for train_summary.json."""
+    summary = {"engine": str(accelerator.distributed_type).split(".")[-1], "processes": accelerator.num_processes}
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        summary["zero_stage"] = plugin.zero_stage
+    return summary
+
+
 def finish(run: Run, seconds: float) -> None:
     """Phase 6: post-training hooks, ``final/`` (finite weights only), summary, final evaluation and report."""
     config, accelerator, ctx, paths = run.config, run.accelerator, run.ctx, run.paths
@@ -522,7 +520,7 @@ def finish(run: Run, seconds: float) -> None:
         save_config(config, paths.final / "mmtune_config.yaml")
         summary = {"steps": ctx.step, "records": len(run.records), "skipped_records": len(run.skipped),
                    "skipped_examples": run.skipped[:20], "methods": config.method.name,
-                   "train_seconds": round(seconds, 2)}
+                   "train_seconds": round(seconds, 2), **engine_summary(accelerator)}
         paths.summary.write_text(json.dumps(summary, indent=2) + "\n")
         # A sharded model can't be evaluated by one process: evaluate the saved model instead.
         final_model = load_model(paths.final, config.model.dtype)[0].to(accelerator.device) if run.sharded \

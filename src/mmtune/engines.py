@@ -1,0 +1,169 @@
+"""How the training loop reaches gradients and weights on each engine, so methods are written once.
+
+One process, DDP, FSDP2: ``accelerator.backward`` leaves the (all-reduced) gradient in ``param.grad``,
+``optimizer.step()`` moves the parameters, and a hook reads and writes the parameters directly.
+
+DeepSpeed ZeRO is different, and Accelerate's wrapper hides it: ``accelerator.backward`` runs the whole optimizer
+step; gradients are reduced into partitioned buffers (``param.grad`` is None); the optimizer updates fp32 *master*
+partitions and copies them into the model's weights after every step, so a value a method writes into a parameter is
+overwritten one step later. So under DeepSpeed mmtune drives the engine itself:
+
+1. ``engine.backward`` per micro-batch, with the accumulation boundary set by the loop (the loss is already divided
+   by ``train.grad_accum``, so DeepSpeed does not divide it again);
+2. at the boundary, each trainable tensor's full fp32 gradient and full fp32 master weight are assembled with
+   DeepSpeed's public accessors (``deepspeed.utils.safe_get_full_grad`` / ``safe_get_full_fp32_param``);
+3. the loop clips that gradient (``train.max_grad_norm``; DeepSpeed's own clipping is switched off so it is not
+   applied twice), checks it is finite, and runs the methods' ``before_optimizer_step`` with ``ctx.trainable``
+   holding these full fp32 tensors (gradient in ``.grad``);
+4. the clipped gradient goes back into DeepSpeed's partitions (``safe_set_full_grad``) and ``engine.step()`` runs;
+5. ``after_optimizer_step`` runs on the new masters the same way; what a method writes goes into DeepSpeed's masters
+   (``safe_set_full_fp32_param``) and into the model's weights.
+
+Cost: step 2 all-reduces the trainable gradients once per step (on top of DeepSpeed's reduce-scatter), and the
+masters when a method has a step hook. Supported here: ZeRO stages 1 and 2, fp32 (tested against DDP). ZeRO-3
+shards the weights themselves; mixed precision under DeepSpeed keeps low-precision weights beside fp32 masters:
+both are refused with a clear error until tested the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from mmtune.methods.base import Method, TrainContext
+
+
+def is_deepspeed(accelerator) -> bool:
+    return "DEEPSPEED" in str(getattr(accelerator, "distributed_type", ""))
+
+
+def _hooks(methods: list[Method], hook: str) -> list[str]:
+    return [m.name for m in methods if getattr(type(m), hook) is not getattr(Method, hook)]
+
+
+def configure_deepspeed(accelerator, config, methods: list[Method]) -> None:
+    """Check a DeepSpeed launch against what is tested, and set the engine's config so that it agrees with the run's
+    (call before ``accelerator.prepare``). Refuses, naming the setting, anything that would silently differ."""
+    if not is_deepspeed(accelerator):
+        return
+    plugin = accelerator.state.deepspeed_plugin
+    ds = plugin.deepspeed_config
+    stage = plugin.zero_stage
+    if stage not in (0, 1, 2):
+        raise ValueError(f"DeepSpeed ZeRO-{stage}: mmtune is tested under ZeRO stages 1 and 2; ZeRO-3 shards the "
+                         "weights the methods read and write, and is not tested yet. Use --zero_stage 2, or FSDP2 "
+                         "(accelerate launch --use_fsdp --fsdp_version 2) for sharded weights.")
+    precision = str(accelerator.mixed_precision)
+    if precision != "no" or ds.get("bf16", {}).get("enabled") is True or ds.get("fp16", {}).get("enabled") is True:
+        raise ValueError(f"DeepSpeed with mixed precision ({precision}): mmtune is tested under DeepSpeed in fp32 only "
+                         "(low-precision weights beside fp32 masters are not tested yet). Launch with "
+                         "--mixed_precision no, or use DDP / FSDP2 for bf16.")
+    if ds.get("optimizer") or ds.get("scheduler"):
+        raise ValueError("the DeepSpeed config names an optimizer or scheduler: mmtune builds its own (AdamW with the "
+                         "two learning rates of the scope, cosine schedule); remove them from the DeepSpeed config")
+    for key, wanted in (("gradient_accumulation_steps", config.train.grad_accum),):
+        given = ds.get(key, "auto")
+        if given not in ("auto", wanted, 1):
+            raise ValueError(f"DeepSpeed config {key}={given} but train.grad_accum={wanted}: set one of them (the "
+                             "DeepSpeed value to 'auto')")
+    ds["gradient_accumulation_steps"] = config.train.grad_accum
+    given = ds.get("gradient_clipping", "auto")
+    wanted = config.train.max_grad_norm or 0.0
+    if given not in ("auto", None, 0, 0.0) and float(given) != float(wanted):
+        raise ValueError(f"DeepSpeed config gradient_clipping={given} but train.max_grad_norm={wanted}: mmtune clips "
+                         "(before the methods see the gradient); set the DeepSpeed value to 'auto'")
+    ds["gradient_clipping"] = 0.0  # mmtune clips (step 3 above); DeepSpeed must not clip a second time
+
+
+def engine_of(accelerator):
+    return accelerator.deepspeed_engine_wrapped.engine
+
+
+def backward(accelerator, loss: torch.Tensor, last: bool) -> None:
+    """Backward of one micro-batch (``last``: the optimizer step's final one). Under DeepSpeed this does not step."""
+    if is_deepspeed(accelerator):
+        engine = engine_of(accelerator)
+        engine.set_gradient_accumulation_boundary(last)
+        engine.backward(loss, scale_wrt_gas=False)
+    else:
+        accelerator.backward(loss)
+
+
+@contextlib.contextmanager
+def _full_tensors(ctx: TrainContext, with_masters: bool, with_grads: bool) -> Iterator[dict[str, nn.Parameter]]:
+    """``ctx.trainable`` swapped for full fp32 tensors holding DeepSpeed's master weights (when ``with_masters``;
+    else the model's weights), with the full gradient in ``.grad`` when ``with_grads`` (DeepSpeed frees it at the step);
+    restored on exit."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+
+    params = ctx.trainable
+    full: dict[str, nn.Parameter] = {}
+    for name, param in params.items():
+        weight = safe_get_full_fp32_param(param) if with_masters else None
+        weight = param.detach() if weight is None else weight  # ZeRO-0 keeps no separate master
+        view = nn.Parameter(weight.detach().float(), requires_grad=True)
+        grad = safe_get_full_grad(param) if with_grads else None
+        view.grad = None if grad is None else grad.detach().float().clone()
+        full[name] = view
+    ctx.trainable = full
+    try:
+        yield full
+    finally:
+        ctx.trainable = params
+
+
+def _write_back_masters(params: dict[str, nn.Parameter], full: dict[str, nn.Parameter]) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for name, param in params.items():
+        safe_set_full_fp32_param(param, full[name].detach())
+        param.data.copy_(full[name].detach().to(param.dtype))
+
+
+def deepspeed_step(ctx: TrainContext, methods: list[Method], max_grad_norm: float,
+                   check: Callable[[float], None]) -> float:
+    """One optimizer step under DeepSpeed ZeRO-1/2 (see the module docstring); returns the gradient norm."""
+    from deepspeed.utils import safe_set_full_grad
+
+    engine = engine_of(ctx.accelerator)
+    params = ctx.trainable
+    # Before the step the model's fp32 weights are the masters (DeepSpeed copied them in after the last step).
+    with _full_tensors(ctx, with_masters=False, with_grads=True) as full:
+        grads = [p for p in full.values() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(grads, max_grad_norm))
+        check(grad_norm)
+        for method in methods:
+            method.before_optimizer_step(ctx)
+        for name, param in params.items():
+            if full[name].grad is not None:
+                safe_set_full_grad(param, full[name].grad)
+    engine.step()
+    if _hooks(methods, "after_optimizer_step"):
+        with _full_tensors(ctx, with_masters=True, with_grads=False) as full:
+            for method in methods:
+                method.after_optimizer_step(ctx)
+            with torch.no_grad():
+                _write_back_masters(params, full)
+    return grad_norm
+
+
+def optimizer_step(ctx: TrainContext, methods: list[Method], optimizer, max_grad_norm: float | None,
+                   check: Callable[[float], None]) -> float:
+    """Clip, check (``check(grad_norm)`` raises to stop before the step), run the methods' step hooks around the
+    optimizer step, zero the gradients; returns the gradient norm (measured before clipping)."""
+    limit = max_grad_norm or math.inf  # without clipping, an infinite threshold still measures the norm
+    if is_deepspeed(ctx.accelerator):
+        return deepspeed_step(ctx, methods, limit, check)
+    grad_norm = float(ctx.accelerator.clip_grad_norm_(list(ctx.trainable.values()), limit))
+    check(grad_norm)
+    for method in methods:
+        method.before_optimizer_step(ctx)
+    optimizer.step()
+    for method in methods:
+        method.after_optimizer_step(ctx)
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

@@ -1,0 +1,142 @@
+"""Every method under DeepSpeed ZeRO-2 (1 and 2 CPU processes) ends at the same weights as under DDP.
+
+Under DeepSpeed the optimizer step runs on partitioned fp32 masters, gradients live in partitioned buffers, and a
+weight written into the model is overwritten from the masters at the next step (see mmtune.engines). A method whose
+hooks silently missed those would end elsewhere: these tests compare final weights, step by step losses included.
+Runs whenever DeepSpeed imports (it installs from the registry and runs on CPU: `pip install mmtune[deepspeed]`).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from helpers import final_weights, losses
+from mmtune.config import save_config
+from mmtune.engines import configure_deepspeed
+from mmtune.methods import METHODS, build_methods
+from mmtune.train import train
+
+pytest.importorskip("deepspeed")
+
+WORKER = Path(__file__).with_name("train_many_worker.py")
+SHIPPED_ZERO2 = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "deepspeed_zero2.yaml"
+# What makes each method act within 3 tiny steps (the defaults of L1/L2 would change nothing visible).
+ACTIVE = {"half_ft": ["method.half_ft.round_steps=2"], "l2_reg": ["method.l2_reg.lam=1.0"],
+          "l1_reg": ["method.l1_reg.lam=0.01"]}
+METHOD_NAMES = sorted(METHODS)
+ACCUMULATED = ["vanilla", "spider"]  # also with grad_accum=2: DeepSpeed's accumulation boundary set by the loop
+
+
+def _launch(configs: list[Path], cwd: Path, processes: int, deepspeed: bool) -> None:
+    # Two DeepSpeed processes launch from the shipped accelerate config (the README's command), one from flags.
+    flags = ["--num_machines", "1", "--mixed_precision", "no"]
+    if not deepspeed:
+        engine = ["--multi_gpu", *flags]
+    elif processes > 1:
+        engine = ["--config_file", str(SHIPPED_ZERO2)]
+    else:
+        engine = ["--use_deepspeed", "--zero_stage", "2", *flags]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes", str(processes),
+               "--dynamo_backend", "no", str(WORKER), *map(str, configs)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(WORKER.parent)}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def runs(world, tmp_path_factory):
+    """Every method trained 3 steps four ways: one process (in this process), DeepSpeed with 1 process, DDP with 2,
+    DeepSpeed with 2 (global batch 8 each time); plus grad_accum=2 for two methods."""
+    from conftest import TINY_CONFIG
+    from mmtune.config import load_config
+
+    root = tmp_path_factory.mktemp("engines")
+
+    def config(name, way, *extra):
+        overrides = [f"data.synthetic.dir={world}", f"train.output_dir={root / way / name}", "train.progress=false",
+                     "data.tasks=[{path: 'synthetic:detailed_caption', n: 16}, {path: 'synthetic:count_mc', n: 16}]",
+                     "train.max_steps=3", "train.warmup_ratio=0.0", "eval.downstream=[]", "eval.heldout=[]",
+                     f"method.name={name}", *ACTIVE.get(name, []), *extra]
+        loaded = load_config(TINY_CONFIG, overrides)
+        path = root / f"{way}-{name}.yaml"
+        save_config(loaded, path)
+        return loaded, path
+
+    paths: dict[str, list[Path]] = {"ds1": [], "ddp2": [], "ds2": []}
+    for name in METHOD_NAMES:
+        train(config(name, "single", "train.batch_size=8")[0])
+        paths["ds1"].append(config(name, "ds1", "train.batch_size=8")[1])
+        paths["ddp2"].append(config(name, "ddp2", "train.batch_size=4")[1])
+        paths["ds2"].append(config(name, "ds2", "train.batch_size=4")[1])
+    for name in ACCUMULATED:
+        train(config(name, "single-accum", "train.batch_size=4", "train.grad_accum=2")[0])
+        paths["ds1"].append(config(name, "ds1-accum", "train.batch_size=4", "train.grad_accum=2")[1])
+    _launch(paths["ds1"], root, 1, deepspeed=True)
+    _launch(paths["ddp2"], root, 2, deepspeed=False)
+    _launch(paths["ds2"], root, 2, deepspeed=True)
+    return root
+
+
+def _assert_same_run(reference: Path, other: Path) -> None:
+    assert losses(other) == pytest.approx(losses(reference), rel=1e-4)
+    one, two = final_weights(reference), final_weights(other)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_deepspeed_one_process_matches_one_process(runs, name):
+    _assert_same_run(runs / "single" / name, runs / "ds1" / name)
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_deepspeed_two_processes_match_ddp(runs, name):
+    _assert_same_run(runs / "ddp2" / name, runs / "ds2" / name)
+
+
+@pytest.mark.parametrize("name", ACCUMULATED)
+def test_deepspeed_gradient_accumulation_matches(runs, name):
+    _assert_same_run(runs / "single-accum" / name, runs / "ds1-accum" / name)
+
+
+def test_the_runs_used_deepspeed(runs):
+    """A launch that fell back to DDP (as `Accelerator(cpu=True)` used to make it) would pass the tests above."""
+    import json
+
+    for way, processes in (("ds1", 1), ("ds2", 2)):
+        summary = json.loads((runs / way / "vanilla" / "train_summary.json").read_text())
+        assert (summary["engine"], summary["processes"], summary["zero_stage"]) == ("DEEPSPEED", processes, 2)
+
+
+def _fake_accelerator(stage=2, mixed_precision="no", **ds_config):
+    plugin = SimpleNamespace(zero_stage=stage, deepspeed_config=dict(ds_config))
+    return SimpleNamespace(distributed_type="DistributedType.DEEPSPEED", mixed_precision=mixed_precision,
+                           state=SimpleNamespace(deepspeed_plugin=plugin))
+
+
+@pytest.mark.parametrize("case, message", [
+    (dict(stage=3), "ZeRO-3"),
+    (dict(mixed_precision="bf16"), "mixed precision"),
+    (dict(bf16={"enabled": True}), "mixed precision"),
+    (dict(optimizer={"type": "Adam"}), "optimizer or scheduler"),
+    (dict(gradient_clipping=0.5), "gradient_clipping=0.5"),
+    (dict(gradient_accumulation_steps=4), "gradient_accumulation_steps=4"),
+])
+def test_untested_deepspeed_settings_are_refused(tiny_config, case, message):
+    config = tiny_config()
+    with pytest.raises(ValueError, match=message):
+        configure_deepspeed(_fake_accelerator(**case), config, build_methods(config.method))
+
+
+def test_deepspeed_config_follows_the_run(tiny_config):
+    config = tiny_config("train.grad_accum=2", "train.max_grad_norm=1.0")
+    accelerator = _fake_accelerator(gradient_clipping="auto", gradient_accumulation_steps="auto")
+    configure_deepspeed(accelerator, config, build_methods(config.method))
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 0.0  # mmtune clips before the methods' hooks
