@@ -7,6 +7,7 @@ Runs whenever DeepSpeed imports (it installs from the registry and runs on CPU: 
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,9 +77,17 @@ def runs(world, tmp_path_factory):
     for name in ACCUMULATED:
         train(config(name, "single-accum", "train.batch_size=4", "train.grad_accum=2")[0])
         paths["ds1"].append(config(name, "ds1-accum", "train.batch_size=4", "train.grad_accum=2")[1])
+    paths["ds1"].append(config("spider", "ds1-saved", "train.batch_size=8", "train.max_steps=4",
+                               "train.save_every=2")[1])
     _launch(paths["ds1"], root, 1, deepspeed=True)
     _launch(paths["ddp2"], root, 2, deepspeed=False)
     _launch(paths["ds2"], root, 2, deepspeed=True)
+    # Resume under DeepSpeed: the saved run's folder as a run killed after its step-2 checkpoint.
+    shutil.copytree(root / "ds1-saved" / "spider", root / "ds1-resumed" / "spider")
+    shutil.rmtree(root / "ds1-resumed" / "spider" / "final")
+    (root / "ds1-resumed" / "spider" / "train_summary.json").unlink()
+    _launch([config("spider", "ds1-resumed", "train.batch_size=8", "train.max_steps=4", "train.save_every=2",
+                    "train.resume_from=latest")[1]], root, 1, deepspeed=True)
     return root
 
 
@@ -111,6 +120,32 @@ def test_the_runs_used_deepspeed(runs):
     for way, processes in (("ds1", 1), ("ds2", 2)):
         summary = json.loads((runs / way / "vanilla" / "train_summary.json").read_text())
         assert (summary["engine"], summary["processes"], summary["zero_stage"]) == ("DEEPSPEED", processes, 2)
+
+
+def test_deepspeed_resume_continues_the_same_run(runs):
+    assert "resumed" not in (runs / "ds1-saved" / "spider" / "metrics.jsonl").read_text()
+    _assert_same_run(runs / "ds1-saved" / "spider", runs / "ds1-resumed" / "spider")
+
+
+class Planted:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/mmtune-pwned-deepspeed",))
+
+
+def test_deepspeed_checkpoint_files_are_read_safely_before_deepspeed_unpickles_them(runs, tmp_path):
+    """DeepSpeed loads its files with weights_only=False; mmtune reads them the safe way first."""
+    from mmtune.checkpoint import check_engine_files
+    from mmtune.errors import CheckpointError
+
+    checkpoint = runs / "ds1-saved" / "spider" / "checkpoints" / "step-000002"
+    check_engine_files(checkpoint)  # a real ZeRO-2 checkpoint passes
+    planted = tmp_path / "step-000002"
+    shutil.copytree(checkpoint, planted)
+    victim = next(p for p in planted.rglob("*optim_states.pt"))
+    torch.save({"optimizer_state_dict": Planted()}, victim)
+    with pytest.raises(CheckpointError, match="optim_states.pt: refused before DeepSpeed loads it.*GLOBAL"):
+        check_engine_files(planted)
+    assert not os.path.exists("/tmp/mmtune-pwned-deepspeed")
 
 
 def _fake_accelerator(stage=2, mixed_precision="no", **ds_config):

@@ -166,3 +166,30 @@ def load_run_state(directory: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{path}: unreadable run state ({type(error).__name__}: {error})") from None
     return state
+
+
+def deepspeed_safe_globals() -> list:
+    """The few DeepSpeed classes its checkpoint files hold besides tensors and plain containers."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def check_engine_files(directory: Path) -> None:
+    """DeepSpeed loads its checkpoint files with ``weights_only=False`` (a pickle can run code). Before it does,
+    read each of them the safe way — tensors, containers and DeepSpeed's own three plain classes only — and refuse
+    a file that needs anything else, naming it. Tensors are memory-mapped, not read."""
+    allowed = deepspeed_safe_globals()
+    for path in sorted(Path(directory).rglob("*.pt")):
+        if path.name.startswith("mmtune_"):
+            continue  # mmtune's own files are always loaded with weights_only=True
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # noqa: BLE001
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            reason = next((line for line in lines if "GLOBAL" in line), lines[-1] if lines else type(error).__name__)
+            raise CheckpointError(f"{path}: refused before DeepSpeed loads it (it would be unpickled with "
+                                  f"weights_only=False): {reason}") from None

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from mmtune.checkpoint import (
+    check_engine_files,
     complete_checkpoints,
     finalize,
     find_checkpoint,
@@ -42,7 +43,7 @@ from mmtune.data.collate import IGNORE_INDEX, RecordDataset, TrainCollator
 from mmtune.data.mixture import build_mixture, mixture_summary
 from mmtune.data.records import RecordError
 from mmtune.data.synthetic import SYNTHETIC_PREFIX, ensure_world, resolve_task_path, vocabulary
-from mmtune.engines import backward, configure_deepspeed, optimizer_step
+from mmtune.engines import backward, configure_deepspeed, is_deepspeed, optimizer_step
 from mmtune.errors import NonFiniteError, RunInUseError
 from mmtune.evaluate import evaluate
 from mmtune.losses import compute_losses
@@ -346,6 +347,8 @@ def resume(run: Run) -> tuple[int, int]:
     if differences:
         raise ValueError(f"{checkpoint} was trained with another configuration; resuming would silently mix "
                          f"two runs. Differences: {'; '.join(differences)}")
+    if is_deepspeed(run.accelerator):
+        check_engine_files(checkpoint)
     run.accelerator.load_state(str(checkpoint))
     state = load_run_state(checkpoint)
     run.scheduler.load_state_dict(state["scheduler"])
