@@ -75,3 +75,29 @@ def test_config_show_resolves_overrides_and_suggests_keys(capsys):
     assert shown["train"]["seed"] == 7 and shown["train"]["loss_reduction"] == "token"
     assert main(["config", "show", str(ROOT / "configs/tiny.yaml"), "train.sed=7"]) == 2
     assert "unknown key train.sed (did you mean seed?)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, named", [
+    ("train.lr=3", "override 'train.lr=3': unknown key train.lr"),
+    ("train.batch_size=0", "override 'train.batch_size=0'"),
+    ("train.epochs=abc", "override 'train.epochs=abc'"),
+    ("scope.lr_blocks=-1", "override 'scope.lr_blocks=-1'"),
+])
+def test_an_override_error_names_the_override_not_the_file(override, named):
+    with pytest.raises(ConfigError) as error:
+        load_config(ROOT / "configs/tiny.yaml", [override])
+    assert str(error.value).startswith(named) and "tiny.yaml" not in str(error.value)
+
+
+def test_a_file_error_still_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  batch_size: 0\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: train: train.batch_size=0"):
+        load_config(path, ["train.epochs=2"])
+
+
+def test_accelerate_style_mixed_precision_no_is_not_a_boolean(tmp_path):
+    path = tmp_path / "mp.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"
+    assert load_config(ROOT / "configs/tiny.yaml", ["train.mixed_precision=no"]).train.mixed_precision == "no"

@@ -7,6 +7,7 @@ ones — a typo in a config must never silently fall back to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -239,6 +240,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return float(value)  # YAML 1.1 reads "2e-4" as a string
         except ValueError:
             pass
+    if tp is str and value is False and key.endswith("mixed_precision"):
+        return "no"  # YAML 1.1 reads the accelerate-style `mixed_precision: no` as false
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(f"{key}: {value!r} is not of type {_type_name(tp)}")
     return value
@@ -317,7 +320,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         return from_dict(RunConfig, data)
     except ConfigError as error:
-        raise ConfigError(f"{path or 'config'}: {error}") from None
+        # Name the override when the faulty key came from the command line, not the file.
+        message = str(error)
+        culprit = next((o for o in reversed(overrides) if _mentions(message, o.split("=", 1)[0].strip())), None)
+        where = f"override {culprit!r}" if culprit else str(path or "config")
+        raise ConfigError(f"{where}: {message}") from None
+
+
+def _mentions(message: str, key: str) -> bool:
+    """Whether an error message is about ``key`` ("unknown key train.lr", "train.lr: …", "train: train.lr=0 …")."""
+    return re.search(rf"(^|[\s:]){re.escape(key)}(\b|$)", message) is not None
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
