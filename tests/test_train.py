@@ -241,3 +241,11 @@ def test_evaluation_during_training_logs_the_trade_off_by_step(tiny_config):
     assert (run / "eval" / "during" / "base" / "scores.json").is_file()
     assert json.loads((run / "eval" / "during" / "step-000004" / "scores.json").read_text())["tasks"]["count_mc"]["n"] == 3
     assert (run / "report" / "s_g_over_steps.png").is_file()
+
+
+def test_a_bad_model_path_fails_before_any_data_is_generated(tiny_config, tmp_path):
+    world = tmp_path / "fresh-world"
+    config = tiny_config("model.tiny=null", f"model.path={tmp_path / 'no-such-model'}", f"data.synthetic.dir={world}")
+    with pytest.raises(FileNotFoundError, match="no-such-model: not a Hugging Face model folder"):
+        train(config)
+    assert not world.exists()

@@ -55,7 +55,7 @@ from mmtune.methods.base import (
     save_method_states,
     shards_parameters,
 )
-from mmtune.models.load import DTYPES, load_model, save_processor
+from mmtune.models.load import DTYPES, check_model_folder, load_model, save_processor
 from mmtune.models.scope import apply_scope, parameter_groups, scope_summary
 from mmtune.models.tiny import build_tiny
 from mmtune.report import to_markdown, write_report
@@ -229,6 +229,10 @@ def open_run(config: RunConfig) -> Run:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)],
     )
     methods = build_methods(config.method)
+    if not config.model.tiny:  # a bad model path fails now, before any data is generated or read
+        if not config.model.path:
+            raise ValueError("set model.path (a local checkpoint folder) or model.tiny (llava | qwen2_vl | idefics3)")
+        check_model_folder(config.model.path)
     sharded = shards_parameters(accelerator)
     unsupported = [m.name for m in methods if not m.supports_sharding]
     if sharded and unsupported:

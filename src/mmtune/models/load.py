@@ -77,12 +77,8 @@ def load_processor(path: str | Path) -> ProcessorMixin:
     return processor
 
 
-def load_model(
-    path: str | Path,
-    dtype: str = "fp32",
-    attn_implementation: str | None = None,
-) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """Return ``(model, processor)`` from a local checkpoint folder."""
+def check_model_folder(path: str | Path) -> Path:
+    """Fail fast, with what to do, when ``path`` is not a local Hugging Face model folder."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
@@ -90,6 +86,16 @@ def load_model(
             "download the model once (e.g. `huggingface-cli download llava-hf/llava-1.5-7b-hf --local-dir DIR`) "
             "and point model.path at DIR."
         )
+    return path
+
+
+def load_model(
+    path: str | Path,
+    dtype: str = "fp32",
+    attn_implementation: str | None = None,
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Return ``(model, processor)`` from a local checkpoint folder."""
+    path = check_model_folder(path)
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype={dtype!r}; choose one of {sorted(DTYPES)}")
     kwargs = {"dtype": DTYPES[dtype], "local_files_only": True}
