@@ -1,6 +1,7 @@
 """The loop's own guarantees (the per-method contract tests live in tests/methods/test_contract.py)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -249,3 +250,32 @@ def test_a_bad_model_path_fails_before_any_data_is_generated(tiny_config, tmp_pa
     with pytest.raises(FileNotFoundError, match="no-such-model: not a Hugging Face model folder"):
         train(config)
     assert not world.exists()
+
+
+def test_one_learning_rate_sets_both_groups(tiny_config):
+    one = train(tiny_config("train.learning_rate=0.003", "train.max_steps=3", out="one"))
+    two = train(tiny_config("scope.lr_blocks=0.003", "scope.lr_projector=0.003", "train.max_steps=3", out="two"))
+    assert losses(one) == losses(two)
+    for name, weight in final_weights(one).items():
+        torch.testing.assert_close(weight, final_weights(two)[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("scheduler", ["linear", "constant"])
+def test_scheduler_choices(tiny_config, scheduler):
+    run = train(tiny_config(f"train.scheduler={scheduler}", "train.warmup_ratio=0.25", "train.max_steps=8",
+                            "scope.lr_blocks=0.01", out=scheduler))
+    lrs = losses(run, "lr")  # the learning rate after each step (the LLM blocks' group)
+    assert lrs[0] == pytest.approx(0.005)  # after step 1: half-way through the 2 warm-up steps
+    if scheduler == "constant":
+        assert lrs[1:] == pytest.approx([0.01] * 7)
+    else:
+        assert lrs[1:] == pytest.approx([0.01 * (8 - k) / 6 for k in range(2, 9)])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adafactor"])
+def test_optimizer_choices_train(tiny_config, optimizer):
+    run = train(tiny_config(f"train.optimizer={optimizer}", "train.max_steps=3", "scope.lr_blocks=0.05",
+                            out=optimizer))
+    adamw = train(tiny_config("train.max_steps=3", "scope.lr_blocks=0.05", out=f"adamw-{optimizer}"))
+    assert all(math.isfinite(v) for v in losses(run)) and losses(run)[0] == losses(adamw)[0]
+    assert losses(run)[1:] != losses(adamw)[1:]  # another optimizer moved the weights differently

@@ -110,6 +110,10 @@ class DataConfig:
         _check(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be ≥ 0")
 
 
+OPTIMIZERS = ("adamw", "sgd", "adafactor")
+SCHEDULERS = ("cosine", "linear", "constant")
+
+
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/run"  # the run's folder (final/, checkpoints/, metrics.jsonl, eval/, report/)
@@ -118,8 +122,11 @@ class TrainConfig:
     max_steps: int | None = None  # if set, overrides epochs
     batch_size: int = 16  # per device, per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
+    learning_rate: float | None = None  # one learning rate for every trainable tensor (replaces scope.lr_blocks / lr_projector)
+    optimizer: str = "adamw"  # adamw (the papers) | sgd (momentum 0.9) | adafactor (transformers' Adafactor)
+    scheduler: str = "cosine"  # after the warm-up: cosine (the papers) | linear | constant
     weight_decay: float = 0.0  # AdamW weight decay (the papers: 0)
-    warmup_ratio: float = 0.03  # linear warm-up share of the steps, then cosine decay
+    warmup_ratio: float = 0.03  # linear warm-up share of the steps, then the scheduler's decay
     max_grad_norm: float | None = 1.0  # clip the gradient norm (null: no clipping)
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU)
     loss_reduction: str = "token"  # token: mean over target tokens (Hugging Face, SPIDER) | sample: NRCA's code
@@ -137,6 +144,10 @@ class TrainConfig:
         for key in ("batch_size", "grad_accum", "log_every"):
             _check(getattr(self, key) >= 1, f"train.{key}={getattr(self, key)} must be ≥ 1")
         _check(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay} must be ≥ 0")
+        _check(self.learning_rate is None or self.learning_rate > 0,
+               f"train.learning_rate={self.learning_rate} must be > 0 (or null: scope.lr_blocks / lr_projector)")
+        _check(self.optimizer in OPTIMIZERS, f"train.optimizer={self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        _check(self.scheduler in SCHEDULERS, f"train.scheduler={self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         _check(0 <= self.warmup_ratio <= 1, f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1]")
         _check(self.max_grad_norm is None or self.max_grad_norm > 0,
                f"train.max_grad_norm={self.max_grad_norm} must be > 0 (or null: no clipping)")

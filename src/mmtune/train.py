@@ -25,7 +25,8 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
-from transformers import get_cosine_schedule_with_warmup
+from transformers import get_scheduler
+from transformers.optimization import Adafactor
 
 from mmtune.checkpoint import (
     check_engine_files,
@@ -264,6 +265,20 @@ def load_data(run: Run) -> None:
         run.say(f"skipped {len(run.skipped)} bad records (data.skip_bad_records=true); first: {run.skipped[0]}")
 
 
+# train.scheduler → transformers' schedule (each with the linear warm-up of train.warmup_ratio).
+SCHEDULER_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+def build_optimizer(config: RunConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """``train.optimizer`` over the scope's parameter groups (each group keeps its learning rate)."""
+    name = config.train.optimizer
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.9)
+    if name == "adafactor":  # with explicit learning rates (not Adafactor's relative step)
+        return Adafactor(groups, lr=groups[0]["lr"], scale_parameter=False, relative_step=False, warmup_init=False)
+    return torch.optim.AdamW(groups)
+
+
 def build_model(run: Run) -> None:
     """Phase 3: model, scope (what trains), methods' model changes, optimizer, data loader, schedule."""
     config = run.config
@@ -274,8 +289,9 @@ def build_model(run: Run) -> None:
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     run.say(scope_summary(model, layout))
-    optimizer = torch.optim.AdamW(parameter_groups(model, layout, config.scope.lr_blocks, config.scope.lr_projector,
-                                                   config.train.weight_decay))
+    optimizer = build_optimizer(config, parameter_groups(
+        model, layout, config.train.learning_rate or config.scope.lr_blocks,
+        config.train.learning_rate or config.scope.lr_projector, config.train.weight_decay))
     collator = TrainCollator(run.processor, config.data.max_length)
     too_long = find_too_long(run.records, collator)
     if too_long and not config.data.skip_bad_records:
@@ -300,8 +316,9 @@ def build_model(run: Run) -> None:
     total_steps = config.train.max_steps or math.ceil(config.train.epochs * run.steps_per_epoch)
     # Stepped by hand once per optimizer step (not prepared: Accelerate would step it once per process), so
     # the schedule is the same for 1 or N processes; its state goes into mmtune's JSON run state.
-    run.scheduler = get_cosine_schedule_with_warmup(
-        run.optimizer, math.ceil(config.train.warmup_ratio * total_steps), total_steps)
+    run.scheduler = get_scheduler(SCHEDULER_NAMES[config.train.scheduler], run.optimizer,
+                                  num_warmup_steps=math.ceil(config.train.warmup_ratio * total_steps),
+                                  num_training_steps=total_steps)
     # FSDP2 swaps each parameter for a sharded DTensor: look them up again on the prepared model.
     unwrapped = run.accelerator.unwrap_model(run.model)
     trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
