@@ -633,23 +633,28 @@ def evaluate_during_training(run: Run, name: str) -> dict | None:
 def find_too_long(records, collator: TrainCollator) -> list[tuple]:
     """Records whose prompt + answer exceed ``max_length``, found before training starts, not mid-run.
 
-    The image's token count is measured once on the first record (fixed-resolution processors give every
-    image the same count; variable-resolution ones are checked again, exactly, in the collator).
+    The image's token count is measured once on the first record with an image (fixed-resolution processors give
+    every image the same count; variable-resolution ones are checked again, exactly, in the collator).
     """
     if not records:
         return []
     from mmtune.data.collate import prompt_text
 
     tokenizer, processor = collator.tokenizer, collator.processor
-    first_prompt = prompt_text(processor, records[0].prompt)
-    text_only = len(tokenizer(first_prompt, add_special_tokens=False)["input_ids"])
-    with_image = processor(text=[first_prompt], images=[RecordDataset(records[:1])[0]["image"]],
-                           return_tensors="pt")["input_ids"].shape[1]
-    image_tokens = with_image - text_only
+    image_tokens = 0
+    pictured = next((r for r in records if r.image is not None), None)
+    if pictured is not None:
+        first_prompt = prompt_text(processor, pictured.prompt)
+        text_only = len(tokenizer(first_prompt, add_special_tokens=False)["input_ids"])
+        with_image = processor(text=[first_prompt], images=[RecordDataset([pictured])[0]["image"]],
+                               return_tensors="pt")["input_ids"].shape[1]
+        image_tokens = with_image - text_only
     found = []
     for record in records:
-        prompt_tokens = len(tokenizer(prompt_text(processor, record.prompt), add_special_tokens=False)["input_ids"])
-        length = prompt_tokens + image_tokens + len(collator.answer_ids(record.target))
+        prompt_tokens = len(tokenizer(prompt_text(processor, record), add_special_tokens=False)["input_ids"])
+        # (a conversation's earlier answers are in its rendered prompt already)
+        length = prompt_tokens + (image_tokens if record.image is not None else 0) + \
+            len(collator.answer_ids(record.target))
         if length > collator.max_length:
             where = f"{record.source}: " if record.source else ""
             found.append((record, f"{where}record {record.id!r} (task {record.task}, {record.image}): prompt + answer "

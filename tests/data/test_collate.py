@@ -33,3 +33,75 @@ def test_too_long_record_names_the_record(world):
     records = read_records(world / "detailed_caption_train.jsonl")[:1]
     with pytest.raises(RecordError, match=f"record '{records[0].id}'.*max_length=10"):
         TrainCollator(processor, max_length=10)([RecordDataset(records)[0]])
+
+
+def _conversation_records(world, tmp_path):
+    """A two-exchange conversation with an image and a text-only record, written as a task file (words from the
+    synthetic vocabulary, so the tiny word-level tokenizers know them)."""
+    from mmtune.data.records import Record, write_records
+
+    caption, count = read_records(world / "detailed_caption_train.jsonl")[0], read_records(world / "count_vqa_train.jsonl")[0]
+    records = [
+        Record(id="talk", task="chat", kind="open", image=caption.image, prompt=count.prompt, answers=count.answers,
+               history=[{"prompt": caption.prompt, "answer": caption.target}]),
+        Record(id="text", task="chat", kind="open", image=None, prompt=caption.prompt, answers=[caption.target]),
+        caption,
+    ]
+    path = tmp_path / "chat.jsonl"
+    write_records(records, path)
+    return read_records(path), [count.target, caption.target]
+
+
+@pytest.mark.parametrize("architecture", ["llava", "qwen2_vl", "idefics3"])
+def test_conversations_learn_every_answer_and_text_only_records_batch_with_images(world, tmp_path, architecture):
+    model, processor = build_tiny(architecture, words=vocabulary())
+    records, (last_answer, first_answer) = _conversation_records(world, tmp_path)
+    assert records[1].image is None and records[0].history  # both survive the JSONL round trip
+    samples = [RecordDataset(records)[i] for i in range(3)]
+    batch = TrainCollator(processor)(samples)
+    tokenizer = processor.tokenizer
+    learned = batch["input_ids"][0][batch["labels"][0] != IGNORE_INDEX]
+    text = tokenizer.decode(learned, skip_special_tokens=True).replace(" ", "")
+    assert text == (first_answer + last_answer).lower().replace(" ", "")  # both assistant turns, nothing else
+    text_only = tokenizer.decode(batch["input_ids"][1][batch["labels"][1] != IGNORE_INDEX], skip_special_tokens=True)
+    assert text_only.replace(" ", "") == first_answer.lower().replace(" ", "")
+    assert batch["image_mask"].tolist() == [True, False, True]
+    out = model(**model_inputs(batch))
+    assert out.logits.shape[:2] == batch["input_ids"].shape
+    generation = GenerationCollator(processor)(samples)  # the conversation's history is in its prompt
+    assert model.generate(**model_inputs(generation), max_new_tokens=2).shape[0] == 3
+
+
+def test_bad_history_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": "a", "task": "t", "kind": "open", "image": null, "prompt": "p", "answers": ["x"], '
+                    '"history": [{"prompt": "q"}]}\n')
+    with pytest.raises(RecordError, match=r"bad.jsonl:1: 'history'\[0\] must be"):
+        read_records(path)
+
+
+def test_subset_batch_follows_images_past_text_only_rows():
+    import torch
+
+    from mmtune.data.collate import subset_batch
+
+    batch = {"input_ids": torch.arange(3).unsqueeze(1), "image_mask": torch.tensor([True, False, True]),
+             "pixel_values": torch.tensor([[10.0], [12.0]])}  # one image each for rows 0 and 2
+    assert subset_batch(batch, torch.tensor([2]))["pixel_values"].tolist() == [[12.0]]
+    assert subset_batch(batch, torch.tensor([0, 2]))["pixel_values"].tolist() == [[10.0], [12.0]]
+    grid = {**batch, "image_grid_thw": torch.tensor([[1, 1, 2], [1, 1, 1]]),
+            "pixel_values": torch.tensor([[0.0], [1.0], [2.0]])}  # Qwen2-VL: patches of all images, flattened
+    out = subset_batch(grid, torch.tensor([1, 2]))
+    assert out["pixel_values"].tolist() == [[2.0]] and out["image_grid_thw"].tolist() == [[1, 1, 1]]
+
+
+@pytest.mark.parametrize("architecture", ["llava", "qwen2_vl"])
+def test_training_on_conversations_and_text_only_records(world, tmp_path, tiny_config, architecture):
+    from mmtune.train import train
+
+    _conversation_records(world, tmp_path)
+    run = train(tiny_config(f"model.tiny={architecture}", "method.name=nrca+spider", "train.batch_size=4",
+                            "train.max_steps=2",
+                            f"data.tasks=[{{path: '{tmp_path / 'chat.jsonl'}', weight: 2}}, "
+                            "{path: 'synthetic:detailed_caption', n: 4}]"))
+    assert (run / "final" / "config.json").exists()

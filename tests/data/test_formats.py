@@ -137,12 +137,25 @@ def test_llava_read_and_export_round_trip(tmp_path):
             {"from": "human", "value": "And its color?"}, {"from": "gpt", "value": "Red."}]},
         {"id": "t", "conversations": [{"from": "human", "value": "text only"}, {"from": "gpt", "value": "ok"}]}])
     records, _ = prepare("llava", tmp_path, "")
-    assert [(r.id, r.prompt, r.target) for r in records] == [("x1-0", "What is this?", "A red square."),
-                                                             ("x1-1", "And its color?", "Red.")]
+    # One record per conversation: earlier pairs are its history (all trained on); text-only items are kept.
+    assert [(r.id, r.prompt, r.target, r.history) for r in records] == [
+        ("x1", "And its color?", "Red.", [{"prompt": "What is this?", "answer": "A red square."}]),
+        ("t", "text only", "ok", [])]
+    assert records[0].image.endswith("a.png") and records[1].image is None
     out = tmp_path / "export" / "mix.json"
     assert export(records, out, image_root=tmp_path) == 2
+    exported = json.loads(out.read_text())
+    assert exported[0]["conversations"][0]["value"].startswith("<image>\n") and "image" not in exported[1]
+    assert "<image>" not in exported[0]["conversations"][2]["value"]
     again, _ = prepare("llava", tmp_path, "", file="export/mix.json")
-    assert [(r.prompt, r.target, r.image) for r in again] == [(r.prompt, r.target, r.image) for r in records]
+    assert [(r.prompt, r.target, r.image, r.history) for r in again] == \
+        [(r.prompt, r.target, r.image, r.history) for r in records]
+
+
+def test_llava_conversation_that_is_not_human_gpt_pairs_is_named(tmp_path):
+    _json(tmp_path / "llava.json", [{"id": "odd", "conversations": [{"from": "human", "value": "hi"}]}])
+    with pytest.raises(RecordError, match=r"llava.json: item 0 \(id 'odd'\): 1 turns"):
+        prepare("llava", tmp_path, "")
 
 
 def test_missing_image_names_the_record_or_is_counted(tmp_path):

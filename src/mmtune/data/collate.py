@@ -19,12 +19,52 @@ IGNORE_INDEX = -100
 _MARKER = "MMTUNEANSWERMARKER"
 
 
-def user_message(prompt: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+def user_message(prompt: str, image: bool = True) -> list[dict]:
+    content = [{"type": "image"}] if image else []
+    return [{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}]
 
 
-def prompt_text(processor, prompt: str) -> str:
-    return processor.apply_chat_template(user_message(prompt), add_generation_prompt=True, tokenize=False)
+def assistant_message(answer: str) -> list[dict]:
+    return [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+
+
+def conversation(record: Record, upto: int | None = None) -> list[dict]:
+    """The chat messages of ``record`` up to the user turn of exchange ``upto`` (default: the last, the record's
+    own prompt), with the image (if any) in the first user turn."""
+    exchanges = [(turn["prompt"], turn["answer"]) for turn in record.history] + [(record.prompt, None)]
+    upto = len(exchanges) - 1 if upto is None else upto
+    messages: list[dict] = []
+    for index, (prompt, answer) in enumerate(exchanges[:upto + 1]):
+        messages += user_message(prompt, image=index == 0 and record.image is not None)
+        if index < upto:
+            messages += assistant_message(answer)
+    return messages
+
+
+def prompt_text(processor, prompt: str | Record) -> str:
+    """The text the model sees before it answers: a prompt, or a whole record (its history and image included)."""
+    messages = conversation(prompt) if isinstance(prompt, Record) else user_message(prompt)
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def later_segments(processor, record: Record, prefix: str, suffix: str) -> list[tuple[str, str]]:
+    """For a conversation: ``(user_text, answer)`` for every exchange after the first — the template's text between
+    the previous answer's end and this answer's start (masked), and the answer (learned)."""
+    if not record.history:
+        return []
+    answers = [turn["answer"] for turn in record.history] + [record.target]
+    rendered = processor.apply_chat_template(conversation(record, 0), add_generation_prompt=True, tokenize=False)
+    segments = []
+    for index in range(1, len(answers)):
+        done = rendered + prefix + answers[index - 1] + suffix
+        rendered = processor.apply_chat_template(conversation(record, index), add_generation_prompt=True,
+                                                 tokenize=False)
+        if not rendered.startswith(done):
+            where = f"{record.source}: " if record.source else ""
+            raise RecordError(f"{where}record {record.id!r}: the processor's chat template does not render turn "
+                              f"{index} after turn {index - 1}; mmtune cannot mask this conversation exactly")
+        segments.append((rendered[len(done):], answers[index]))
+    return segments
 
 
 def answer_affixes(processor) -> tuple[str, str]:
@@ -42,7 +82,9 @@ def answer_affixes(processor) -> tuple[str, str]:
     return rest[:start], rest[start + len(_MARKER):].rstrip()
 
 
-def load_image(record: Record) -> Image.Image:
+def load_image(record: Record) -> Image.Image | None:
+    if record.image is None:
+        return None  # a text-only record
     try:
         with Image.open(record.image) as image:
             return image.convert("RGB")
@@ -80,9 +122,10 @@ class TrainCollator:
 
     def __call__(self, samples: list[dict]) -> dict:
         records: list[Record] = [s["record"] for s in samples]
-        prompts = [prompt_text(self.processor, r.prompt) for r in records]
-        encoded = self.processor(text=prompts, images=[s["image"] for s in samples], padding=True,
-                                 padding_side="right", return_tensors="pt")
+        # The first user turn (with its image) goes through the processor, which expands the image placeholder.
+        first = [processor_prompt(self.processor, r) for r in records]
+        encoded = self.processor(text=first, images=batch_images(samples), padding=True, padding_side="right",
+                                 return_tensors="pt")
         prompt_ids = encoded.pop("input_ids")
         prompt_mask = encoded.pop("attention_mask")
         per_token = {k: encoded.pop(k) for k in list(encoded) if torch.is_tensor(encoded[k])
@@ -90,15 +133,23 @@ class TrainCollator:
         rows, labels, extras = [], [], {k: [] for k in per_token}
         for i, record in enumerate(records):
             n = int(prompt_mask[i].sum())
-            answer = self.answer_ids(record.target)
-            if n + len(answer) > self.max_length:
+            row, label = prompt_ids[i, :n].tolist(), [IGNORE_INDEX] * n
+            first_answer = record.history[0]["answer"] if record.history else record.target
+            answer = self.answer_ids(first_answer)
+            row, label = row + answer, label + answer
+            for user_text, later_answer in later_segments(self.processor, record, self.answer_prefix,
+                                                          self.answer_suffix):
+                user = self.tokenizer(user_text, add_special_tokens=False)["input_ids"]
+                answer = self.answer_ids(later_answer)
+                row, label = row + user + answer, label + [IGNORE_INDEX] * len(user) + answer
+            if len(row) > self.max_length:
                 where = f"{record.source}: " if record.source else ""
                 raise RecordError(f"{where}record {record.id!r} (task {record.task}): prompt + answer is "
-                                  f"{n + len(answer)} tokens, longer than data.max_length={self.max_length}")
-            rows.append(prompt_ids[i, :n].tolist() + answer)
-            labels.append([IGNORE_INDEX] * n + answer)
+                                  f"{len(row)} tokens, longer than data.max_length={self.max_length}")
+            rows.append(row)
+            labels.append(label)
             for key, value in per_token.items():
-                extras[key].append(value[i, :n].tolist() + [0] * len(answer))
+                extras[key].append(value[i, :n].tolist() + [0] * (len(row) - n))
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
 
@@ -112,7 +163,26 @@ class TrainCollator:
         for key, seqs in extras.items():
             batch[key] = padded(seqs, 0)
         batch["open_mask"] = torch.tensor([r.kind == "open" for r in records])
+        batch["image_mask"] = torch.tensor([r.image is not None for r in records])
         return batch
+
+
+def processor_prompt(processor, record: Record) -> str:
+    """The first user turn (a single-turn record's whole prompt), rendered for the processor."""
+    if not record.history:
+        return prompt_text(processor, record)
+    return processor.apply_chat_template(conversation(record, 0), add_generation_prompt=True, tokenize=False)
+
+
+def batch_images(samples: list[dict]):
+    """The images of a batch for the processor: one per record; with text-only records in the batch, one list per
+    record (empty for text-only), which the processors flatten in order; None when no record has an image."""
+    images = [s["image"] for s in samples]
+    if all(image is not None for image in images):
+        return images
+    if all(image is None for image in images):
+        return None
+    return [[image] if image is not None else [] for image in images]
 
 
 @dataclass
@@ -123,14 +193,14 @@ class GenerationCollator:
 
     def __call__(self, samples: list[dict]) -> dict:
         records = [s["record"] for s in samples]
-        prompts = [prompt_text(self.processor, r.prompt) for r in records]
-        batch = dict(self.processor(text=prompts, images=[s["image"] for s in samples], padding=True,
+        prompts = [prompt_text(self.processor, r) for r in records]
+        batch = dict(self.processor(text=prompts, images=batch_images(samples), padding=True,
                                     padding_side="left", return_tensors="pt"))
         batch["records"] = records
         return batch
 
 
-MODEL_INPUT_EXCLUDE = ("labels", "open_mask", "records")
+MODEL_INPUT_EXCLUDE = ("labels", "open_mask", "image_mask", "records")
 
 
 def model_inputs(batch: dict) -> dict:
@@ -142,22 +212,36 @@ def subset_batch(batch: dict, rows: torch.Tensor) -> dict:
     """The batch restricted to ``rows`` (a 1-D index tensor), for every processor layout.
 
     Per-sample tensors are indexed on their first dimension. Qwen2-VL style processors flatten all
-    images' patches into one ``pixel_values`` tensor; those are sliced with ``image_grid_thw``.
+    images' patches into one ``pixel_values`` tensor; those are sliced with ``image_grid_thw``. With text-only
+    records in the batch (``image_mask``), per-image tensors (one entry per image, not per row) follow the rows'
+    images.
     """
     size = batch["input_ids"].shape[0]
     out = {}
     grid = batch.get("image_grid_thw")
+    image_mask = batch.get("image_mask")
+    row_list = rows.tolist()
+    if image_mask is not None and not bool(image_mask.all()):
+        image_of_row = (torch.cumsum(image_mask.long(), 0) - 1).tolist()
+        images = torch.tensor([image_of_row[i] for i in row_list if bool(image_mask[i])], dtype=torch.long)
+    else:
+        images = rows
+    per_image = ("pixel_values", "image_grid_thw", "image_sizes")
     for key, value in batch.items():
         if key == "pixel_values" and grid is not None:
             counts = grid.prod(dim=-1).tolist()
             starts = [0]
             for count in counts:
                 starts.append(starts[-1] + count)
-            out[key] = torch.cat([value[starts[i]:starts[i + 1]] for i in rows.tolist()])
+            out[key] = torch.cat([value[starts[i]:starts[i + 1]] for i in images.tolist()])
+        elif key in per_image and torch.is_tensor(value) and images is not rows and value.shape[0] != size:
+            out[key] = value[images.to(value.device)]
+        elif key == "image_grid_thw" and torch.is_tensor(value):
+            out[key] = value[images.to(value.device)]
         elif torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == size:
             out[key] = value[rows.to(value.device)]
         elif key == "records":
-            out[key] = [value[i] for i in rows.tolist()]
+            out[key] = [value[i] for i in row_list]
         else:
             out[key] = value
     return out

@@ -3,6 +3,9 @@
 A record is one (image, prompt, answers) sample of one task. ``kind`` says whether the task is
 open-response (captions, free-form answers: what NRCA protects) or fixed-choice (lettered options).
 ``answers[0]`` is the training target; all of ``answers`` are the references for evaluation.
+Instruction data also holds conversations and text-only samples (the LLaVA-1.5 mix has both): ``history``
+lists a conversation's earlier exchanges (``{"prompt", "answer"}``, trained on like the last one: loss on
+every assistant turn), and ``image`` is null for a text-only record.
 """
 
 from __future__ import annotations
@@ -34,13 +37,14 @@ class Record:
     id: str
     task: str
     kind: str
-    image: str
+    image: str | None  # None: a text-only record
     prompt: str
     answers: list[str]
     choices: list[str] | None = None
     answer_index: int | None = None
     metric: str | None = None  # optional: how evaluation scores this task (inferred when absent)
     extra: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)  # earlier exchanges of a conversation: {"prompt", "answer"}
     source: ClassVar[str] = ""  # "file:line" it was read from (set by iter_records; not a field)
 
     @property
@@ -51,10 +55,18 @@ class Record:
     def validate(self) -> None:
         """Type and consistency checks: a field of the wrong type would otherwise train or score silently wrong
         (a string ``answers`` is iterated as characters; ``True`` is the index 1)."""
-        for name in ("id", "task", "image", "prompt"):
+        for name in ("id", "task", "prompt"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"'{name}' must be a non-empty string, got {value!r}"[:200])
+        if self.image is not None and (not isinstance(self.image, str) or not self.image.strip()):
+            raise ValueError(f"'image' must be a path string (or null for a text-only record), got {self.image!r}"[:200])
+        if not isinstance(self.history, list):
+            raise ValueError(f"'history' must be a list of {{\"prompt\", \"answer\"}} exchanges, got {self.history!r}"[:200])
+        for number, turn in enumerate(self.history):
+            if not isinstance(turn, dict) or set(turn) != {"prompt", "answer"} or not all(
+                    isinstance(turn[k], str) and turn[k].strip() for k in ("prompt", "answer")):
+                raise ValueError(f"'history'[{number}] must be {{\"prompt\": text, \"answer\": text}}, got {turn!r}"[:200])
         if self.kind not in KINDS:
             raise ValueError(f"'kind' is {self.kind!r}; must be one of {KINDS}")
         if not isinstance(self.answers, list) or not self.answers or \
@@ -87,7 +99,9 @@ class Record:
         for key in ("choices", "answer_index", "metric"):
             if data[key] is None:
                 del data[key]
-        if base_dir is not None:
+        if not data["history"]:
+            del data["history"]
+        if base_dir is not None and self.image is not None:
             try:
                 data["image"] = os.path.relpath(Path(self.image).resolve(), base_dir)
             except ValueError:  # another drive on Windows
@@ -128,7 +142,8 @@ def _parse_line(line: str, base_dir: Path) -> Record:
     data = json.loads(line)
     if not isinstance(data, dict):
         raise ValueError("a record must be a JSON object")
-    known = {"id", "task", "kind", "image", "prompt", "answers", "choices", "answer_index", "metric", "extra"}
+    known = {"id", "task", "kind", "image", "prompt", "answers", "choices", "answer_index", "metric", "extra",
+             "history"}
     missing = {"id", "task", "kind", "image", "prompt", "answers"} - data.keys()
     if missing:
         raise ValueError(f"missing field(s) {sorted(missing)}")
@@ -137,10 +152,11 @@ def _parse_line(line: str, base_dir: Path) -> Record:
         raise ValueError(f"unknown field(s) {sorted(unknown)}; valid fields: {sorted(known)}")
     if isinstance(data["id"], int) and not isinstance(data["id"], bool):
         data["id"] = str(data["id"])
-    if not isinstance(data["image"], str):
-        raise ValueError(f"'image' must be a path string, got {data['image']!r}"[:200])
-    image = Path(data["image"])
-    data["image"] = os.path.normpath(image if image.is_absolute() else (base_dir / image))
+    if data["image"] is not None:
+        if not isinstance(data["image"], str):
+            raise ValueError(f"'image' must be a path string (or null: text-only), got {data['image']!r}"[:200])
+        image = Path(data["image"])
+        data["image"] = os.path.normpath(image if image.is_absolute() else (base_dir / image))
     record = Record(**data)
     record.validate()
     return record
@@ -183,7 +199,7 @@ def iter_records(path: str | Path, skip_bad_records: bool = False, check_images:
                 record.source = f"{path}:{number}"
                 if record.id in seen:
                     raise ValueError(f"duplicate id {record.id!r}")
-                if check_images:
+                if check_images and record.image is not None:
                     check_image(record.image)
             except (ValueError, TypeError, json.JSONDecodeError) as error:
                 message = f"{path}:{number}: {error}"

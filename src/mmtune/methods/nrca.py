@@ -104,8 +104,12 @@ class NRCA(Method):
     def extra_losses(self, ctx, batch, outputs, sample_loss):
         if self.config.lam == 0:
             return {}
+        if "pixel_values" not in batch:  # a batch of text-only records: no image to noise
+            return {"nrca_gap": sample_loss.sum() * 0.0}
         noisy_pixels = noisy_view(batch["pixel_values"], self.config.delta, ctx.generator, self.config.noise)
         open_mask = open_response_mask(batch, self.config.open_rule)
+        if "image_mask" in batch:  # o_i also needs an image: noise can't change a text-only sample's confidence
+            open_mask = open_mask & batch["image_mask"].to(open_mask.device)
         rows = open_mask.nonzero(as_tuple=True)[0]
         if rows.numel() == 0:
             return {"nrca_gap": sample_loss.sum() * 0.0}

@@ -77,7 +77,7 @@ def prepare(format_name: str, root: str | Path, split: str, limit: int | None = 
         problem = None
         if record.id in seen:
             problem = f"duplicate id {record.id!r}"
-        elif not os.path.isfile(record.image):
+        elif record.image is not None and not os.path.isfile(record.image):
             problem = f"record {record.id!r}: image not found: {record.image}"
         if problem:
             if not skip_bad_records:

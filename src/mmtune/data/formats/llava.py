@@ -12,8 +12,9 @@ from mmtune.data.formats import load_json
 from mmtune.data.records import Record, RecordError
 from mmtune.files import atomic_write
 
-LAYOUT = """ROOT/<file>.json (--file, default llava.json): [{"id", "image", "conversations": [{"from": "human",
-    "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}]; every human/gpt pair becomes a record
+LAYOUT = """ROOT/<file>.json (--file, default llava.json): [{"id", "image"?, "conversations": [{"from": "human",
+    "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}]; one record per conversation (its earlier
+    human/gpt pairs kept as the record's history, all trained on); an item without "image" is a text-only record
 ROOT/<image>   (or --images DIR)"""
 IMAGE_TOKEN = "<image>"
 
@@ -29,21 +30,27 @@ def convert(root: Path, split: str = "", file: str = "llava.json", images: str |
     # 665k mix repeats many): a repeated id gets its item's position, so every conversation keeps a unique id.
     seen_ids = Counter(str(item.get("id")) for item in items if isinstance(item, dict))
     for position, item in enumerate(items):
-        if "image" not in item:
-            continue  # text-only conversations carry no image (not yet supported: mmtune records have one image)
+        where = f"{path}: item {position} (id {item.get('id')!r})" if isinstance(item, dict) else f"{path}: item {position}"
+        if not isinstance(item, dict) or not isinstance(item.get("conversations"), list):
+            raise RecordError(f"{where}: expected an object with a 'conversations' list")
         item_id = str(item.get("id", position))
         if seen_ids[item_id] > 1:
             item_id = f"{item_id}@{position}"
-        turns = item.get("conversations", [])
-        for index in range(0, len(turns) - 1, 2):
+        turns = item["conversations"]
+        if len(turns) < 2 or len(turns) % 2:
+            raise RecordError(f"{where}: {len(turns)} turns; a conversation is human/gpt pairs")
+        exchanges = []
+        for index in range(0, len(turns), 2):
             human, gpt = turns[index], turns[index + 1]
-            if human.get("from") != "human" or gpt.get("from") != "gpt":
-                raise RecordError(f"{path}: item {position} (id {item.get('id')!r}): turns {index}/{index + 1} are "
-                                  f"not a human/gpt pair")
-            prompt = human["value"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "").strip()
-            suffix = f"-{index // 2}" if len(turns) > 2 else ""
-            yield Record(id=f"{item_id}{suffix}", task=task, kind=kind,
-                         image=str(image_dir / item["image"]), prompt=prompt, answers=[gpt["value"]])
+            if not isinstance(human, dict) or not isinstance(gpt, dict) or human.get("from") != "human" \
+                    or gpt.get("from") != "gpt":
+                raise RecordError(f"{where}: turns {index}/{index + 1} are not a human/gpt pair")
+            prompt = str(human.get("value", "")).replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "").strip()
+            exchanges.append({"prompt": prompt, "answer": str(gpt.get("value", ""))})
+        image = str(image_dir / item["image"]) if item.get("image") else None
+        last = exchanges[-1]
+        yield Record(id=item_id, task=task, kind=kind, image=image, prompt=last["prompt"], answers=[last["answer"]],
+                     history=exchanges[:-1])
 
 
 def export(records: Iterable[Record], out: str | Path, image_root: str | Path | None = None,
@@ -53,9 +60,22 @@ def export(records: Iterable[Record], out: str | Path, image_root: str | Path | 
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     base = Path(image_root) if image_root else out.parent
-    items = [{"id": r.id, "image": os.path.relpath(Path(r.image).resolve(), base.resolve()),
-              "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{r.prompt}"},
-                                {"from": "gpt", "value": r.target}]} for r in records]
+    items = [item(r, base) for r in records]
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, json.dumps(items, indent=1, ensure_ascii=False) + "\n")
     return len(items)
+
+
+def item(record: Record, base: Path) -> dict:
+    """One record as a LLaVA conversation: its history first, ``<image>`` in the first human turn (if any)."""
+    exchanges = [(t["prompt"], t["answer"]) for t in record.history] + [(record.prompt, record.target)]
+    turns = []
+    for index, (prompt, answer) in enumerate(exchanges):
+        image = index == 0 and record.image is not None
+        turns += [{"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}" if image else prompt},
+                  {"from": "gpt", "value": answer}]
+    out = {"id": record.id}
+    if record.image is not None:
+        out["image"] = os.path.relpath(Path(record.image).resolve(), base.resolve())
+    out["conversations"] = turns
+    return out
