@@ -111,6 +111,7 @@ class DataConfig:
 
 
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 SCHEDULERS = ("cosine", "linear", "constant")
 
 
@@ -136,6 +137,7 @@ class TrainConfig:
     resume_from: str | None = None  # a checkpoint folder or "latest"
     overwrite: bool = False  # allow replacing an existing run in output_dir
     progress: bool = True  # progress bars
+    report_to: list = field(default_factory=lambda: ["tensorboard"])  # trackers (Accelerate): tensorboard | wandb | mlflow; [] for none
 
     def __post_init__(self):
         _check(bool(self.output_dir.strip()), "train.output_dir is empty: name the run's folder")
@@ -158,6 +160,8 @@ class TrainConfig:
         for key in ("save_every", "keep_checkpoints"):
             value = getattr(self, key)
             _check(value is None or value >= 1, f"train.{key}={value} must be ≥ 1 (or null)")
+        for tracker in self.report_to:
+            _check(tracker in TRACKERS, f"train.report_to: {tracker!r}; choose from {', '.join(TRACKERS)}")
         _check(self.resume_from is None or bool(self.resume_from.strip()),
                "train.resume_from is empty: use 'latest', a checkpoint folder, or null")
 

@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, parse_flag_from_env, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 from transformers import get_scheduler
@@ -67,6 +68,7 @@ LOCK_FILE = "mmtune.lock"
 # Config keys that may differ between a checkpoint and the run resuming it: where things go and how they are
 # shown. Everything else changes what is trained, so a resume with a different value is refused.
 RESUME_MAY_CHANGE = ("train.output_dir", "train.resume_from", "train.overwrite", "train.progress", "train.log_every",
+                     "train.report_to",
                      "train.save_every", "train.keep_checkpoints", "data.num_workers", "data.synthetic.dir", "eval.")
 
 
@@ -206,6 +208,51 @@ def prepare_output_dir(config: RunConfig, is_main: bool) -> tuple[RunPaths, int 
     return RunPaths(root), lock
 
 
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def available_trackers(names: list[str]) -> list[str]:
+    """The trackers of ``train.report_to`` to start. One named on purpose and not installed is an error; the
+    default (tensorboard) is skipped quietly when tensorboard is not installed."""
+    import importlib.util
+
+    missing = [n for n in names if importlib.util.find_spec(TRACKER_MODULES[n]) is None]
+    if missing and names != ["tensorboard"]:
+        raise ValueError(f"train.report_to names {', '.join(missing)}, which is not installed here: "
+                         f"pip install {' '.join(missing)} (or remove it from train.report_to)")
+    return [n for n in names if n not in missing]
+
+
+def start_trackers(run: Run) -> None:
+    """Start Accelerate's trackers: tensorboard under <run>/tensorboard, MLflow in <run>/mlruns unless
+    MLFLOW_TRACKING_URI says otherwise, W&B as its environment says (WANDB_MODE=offline for no network)."""
+    accelerator, root = run.accelerator, run.paths.root
+    if not accelerator.log_with:
+        return
+    names = {str(t).split(".")[-1].lower() for t in accelerator.log_with}
+    if "mlflow" in names and run.is_main and not os.environ.get("MLFLOW_TRACKING_URI"):
+        import mlflow
+
+        # A file store in the run folder (no server, no database driver needed); recent MLflow wants an opt-in.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        mlflow.set_tracking_uri((root / "mlruns").resolve().as_uri())
+    flat = {key: value if isinstance(value, int | float | str | bool) else str(value)
+            for key, value in flat_config(to_dict(run.config)).items()}
+    accelerator.init_trackers("mmtune", config=flat, init_kwargs={
+        "wandb": {"name": root.name, "dir": str(root)}, "mlflow": {"run_name": root.name}})
+
+
+def tracker_name(key: str) -> str:
+    """``S/base %`` → ``S_base``: names every tracker accepts (MLflow's file store makes "/" a folder)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip("_")
+
+
+def flat_config(data, prefix: str = "") -> dict:
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items() for k, v in flat_config(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: data}
+
+
 def deepspeed_launched() -> bool:
     """Whether ``accelerate launch`` was told to use DeepSpeed (``--use_deepspeed`` or a DeepSpeed config)."""
     return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
@@ -224,9 +271,12 @@ def open_run(config: RunConfig) -> Run:
         # Without a GPU, Accelerate picks no communication backend for DeepSpeed and each process would train alone
         # on the whole data set (num_processes 1): name CPU's backend.
         PartialState(backend="gloo")
+    root = Path(config.train.output_dir)
     accelerator = Accelerator(
         # cpu=True would turn a DeepSpeed launch into DDP without a word: only force the CPU otherwise.
         mixed_precision=config.train.mixed_precision, cpu=not cuda and not deepspeed_launched(),
+        log_with=available_trackers(config.train.report_to) or None,
+        project_config=ProjectConfiguration(project_dir=str(root), logging_dir=str(root / "tensorboard")),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)],
     )
     methods = build_methods(config.method)
@@ -437,7 +487,7 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
     run.say(f"training {total_steps} steps ({run.steps_per_epoch} per epoch), methods: {config.method.name}")
     progress = tqdm(total=total_steps, initial=ctx.step, desc="train", disable=not (run.is_main and config.train.progress))
     metrics_file = run.paths.metrics.open("a") if run.is_main else None
-    tensorboard = tensorboard_writer(run.paths.root / "tensorboard") if run.is_main else None
+    start_trackers(run)
     # Without progress bars (logs, CI), one status line per ~5% of the run instead.
     status_every = 0 if config.train.progress else max(1, total_steps // 20)
     started, first_step = time.time(), ctx.step
@@ -478,10 +528,8 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
                     if metrics_file:
                         metrics_file.write(json.dumps(row) + "\n")
                         metrics_file.flush()
-                    if tensorboard:
-                        for key, value in row.items():
-                            if isinstance(value, float) and key != "epoch":
-                                tensorboard.add_scalar(f"train/{key}", value, ctx.step)
+                    accelerator.log({f"train/{k}": v for k, v in row.items() if isinstance(v, float) and k != "epoch"},
+                                    step=ctx.step)
                     progress.set_postfix(loss=f"{row['loss']:.4f}")
                 if status_every and (ctx.step % status_every == 0 or ctx.step == total_steps):
                     elapsed = time.time() - started
@@ -498,6 +546,9 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
                     if metrics_file and eval_row:
                         metrics_file.write(json.dumps(eval_row) + "\n")
                         metrics_file.flush()
+                    if eval_row:
+                        accelerator.log({f"eval/{tracker_name(k)}": v for k, v in flat_config(eval_row["eval"]).items()
+                                         if isinstance(v, int | float)}, step=ctx.step)
                 if config.train.save_every and ctx.step % config.train.save_every == 0 and ctx.step < total_steps:
                     save_checkpoint(run, position)
                 if ctx.step >= total_steps or done_epoch:
@@ -507,8 +558,7 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
         progress.close()
         if metrics_file:
             metrics_file.close()
-        if tensorboard:
-            tensorboard.close()
+        accelerator.end_training()
     return time.time() - started
 
 
@@ -580,15 +630,6 @@ def train(config: RunConfig) -> Path:
     finally:
         release_lock(run.lock)
     return run.paths.root
-
-
-def tensorboard_writer(log_dir: Path):
-    """A TensorBoard writer when tensorboard is installed (it is optional), else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(log_dir))
 
 
 def run_evaluation(model, processor, config: RunConfig, world: Path | None, out: Path,
