@@ -2,7 +2,7 @@
 
 The public API (imported on first use, so ``import mmtune`` stays light)::
 
-    from mmtune import load_config, train, evaluate, write_report, NRCA, Spider, MethodTrainer
+    from mmtune import load_config, train, evaluate, write_report, NRCA, Spider, MethodTrainer, with_methods
 """
 
 from importlib import import_module
@@ -22,6 +22,8 @@ _API = {
     "NRCA": "mmtune.methods", "NRCAConfig": "mmtune.methods", "Spider": "mmtune.methods",
     "SpiderConfig": "mmtune.methods",
     "MethodTrainer": "mmtune.integrations.hf_trainer", "MethodCallback": "mmtune.integrations.hf_trainer",
+    "MethodTrainerMixin": "mmtune.integrations.hf_trainer", "with_methods": "mmtune.integrations.hf_trainer",
+    "RecordDataset": "mmtune.data.collate", "TrainCollator": "mmtune.data.collate", "apply_scope": "mmtune.models.scope",
 }
 __all__ = ["__version__", *_API]
 

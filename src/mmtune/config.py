@@ -75,6 +75,9 @@ class TaskSpec:
     path: str  # a task file (JSONL records) or synthetic:<family>
     n: int | None = None  # draw this many records at random with the run's seed (None: all)
     weight: float = 1.0  # each drawn record appears `weight` times per epoch (fractions drawn at random)
+    columns: dict = field(default_factory=dict)  # HF dataset / Parquet source: record field → column, e.g. {prompt: question}
+    defaults: dict = field(default_factory=dict)  # HF dataset / Parquet source: values of fields it lacks, e.g. {task: okvqa, kind: open}
+    split: str | None = None  # HF dataset saved as a DatasetDict: the split to read
 
     def __post_init__(self):
         _check(bool(self.path.strip()), "a task's path is empty")

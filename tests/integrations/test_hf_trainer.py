@@ -1,5 +1,6 @@
 import shutil
 
+import pytest
 import torch
 from transformers import TrainingArguments
 
@@ -64,3 +65,41 @@ def test_trainer_checkpoints_carry_method_state_and_resume_exactly(world, tmp_pa
     assert trainer.ctx.step == 4
     for (name, a), b in zip(full.named_parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_methods_inside_trl_sft_trainer_log_every_loss_term(world, tmp_path):
+    """TRL's SFTTrainer with mmtune's methods (with_methods): the methods act, and each loss term is logged."""
+    trl = pytest.importorskip("trl")
+    from mmtune import with_methods
+
+    model, processor = build_tiny("llava", words=vocabulary())
+    apply_scope(model)
+    records = read_records(world / "detailed_caption_train.jsonl")[:8] + read_records(world / "count_mc_train.jsonl")[:8]
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3,
+                         report_to=[], use_cpu=True, remove_unused_columns=False, save_strategy="no",
+                         logging_steps=1, disable_tqdm=True, dataset_kwargs={"skip_prepare_dataset": True})
+    from mmtune.data.hf_datasets import to_hf_dataset
+
+    # TRL wants a datasets.Dataset: the records as one (TrainCollator turns its rows back into records)
+    trainer = with_methods(trl.SFTTrainer)(model=model, args=args, train_dataset=to_hf_dataset(records),
+                                           data_collator=TrainCollator(processor), processing_class=processor,
+                                           methods=[NRCA(), Spider()])
+    trainer.train()
+    assert type(trainer).__name__ == "MethodSFTTrainer" and trainer.ctx.step == 2
+    logged = [row for row in trainer.state.log_history if "loss" in row]
+    assert len(logged) == 2 and all({"ce", "nrca_gap"} <= set(row) for row in logged)
+    assert all(row["loss"] == pytest.approx(row["ce"] + row["nrca_gap"], rel=1e-4) for row in logged)
+    assert trainer.method_state_dict()["spider"]["grad_sum"]
+
+
+def test_method_trainer_logs_loss_terms(world, tmp_path):
+    model, processor = build_tiny("llava", words=vocabulary())
+    apply_scope(model)
+    records = read_records(world / "detailed_caption_train.jsonl")[:8]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3,
+                             report_to=[], use_cpu=True, remove_unused_columns=False, save_strategy="no",
+                             logging_steps=1, disable_tqdm=True)
+    trainer = MethodTrainer(model=model, args=args, train_dataset=RecordDataset(records),
+                            data_collator=TrainCollator(processor), methods=[NRCA()])
+    trainer.train()
+    assert all("nrca_gap" in row for row in trainer.state.log_history if "loss" in row)

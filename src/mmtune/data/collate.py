@@ -92,6 +92,24 @@ def load_image(record: Record) -> Image.Image | None:
         raise RecordError(f"record {record.id!r}: cannot read image {record.image}: {error}") from error
 
 
+def record_from_row(row: dict) -> Record:
+    """A record from a row of a Hugging Face ``datasets.Dataset`` holding mmtune's record fields (absent optional
+    fields come back as None there)."""
+    fields = {k: v for k, v in row.items() if v is not None or k == "image"}
+    record = Record(**{k: v for k, v in fields.items() if k in Record.__dataclass_fields__})
+    record.validate()
+    return record
+
+
+def as_sample(item: dict) -> dict:
+    """``{"record", "image"}`` from a ``RecordDataset`` item, or from a record row of a ``datasets.Dataset`` (what
+    TRL's trainers require), with its image loaded."""
+    if "record" in item:
+        return item
+    record = record_from_row(item)
+    return {"record": record, "image": load_image(record)}
+
+
 class RecordDataset(Dataset):
     """Records with their images loaded lazily (images are decoded in the data loader, not up front)."""
 
@@ -121,6 +139,7 @@ class TrainCollator:
         return self.tokenizer(self.answer_prefix + answer + self.answer_suffix, add_special_tokens=False)["input_ids"]
 
     def __call__(self, samples: list[dict]) -> dict:
+        samples = [as_sample(s) for s in samples]
         records: list[Record] = [s["record"] for s in samples]
         # The first user turn (with its image) goes through the processor, which expands the image placeholder.
         first = [processor_prompt(self.processor, r) for r in records]
@@ -192,6 +211,7 @@ class GenerationCollator:
     processor: object
 
     def __call__(self, samples: list[dict]) -> dict:
+        samples = [as_sample(s) for s in samples]
         records = [s["record"] for s in samples]
         prompts = [prompt_text(self.processor, r) for r in records]
         batch = dict(self.processor(text=prompts, images=batch_images(samples), padding=True,

@@ -6,6 +6,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+from mmtune.data.hf_datasets import is_hf_source, read_hf_records
 from mmtune.data.records import Record, read_records
 
 
@@ -30,7 +31,14 @@ def build_mixture(task_specs, seed: int, resolve=lambda p: Path(p), skip_bad_rec
     """Load every task of a run, draw its share, and shuffle the union with ``seed``."""
     mixture: list[Record] = []
     for index, spec in enumerate(task_specs):
-        records = read_records(resolve(spec.path), skip_bad_records=skip_bad_records, skipped=skipped)
+        path = resolve(spec.path)
+        if is_hf_source(path):
+            records = read_hf_records(path, spec.columns, spec.split, spec.defaults, skip_bad_records, skipped)
+        elif spec.columns or spec.defaults or spec.split:
+            raise ValueError(f"task {spec.path}: columns / defaults / split apply to Hugging Face datasets saved with "
+                             "save_to_disk and Parquet files, not to JSONL task files")
+        else:
+            records = read_records(path, skip_bad_records=skip_bad_records, skipped=skipped)
         if not records:
             raise ValueError(f"task file {spec.path} has no usable records")
         mixture += draw(records, spec.n, seed + index, spec.weight)

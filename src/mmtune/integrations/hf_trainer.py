@@ -64,11 +64,15 @@ class MethodCallback(TrainerCallback):
             method.on_train_end(self.trainer.ctx)
 
 
-class MethodTrainer(Trainer):
-    """A ``transformers.Trainer`` whose loss and update rules come from mmtune methods."""
+class MethodTrainerMixin:
+    """What makes any ``transformers.Trainer`` subclass take its loss and update rules from mmtune methods: put it
+    first in the bases (``class MyTrainer(MethodTrainerMixin, SFTTrainer)``, or ``with_methods(SFTTrainer)``).
+    Each loss term is logged by name (``ce``, ``nrca_gap``, …) beside the Trainer's ``loss``."""
 
     def __init__(self, *args, methods: list[Method] | None = None, loss_reduction: str = "token", **kwargs):
         super().__init__(*args, **kwargs)
+        self._term_sums: dict[str, float] = {}
+        self._term_count = 0
         self.methods = methods or []
         self.loss_reduction = loss_reduction  # token (the Hugging Face convention) | sample (NRCA's released code)
         # Our loss is a mean over each micro-batch, not a sum over the step's tokens: let the Trainer divide by
@@ -105,8 +109,29 @@ class MethodTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Per micro-batch means; the Trainer divides by the accumulation steps (model_accepts_loss_kwargs=False).
         terms, outputs = compute_losses(self.ctx, self.methods, inputs, self.loss_reduction)
+        if model.training:
+            for key, value in terms.items():
+                self._term_sums[key] = self._term_sums.get(key, 0.0) + float(value.detach())
+            self._term_count += 1
         loss = sum(terms.values())
         return (loss, outputs) if return_outputs else loss
 
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Add each loss term's mean since the last log to the Trainer's training logs (and so its trackers)."""
+        if "loss" in logs and self._term_count:
+            logs.update({key: total / self._term_count for key, total in self._term_sums.items()})
+            self._term_sums, self._term_count = {}, 0
+        super().log(logs, *args, **kwargs)
+
     def method_state_dict(self) -> dict:
         return {m.name: m.state_dict() for m in self.methods}
+
+
+class MethodTrainer(MethodTrainerMixin, Trainer):
+    """A ``transformers.Trainer`` whose loss and update rules come from mmtune methods."""
+
+
+def with_methods(trainer_class: type[Trainer]) -> type[Trainer]:
+    """``trainer_class`` (e.g. TRL's ``SFTTrainer``) with mmtune methods: ``with_methods(SFTTrainer)(...,
+    methods=[NRCA(), Spider()])``."""
+    return type(f"Method{trainer_class.__name__}", (MethodTrainerMixin, trainer_class), {})

@@ -1,0 +1,102 @@
+"""Hugging Face ``datasets`` on both sides of mmtune's records.
+
+* ``to_hf_dataset(records)``: records as a ``datasets.Dataset`` (one column per record field), for trainers that
+  require one (TRL's ``SFTTrainer``); ``TrainCollator`` turns its rows back into records.
+* ``read_hf_records(path, columns)``: a task source that is a dataset saved with ``save_to_disk`` or Parquet files,
+  with a mapping from its columns to the record's fields; validated like a JSONL task file, each bad row named.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mmtune.data.records import Record, RecordError, check_image
+
+FIELDS = ("id", "task", "kind", "image", "prompt", "answers", "choices", "answer_index", "metric", "history")
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists())
+
+
+def is_hf_source(path: str | Path) -> bool:
+    """A dataset saved with ``save_to_disk``, a Parquet file, or a folder of Parquet files."""
+    path = Path(path)
+    return is_saved_dataset(path) or path.suffix == ".parquet" or (path.is_dir() and any(path.glob("*.parquet")))
+
+
+def to_hf_dataset(records: list[Record]):
+    import datasets
+
+    # Every row carries every field (None where a record has none): the columns are taken from all rows alike.
+    return datasets.Dataset.from_list([{field: r.to_json().get(field) for field in FIELDS} for r in records])
+
+
+def read_hf_records(path: str | Path, columns: dict[str, str] | None = None, split: str | None = None,
+                    defaults: dict | None = None, skip_bad_records: bool = False,
+                    skipped: list[str] | None = None) -> list[Record]:
+    """Records from a dataset folder written by ``save_to_disk`` (a ``DatasetDict`` needs ``split``) or from Parquet
+    files (a file, or a folder of ``*.parquet``). ``columns`` maps record fields to dataset columns (``{"prompt":
+    "question"}``); ``defaults`` fills fields the data lacks (``{"task": "okvqa", "kind": "open"}``). ``answers``
+    may be one string; ``image`` a path relative to the dataset's folder."""
+    import datasets
+
+    path = Path(path)
+    columns, defaults = dict(columns or {}), dict(defaults or {})
+    unknown = [k for k in [*columns, *defaults] if k not in FIELDS]
+    if unknown:
+        raise ValueError(f"{path}: {unknown[0]!r} is not a record field; fields: {', '.join(FIELDS)}")
+    if is_saved_dataset(path):
+        data = datasets.load_from_disk(str(path))
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise ValueError(f"{path} holds splits {sorted(data)}; name one (split: …)")
+            data = data[split]
+        base = path
+    else:
+        files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+        if not files or not all(f.is_file() for f in files):
+            raise FileNotFoundError(f"{path}: neither a dataset saved with save_to_disk nor Parquet files")
+        data = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+        base = path if path.is_dir() else path.parent
+    missing = [field for field, column in columns.items() if column not in data.column_names]
+    if missing:
+        raise ValueError(f"{path}: no column {columns[missing[0]]!r} (for {missing[0]}); columns: "
+                         f"{', '.join(data.column_names)}")
+    source = {field: columns.get(field, field) for field in FIELDS}
+    records, seen = [], set()
+    for index, row in enumerate(data):
+        where = f"{path}[{index}]"
+        try:
+            values = {**defaults, **{f: row[c] for f, c in source.items() if c in row and row[c] is not None}}
+            if isinstance(values.get("answers"), str):
+                values["answers"] = [values["answers"]]
+            if isinstance(values.get("id"), int):
+                values["id"] = str(values["id"])
+            values.setdefault("id", str(index))
+            missing_fields = [f for f in ("task", "kind", "prompt", "answers") if f not in values]
+            if missing_fields:
+                raise ValueError(f"missing field(s) {missing_fields} (map a column with columns:, or set defaults:)")
+            image = values.get("image")
+            if isinstance(image, str):
+                values["image"] = os.path.normpath(image if os.path.isabs(image) else base / image)
+            elif image is not None:
+                raise ValueError(f"'image' must be a path (decoded image columns are not supported), got "
+                                 f"{type(image).__name__}")
+            record = Record(**{"image": None, **values})
+            record.validate()
+            if record.id in seen:
+                raise ValueError(f"duplicate id {record.id!r}")
+            if record.image is not None:
+                check_image(record.image)
+        except (ValueError, TypeError) as error:
+            if not skip_bad_records:
+                raise RecordError(f"{where}: {error}") from None
+            if skipped is not None:
+                skipped.append(f"{where}: {error}")
+            continue
+        record.source = where
+        seen.add(record.id)
+        records.append(record)
+    return records
