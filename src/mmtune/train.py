@@ -63,7 +63,7 @@ from mmtune.models.tiny import build_tiny
 from mmtune.report import to_markdown, write_report
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "eval", "report", "train_summary.json",
-               "tensorboard")
+               "tensorboard", "adapter", "wandb", "mlruns")
 LOCK_FILE = "mmtune.lock"
 # Config keys that may differ between a checkpoint and the run resuming it: where things go and how they are
 # shown. Everything else changes what is trained, so a resume with a different value is refused.
@@ -374,7 +374,8 @@ def build_model(run: Run) -> None:
     trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
     generator = torch.Generator(device=run.accelerator.device).manual_seed(config.train.seed)
     run.ctx = TrainContext(model=run.model, unwrapped=unwrapped, trainable=trainable, generator=generator,
-                           accelerator=run.accelerator, optimizer=run.optimizer, total_steps=total_steps)
+                           accelerator=run.accelerator, optimizer=run.optimizer, total_steps=total_steps,
+                           output_dir=run.paths.root)
     for method in run.methods:
         method.setup(run.ctx)
 

@@ -66,3 +66,28 @@ def test_resume_equals_uninterrupted(tiny_config, name):
     for key in wf:
         assert torch.equal(wf[key], wr[key]), f"{name}: resumed run differs at {key}"
     assert losses(resumed) == losses(full)[2:]
+
+
+def test_lora_can_keep_its_adapter_unmerged_and_peft_loads_it(tiny_config):
+    """method.lora.merge=false: <run>/adapter (adapters + the trained projector) loads with peft onto the base
+    and equals final/ (the merged model)."""
+    from peft import PeftModel
+
+    from mmtune.data.synthetic import vocabulary
+    from mmtune.models.tiny import build_tiny
+
+    config = tiny_config("method.name=lora", "method.lora.merge=false", "train.max_steps=3", "scope.lr_blocks=0.01")
+    run = train(config)
+    assert (run / "adapter" / "adapter_config.json").exists() and (run / "final" / "config.json").exists()
+    base, _ = build_tiny(config.model.tiny, words=vocabulary(), image_size=config.model.tiny_image_size,
+                         hidden_size=config.model.tiny_hidden_size, num_layers=config.model.tiny_layers,
+                         vision_hidden_size=config.model.tiny_vision_hidden_size, seed=config.train.seed)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    merged = PeftModel.from_pretrained(base, run / "adapter").merge_and_unload()
+    final = final_weights(run)
+    changed = 0
+    for name, weight in merged.state_dict().items():
+        torch.testing.assert_close(weight, final[name], rtol=1e-5, atol=1e-6, msg=name)
+        changed += not torch.equal(weight, before[name])
+    assert changed > 0  # the adapter did carry the training (projector included)
+    assert any("multi_modal_projector" in n and not torch.equal(final[n], before[n]) for n in final)

@@ -45,6 +45,7 @@ class TrainContext:
     total_steps: int = 0
     final_model: nn.Module | None = None  # what gets saved at the end (on_train_end may replace it)
     scratch: dict = field(default_factory=dict)
+    output_dir: Path | None = None  # the run's folder (for methods that write files of their own, e.g. an adapter)
 
 
 class Method:

@@ -3,8 +3,10 @@
 Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022, through Hugging Face
 ``peft``. The adapters go on the linear layers of the last ``scope.last_n_blocks`` LLM blocks whose
 names end in one of ``target_modules``; the projector stays fully trainable, as in the other methods.
-At the end the adapters are merged, so ``final/`` is a plain model any tool loads.
-Hyperparameters: ``r`` = 8, ``alpha`` = 16, ``dropout`` = 0.0, ``target_modules``.
+At the end the adapters are merged, so ``final/`` is a plain model any tool loads; with ``merge=false`` the
+unmerged adapter (and the trained projector, saved as PEFT ``modules_to_save``) is also written to ``<run>/adapter``,
+loadable with ``peft.PeftModel.from_pretrained(base_model, "<run>/adapter")``.
+Hyperparameters: ``r`` = 8, ``alpha`` = 16, ``dropout`` = 0.0, ``target_modules``, ``merge`` = true.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class LoraMethodConfig(MethodConfig):
     dropout: float = 0.0
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    merge: bool = True  # false: also keep the unmerged adapter in <run>/adapter (final/ stays a merged model)
 
     def __post_init__(self):
         if self.r < 1:
@@ -48,14 +51,15 @@ class Lora(Method):
         targets = [m for m in blocks if m.rsplit(".", 1)[-1] in self.config.target_modules]
         if not targets:
             raise ValueError(f"lora: no module of the trainable LLM blocks ends in {self.config.target_modules}")
-        projector = {n for n, p in model.named_parameters() if p.requires_grad and part_of(n, layout) == "projector"}
+        # The projector trains fully, as in the other methods: PEFT keeps it as modules_to_save, so a saved adapter
+        # carries it too.
+        projector = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters()
+                            if p.requires_grad and part_of(n, layout) == "projector"})
         peft_config = LoraConfig(r=self.config.r, lora_alpha=self.config.alpha, lora_dropout=self.config.dropout,
-                                 target_modules=targets)
-        wrapped = get_peft_model(model, peft_config)
-        for name, param in wrapped.named_parameters():  # peft freezes everything else; keep the projector
-            if any(name.endswith(p) for p in projector):
-                param.requires_grad_(True)
-        return wrapped
+                                 target_modules=targets, modules_to_save=projector or None)
+        return get_peft_model(model, peft_config)
 
     def on_train_end(self, ctx):
+        if not self.config.merge and ctx.output_dir is not None and ctx.accelerator.is_main_process:
+            ctx.final_model.save_pretrained(ctx.output_dir / "adapter")
         ctx.final_model = ctx.final_model.merge_and_unload()
