@@ -9,6 +9,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from helpers import base_weights, final_weights, losses
 from mmtune.cli import main
+from mmtune.config import ConfigError
 from mmtune.train import train
 
 
@@ -279,3 +280,29 @@ def test_optimizer_choices_train(tiny_config, optimizer):
     adamw = train(tiny_config("train.max_steps=3", "scope.lr_blocks=0.05", out=f"adamw-{optimizer}"))
     assert all(math.isfinite(v) for v in losses(run)) and losses(run)[0] == losses(adamw)[0]
     assert losses(run)[1:] != losses(adamw)[1:]  # another optimizer moved the weights differently
+
+
+def test_best_checkpoint_and_early_stopping(tiny_config):
+    """train.best_metric keeps the best evaluation's model in best/; early stopping ends the run after `patience`
+    evaluations without a new best, and says so."""
+    evaluate = ["eval.every_steps=1", "eval.during_limit=2", "eval.limit=2", "eval.max_new_tokens=2",
+                "eval.downstream=['synthetic:count_mc']", "eval.heldout=['synthetic:color_vqa']"]
+    # A learning rate of ~0 changes nothing: the first evaluation stays the best and the run stops after 2 more.
+    run = train(tiny_config(*evaluate, "train.best_metric=H", "train.early_stopping_patience=2", "train.max_steps=8",
+                            "scope.lr_blocks=1e-12", "scope.lr_projector=1e-12"))
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["best"]["step"] == 1 and summary["best"]["stopped_early"]
+    assert (run / "best" / "config.json").exists()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert summary["best"]["value"] == max(r["eval"]["H"] for r in rows if "eval" in r)
+    with pytest.raises(ConfigError, match="set eval.every_steps"):
+        tiny_config("train.best_metric=H")
+    with pytest.raises(ConfigError, match="needs train.best_metric"):
+        tiny_config("train.early_stopping_patience=2")
+
+
+def test_best_metric_must_be_in_the_evaluation(tiny_config):
+    with pytest.raises(ValueError, match="train.best_metric='Q' is not in the evaluation; choose one of S, G, H"):
+        train(tiny_config("eval.every_steps=1", "eval.during_limit=2", "eval.limit=2", "eval.max_new_tokens=2",
+                          "eval.downstream=['synthetic:count_mc']", "eval.heldout=['synthetic:color_vqa']",
+                          "train.best_metric=Q", "train.max_steps=2"))

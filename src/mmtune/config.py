@@ -140,6 +140,8 @@ class TrainConfig:
     resume_from: str | None = None  # a checkpoint folder or "latest"
     overwrite: bool = False  # allow replacing an existing run in output_dir
     progress: bool = True  # progress bars
+    best_metric: str | None = None  # keep <run>/best: highest S | G | H | S/base | G/base | H/base | <task> of the evaluations during training
+    early_stopping_patience: int | None = None  # stop after this many evaluations during training without a new best
     report_to: list = field(default_factory=lambda: ["tensorboard"])  # trackers (Accelerate): tensorboard | wandb | mlflow; [] for none
 
     def __post_init__(self):
@@ -163,6 +165,10 @@ class TrainConfig:
         for key in ("save_every", "keep_checkpoints"):
             value = getattr(self, key)
             _check(value is None or value >= 1, f"train.{key}={value} must be ≥ 1 (or null)")
+        _check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+               f"train.early_stopping_patience={self.early_stopping_patience} must be ≥ 1 (or null)")
+        _check(self.early_stopping_patience is None or self.best_metric is not None,
+               "train.early_stopping_patience needs train.best_metric (what must stop improving)")
         for tracker in self.report_to:
             _check(tracker in TRACKERS, f"train.report_to: {tracker!r}; choose from {', '.join(TRACKERS)}")
         _check(self.resume_from is None or bool(self.resume_from.strip()),
@@ -212,6 +218,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     method: MethodSection = field(default_factory=MethodSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        _check(self.train.best_metric is None or bool(self.eval.every_steps),
+               "train.best_metric compares the evaluations during training: set eval.every_steps too")
 
 
 def _type_name(tp) -> str:

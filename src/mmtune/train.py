@@ -29,6 +29,7 @@ from tqdm import tqdm
 from transformers import get_scheduler
 from transformers.optimization import Adafactor
 
+from mmtune.best import BestState, metric_value, update_best
 from mmtune.checkpoint import (
     check_engine_files,
     complete_checkpoints,
@@ -63,7 +64,7 @@ from mmtune.models.tiny import build_tiny
 from mmtune.report import to_markdown, write_report
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "eval", "report", "train_summary.json",
-               "tensorboard", "adapter", "wandb", "mlruns")
+               "tensorboard", "adapter", "wandb", "mlruns", "best", "best.json")
 LOCK_FILE = "mmtune.lock"
 # Config keys that may differ between a checkpoint and the run resuming it: where things go and how they are
 # shown. Everything else changes what is trained, so a resume with a different value is refused.
@@ -130,6 +131,8 @@ class Run:
     scheduler: object = None
     ctx: TrainContext | None = None
     steps_per_epoch: int = 0
+    best: BestState | None = None
+    stopped_early: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -547,13 +550,17 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
                     if metrics_file and eval_row:
                         metrics_file.write(json.dumps(eval_row) + "\n")
                         metrics_file.flush()
+                    if eval_row is not None and run.best is not None:
+                        keep_best(run, eval_row)
                     if eval_row:
                         accelerator.log({f"eval/{tracker_name(k)}": v for k, v in flat_config(eval_row["eval"]).items()
                                          if isinstance(v, int | float)}, step=ctx.step)
                 if config.train.save_every and ctx.step % config.train.save_every == 0 and ctx.step < total_steps:
                     save_checkpoint(run, position)
-                if ctx.step >= total_steps or done_epoch:
+                if ctx.step >= total_steps or done_epoch or stop_early(run):
                     break
+            if stop_early(run):
+                break
             epoch, step_in_epoch = epoch + 1, 0
     finally:
         progress.close()
@@ -561,6 +568,37 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
             metrics_file.close()
         accelerator.end_training()
     return time.time() - started
+
+
+def keep_best(run: Run, eval_row: dict) -> None:
+    """A new best of ``train.best_metric`` writes ``<run>/best`` (main process; the others learn whether to stop)."""
+    if run.is_main:
+        improved = update_best(run.best, eval_row["eval"], run.ctx.step, lambda folder: save_best_model(run, folder),
+                               run.paths.root)
+        mark = "new best" if improved else f"best still {run.best.value:.2f} at step {run.best.step}"
+        run.say(f"step {run.ctx.step}: {run.best.metric} = {metric_value(eval_row['eval'], run.best.metric):.2f} "
+                f"({mark})")
+
+
+def save_best_model(run: Run, folder: Path) -> None:
+    run.ctx.unwrapped.save_pretrained(folder)  # a PEFT model (LoRA) saves its adapter
+    save_processor(run.processor, folder)
+
+
+def stop_early(run: Run) -> bool:
+    """Whether ``train.early_stopping_patience`` evaluations in a row brought no new best (all processes agree)."""
+    patience = run.config.train.early_stopping_patience
+    if not patience or run.best is None:
+        return False
+    count = torch.tensor(float(run.best.evaluations_without_improvement if run.is_main else 0),
+                         device=run.accelerator.device)
+    if run.accelerator.num_processes > 1:
+        count = run.accelerator.reduce(count, "sum")
+    if float(count) >= patience and not run.stopped_early:
+        run.stopped_early = True
+        run.say(f"early stop at step {run.ctx.step}: no new best {run.best.metric} in {patience} evaluations "
+                f"(best {run.best.value:.2f} at step {run.best.step}, in {run.paths.root / 'best'})")
+    return run.stopped_early
 
 
 def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
@@ -596,6 +634,9 @@ def finish(run: Run, seconds: float) -> None:
         summary = {"steps": ctx.step, "records": len(run.records), "skipped_records": len(run.skipped),
                    "skipped_examples": run.skipped[:20], "methods": config.method.name,
                    "train_seconds": round(seconds, 2), **engine_summary(accelerator)}
+        if run.best is not None:
+            summary["best"] = {"metric": run.best.metric, "value": run.best.value, "step": run.best.step,
+                               "folder": str(paths.root / "best"), "stopped_early": run.stopped_early}
         paths.summary.write_text(json.dumps(summary, indent=2) + "\n")
         # A sharded model can't be evaluated by one process: evaluate the saved model instead.
         final_model = load_model(paths.final, config.model.dtype)[0].to(accelerator.device) if run.sharded \
@@ -626,6 +667,8 @@ def train(config: RunConfig) -> Path:
             evaluate_during_training(run, "base")
         if run.is_main and not (run.paths.root / "config.yaml").exists():
             save_config(config, run.paths.root / "config.yaml")
+        if config.train.best_metric:
+            run.best = BestState.replay(run.paths.metrics, config.train.best_metric)
         seconds = train_loop(run, epoch, step_in_epoch)
         finish(run, seconds)
     finally:
