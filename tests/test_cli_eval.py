@@ -140,3 +140,24 @@ def test_infer_one_image_and_a_task_file_then_score_it(tmp_path, world, capsys):
     assert main(["infer", "--model", str(model), "--tasks", str(world / "count_mc_test.jsonl"), "--out", str(out),
                  "--limit", "1", "--sample", "--temperature", "0.9"]) == 2  # exists: never silently replaced
     assert main(["infer", "--model", str(model), "--image", str(image)]) == 2
+
+
+def test_eval_output_rescored_by_score_and_read_by_report(tmp_path, world, capsys):
+    """mmtune eval → its prediction files re-score with mmtune score (every metric, multiple choice included) →
+    its folder is a row of mmtune report, under --label; synthetic:<family> tasks work with --world."""
+    model = save_tiny(tmp_path / "model", "llava", words=vocabulary())
+    common = ["--tasks", "synthetic:count_mc", "synthetic:detailed_caption", "--heldout", "synthetic:color_vqa",
+              "--limit", "5", "--max-new-tokens", "4"]
+    assert main(["eval", "--model", str(model), *common, "--out", str(tmp_path / "ev")]) == 2
+    assert "need --world" in capsys.readouterr().err
+    assert main(["eval", "--model", str(model), *common, "--out", str(tmp_path / "ev"), "--world", str(world),
+                 "--label", "tiny-random"]) == 0
+    capsys.readouterr()
+    scores = json.loads((tmp_path / "ev" / "scores.json").read_text())
+    for task, metric in (("count_mc", "mc"), ("detailed_caption", "cider"), ("color_vqa", "exact")):
+        assert scores["tasks"][task]["metric"] == metric
+        assert main(["score", "--predictions", str(tmp_path / "ev" / "predictions" / f"{task}.jsonl"), "--json"]) == 0
+        rescored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert rescored["score"] == pytest.approx(scores["tasks"][task]["score"])
+    assert main(["report", str(tmp_path / "ev"), "--out", str(tmp_path / "rep")]) == 0
+    assert "| tiny-random |" in (tmp_path / "rep" / "report.md").read_text()

@@ -27,16 +27,31 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    import json
     from pathlib import Path
 
+    from mmtune.data.synthetic import SYNTHETIC_PREFIX, resolve_task_path
     from mmtune.evaluate import evaluate
+    from mmtune.files import atomic_write
     from mmtune.models.load import load_model
 
+    synthetic = [p for p in [*args.tasks, *args.heldout] if p.startswith(SYNTHETIC_PREFIX)]
+    if synthetic and not args.world:
+        raise ValueError(f"{synthetic[0]}: synthetic tasks need --world DIR (a generated world, e.g. runs/demo/"
+                         "synthetic, or `mmtune data synth --out DIR`)")
+    world = Path(args.world) if args.world else None
+    if world is not None and not (world / "world.json").exists():
+        raise FileNotFoundError(f"--world {world}: no world.json (generate one with `mmtune data synth --out {world}`)")
     model, processor = load_model(args.model, args.dtype)
-    sides = {"downstream": [Path(p) for p in args.tasks], "heldout": [Path(p) for p in args.heldout]}
+    sides = {"downstream": [resolve_task_path(p, world, "test") for p in args.tasks],
+             "heldout": [resolve_task_path(p, world, "test") for p in args.heldout]}
     out = Path(args.out or Path(args.model) / "eval")
     results = evaluate(model, processor, sides, out, args.batch_size, args.max_new_tokens, args.limit,
                        overwrite=args.overwrite)
+    # What `mmtune report` needs to put this evaluation in a table (a row labelled --label).
+    info = {"label": args.label or Path(args.model).resolve().name, "model": str(Path(args.model).resolve()),
+            "eval": {"max_new_tokens": args.max_new_tokens, "limit": args.limit}}
+    atomic_write(out / "eval_info.json", json.dumps(info, indent=2) + "\n")
     for task, result in results["tasks"].items():
         print(f"{task:<24} {result['metric']:<6} {result['score']:7.2f}  (n={result['n']}, {result['side']})")
     print(f"wrote {out / 'scores.json'} and {out / 'predictions'}/")
@@ -123,12 +138,30 @@ def read_predictions(path: str, metric: str) -> list[dict]:
     return items
 
 
+def metric_of_predictions(path: str) -> str:
+    """The metric ``mmtune eval`` wrote into its prediction lines (used when ``--metric`` is not given)."""
+    import json
+
+    metrics = set()
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if line.strip():
+                try:
+                    metrics.add(json.loads(line).get("metric"))
+                except (json.JSONDecodeError, AttributeError):
+                    continue
+    if len(metrics) != 1 or None in metrics:
+        raise ValueError(f"{path}: its lines name no single metric ({sorted(map(str, metrics))}); pass --metric")
+    return metrics.pop()
+
+
 def cmd_score(args) -> int:
     import json
 
     from mmtune.metrics import score
 
-    result = score(args.metric, read_predictions(args.predictions, args.metric), meteor=args.meteor)
+    metric = args.metric or metric_of_predictions(args.predictions)
+    result = score(metric, read_predictions(args.predictions, metric), meteor=args.meteor)
     summary = result.as_dict()
     if args.json:
         print(json.dumps(summary))
@@ -375,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="at most this many records per task")
     ev.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     ev.add_argument("--overwrite", action="store_true", help="replace an existing scores.json in --out")
+    ev.add_argument("--label", help="the row's name in `mmtune report` (default: the model folder's name)")
+    ev.add_argument("--world", help="the synthetic world folder, for synthetic:<family> tasks")
     ev.set_defaults(func=cmd_eval)
 
     inf = sub.add_parser("infer", help="answer a prompt about an image, or every record of a task file")
@@ -395,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     inf.set_defaults(func=cmd_infer)
 
     sc = sub.add_parser("score", help="score predictions produced anywhere (JSONL: id, prediction, answers)")
-    sc.add_argument("--metric", required=True, choices=["cider", "vqa", "mc", "exact"])
+    sc.add_argument("--metric", choices=["cider", "vqa", "mc", "exact"],
+                    help="default: the metric `mmtune eval` wrote into the prediction lines")
     sc.add_argument("--predictions", required=True, help="JSONL lines {id, prediction, answers[, choices, answer_index]}")
     sc.add_argument("--json", action="store_true", help="print the result as one JSON object (last line)")
     sc.add_argument("--meteor", action="store_true", help="also compute METEOR for cider (needs Java)")

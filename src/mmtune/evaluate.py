@@ -93,8 +93,11 @@ def evaluate(model, processor, sides: dict[str, list[Path]], out_dir: str | Path
                       "answer_index": r.answer_index} for r, p in zip(records, predictions, strict=True)]
             result = score(metric, items)
             confidence = target_confidence(model, processor, records, batch_size)
+            # Everything `mmtune score` needs to re-score the file with any metric (choices for multiple choice).
             lines = [json.dumps({"id": record.id, "prompt": record.prompt, "prediction": item["prediction"],
-                                 "answers": record.answers, "score": value}) + "\n"
+                                 "answers": record.answers, "metric": metric, "score": value,
+                                 **({"choices": record.choices, "answer_index": record.answer_index}
+                                    if record.choices is not None else {})}) + "\n"
                      for record, item, value in zip(records, items, result.per_sample, strict=True)]
             atomic_write(out / "predictions" / f"{safe_file_name(task)}.jsonl", "".join(lines))
             results["tasks"][task] = {**result.as_dict(), "side": side, "target_confidence": confidence}

@@ -78,10 +78,14 @@ def comparable_settings(config: dict, scores: dict, base_scores: dict | None) ->
 
 
 def load_run(run_dir: str | Path) -> dict:
+    """A training run's folder, or a folder written by ``mmtune eval`` (``scores.json`` + ``eval_info.json``)."""
     run = Path(run_dir)
+    if (run / "eval_info.json").exists() and (run / "scores.json").exists():
+        return load_evaluation(run)
     final = run / "eval" / "final" / "scores.json"
     if not final.exists():
-        raise FileNotFoundError(f"{run}: no eval/final/scores.json (train with eval.downstream / eval.heldout set)")
+        raise FileNotFoundError(f"{run}: no eval/final/scores.json (train with eval.downstream / eval.heldout set), "
+                                "nor an `mmtune eval` folder (scores.json + eval_info.json)")
     config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else {}
     base_file = run / "eval" / "base" / "scores.json"
     scores = json.loads(final.read_text())
@@ -99,6 +103,25 @@ def load_run(run_dir: str | Path) -> dict:
         "sides": {k: v["side"] for k, v in scores["tasks"].items()},
         "final": summarize(scores, base_scores),
         "base": summarize(base_scores, base_scores) if base_scores else None,
+    }
+
+
+def load_evaluation(folder: Path) -> dict:
+    """An ``mmtune eval`` folder as a report row labelled by ``--label``. A model trained by mmtune carries its run
+    config (``mmtune_config.yaml``), so the row compares with training runs from the same base; any other model is
+    its own base. No base evaluation: the row has raw scores only."""
+    info = json.loads((folder / "eval_info.json").read_text())
+    scores = json.loads((folder / "scores.json").read_text())
+    run_config_file = Path(info["model"]) / "mmtune_config.yaml"
+    config = yaml.safe_load(run_config_file.read_text()) if run_config_file.exists() else \
+        {"model": {"path": info["model"]}}
+    config = {**config, "eval": {**config.get("eval", {}), **info["eval"]}}
+    return {
+        "run": str(folder), "method": info["label"], "curve": [],
+        "settings": comparable_settings(config, scores, None),
+        "seed": config.get("train", {}).get("seed"),
+        "sides": {k: v["side"] for k, v in scores["tasks"].items()},
+        "final": summarize(scores, None), "base": None,
     }
 
 
