@@ -314,7 +314,14 @@ def cmd_data(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    """WiSE-FT on a finished run: ``(1 − α)·base + α·final`` for every weight, saved as a new model folder."""
+    """``mmtune merge RUN --alpha A``: WiSE-FT of one run with its base. ``mmtune merge RUN... --rule R --out DIR``:
+    several runs (or model folders) of one base merged by task arithmetic / TIES / Breadcrumbs (± DARE)."""
+    if args.rule:
+        return merge_runs(args)
+    if len(args.run) != 1 or args.alpha is None:
+        raise ValueError("WiSE-FT merges one run with --alpha A; several runs need --rule "
+                         "(task_arithmetic | ties | breadcrumbs)")
+    args.run = args.run[0]
     from mmtune.config import load_config
     from mmtune.methods.wise_ft import interpolate
     from mmtune.models.load import load_model, save_processor
@@ -335,6 +342,40 @@ def cmd_merge(args) -> int:
     final.save_pretrained(out)
     save_processor(processor, out)
     print(f"wrote {out} (alpha={args.alpha})")
+    return 0
+
+
+def merge_runs(args) -> int:
+    from tqdm import tqdm
+
+    from mmtune.config import load_config
+    from mmtune.merging import MergeRecipe, merge_folders
+
+    models = [Path(r) / "final" if (Path(r) / "final" / "config.json").exists() else Path(r) for r in args.run]
+    for folder in models:
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"{folder}: neither a finished run (RUN/final) nor a model folder")
+    base = Path(args.base) if args.base else None
+    if base is None:
+        run_config = Path(args.run[0]) / "config.yaml"
+        path = load_config(run_config).model.path if run_config.exists() else ""
+        if not path:
+            raise ValueError(f"{args.run[0]}: can't tell its base model (no config.yaml with model.path); pass --base")
+        base = Path(path)
+    if not args.out:
+        raise ValueError("--out names the merged model's folder")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    recipe = MergeRecipe(rule=args.rule, lam=args.lam, density=args.density, beta=args.beta, gamma=args.gamma,
+                         dare_p=args.dare_p, seed=args.seed)
+    with tqdm(desc=f"merge ({args.rule})", unit="tensor", disable=not sys.stderr.isatty()) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        merge_folders(base, models, out, recipe, progress=progress)
+    print(f"wrote {out} ({args.rule} of {len(models)} models on {base}; recipe in {out / 'merge_recipe.json'})")
     return 0
 
 
@@ -493,10 +534,19 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--overwrite", action="store_true")
     data.set_defaults(func=cmd_data)
 
-    merge = sub.add_parser("merge", help="WiSE-FT: interpolate a finished run with its base model")
-    merge.add_argument("run", help="a run folder (with config.yaml and final/)")
-    merge.add_argument("--alpha", type=float, required=True, help="weight of the fine-tuned model (1 = unchanged)")
-    merge.add_argument("--out", help="output model folder (default: RUN/merged-alpha<A>)")
+    merge = sub.add_parser("merge", help="WiSE-FT of a run with its base (--alpha), or several runs of one base "
+                                         "merged (--rule task_arithmetic | ties | breadcrumbs)")
+    merge.add_argument("run", nargs="+", help="run folders (with config.yaml and final/) or model folders")
+    merge.add_argument("--alpha", type=float, help="WiSE-FT: weight of the fine-tuned model (1 = unchanged)")
+    merge.add_argument("--rule", choices=["task_arithmetic", "ties", "breadcrumbs"], help="merge several runs")
+    merge.add_argument("--base", help="the base model folder (default: the first run's model.path)")
+    merge.add_argument("--lam", type=float, default=1.0, help="scale of the merged task vector (default 1.0)")
+    merge.add_argument("--density", type=float, default=0.2, help="TIES: fraction of each task vector kept")
+    merge.add_argument("--beta", type=float, default=0.01, help="Breadcrumbs: largest fraction dropped")
+    merge.add_argument("--gamma", type=float, default=0.85, help="Breadcrumbs: smallest fraction dropped")
+    merge.add_argument("--dare-p", type=float, default=0.0, help="DARE pre-processing: drop rate (0: off)")
+    merge.add_argument("--seed", type=int, default=0, help="DARE's randomness")
+    merge.add_argument("--out", help="output model folder (WiSE-FT default: RUN/merged-alpha<A>; required otherwise)")
     merge.add_argument("--overwrite", action="store_true")
     merge.set_defaults(func=cmd_merge)
 

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -519,7 +520,9 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
                 check = functools.partial(check_finite, ctx.step + 1, totals,
                                           scaled=config.train.mixed_precision == "fp16")
                 grad_norm = optimizer_step(ctx, methods, run.optimizer, config.train.max_grad_norm, check)
-                run.scheduler.step()
+                with warnings.catch_warnings():  # under DeepSpeed the step is the engine's, which torch can't see
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                    run.scheduler.step()
                 ctx.step += 1
                 step_in_epoch += 1
                 progress.update(1)
@@ -566,7 +569,10 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
         progress.close()
         if metrics_file:
             metrics_file.close()
-        accelerator.end_training()
+        # Not accelerator.end_training(): it also destroys the process group, which the rest of the run still uses.
+        for tracker in accelerator.trackers:
+            tracker.finish()
+        accelerator.trackers = []
     return time.time() - started
 
 
