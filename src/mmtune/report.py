@@ -97,13 +97,30 @@ def load_run(run_dir: str | Path) -> dict:
             if "eval" in row:
                 curve.append({"step": row["step"], **{k: row["eval"].get(k) for k in SUMMARY_KEYS}})
     return {
-        "run": str(run), "method": config.get("method", {}).get("name", "?"), "curve": curve,
+        "run": str(run), "method": method_label(config.get("method", {})), "curve": curve,
         "settings": comparable_settings(config, scores, base_scores),
         "seed": config.get("train", {}).get("seed"),
         "sides": {k: v["side"] for k, v in scores["tasks"].items()},
         "final": summarize(scores, base_scores),
         "base": summarize(base_scores, base_scores) if base_scores else None,
     }
+
+
+def method_label(section: dict) -> str:
+    """A row's name: the method, with the options the run set (``l2_reg (lam=50)``), so runs of one method with
+    different settings are separate rows, never averaged together."""
+    name = section.get("name", "?")
+    options = [(method, key, value) for method, values in section.items() if method != "name" and
+               isinstance(values, dict) for key, value in sorted(values.items())]
+    if not options:
+        return name
+    single = len({m for m, _, _ in options}) == 1 and "+" not in name
+
+    def shown(method: str, key: str, value) -> str:
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        return f"{key}={text}" if single else f"{method}.{key}={text}"
+
+    return f"{name} (" + ", ".join(shown(*option) for option in options) + ")"
 
 
 def load_evaluation(folder: Path) -> dict:
