@@ -51,6 +51,8 @@ def cmd_eval(args) -> int:
     # What `mmtune report` needs to put this evaluation in a table (a row labelled --label).
     info = {"label": args.label or Path(args.model).resolve().name, "model": str(Path(args.model).resolve()),
             "eval": {"max_new_tokens": args.max_new_tokens, "limit": args.limit}}
+    if args.base_scores:  # the base model's evaluation (same tasks, same settings): normalised columns in reports
+        info["base_scores"] = str(Path(args.base_scores).resolve())
     atomic_write(out / "eval_info.json", json.dumps(info, indent=2) + "\n")
     for task, result in results["tasks"].items():
         print(f"{task:<24} {result['metric']:<6} {result['score']:7.2f}  (n={result['n']}, {result['side']})")
@@ -451,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--overwrite", action="store_true", help="replace an existing scores.json in --out")
     ev.add_argument("--label", help="the row's name in `mmtune report` (default: the model folder's name)")
     ev.add_argument("--world", help="the synthetic world folder, for synthetic:<family> tasks")
+    ev.add_argument("--base-scores", help="the base model's scores.json on the same tasks (e.g. RUN/eval/base/"
+                                          "scores.json): `mmtune report` then normalises this row to it")
     ev.set_defaults(func=cmd_eval)
 
     inf = sub.add_parser("infer", help="answer a prompt about an image, or every record of a task file")

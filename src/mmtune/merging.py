@@ -208,8 +208,12 @@ def merge_folders(base: Path, tuned: list[Path], out: Path, recipe: MergeRecipe,
     (partial / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     for item in base.iterdir():  # config, generation config, processor and tokenizer files
-        if item.is_file() and not item.name.startswith("model") and item.suffix != ".safetensors":
+        if item.is_file() and not item.name.startswith("model") and item.suffix != ".safetensors" \
+                and item.name != "mmtune_config.yaml":
             shutil.copy2(item, partial / item.name)
+    origin = Path(tuned[0]) / "mmtune_config.yaml"  # the runs' config (their base, their evaluation): for reports
+    if origin.exists():
+        shutil.copy2(origin, partial / origin.name)
     (partial / "merge_recipe.json").write_text(json.dumps(
         {**asdict(recipe), "base": str(base.resolve()), "models": [str(Path(t).resolve()) for t in tuned]},
         indent=2) + "\n")

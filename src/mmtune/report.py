@@ -133,12 +133,14 @@ def load_evaluation(folder: Path) -> dict:
     config = yaml.safe_load(run_config_file.read_text()) if run_config_file.exists() else \
         {"model": {"path": info["model"]}}
     config = {**config, "eval": {**config.get("eval", {}), **info["eval"]}}
+    base_scores = json.loads(Path(info["base_scores"]).read_text()) if info.get("base_scores") else None
     return {
         "run": str(folder), "method": info["label"], "curve": [],
-        "settings": comparable_settings(config, scores, None),
+        "settings": comparable_settings(config, scores, base_scores),
         "seed": config.get("train", {}).get("seed"),
         "sides": {k: v["side"] for k, v in scores["tasks"].items()},
-        "final": summarize(scores, None), "base": None,
+        "final": summarize(scores, base_scores),
+        "base": summarize(base_scores, base_scores) if base_scores else None,
     }
 
 
