@@ -168,12 +168,10 @@ def merge_folders(base: Path, tuned: list[Path], out: Path, recipe: MergeRecipe,
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    handles: dict[Path, object] = {}
-
     def read(path: Path, name: str) -> torch.Tensor:
-        if path not in handles:
-            handles[path] = safe_open(path, framework="pt")
-        return handles[path].get_tensor(name)
+        # Opened per tensor: a file kept open keeps every page it has read mapped (and counted) in this process.
+        with safe_open(path, framework="pt") as handle:
+            return handle.get_tensor(name)
 
     names = sorted(base_files)
     shard: dict[str, torch.Tensor] = {}
