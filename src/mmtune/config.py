@@ -43,6 +43,7 @@ class ModelConfig:
     dtype: str = "fp32"  # fp32 | bf16 | fp16 (weights as loaded)
     attn_implementation: str | None = None  # eager | sdpa | flash_attention_2
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, more time)
+    quantization: str | None = None  # 4bit | 8bit: frozen weights stored by bitsandbytes (QLoRA: needs method lora)
 
     def __post_init__(self):
         _check(self.tiny is None or self.tiny in TINY_ARCHITECTURES,
@@ -50,6 +51,10 @@ class ModelConfig:
         _check(not (self.tiny and self.path), f"model.path={self.path!r} and model.tiny={self.tiny!r} are both set: "
                "a run starts from a checkpoint folder or from a tiny random model, not both")
         _check(self.dtype in DTYPES, f"model.dtype={self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        _check(self.quantization in (None, "4bit", "8bit"),
+               f"model.quantization={self.quantization!r}; choose 4bit, 8bit or null")
+        _check(not (self.quantization and self.tiny), "model.quantization loads a checkpoint folder (model.path), "
+               "not model.tiny")
         for key in ("tiny_hidden_size", "tiny_layers", "tiny_image_size", "tiny_vision_hidden_size"):
             _check(getattr(self, key) >= 1, f"model.{key}={getattr(self, key)} must be ≥ 1")
 
@@ -220,6 +225,9 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
+        _check(not self.model.quantization or "lora" in self.method.names,
+               f"model.quantization={self.model.quantization}: quantized weights can't be fine-tuned themselves; "
+               "train LoRA adapters beside them (method.name=lora, i.e. QLoRA)")
         _check(self.train.best_metric is None or bool(self.eval.every_steps),
                "train.best_metric compares the evaluations during training: set eval.every_steps too")
 

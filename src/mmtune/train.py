@@ -152,7 +152,8 @@ def load_base(config: RunConfig):
         return model.to(DTYPES[config.model.dtype]), processor
     if not config.model.path:
         raise ValueError("set model.path (a local checkpoint folder) or model.tiny (llava | qwen2_vl | idefics3)")
-    return load_model(config.model.path, config.model.dtype, config.model.attn_implementation)
+    return load_model(config.model.path, config.model.dtype, config.model.attn_implementation,
+                      config.model.quantization)
 
 
 def world_dir(config: RunConfig) -> Path | None:
@@ -288,6 +289,8 @@ def open_run(config: RunConfig) -> Run:
         if not config.model.path:
             raise ValueError("set model.path (a local checkpoint folder) or model.tiny (llava | qwen2_vl | idefics3)")
         check_model_folder(config.model.path)
+    if config.model.quantization and (accelerator.num_processes > 1 or "DEEPSPEED" in str(accelerator.distributed_type)):
+        raise ValueError("model.quantization (QLoRA) is tested in one process only; launch it without DDP / DeepSpeed")
     sharded = shards_parameters(accelerator)
     unsupported = [m.name for m in methods if not m.supports_sharding]
     if sharded and unsupported:

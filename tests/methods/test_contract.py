@@ -91,3 +91,49 @@ def test_lora_can_keep_its_adapter_unmerged_and_peft_loads_it(tiny_config):
         changed += not torch.equal(weight, before[name])
     assert changed > 0  # the adapter did carry the training (projector included)
     assert any("multi_modal_projector" in n and not torch.equal(final[n], before[n]) for n in final)
+
+
+def test_qlora_trains_adapters_beside_4bit_weights(tiny_config, tmp_path):
+    """model.quantization=4bit + lora (QLoRA) through bitsandbytes, on this CPU: frozen weights stored in 4 bits,
+    adapters and the projector train, the run finishes and keeps its adapter."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    from mmtune.data.synthetic import vocabulary
+    from mmtune.models.load import load_model
+    from mmtune.models.tiny import save_tiny
+
+    folder = save_tiny(tmp_path / "base", "llava", words=vocabulary())
+    model, _ = load_model(folder, quantization="4bit")
+    assert isinstance(model.model.language_model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert not isinstance(model.model.multi_modal_projector.linear_1, bnb.nn.Linear4bit)  # trained fully: kept
+    run = train(tiny_config("model.tiny=null", f"model.path={folder}", "model.quantization=4bit", "method.name=lora",
+                            "method.lora.merge=false", "train.max_steps=2", "scope.lr_blocks=0.01"))
+    rows = losses(run)
+    assert len(rows) == 2 and all(r == r for r in rows)
+    assert (run / "adapter" / "adapter_config.json").exists() and (run / "final" / "config.json").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method.name=vanilla"], "train LoRA adapters beside them"),
+    (["model.quantization=2bit", "method.name=lora"], "choose 4bit, 8bit or null"),
+])
+def test_quantization_is_refused_where_it_cannot_work(tiny_config, tmp_path, overrides, message):
+    from mmtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        tiny_config("model.tiny=null", f"model.path={tmp_path}", "model.quantization=4bit", *overrides)
+
+
+def test_qlora_without_bitsandbytes_says_what_to_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    from mmtune.data.synthetic import vocabulary
+    from mmtune.models.load import load_model
+    from mmtune.models.tiny import save_tiny
+
+    folder = save_tiny(tmp_path / "base", "llava", words=vocabulary())
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ValueError, match="needs bitsandbytes: pip install bitsandbytes"):
+        load_model(folder, quantization="4bit")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
 from mmtune.methods.base import Method, MethodConfig, register
 from mmtune.models.scope import part_of
@@ -46,9 +46,13 @@ class Lora(Method):
     config_class = LoraMethodConfig
 
     def prepare_model(self, model, layout):
-        blocks = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters()
-                         if p.requires_grad and part_of(n, layout) == "llm_blocks"})
-        targets = [m for m in blocks if m.rsplit(".", 1)[-1] in self.config.target_modules]
+        # The scope's blocks: those holding a trainable tensor (with QLoRA only their norms are: the linear layers'
+        # weights are quantized storage); the adapters go on their linear layers named in target_modules.
+        blocks = {layout.blocks + "." + n[len(layout.blocks) + 1:].split(".", 1)[0]
+                  for n, p in model.named_parameters() if p.requires_grad and part_of(n, layout) == "llm_blocks"}
+        targets = sorted(name for name, _ in model.named_modules()
+                         if any(name.startswith(block + ".") for block in blocks)
+                         and name.rsplit(".", 1)[-1] in self.config.target_modules)
         if not targets:
             raise ValueError(f"lora: no module of the trainable LLM blocks ends in {self.config.target_modules}")
         # The projector trains fully, as in the other methods: PEFT keeps it as modules_to_save, so a saved adapter
@@ -57,6 +61,9 @@ class Lora(Method):
                             if p.requires_grad and part_of(n, layout) == "projector"})
         peft_config = LoraConfig(r=self.config.r, lora_alpha=self.config.alpha, lora_dropout=self.config.dropout,
                                  target_modules=targets, modules_to_save=projector or None)
+        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+            # QLoRA: norms to fp32, inputs that carry gradients through the frozen quantized layers
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return get_peft_model(model, peft_config)
 
     def on_train_end(self, ctx):

@@ -89,17 +89,43 @@ def check_model_folder(path: str | Path) -> Path:
     return path
 
 
+def quantization_config(path: Path, quantization: str, dtype: str):
+    """QLoRA's storage (bitsandbytes): the language model's frozen weights in NF4 4-bit or 8-bit; the vision tower,
+    the projector (trained fully) and the output layer stay in ``dtype``."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"model.quantization={quantization} needs bitsandbytes: pip install bitsandbytes "
+                         "(or model.quantization=null)")
+    from transformers import AutoConfig, BitsAndBytesConfig
+
+    from mmtune.models.scope import LAYOUTS
+
+    model_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
+    # As LLaVA's own QLoRA: only the language model is quantized; vision tower and projector stay in ``dtype``.
+    layout = LAYOUTS.get(model_type)
+    keep = [layout.vision, layout.projector, "lm_head"] if layout else ["lm_head"]
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=DTYPES[dtype], llm_int8_skip_modules=keep)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+
+
 def load_model(
     path: str | Path,
     dtype: str = "fp32",
     attn_implementation: str | None = None,
+    quantization: str | None = None,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """Return ``(model, processor)`` from a local checkpoint folder."""
+    """Return ``(model, processor)`` from a local checkpoint folder (``quantization``: 4bit | 8bit, for QLoRA)."""
     path = check_model_folder(path)
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype={dtype!r}; choose one of {sorted(DTYPES)}")
     kwargs = {"dtype": DTYPES[dtype], "local_files_only": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization:
+        kwargs["quantization_config"] = quantization_config(path, quantization, dtype)
+        kwargs["device_map"] = {"": "cuda" if torch.cuda.is_available() else "cpu"}
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     return model, load_processor(path)

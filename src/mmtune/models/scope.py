@@ -50,10 +50,18 @@ def apply_scope(model: nn.Module, train_projector: bool = True, last_n_blocks: i
     if full:
         return layout
     if train_projector:
-        model.get_submodule(layout.projector).requires_grad_(True)
+        _unfreeze(model.get_submodule(layout.projector))
     for name in block_names(model, layout, last_n_blocks):
-        model.get_submodule(name).requires_grad_(True)
+        _unfreeze(model.get_submodule(name))
     return layout
+
+
+def _unfreeze(module: nn.Module) -> None:
+    """Make a module's floating-point parameters trainable (quantized storage — QLoRA's 4-bit weights — stays
+    frozen: LoRA adapters train beside it)."""
+    for param in module.parameters():
+        if param.is_floating_point():
+            param.requires_grad_(True)
 
 
 def part_of(name: str, layout: Layout) -> str:
