@@ -47,7 +47,24 @@ def target_token_counts(labels: torch.Tensor) -> torch.Tensor:
 LOSS_REDUCTIONS = ("token", "sample")
 
 
-def compute_losses(ctx, methods, batch: dict, reduction: str = "sample", tokens: float | None = None):
+def task_shares(batch: dict, log_probs: torch.Tensor, index: torch.Tensor, sample_loss: torch.Tensor,
+                reduction: str, tokens: float | None) -> dict[str, torch.Tensor]:
+    """Each task's share of the batch's cross-entropy (they sum to it): the part of the loss its samples (``sample``)
+    or its target tokens (``token``) contribute."""
+    tasks = batch["tasks"]
+    shares = {}
+    for task in sorted(set(tasks)):
+        rows = torch.tensor([t == task for t in tasks], device=sample_loss.device)
+        if reduction == "sample":
+            shares[task] = (sample_loss * rows).sum() / len(tasks)
+        else:
+            shares[task] = -(log_probs * rows[index]).sum() / (tokens if tokens is not None else
+                                                                max(1, log_probs.numel()))
+    return shares
+
+
+def compute_losses(ctx, methods, batch: dict, reduction: str = "sample", tokens: float | None = None,
+                   shares: dict | None = None):
     """Cross-entropy plus every method's named extra terms; returns ``(terms, outputs)`` (terms named, outputs of
     the clean forward).
 
@@ -55,7 +72,8 @@ def compute_losses(ctx, methods, batch: dict, reduction: str = "sample", tokens:
     (the Hugging Face convention: every token weighs the same; the loop passes the step's token count so
     gradient accumulation and several processes give the batch's exact token mean); ``sample`` — the plain
     mean over samples of each sample's mean token loss (NRCA's released code: a long caption and a one-letter
-    answer weigh the same). Methods always receive the per-sample losses.
+    answer weigh the same). Methods always receive the per-sample losses. ``shares``: a dict to fill with each task's
+    share of the cross-entropy (for multi-task optimisation).
     """
     outputs = ctx.model(**model_inputs(batch))
     log_probs, index = target_log_probs(outputs.logits, batch["labels"])
@@ -66,6 +84,8 @@ def compute_losses(ctx, methods, batch: dict, reduction: str = "sample", tokens:
         ce = -log_probs.sum() / (tokens if tokens is not None else max(1, log_probs.numel()))
     else:
         raise ValueError(f"unknown loss reduction {reduction!r}; choose one of {LOSS_REDUCTIONS}")
+    if shares is not None:
+        shares.update(task_shares(batch, log_probs, index, sample_loss, reduction, tokens))
     terms = {"ce": ce}
     for method in methods:
         for key, value in method.extra_losses(ctx, batch, outputs, sample_loss).items():

@@ -134,6 +134,8 @@ class Run:
     steps_per_epoch: int = 0
     best: BestState | None = None
     stopped_early: bool = False
+    task_method: object = None  # the method that combines per-task gradients, if any
+    tasks: list[str] = field(default_factory=list)  # the mixture's task names (the rows of per-task gradients)
 
     @property
     def is_main(self) -> bool:
@@ -385,6 +387,14 @@ def build_model(run: Run) -> None:
                            output_dir=run.paths.root)
     for method in run.methods:
         method.setup(run.ctx)
+    combining = [m for m in run.methods if m.per_task_gradients]
+    if len(combining) > 1:
+        raise ValueError(f"{' + '.join(m.name for m in combining)}: only one method may combine the tasks' gradients")
+    if combining:
+        if is_deepspeed(run.accelerator):
+            raise ValueError(f"{combining[0].name}: per-task gradients are tested under DDP and one process, not "
+                             "DeepSpeed (whose engine owns the gradients)")
+        run.task_method, run.tasks = combining[0], sorted({r.task for r in run.records})
 
 
 def base_eval_dir(run: Run) -> Path:
@@ -488,6 +498,42 @@ def step_tokens(accelerator: Accelerator, micro: list[dict]) -> float:
     return max(1.0, float(count))
 
 
+def task_gradient_backward(run: Run, micro: list[dict], tokens: float | None, totals: dict[str, float]) -> None:
+    """For a multi-task optimisation method: the gradient of each task's share of the step's loss, one backward per
+    task (all-reduced across processes by hand, one flat vector per task), combined by the method into
+    ``param.grad``; other methods' extra loss terms are added on top."""
+    config, accelerator, ctx = run.config, run.accelerator, run.ctx
+    accum, params = config.train.grad_accum, list(ctx.trainable.values())
+    sizes = [p.numel() for p in params]
+    task_grads = torch.zeros(len(run.tasks), sum(sizes), device=accelerator.device)
+    extra_grad = torch.zeros(sum(sizes), device=accelerator.device)
+
+    def flat(loss: torch.Tensor, retain: bool) -> torch.Tensor:
+        grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)])
+
+    for piece in micro:
+        with accelerator.no_sync(run.model), accelerator.autocast():  # DDP's own all-reduce is not used here
+            shares: dict[str, torch.Tensor] = {}
+            terms, _ = compute_losses(ctx, run.methods, piece, config.train.loss_reduction, tokens, shares)
+        extra = [v for k, v in terms.items() if k != "ce" and v.requires_grad]
+        for number, (task, share) in enumerate(shares.items()):
+            last = number == len(shares) - 1 and not extra
+            task_grads[run.tasks.index(task)] += flat(share / accum, retain=not last)
+        if extra:
+            extra_grad += flat(sum(extra) / accum, retain=False)
+        for key, value in terms.items():
+            totals[key] = totals.get(key, 0.0) + float(value.detach()) / accum
+    if accelerator.num_processes > 1:
+        task_grads = accelerator.reduce(task_grads, "mean")
+        extra_grad = accelerator.reduce(extra_grad, "mean")
+    present = task_grads.abs().sum(1) > 0  # tasks with no sample in this step (on any process) take no part
+    combined = run.task_method.combine_task_gradients(ctx, task_grads[present]) if bool(present.any()) \
+        else torch.zeros_like(extra_grad)
+    for param, grad in zip(params, torch.split(combined + extra_grad, sizes), strict=True):
+        param.grad = grad.view_as(param).to(param.dtype)
+
+
 def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
     """Phase 5: optimizer steps until ``total_steps``; returns the seconds spent."""
     config, accelerator, ctx, methods = run.config, run.accelerator, run.ctx, run.methods
@@ -511,7 +557,9 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
                     continue
                 totals: dict[str, float] = {}
                 tokens = step_tokens(accelerator, micro) / accum if config.train.loss_reduction == "token" else None
-                for index, piece in enumerate(micro):
+                if run.task_method is not None:
+                    task_gradient_backward(run, micro, tokens, totals)
+                for index, piece in enumerate(micro if run.task_method is None else []):
                     last = index == len(micro) - 1
                     with contextlib.nullcontext() if last else accelerator.no_sync(run.model):
                         with accelerator.autocast():

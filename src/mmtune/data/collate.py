@@ -183,6 +183,7 @@ class TrainCollator:
             batch[key] = padded(seqs, 0)
         batch["open_mask"] = torch.tensor([r.kind == "open" for r in records])
         batch["image_mask"] = torch.tensor([r.image is not None for r in records])
+        batch["tasks"] = [r.task for r in records]  # for methods that need each task's loss (multi-task optimisation)
         return batch
 
 
@@ -220,7 +221,7 @@ class GenerationCollator:
         return batch
 
 
-MODEL_INPUT_EXCLUDE = ("labels", "open_mask", "image_mask", "records")
+MODEL_INPUT_EXCLUDE = ("labels", "open_mask", "image_mask", "records", "tasks")
 
 
 def model_inputs(batch: dict) -> dict:
@@ -260,7 +261,7 @@ def subset_batch(batch: dict, rows: torch.Tensor) -> dict:
             out[key] = value[images.to(value.device)]
         elif torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == size:
             out[key] = value[rows.to(value.device)]
-        elif key == "records":
+        elif key in ("records", "tasks"):
             out[key] = [value[i] for i in row_list]
         else:
             out[key] = value

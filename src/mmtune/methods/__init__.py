@@ -12,6 +12,7 @@ from mmtune.methods.l1_reg import L1Reg, L1RegConfig
 from mmtune.methods.l2_reg import L2Reg, L2RegConfig
 from mmtune.methods.lora import Lora, LoraMethodConfig
 from mmtune.methods.magnitude_mask import MagnitudeMask
+from mmtune.methods.multitask import CAGrad, CAGradConfig, PCGrad, PCGradConfig
 from mmtune.methods.nrca import NRCA, NRCAConfig
 from mmtune.methods.random_mask import MaskConfig, RandomMask
 from mmtune.methods.spider import Spider, SpiderConfig
@@ -19,7 +20,8 @@ from mmtune.methods.vanilla import Vanilla
 from mmtune.methods.wise_ft import WiseFT, WiseFTConfig
 
 __all__ = [
-    "METHODS", "Method", "MethodConfig", "TrainContext", "build_methods", "register",
+    "METHODS", "Method", "MethodConfig", "TrainContext", "build_methods", "register", "CAGrad", "CAGradConfig",
+    "PCGrad", "PCGradConfig",
     "Dare", "DareConfig", "Grafting", "GraftingConfig", "HalfFT", "HalfFTConfig", "L1Reg", "L1RegConfig",
     "L2Reg", "L2RegConfig", "Lora", "LoraMethodConfig", "MagnitudeMask", "MaskConfig", "NRCA", "NRCAConfig",
     "RandomMask", "Spider", "SpiderConfig", "Vanilla", "WiseFT", "WiseFTConfig",

@@ -55,6 +55,9 @@ class Method:
     # Tested with parameters sharded over processes (FSDP2): DTensor parameters, per-process state. A method
     # that is not refuses to start under FSDP / ZeRO-3 instead of doing something wrong there.
     supports_sharding: ClassVar[bool] = False
+    # Multi-task optimisation: the loop backpropagates each task's share of the step's loss separately and hands the
+    # flat per-task gradients [T, P] to ``combine_task_gradients``, whose result is the gradient the step uses.
+    per_task_gradients: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_class()
@@ -67,6 +70,9 @@ class Method:
 
     def extra_losses(self, ctx: TrainContext, batch: dict, outputs, sample_loss: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}
+
+    def combine_task_gradients(self, ctx: TrainContext, grads: torch.Tensor) -> torch.Tensor:
+        return grads.sum(0)
 
     def before_optimizer_step(self, ctx: TrainContext) -> None:
         pass
