@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS_SMALL = ["vanilla", "nrca", "spider", "nrca+spider", "l2_reg", "random_mask"]
+METHODS_SMALL = ["vanilla", "nrca", "spider", "nrca+spider", "l2_reg", "random_mask", "pcgrad", "cagrad"]
 METHODS_LARGE = ["vanilla", "nrca", "spider"]
 
 
