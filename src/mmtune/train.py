@@ -408,12 +408,7 @@ def base_needs_evaluation(run: Run) -> bool:
 def training_differences(saved: RunConfig, current: RunConfig) -> list[str]:
     """``key: saved → current`` for every training-relevant key that differs."""
 
-    def flat(data, prefix=""):
-        if isinstance(data, dict):
-            return {k: v for key, value in data.items() for k, v in flat(value, f"{prefix}{key}.").items()}
-        return {prefix[:-1]: data}
-
-    before, after = flat(to_dict(saved)), flat(to_dict(current))
+    before, after = flat_config(to_dict(saved)), flat_config(to_dict(current))
     keys = sorted(set(before) | set(after))
     return [f"{k}: {before.get(k)!r} → {after.get(k)!r}" for k in keys
             if before.get(k) != after.get(k) and not k.startswith(RESUME_MAY_CHANGE)]
