@@ -575,6 +575,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    # bitsandbytes (imported by peft when installed) warns at import on CPUs with AVX512-BF16 that an optional
+    # kernel could not be fetched; its built-in fallback is what runs, so the warning is noise for every command.
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except (ConfigError, RecordError, ValueError, OSError, CheckpointError, RunInUseError) as error:
