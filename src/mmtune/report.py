@@ -68,7 +68,8 @@ def comparable_settings(config: dict, scores: dict, base_scores: dict | None) ->
     synthetic = dict(config.get("data", {}).get("synthetic", {}))
     synthetic.pop("dir", None)
     return {
-        "model": {k: model.get(k) for k in sorted(model) if k != "gradient_checkpointing"},
+        # (keys added in later versions are null by default: a run from before them compares equal)
+        "model": {k: model.get(k) for k in sorted(model) if k != "gradient_checkpointing" and model.get(k) is not None},
         "tasks": {k: v["side"] for k, v in sorted(scores["tasks"].items())},
         "eval": {k: evaluation.get(k) for k in ("max_new_tokens", "limit")},
         "world": synthetic,
