@@ -209,7 +209,11 @@ def main() -> None:
               "| batch size | samples/s |", "|---|---|"]
     lines += [f"| {b} | {v:.1f} |" for b, v in throughput.items()]
     lines += ["", f"Batch 16 is {throughput[16] / throughput[1]:.1f}× faster than one sample at a time.", ""]
-    (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines) + READING.format(rounds=args.rounds, warm=WARM))
+    doc = ROOT / "docs" / "benchmarks.md"
+    # Sections other scripts own (benchmarks/merging.py: "## Model merging") are kept.
+    kept = doc.read_text()[doc.read_text().index("\n## Model merging"):] if doc.exists() and \
+        "\n## Model merging" in doc.read_text() else ""
+    doc.write_text("\n".join(lines) + READING.format(rounds=args.rounds, warm=WARM) + kept)
     print("\n".join(lines))
 
 
