@@ -38,6 +38,10 @@ READING = """
   round-to-round noise of this shared machine.
 - **NRCA** runs the noisy forward only on the open-response half of the batch, against the reference's
   second full pass (≈ 2×); target ≤ 1.6×.
+- **PCGrad / CAGrad** run one backward per task present in the step on a shared forward (two tasks in this mix):
+  1.41× and 1.48× vanilla here; with three tasks (the v2 world) their training took ≈ 3.4× vanilla's, in runs not
+  controlled for machine load (docs/results.md). Their extra memory is one flat gradient per task (T × the
+  trainable parameters), invisible at this size.
 - **SPIDER** is element-wise work over the trainable parameters, independent of the number of tokens: the
   gradient sum before the step, then per tensor the two importances, the coefficients and the interpolation
   (about 20 in-place kernels with host-side scalars; the mean/std of |W0| are computed once). "hook ms/step"
