@@ -29,8 +29,8 @@ SHIPPED_ZERO2 = Path(__file__).resolve().parents[1] / "configs" / "accelerate" /
 # What makes each method act within 3 tiny steps (the defaults of L1/L2 would change nothing visible).
 ACTIVE = {"half_ft": ["method.half_ft.round_steps=2"], "l2_reg": ["method.l2_reg.lam=1.0"],
           "l1_reg": ["method.l1_reg.lam=0.01"]}
-# Methods that combine per-task gradients refuse DeepSpeed (tested below); every other method runs on it.
-METHOD_NAMES = sorted(n for n, cls in METHODS.items() if not cls.per_task_gradients)
+# Methods that combine per-task gradients or take a second gradient (SAM) refuse DeepSpeed; every other runs on it.
+METHOD_NAMES = sorted(n for n, cls in METHODS.items() if not (cls.per_task_gradients or cls.second_pass))
 ACCUMULATED = ["vanilla", "spider"]  # also with grad_accum=2: DeepSpeed's accumulation boundary set by the loop
 
 

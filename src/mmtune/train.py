@@ -135,6 +135,7 @@ class Run:
     best: BestState | None = None
     stopped_early: bool = False
     task_method: object = None  # the method that combines per-task gradients, if any
+    second_pass: list = field(default_factory=list)  # sharpness-aware methods (a second gradient per step)
     tasks: list[str] = field(default_factory=list)  # the mixture's task names (the rows of per-task gradients)
 
     @property
@@ -387,6 +388,10 @@ def build_model(run: Run) -> None:
                            output_dir=run.paths.root)
     for method in run.methods:
         method.setup(run.ctx)
+    run.second_pass = [m for m in run.methods if m.second_pass]
+    if run.second_pass and (is_deepspeed(run.accelerator) or any(m.per_task_gradients for m in run.methods)):
+        raise ValueError(f"{run.second_pass[0].name}: a second gradient per step is tested alone and under DDP, not "
+                         "with DeepSpeed or per-task gradient methods")
     combining = [m for m in run.methods if m.per_task_gradients]
     if len(combining) > 1:
         raise ValueError(f"{' + '.join(m.name for m in combining)}: only one method may combine the tasks' gradients")
@@ -529,6 +534,23 @@ def task_gradient_backward(run: Run, micro: list[dict], tokens: float | None, to
         param.grad = grad.view_as(param).to(param.dtype)
 
 
+def second_pass(run: Run, micro: list[dict], tokens: float | None) -> None:
+    """Sharpness-aware methods: move the weights (``perturb``), recompute the step's gradient there, move them back
+    (``restore``); the step then uses that gradient from the original weights. The logged loss stays the first one."""
+    config, accelerator, ctx = run.config, run.accelerator, run.ctx
+    for method in run.second_pass:
+        method.perturb(ctx)
+    run.optimizer.zero_grad(set_to_none=True)
+    for index, piece in enumerate(micro):
+        last = index == len(micro) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(run.model):
+            with accelerator.autocast():
+                terms, _ = compute_losses(ctx, run.methods, piece, config.train.loss_reduction, tokens)
+            backward(accelerator, sum(terms.values()) / config.train.grad_accum, last)
+    for method in reversed(run.second_pass):
+        method.restore(ctx)
+
+
 def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
     """Phase 5: optimizer steps until ``total_steps``; returns the seconds spent."""
     config, accelerator, ctx, methods = run.config, run.accelerator, run.ctx, run.methods
@@ -562,6 +584,8 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
                         backward(accelerator, sum(terms.values()) / accum, last)
                     for key, value in terms.items():
                         totals[key] = totals.get(key, 0.0) + float(value.detach()) / accum
+                if run.second_pass:
+                    second_pass(run, micro, tokens)
                 micro = []
                 check = functools.partial(check_finite, ctx.step + 1, totals,
                                           scaled=config.train.mixed_precision == "fp16")

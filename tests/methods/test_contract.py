@@ -25,6 +25,7 @@ NULL = {
     "wise_ft": ["method.wise_ft.alpha=1"],
     "half_ft": ["method.half_ft.frozen_fraction=0"],
     "cagrad": ["method.cagrad.c=0"],
+    "sam": ["method.sam.rho=0"],
 }
 COMBINATIONS = ["nrca+spider", "nrca+random_mask", "lora+nrca"]
 SUMMED_PER_TASK = {"cagrad"}  # gradients built task by task (multi-task optimisation)

@@ -47,3 +47,24 @@ def test_pcgrad_changes_the_update_and_composes_with_a_loss_method(tiny_config):
 def test_two_gradient_combiners_are_refused(tiny_config):
     with pytest.raises(ValueError, match="only one method may combine"):
         train(tiny_config("method.name=pcgrad+cagrad"))
+
+
+def test_sam_perturbation_by_hand():
+    from mmtune.methods.sam import sam_perturbation
+
+    eps = sam_perturbation([torch.tensor([3.0]), torch.tensor([0.0, 4.0])], rho=0.5)  # ‖g‖ = 5
+    assert [e.tolist() for e in eps] == [pytest.approx([0.3]), pytest.approx([0.0, 0.4])]
+    assert [e.tolist() for e in sam_perturbation([torch.zeros(2)], 0.5)] == [[0.0, 0.0]]
+
+
+def test_sam_steps_with_the_gradient_at_the_perturbed_weights(tiny_config):
+    """ρ = 0 recomputes the same gradient at the same weights: vanilla exactly (so the second pass, the perturb /
+    restore pair and the step from the original weights add nothing of their own); ρ > 0 changes the update."""
+    common = ["train.max_steps=1", "train.optimizer=sgd", "train.max_grad_norm=null", "train.warmup_ratio=0",
+              "scope.lr_blocks=0.1", "scope.lr_projector=0.1"]
+    sam = final_weights(train(tiny_config("method.name=sam", "method.sam.rho=0.5", *common, out="sam")))
+    plain = final_weights(train(tiny_config(*common, out="plain")))
+    moved = [k for k in sam if not torch.equal(sam[k], plain[k])]
+    assert moved  # the second gradient differs from the first
+    zero = final_weights(train(tiny_config("method.name=sam", "method.sam.rho=0", *common, out="zero")))
+    assert all(torch.equal(zero[k], plain[k]) for k in plain)  # ρ = 0: the same gradient twice, vanilla exactly

@@ -58,6 +58,9 @@ class Method:
     # Multi-task optimisation: the loop backpropagates each task's share of the step's loss separately and hands the
     # flat per-task gradients [T, P] to ``combine_task_gradients``, whose result is the gradient the step uses.
     per_task_gradients: ClassVar[bool] = False
+    # Sharpness-aware methods: after the step's backward the loop calls ``perturb`` (move the weights, e.g. up the
+    # gradient), recomputes the step's gradient there, calls ``restore``, then steps from the original weights.
+    second_pass: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_class()
@@ -73,6 +76,12 @@ class Method:
 
     def combine_task_gradients(self, ctx: TrainContext, grads: torch.Tensor) -> torch.Tensor:
         return grads.sum(0)
+
+    def perturb(self, ctx: TrainContext) -> None:
+        pass
+
+    def restore(self, ctx: TrainContext) -> None:
+        pass
 
     def before_optimizer_step(self, ctx: TrainContext) -> None:
         pass
