@@ -169,6 +169,13 @@ def test_untested_deepspeed_settings_are_refused(tiny_config, case, message):
         configure_deepspeed(_fake_accelerator(**case), config, build_methods(config.method))
 
 
+@pytest.mark.parametrize("name", ["pcgrad", "cagrad", "sam"])
+def test_methods_that_build_the_gradient_themselves_refuse_deepspeed(tiny_config, name):
+    config = tiny_config(f"method.name={name}")
+    with pytest.raises(ValueError, match=f"{name}: builds the step's gradient itself"):
+        configure_deepspeed(_fake_accelerator(), config, build_methods(config.method))
+
+
 def test_deepspeed_config_follows_the_run(tiny_config):
     config = tiny_config("train.grad_accum=2", "train.max_grad_norm=1.0")
     accelerator = _fake_accelerator(gradient_clipping="auto", gradient_accumulation_steps="auto")

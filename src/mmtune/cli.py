@@ -104,13 +104,14 @@ def cmd_infer(args) -> int:
     return 0
 
 
-def read_predictions(path: str, metric: str) -> list[dict]:
-    """Predictions JSONL for ``mmtune score``: every problem names the line; nothing is silently dropped."""
+def read_predictions(path: str, metric: str | None) -> tuple[list[dict], str]:
+    """Predictions JSONL for ``mmtune score`` and the metric to score them with (``metric``, or else the one
+    ``mmtune eval`` wrote into every line): every problem names the line; nothing is silently dropped."""
     import json
 
     from mmtune.metrics import check_item
 
-    items, seen = [], set()
+    lines, seen = [], set()
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}"
@@ -129,32 +130,21 @@ def read_predictions(path: str, metric: str) -> list[dict]:
             if str(item["id"]) in seen:
                 raise ValueError(f"{where}: duplicate id {item['id']!r}")
             seen.add(str(item["id"]))
-            if metric == "mc":
-                item.setdefault("answers", [])
-            try:
-                check_item(item, metric)
-            except ValueError as error:
-                raise ValueError(f"{where}: {error}") from None
-            item["id"] = str(item["id"])
-            items.append(item)
-    return items
-
-
-def metric_of_predictions(path: str) -> str:
-    """The metric ``mmtune eval`` wrote into its prediction lines (used when ``--metric`` is not given)."""
-    import json
-
-    metrics = set()
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            if line.strip():
-                try:
-                    metrics.add(json.loads(line).get("metric"))
-                except (json.JSONDecodeError, AttributeError):
-                    continue
-    if len(metrics) != 1 or None in metrics:
-        raise ValueError(f"{path}: its lines name no single metric ({sorted(map(str, metrics))}); pass --metric")
-    return metrics.pop()
+            lines.append((where, item))
+    if metric is None:
+        metrics = {item.get("metric") for _, item in lines}
+        if len(metrics) != 1 or None in metrics:
+            raise ValueError(f"{path}: its lines name no single metric ({sorted(map(str, metrics))}); pass --metric")
+        metric = metrics.pop()
+    for where, item in lines:
+        if metric == "mc":
+            item.setdefault("answers", [])
+        try:
+            check_item(item, metric)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        item["id"] = str(item["id"])
+    return [item for _, item in lines], metric
 
 
 def cmd_score(args) -> int:
@@ -162,8 +152,8 @@ def cmd_score(args) -> int:
 
     from mmtune.metrics import score
 
-    metric = args.metric or metric_of_predictions(args.predictions)
-    result = score(metric, read_predictions(args.predictions, metric), meteor=args.meteor)
+    items, metric = read_predictions(args.predictions, args.metric)
+    result = score(metric, items, meteor=args.meteor)
     summary = result.as_dict()
     if args.json:
         print(json.dumps(summary))

@@ -62,14 +62,17 @@ def configure_deepspeed(accelerator, config, methods: list[Method]) -> None:
         raise ValueError(f"DeepSpeed with mixed precision ({precision}): mmtune is tested under DeepSpeed in fp32 only "
                          "(low-precision weights beside fp32 masters are not tested yet). Launch with "
                          "--mixed_precision no, or use DDP / FSDP2 for bf16.")
+    unsupported = [m.name for m in methods if m.per_task_gradients or m.second_pass]
+    if unsupported:
+        raise ValueError(f"{' + '.join(unsupported)}: builds the step's gradient itself (per task, or a second pass), "
+                         "which is tested under DDP and one process, not DeepSpeed (whose engine owns the gradients)")
     if ds.get("optimizer") or ds.get("scheduler"):
-        raise ValueError("the DeepSpeed config names an optimizer or scheduler: mmtune builds its own (AdamW with the "
-                         "two learning rates of the scope, cosine schedule); remove them from the DeepSpeed config")
-    for key, wanted in (("gradient_accumulation_steps", config.train.grad_accum),):
-        given = ds.get(key, "auto")
-        if given not in ("auto", wanted, 1):
-            raise ValueError(f"DeepSpeed config {key}={given} but train.grad_accum={wanted}: set one of them (the "
-                             "DeepSpeed value to 'auto')")
+        raise ValueError("the DeepSpeed config names an optimizer or scheduler: mmtune builds its own "
+                         "(train.optimizer, train.scheduler); remove them from the DeepSpeed config")
+    given = ds.get("gradient_accumulation_steps", "auto")
+    if given not in ("auto", config.train.grad_accum, 1):
+        raise ValueError(f"DeepSpeed config gradient_accumulation_steps={given} but train.grad_accum="
+                         f"{config.train.grad_accum}: set one of them (the DeepSpeed value to 'auto')")
     ds["gradient_accumulation_steps"] = config.train.grad_accum
     given = ds.get("gradient_clipping", "auto")
     wanted = config.train.max_grad_norm or 0.0

@@ -97,8 +97,14 @@ def load_run(run_dir: str | Path) -> dict:
             row = json.loads(line) if line.strip() else {}
             if "eval" in row:
                 curve.append({"step": row["step"], **{k: row["eval"].get(k) for k in SUMMARY_KEYS}})
+    return report_row(run, method_label(config.get("method", {})), config, scores, base_scores, curve)
+
+
+def report_row(folder: Path, label: str, config: dict, scores: dict, base_scores: dict | None,
+               curve: list[dict]) -> dict:
+    """One evaluated model as the report reads it (a training run's final evaluation or an ``mmtune eval``)."""
     return {
-        "run": str(run), "method": method_label(config.get("method", {})), "curve": curve,
+        "run": str(folder), "method": label, "curve": curve,
         "settings": comparable_settings(config, scores, base_scores),
         "seed": config.get("train", {}).get("seed"),
         "sides": {k: v["side"] for k, v in scores["tasks"].items()},
@@ -127,7 +133,7 @@ def method_label(section: dict) -> str:
 def load_evaluation(folder: Path) -> dict:
     """An ``mmtune eval`` folder as a report row labelled by ``--label``. A model trained by mmtune carries its run
     config (``mmtune_config.yaml``), so the row compares with training runs from the same base; any other model is
-    its own base. No base evaluation: the row has raw scores only."""
+    its own base. Normalised columns need the base's scores (``mmtune eval --base-scores``); else raw scores only."""
     info = json.loads((folder / "eval_info.json").read_text())
     scores = json.loads((folder / "scores.json").read_text())
     run_config_file = Path(info["model"]) / "mmtune_config.yaml"
@@ -135,14 +141,7 @@ def load_evaluation(folder: Path) -> dict:
         {"model": {"path": info["model"]}}
     config = {**config, "eval": {**config.get("eval", {}), **info["eval"]}}
     base_scores = json.loads(Path(info["base_scores"]).read_text()) if info.get("base_scores") else None
-    return {
-        "run": str(folder), "method": info["label"], "curve": [],
-        "settings": comparable_settings(config, scores, base_scores),
-        "seed": config.get("train", {}).get("seed"),
-        "sides": {k: v["side"] for k, v in scores["tasks"].items()},
-        "final": summarize(scores, base_scores),
-        "base": summarize(base_scores, base_scores) if base_scores else None,
-    }
+    return report_row(folder, info["label"], config, scores, base_scores, curve=[])
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

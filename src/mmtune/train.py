@@ -153,10 +153,18 @@ def load_base(config: RunConfig):
                                       hidden_size=config.model.tiny_hidden_size, num_layers=config.model.tiny_layers,
                                       vision_hidden_size=config.model.tiny_vision_hidden_size, seed=config.train.seed)
         return model.to(DTYPES[config.model.dtype]), processor
-    if not config.model.path:
-        raise ValueError("set model.path (a local checkpoint folder) or model.tiny (llava | qwen2_vl | idefics3)")
+    check_model_source(config)
     return load_model(config.model.path, config.model.dtype, config.model.attn_implementation,
                       config.model.quantization)
+
+
+def check_model_source(config: RunConfig) -> None:
+    """Fail fast when the run names no model, or a folder that is not a model."""
+    if config.model.tiny:
+        return
+    if not config.model.path:
+        raise ValueError("set model.path (a local checkpoint folder) or model.tiny (llava | qwen2_vl | idefics3)")
+    check_model_folder(config.model.path)
 
 
 def world_dir(config: RunConfig) -> Path | None:
@@ -288,11 +296,8 @@ def open_run(config: RunConfig) -> Run:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)],
     )
     methods = build_methods(config.method)
-    if not config.model.tiny:  # a bad model path fails now, before any data is generated or read
-        if not config.model.path:
-            raise ValueError("set model.path (a local checkpoint folder) or model.tiny (llava | qwen2_vl | idefics3)")
-        check_model_folder(config.model.path)
-    if config.model.quantization and (accelerator.num_processes > 1 or "DEEPSPEED" in str(accelerator.distributed_type)):
+    check_model_source(config)  # a bad model path fails now, before any data is generated or read
+    if config.model.quantization and (accelerator.num_processes > 1 or is_deepspeed(accelerator)):
         raise ValueError("model.quantization (QLoRA) is tested in one process only; launch it without DDP / DeepSpeed")
     sharded = shards_parameters(accelerator)
     unsupported = [m.name for m in methods if not m.supports_sharding]
@@ -389,16 +394,13 @@ def build_model(run: Run) -> None:
     for method in run.methods:
         method.setup(run.ctx)
     run.second_pass = [m for m in run.methods if m.second_pass]
-    if run.second_pass and (is_deepspeed(run.accelerator) or any(m.per_task_gradients for m in run.methods)):
-        raise ValueError(f"{run.second_pass[0].name}: a second gradient per step is tested alone and under DDP, not "
-                         "with DeepSpeed or per-task gradient methods")
     combining = [m for m in run.methods if m.per_task_gradients]
+    if run.second_pass and combining:
+        raise ValueError(f"{run.second_pass[0].name} + {combining[0].name}: a second gradient per step is not tested "
+                         "with per-task gradients")
     if len(combining) > 1:
         raise ValueError(f"{' + '.join(m.name for m in combining)}: only one method may combine the tasks' gradients")
     if combining:
-        if is_deepspeed(run.accelerator):
-            raise ValueError(f"{combining[0].name}: per-task gradients are tested under DDP and one process, not "
-                             "DeepSpeed (whose engine owns the gradients)")
         run.task_method, run.tasks = combining[0], sorted({r.task for r in run.records})
 
 
@@ -534,19 +536,30 @@ def task_gradient_backward(run: Run, micro: list[dict], tokens: float | None, to
         param.grad = grad.view_as(param).to(param.dtype)
 
 
-def second_pass(run: Run, micro: list[dict], tokens: float | None) -> None:
-    """Sharpness-aware methods: move the weights (``perturb``), recompute the step's gradient there, move them back
-    (``restore``); the step then uses that gradient from the original weights. The logged loss stays the first one."""
-    config, accelerator, ctx = run.config, run.accelerator, run.ctx
-    for method in run.second_pass:
-        method.perturb(ctx)
-    run.optimizer.zero_grad(set_to_none=True)
+def backward_micro_batches(run: Run, micro: list[dict], tokens: float | None,
+                           totals: dict[str, float] | None = None) -> None:
+    """The step's loss and gradient over its micro-batches (gradients synchronised on the last one); each loss
+    term's step mean is added to ``totals`` when given."""
+    config, accelerator, accum = run.config, run.accelerator, run.config.train.grad_accum
     for index, piece in enumerate(micro):
         last = index == len(micro) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(run.model):
             with accelerator.autocast():
-                terms, _ = compute_losses(ctx, run.methods, piece, config.train.loss_reduction, tokens)
-            backward(accelerator, sum(terms.values()) / config.train.grad_accum, last)
+                terms, _ = compute_losses(run.ctx, run.methods, piece, config.train.loss_reduction, tokens)
+            backward(accelerator, sum(terms.values()) / accum, last)
+        if totals is not None:
+            for key, value in terms.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach()) / accum
+
+
+def second_pass(run: Run, micro: list[dict], tokens: float | None) -> None:
+    """Sharpness-aware methods: move the weights (``perturb``), recompute the step's gradient there, move them back
+    (``restore``); the step then uses that gradient from the original weights. The logged loss stays the first one."""
+    ctx = run.ctx
+    for method in run.second_pass:
+        method.perturb(ctx)
+    run.optimizer.zero_grad(set_to_none=True)
+    backward_micro_batches(run, micro, tokens)
     for method in reversed(run.second_pass):
         method.restore(ctx)
 
@@ -576,14 +589,8 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
                 tokens = step_tokens(accelerator, micro) / accum if config.train.loss_reduction == "token" else None
                 if run.task_method is not None:
                     task_gradient_backward(run, micro, tokens, totals)
-                for index, piece in enumerate(micro if run.task_method is None else []):
-                    last = index == len(micro) - 1
-                    with contextlib.nullcontext() if last else accelerator.no_sync(run.model):
-                        with accelerator.autocast():
-                            terms, _ = compute_losses(ctx, methods, piece, config.train.loss_reduction, tokens)
-                        backward(accelerator, sum(terms.values()) / accum, last)
-                    for key, value in terms.items():
-                        totals[key] = totals.get(key, 0.0) + float(value.detach()) / accum
+                else:
+                    backward_micro_batches(run, micro, tokens, totals)
                 if run.second_pass:
                     second_pass(run, micro, tokens)
                 micro = []
@@ -623,16 +630,16 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
                     if metrics_file and eval_row:
                         metrics_file.write(json.dumps(eval_row) + "\n")
                         metrics_file.flush()
-                    if eval_row is not None and run.best is not None:
+                    if run.best is not None:
                         keep_best(run, eval_row)
                     if eval_row:
                         accelerator.log({f"eval/{tracker_name(k)}": v for k, v in flat_config(eval_row["eval"]).items()
                                          if isinstance(v, int | float)}, step=ctx.step)
                 if config.train.save_every and ctx.step % config.train.save_every == 0 and ctx.step < total_steps:
                     save_checkpoint(run, position)
-                if ctx.step >= total_steps or done_epoch or stop_early(run):
+                if ctx.step >= total_steps or done_epoch or run.stopped_early:
                     break
-            if stop_early(run):
+            if run.stopped_early:
                 break
             epoch, step_in_epoch = epoch + 1, 0
     finally:
@@ -646,35 +653,32 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
     return time.time() - started
 
 
-def keep_best(run: Run, eval_row: dict) -> None:
-    """A new best of ``train.best_metric`` writes ``<run>/best`` (main process; the others learn whether to stop)."""
-    if run.is_main:
+def keep_best(run: Run, eval_row: dict | None) -> None:
+    """After an evaluation during training (on every process; ``eval_row`` is the main process's): a new best of
+    ``train.best_metric`` writes ``<run>/best``; after ``train.early_stopping_patience`` evaluations in a row without
+    one, every process agrees to stop."""
+    if run.is_main and eval_row is not None:
         improved = update_best(run.best, eval_row["eval"], run.ctx.step, lambda folder: save_best_model(run, folder),
                                run.paths.root)
         mark = "new best" if improved else f"best still {run.best.value:.2f} at step {run.best.step}"
         run.say(f"step {run.ctx.step}: {run.best.metric} = {metric_value(eval_row['eval'], run.best.metric):.2f} "
                 f"({mark})")
+    patience = run.config.train.early_stopping_patience
+    if not patience:
+        return
+    count = torch.tensor(float(run.best.evaluations_without_improvement if run.is_main else 0),
+                         device=run.accelerator.device)
+    if run.accelerator.num_processes > 1:
+        count = run.accelerator.reduce(count, "sum")
+    if float(count) >= patience:
+        run.stopped_early = True
+        run.say(f"early stop at step {run.ctx.step}: no new best {run.best.metric} in {patience} evaluations "
+                f"(best {run.best.value:.2f} at step {run.best.step}, in {run.paths.root / 'best'})")
 
 
 def save_best_model(run: Run, folder: Path) -> None:
     run.ctx.unwrapped.save_pretrained(folder)  # a PEFT model (LoRA) saves its adapter
     save_processor(run.processor, folder)
-
-
-def stop_early(run: Run) -> bool:
-    """Whether ``train.early_stopping_patience`` evaluations in a row brought no new best (all processes agree)."""
-    patience = run.config.train.early_stopping_patience
-    if not patience or run.best is None:
-        return False
-    count = torch.tensor(float(run.best.evaluations_without_improvement if run.is_main else 0),
-                         device=run.accelerator.device)
-    if run.accelerator.num_processes > 1:
-        count = run.accelerator.reduce(count, "sum")
-    if float(count) >= patience and not run.stopped_early:
-        run.stopped_early = True
-        run.say(f"early stop at step {run.ctx.step}: no new best {run.best.metric} in {patience} evaluations "
-                f"(best {run.best.value:.2f} at step {run.best.step}, in {run.paths.root / 'best'})")
-    return run.stopped_early
 
 
 def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
