@@ -8,10 +8,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
-from mmtune.data.records import Record, RecordError, check_image
+from mmtune.data.records import Record, checked_records
 
 FIELDS = ("id", "task", "kind", "image", "prompt", "answers", "choices", "answer_index", "metric", "history")
 
@@ -65,38 +66,26 @@ def read_hf_records(path: str | Path, columns: dict[str, str] | None = None, spl
         raise ValueError(f"{path}: no column {columns[missing[0]]!r} (for {missing[0]}); columns: "
                          f"{', '.join(data.column_names)}")
     source = {field: columns.get(field, field) for field in FIELDS}
-    records, seen = [], set()
-    for index, row in enumerate(data):
-        where = f"{path}[{index}]"
-        try:
-            values = {**defaults, **{f: row[c] for f, c in source.items() if c in row and row[c] is not None}}
-            if isinstance(values.get("answers"), str):
-                values["answers"] = [values["answers"]]
-            if isinstance(values.get("id"), int):
-                values["id"] = str(values["id"])
-            values.setdefault("id", str(index))
-            missing_fields = [f for f in ("task", "kind", "prompt", "answers") if f not in values]
-            if missing_fields:
-                raise ValueError(f"missing field(s) {missing_fields} (map a column with columns:, or set defaults:)")
-            image = values.get("image")
-            if isinstance(image, str):
-                values["image"] = os.path.normpath(image if os.path.isabs(image) else base / image)
-            elif image is not None:
-                raise ValueError(f"'image' must be a path (decoded image columns are not supported), got "
-                                 f"{type(image).__name__}")
-            record = Record(**{"image": None, **values})
-            record.validate()
-            if record.id in seen:
-                raise ValueError(f"duplicate id {record.id!r}")
-            if record.image is not None:
-                check_image(record.image)
-        except (ValueError, TypeError) as error:
-            if not skip_bad_records:
-                raise RecordError(f"{where}: {error}") from None
-            if skipped is not None:
-                skipped.append(f"{where}: {error}")
-            continue
-        record.source = where
-        seen.add(record.id)
-        records.append(record)
-    return records
+
+    def build(index: int, row: dict) -> Record:
+        values = {**defaults, **{f: row[c] for f, c in source.items() if c in row and row[c] is not None}}
+        if isinstance(values.get("answers"), str):
+            values["answers"] = [values["answers"]]
+        if isinstance(values.get("id"), int):
+            values["id"] = str(values["id"])
+        values.setdefault("id", str(index))
+        missing_fields = [f for f in ("task", "kind", "prompt", "answers") if f not in values]
+        if missing_fields:
+            raise ValueError(f"missing field(s) {missing_fields} (map a column with columns:, or set defaults:)")
+        image = values.get("image")
+        if isinstance(image, str):
+            values["image"] = os.path.normpath(image if os.path.isabs(image) else base / image)
+        elif image is not None:
+            raise ValueError(f"'image' must be a path (decoded image columns are not supported), got "
+                             f"{type(image).__name__}")
+        record = Record(**{"image": None, **values})
+        record.validate()
+        return record
+
+    candidates = ((f"{path}[{index}]", functools.partial(build, index, row)) for index, row in enumerate(data))
+    return list(checked_records(candidates, skip_bad_records, True, skipped))

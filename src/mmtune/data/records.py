@@ -10,9 +10,10 @@ every assistant turn), and ``image`` is null for a text-only record.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -174,42 +175,53 @@ def check_image(path: str) -> None:
         raise ValueError(f"unreadable image {path}: {error}") from None
 
 
+def checked_records(candidates: Iterable[tuple[str, Callable[[], Record]]], skip_bad_records: bool = False,
+                    check_images: bool = True, skipped: list[str] | None = None) -> Iterator[Record]:
+    """Records from ``(where, build)`` pairs (``build`` parses and validates one), checked as every task source is:
+    unique ids and readable images. A bad one raises ``RecordError`` naming ``where``, or, if skipping, is noted."""
+    seen: set[str] = set()
+    for where, build in candidates:
+        try:
+            record = build()
+            record.source = where
+            if record.id in seen:
+                raise ValueError(f"duplicate id {record.id!r}")
+            if check_images and record.image is not None:
+                check_image(record.image)
+        except (ValueError, TypeError) as error:  # json.JSONDecodeError is a ValueError
+            message = f"{where}: {error}"
+            if not skip_bad_records:
+                raise RecordError(message) from None
+            if skipped is not None:
+                skipped.append(message)
+            continue
+        seen.add(record.id)
+        yield record
+
+
+def _undecodable(error: UnicodeDecodeError) -> Record:
+    raise ValueError(f"not UTF-8 text ({error})")
+
+
 def iter_records(path: str | Path, skip_bad_records: bool = False, check_images: bool = True,
                  skipped: list[str] | None = None) -> Iterator[Record]:
     """Stream records from a JSONL task file; bad lines raise ``RecordError`` or, if skipping, are noted."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"task file not found: {path}")
-    base_dir = path.parent
-    seen: set[str] = set()
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                line, bad_encoding = "", error
-            else:
-                bad_encoding = None
-            if not line.strip() and bad_encoding is None:
-                continue
-            try:
-                if bad_encoding is not None:
-                    raise ValueError(f"not UTF-8 text ({bad_encoding})")
-                record = _parse_line(line, base_dir)
-                record.source = f"{path}:{number}"
-                if record.id in seen:
-                    raise ValueError(f"duplicate id {record.id!r}")
-                if check_images and record.image is not None:
-                    check_image(record.image)
-            except (ValueError, TypeError, json.JSONDecodeError) as error:
-                message = f"{path}:{number}: {error}"
-                if not skip_bad_records:
-                    raise RecordError(message) from None
-                if skipped is not None:
-                    skipped.append(message)
-                continue
-            seen.add(record.id)
-            yield record
+
+    def candidates() -> Iterator[tuple[str, Callable[[], Record]]]:
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    yield f"{path}:{number}", functools.partial(_undecodable, error)
+                    continue
+                if line.strip():
+                    yield f"{path}:{number}", functools.partial(_parse_line, line, path.parent)
+
+    yield from checked_records(candidates(), skip_bad_records, check_images, skipped)
 
 
 def read_records(path: str | Path, skip_bad_records: bool = False, check_images: bool = True,
