@@ -169,7 +169,7 @@ def test_untested_deepspeed_settings_are_refused(tiny_config, case, message):
         configure_deepspeed(_fake_accelerator(**case), config, build_methods(config.method))
 
 
-@pytest.mark.parametrize("name", ["pcgrad", "cagrad", "sam"])
+@pytest.mark.parametrize("name", ["pcgrad", "cagrad", "sam", "task_sam"])
 def test_methods_that_build_the_gradient_themselves_refuse_deepspeed(tiny_config, name):
     config = tiny_config(f"method.name={name}")
     with pytest.raises(ValueError, match=f"{name}: builds the step's gradient itself"):

@@ -24,7 +24,8 @@ def _launch(config_path, cwd):
 # spider reads the all-reduced gradient, so it must match too. (NRCA's gap term is normalised per device,
 # as in the reference code under DeepSpeed, so it is not expected to match a single process exactly.)
 # pcgrad all-reduces one gradient per task by hand (DDP's own reduction is not used): it must match too.
-@pytest.mark.parametrize("method", ["vanilla", "spider", "pcgrad", "sam"])
+# task_sam's per-task second pass runs the same forwards on every process, whichever tasks each one holds.
+@pytest.mark.parametrize("method", ["vanilla", "spider", "pcgrad", "sam", "task_sam"])
 def test_two_processes_match_one(tiny_config, tmp_path, method):
     single = train(tiny_config(f"method.name={method}", "train.batch_size=8", "train.max_steps=3", out="single"))
     config = tiny_config(f"method.name={method}", "train.batch_size=4", "train.max_steps=3", out="ddp")

@@ -63,6 +63,17 @@ def task_shares(batch: dict, log_probs: torch.Tensor, index: torch.Tensor, sampl
     return shares
 
 
+def task_mean_losses(batch: dict, sample_loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each task's mean loss in the batch: the mean of its samples' mean token losses (what loss-balancing
+    methods weigh; a task's loss is then on its own scale, whatever the batch's mix)."""
+    tasks = batch["tasks"]
+    means = {}
+    for task in sorted(set(tasks)):
+        rows = torch.tensor([t == task for t in tasks], device=sample_loss.device)
+        means[task] = sample_loss[rows].mean()
+    return means
+
+
 def compute_losses(ctx, methods, batch: dict, reduction: str = "sample", tokens: float | None = None,
                    shares: dict | None = None):
     """Cross-entropy plus every method's named extra terms; returns ``(terms, outputs)`` (terms named, outputs of
@@ -87,6 +98,12 @@ def compute_losses(ctx, methods, batch: dict, reduction: str = "sample", tokens:
     if shares is not None:
         shares.update(task_shares(batch, log_probs, index, sample_loss, reduction, tokens))
     terms = {"ce": ce}
+    for method in methods:
+        if method.balances_task_losses:
+            # The balanced loss replaces the cross-entropy: ce + (balanced − ce), so ``ce`` stays logged as the
+            # plain cross-entropy, comparable across methods, and the method's term is what balancing changes.
+            balanced = method.balance_task_losses(ctx, task_mean_losses(batch, sample_loss))
+            terms[method.name] = balanced - ce
     for method in methods:
         for key, value in method.extra_losses(ctx, batch, outputs, sample_loss).items():
             if key in terms:

@@ -136,7 +136,6 @@ class Run:
     stopped_early: bool = False
     task_method: object = None  # the method that combines per-task gradients, if any
     second_pass: list = field(default_factory=list)  # sharpness-aware methods (a second gradient per step)
-    tasks: list[str] = field(default_factory=list)  # the mixture's task names (the rows of per-task gradients)
 
     @property
     def is_main(self) -> bool:
@@ -390,18 +389,27 @@ def build_model(run: Run) -> None:
     generator = torch.Generator(device=run.accelerator.device).manual_seed(config.train.seed)
     run.ctx = TrainContext(model=run.model, unwrapped=unwrapped, trainable=trainable, generator=generator,
                            accelerator=run.accelerator, optimizer=run.optimizer, total_steps=total_steps,
-                           output_dir=run.paths.root)
+                           output_dir=run.paths.root, tasks=sorted({r.task for r in run.records}))
+    check_method_combination(run.methods)
     for method in run.methods:
         method.setup(run.ctx)
-    run.second_pass = [m for m in run.methods if m.second_pass]
-    combining = [m for m in run.methods if m.per_task_gradients]
-    if run.second_pass and combining:
-        raise ValueError(f"{run.second_pass[0].name} + {combining[0].name}: a second gradient per step is not tested "
-                         "with per-task gradients")
-    if len(combining) > 1:
-        raise ValueError(f"{' + '.join(m.name for m in combining)}: only one method may combine the tasks' gradients")
-    if combining:
-        run.task_method, run.tasks = combining[0], sorted({r.task for r in run.records})
+    run.second_pass = [m for m in run.methods if m.second_pass and not m.per_task_gradients]
+    run.task_method = next((m for m in run.methods if m.per_task_gradients), None)
+
+
+def check_method_combination(methods: list) -> None:
+    """Methods that build the step's gradient or loss themselves can't be stacked with each other (untested, and
+    most combinations are not defined: whose second pass sees whose task gradients?)."""
+    kinds = {"combine the tasks' gradients": [m for m in methods if m.per_task_gradients],
+             "take a second gradient per step": [m for m in methods if m.second_pass],
+             "balance the tasks' losses": [m for m in methods if m.balances_task_losses]}
+    for what, found in kinds.items():
+        if len(found) > 1:
+            raise ValueError(f"{' + '.join(m.name for m in found)}: only one method may {what}")
+    special = {m.name: m for found in kinds.values() for m in found}
+    if len(special) > 1:
+        raise ValueError(f"{' + '.join(special)}: per-task gradients, second gradients and loss balancing are not "
+                         "tested together; choose one of them (loss terms like l2_reg or nrca combine with any)")
 
 
 def base_eval_dir(run: Run) -> Path:
@@ -500,14 +508,15 @@ def step_tokens(accelerator: Accelerator, micro: list[dict]) -> float:
     return max(1.0, float(count))
 
 
-def task_gradient_backward(run: Run, micro: list[dict], tokens: float | None, totals: dict[str, float]) -> None:
-    """For a multi-task optimisation method: the gradient of each task's share of the step's loss, one backward per
-    task (all-reduced across processes by hand, one flat vector per task), combined by the method into
-    ``param.grad``; other methods' extra loss terms are added on top."""
+def task_gradients(run: Run, micro: list[dict], tokens: float | None, totals: dict[str, float] | None = None,
+                   only: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of each task's share of the step's loss, one backward per task on one forward per micro-batch
+    (all-reduced across processes by hand), as ``[T, P]`` flat vectors, and the gradient of the other methods'
+    extra loss terms ``[P]``. ``only``: that task's share alone (no extra terms)."""
     config, accelerator, ctx = run.config, run.accelerator, run.ctx
     accum, params = config.train.grad_accum, list(ctx.trainable.values())
     sizes = [p.numel() for p in params]
-    task_grads = torch.zeros(len(run.tasks), sum(sizes), device=accelerator.device)
+    task_grads = torch.zeros(len(ctx.tasks), sum(sizes), device=accelerator.device)
     extra_grad = torch.zeros(sum(sizes), device=accelerator.device)
 
     def flat(loss: torch.Tensor, retain: bool) -> torch.Tensor:
@@ -518,21 +527,51 @@ def task_gradient_backward(run: Run, micro: list[dict], tokens: float | None, to
         with accelerator.no_sync(run.model), accelerator.autocast():  # DDP's own all-reduce is not used here
             shares: dict[str, torch.Tensor] = {}
             terms, _ = compute_losses(ctx, run.methods, piece, config.train.loss_reduction, tokens, shares)
-        extra = [v for k, v in terms.items() if k != "ce" and v.requires_grad]
+        if only is not None:
+            shares = {only: shares[only]} if only in shares else {}
+        extra = [v for k, v in terms.items() if k != "ce" and v.requires_grad] if only is None else []
         for number, (task, share) in enumerate(shares.items()):
             last = number == len(shares) - 1 and not extra
-            task_grads[run.tasks.index(task)] += flat(share / accum, retain=not last)
+            task_grads[ctx.tasks.index(task)] += flat(share / accum, retain=not last)
         if extra:
             extra_grad += flat(sum(extra) / accum, retain=False)
-        for key, value in terms.items():
-            totals[key] = totals.get(key, 0.0) + float(value.detach()) / accum
+        if totals is not None:
+            for key, value in terms.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach()) / accum
     if accelerator.num_processes > 1:
         task_grads = accelerator.reduce(task_grads, "mean")
         extra_grad = accelerator.reduce(extra_grad, "mean")
-    present = task_grads.abs().sum(1) > 0  # tasks with no sample in this step (on any process) take no part
-    combined = run.task_method.combine_task_gradients(ctx, task_grads[present]) if bool(present.any()) \
-        else torch.zeros_like(extra_grad)
-    for param, grad in zip(params, torch.split(combined + extra_grad, sizes), strict=True):
+    return task_grads, extra_grad
+
+
+@torch.no_grad()
+def move_flat(params: list[torch.Tensor], offset: torch.Tensor, sign: float) -> None:
+    """``params += sign · offset`` for a flat ``offset`` laid out as ``task_gradients`` lays gradients out."""
+    for param, piece in zip(params, torch.split(offset, [p.numel() for p in params]), strict=True):
+        param.add_(piece.view_as(param).to(param.dtype), alpha=sign)
+
+
+def task_gradient_backward(run: Run, micro: list[dict], tokens: float | None, totals: dict[str, float]) -> None:
+    """For a multi-task optimisation method: the tasks' gradients (and, for a task-based sharpness-aware method,
+    each task's gradient again at the weights its own perturbation moves to), combined by the method into
+    ``param.grad``; other methods' extra loss terms are added on top."""
+    ctx, method = run.ctx, run.task_method
+    params = list(ctx.trainable.values())
+    task_grads, extra_grad = task_gradients(run, micro, tokens, totals)
+    present = (task_grads.abs().sum(1) > 0).nonzero().flatten().tolist()  # tasks of this step (on any process)
+    if not present:
+        combined = torch.zeros_like(extra_grad)
+    elif method.second_pass:
+        perturbed = torch.zeros_like(task_grads)
+        for index in present:  # every process runs the same forwards: each task is present on some process
+            epsilon = method.task_perturbation(ctx, task_grads[index])
+            move_flat(params, epsilon, 1.0)
+            perturbed[index] = task_gradients(run, micro, tokens, only=ctx.tasks[index])[0][index]
+            move_flat(params, epsilon, -1.0)
+        combined = method.combine_task_gradients(ctx, task_grads[present], perturbed[present])
+    else:
+        combined = method.combine_task_gradients(ctx, task_grads[present])
+    for param, grad in zip(params, torch.split(combined + extra_grad, [p.numel() for p in params]), strict=True):
         param.grad = grad.view_as(param).to(param.dtype)
 
 
@@ -586,6 +625,7 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
                 if len(micro) < accum:
                     continue
                 totals: dict[str, float] = {}
+                ctx.batches = micro  # for methods that revisit the step's batches after it (FAMO)
                 tokens = step_tokens(accelerator, micro) / accum if config.train.loss_reduction == "token" else None
                 if run.task_method is not None:
                     task_gradient_backward(run, micro, tokens, totals)

@@ -26,9 +26,10 @@ NULL = {
     "half_ft": ["method.half_ft.frozen_fraction=0"],
     "cagrad": ["method.cagrad.c=0"],
     "sam": ["method.sam.rho=0"],
+    "task_sam": ["method.task_sam.rho=0", "method.task_sam.combine=sum"],
 }
 COMBINATIONS = ["nrca+spider", "nrca+random_mask", "lora+nrca"]
-SUMMED_PER_TASK = {"cagrad"}  # gradients built task by task (multi-task optimisation)
+SUMMED_PER_TASK = {"cagrad", "task_sam"}  # gradients built task by task (multi-task optimisation)
 ALL = sorted(METHODS) + COMBINATIONS
 
 
@@ -37,7 +38,9 @@ def _settings(name):
 
 
 def test_every_method_is_in_the_table():
-    assert set(NULL) | {"vanilla", "spider", "lora", "pcgrad"} == set(METHODS)
+    # no null setting on a multi-task mix: PCGrad (no hyperparameter); uncertainty and FAMO weigh tasks even when
+    # their weights don't learn (their one-task null: tests/methods/test_balancing.py)
+    assert set(NULL) | {"vanilla", "spider", "lora", "pcgrad", "uncertainty", "famo"} == set(METHODS)
 
 
 @pytest.mark.parametrize("name", ALL)

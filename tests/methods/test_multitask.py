@@ -68,3 +68,42 @@ def test_sam_steps_with_the_gradient_at_the_perturbed_weights(tiny_config):
     assert moved  # the second gradient differs from the first
     zero = final_weights(train(tiny_config("method.name=sam", "method.sam.rho=0", *common, out="zero")))
     assert all(torch.equal(zero[k], plain[k]) for k in plain)  # ρ = 0: the same gradient twice, vanilla exactly
+
+
+def test_task_sam_combines_loss_and_flatness_parts_separately():
+    from mmtune.methods import TaskSAM, TaskSAMConfig
+    from mmtune.methods.base import TrainContext
+
+    ctx = TrainContext(model=None, unwrapped=None, trainable={}, generator=torch.Generator().manual_seed(0))
+    grads = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    perturbed = torch.tensor([[1.0, 1.0], [-1.0, 1.0]])  # h = [[0, 1], [0, 0]]
+    # pcgrad({g}) = [.5, 1.5] (see above); pcgrad({h}) = [0, 1] (h_2 = 0 conflicts with nothing)
+    combined = TaskSAM(TaskSAMConfig(combine="pcgrad")).combine_task_gradients(ctx, grads, perturbed)
+    assert combined.tolist() == [0.5, 2.5]
+    summed = TaskSAM(TaskSAMConfig(combine="sum")).combine_task_gradients(ctx, grads, perturbed)
+    assert summed.tolist() == perturbed.sum(0).tolist()  # no surgery: the sum of the perturbed gradients
+    with pytest.raises(ValueError, match="choose one of pcgrad, cagrad, sum"):
+        TaskSAMConfig(combine="mgda")
+
+
+def test_task_sam_with_one_task_is_sam(tiny_config):
+    """One task: its perturbation is SAM's (ρ·g/‖g‖ of the whole gradient), its gradient at W + ε is SAM's, and
+    surgery over one task is the identity — so the per-task second pass must reproduce plain SAM."""
+    common = ["data.tasks=[{path: 'synthetic:count_mc', n: 16}]", "train.max_steps=2", "train.optimizer=sgd",
+              "train.max_grad_norm=null", "scope.lr_blocks=0.1", "scope.lr_projector=0.1"]
+    sam = final_weights(train(tiny_config("method.name=sam", "method.sam.rho=0.5", *common, out="sam")))
+    task = final_weights(train(tiny_config("method.name=task_sam", "method.task_sam.rho=0.5", *common, out="task")))
+    plain = final_weights(train(tiny_config(*common, out="plain")))
+    assert any(not torch.equal(sam[k], plain[k]) for k in plain)
+    for key in sam:
+        torch.testing.assert_close(task[key], sam[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_task_sam_perturbs_each_task_on_its_own(tiny_config):
+    """Two tasks, no surgery: the step is Σ_i ∇share_i(W + ε_i) — not SAM's Σ_i ∇share_i(W + ε) with one shared ε."""
+    common = ["train.max_steps=1", "train.optimizer=sgd", "train.max_grad_norm=null", "scope.lr_blocks=0.1",
+              "scope.lr_projector=0.1"]
+    sam = final_weights(train(tiny_config("method.name=sam", "method.sam.rho=0.5", *common, out="sam")))
+    task = final_weights(train(tiny_config("method.name=task_sam", "method.task_sam.rho=0.5",
+                                           "method.task_sam.combine=sum", *common, out="task")))
+    assert any(not torch.allclose(task[k], sam[k], rtol=1e-4, atol=1e-6) for k in sam)

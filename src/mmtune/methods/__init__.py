@@ -5,6 +5,7 @@
 """
 
 from mmtune.methods.base import METHODS, Method, MethodConfig, TrainContext, build_methods, register
+from mmtune.methods.balancing import FAMO, FAMOConfig, UncertaintyConfig, UncertaintyWeighting
 from mmtune.methods.dare import Dare, DareConfig
 from mmtune.methods.grafting import Grafting, GraftingConfig
 from mmtune.methods.half_ft import HalfFT, HalfFTConfig
@@ -15,14 +16,15 @@ from mmtune.methods.magnitude_mask import MagnitudeMask
 from mmtune.methods.multitask import CAGrad, CAGradConfig, PCGrad, PCGradConfig
 from mmtune.methods.nrca import NRCA, NRCAConfig
 from mmtune.methods.random_mask import MaskConfig, RandomMask
-from mmtune.methods.sam import SAM, SAMConfig
+from mmtune.methods.sam import SAM, SAMConfig, TaskSAM, TaskSAMConfig
 from mmtune.methods.spider import Spider, SpiderConfig
 from mmtune.methods.vanilla import Vanilla
 from mmtune.methods.wise_ft import WiseFT, WiseFTConfig
 
 __all__ = [
     "METHODS", "Method", "MethodConfig", "TrainContext", "build_methods", "register", "CAGrad", "CAGradConfig",
-    "PCGrad", "PCGradConfig", "SAM", "SAMConfig",
+    "PCGrad", "PCGradConfig", "SAM", "SAMConfig", "TaskSAM", "TaskSAMConfig", "FAMO", "FAMOConfig",
+    "UncertaintyConfig", "UncertaintyWeighting",
     "Dare", "DareConfig", "Grafting", "GraftingConfig", "HalfFT", "HalfFTConfig", "L1Reg", "L1RegConfig",
     "L2Reg", "L2RegConfig", "Lora", "LoraMethodConfig", "MagnitudeMask", "MaskConfig", "NRCA", "NRCAConfig",
     "RandomMask", "Spider", "SpiderConfig", "Vanilla", "WiseFT", "WiseFTConfig",

@@ -6,6 +6,9 @@ overrides only what it needs:
 * ``prepare_model``   before the optimizer exists (LoRA wraps the model here);
 * ``setup``           after model and optimizer exist (snapshot W0, build masks);
 * ``extra_losses``    named loss terms added to the cross-entropy, each one logged;
+* ``balance_task_losses``  (loss balancing) each task's mean loss in → the loss that replaces the cross-entropy;
+* ``combine_task_gradients``  (multi-task optimisation) the tasks' gradients in → the step's gradient;
+* ``perturb`` / ``restore``  (sharpness-aware) move the weights before a second gradient, move them back;
 * ``before_optimizer_step``  gradients final (accumulated, all-reduced, clipped), weights not yet updated;
 * ``after_optimizer_step``   weights updated: restore / re-allocate entries here (zeroing gradients is
   not enough: AdamW's momentum and weight decay still move "frozen" entries);
@@ -45,6 +48,8 @@ class TrainContext:
     total_steps: int = 0
     final_model: nn.Module | None = None  # what gets saved at the end (on_train_end may replace it)
     scratch: dict = field(default_factory=dict)
+    tasks: list[str] = field(default_factory=list)  # the training records' tasks, sorted (per-task methods index them)
+    batches: list[dict] = field(default_factory=list)  # the current step's micro-batches (mmtune's loop sets them)
     output_dir: Path | None = None  # the run's folder (for methods that write files of their own, e.g. an adapter)
 
 
@@ -61,6 +66,11 @@ class Method:
     # Sharpness-aware methods: after the step's backward the loop calls ``perturb`` (move the weights, e.g. up the
     # gradient), recomputes the step's gradient there, calls ``restore``, then steps from the original weights.
     second_pass: ClassVar[bool] = False
+    # Both together (task-based SAM): the loop also recomputes each task's gradient at the weights moved by
+    # ``task_perturbation`` of that task's gradient, and hands both sets to ``combine_task_gradients``.
+    # Loss balancing: the loop hands each task's mean loss in the micro-batch to ``balance_task_losses``; what it
+    # returns replaces the cross-entropy in the loss (``ce`` stays logged as is, the difference under the method's name).
+    balances_task_losses: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_class()
@@ -74,8 +84,15 @@ class Method:
     def extra_losses(self, ctx: TrainContext, batch: dict, outputs, sample_loss: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}
 
-    def combine_task_gradients(self, ctx: TrainContext, grads: torch.Tensor) -> torch.Tensor:
+    def balance_task_losses(self, ctx: TrainContext, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError(f"{self.name} sets balances_task_losses but does not balance")
+
+    def combine_task_gradients(self, ctx: TrainContext, grads: torch.Tensor,
+                               perturbed: torch.Tensor | None = None) -> torch.Tensor:
         return grads.sum(0)
+
+    def task_perturbation(self, ctx: TrainContext, grad: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(grad)
 
     def perturb(self, ctx: TrainContext) -> None:
         pass

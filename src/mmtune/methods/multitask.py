@@ -56,6 +56,16 @@ def cagrad(grads: torch.Tensor, c: float = 0.5) -> torch.Tensor:
     return (grads.mean(0) + lam * gw) / (1 + c ** 2)
 
 
+def random_order(tasks: int, generator: torch.Generator) -> list[list[int]]:
+    """PCGrad's projection order: for each task, the other tasks in a random order (drawn from ``generator``)."""
+    order = []
+    for i in range(tasks):
+        others = [j for j in range(tasks) if j != i]
+        perm = torch.randperm(len(others), generator=generator, device=generator.device).tolist()
+        order.append([others[k] for k in perm])
+    return order
+
+
 @dataclass
 class PCGradConfig(MethodConfig):
     """PCGrad has no hyperparameter; the projection order is random (the run's seed)."""
@@ -68,14 +78,8 @@ class PCGrad(Method):
     config_class = PCGradConfig
     per_task_gradients = True
 
-    def combine_task_gradients(self, ctx, grads: torch.Tensor) -> torch.Tensor:
-        tasks = grads.shape[0]
-        order = []
-        for i in range(tasks):
-            others = [j for j in range(tasks) if j != i]
-            perm = torch.randperm(len(others), generator=ctx.generator, device=ctx.generator.device).tolist()
-            order.append([others[k] for k in perm])
-        return pcgrad(grads, order)
+    def combine_task_gradients(self, ctx, grads: torch.Tensor, perturbed=None) -> torch.Tensor:
+        return pcgrad(grads, random_order(grads.shape[0], ctx.generator))
 
 
 @dataclass
@@ -94,6 +98,6 @@ class CAGrad(Method):
     config_class = CAGradConfig
     per_task_gradients = True
 
-    def combine_task_gradients(self, ctx, grads: torch.Tensor) -> torch.Tensor:
+    def combine_task_gradients(self, ctx, grads: torch.Tensor, perturbed=None) -> torch.Tensor:
         # On T × the task shares: their mean is the vanilla gradient, so c = 0 is vanilla exactly.
         return cagrad(grads * grads.shape[0], self.config.c)

@@ -3,8 +3,16 @@
 Foret et al., "Sharpness-Aware Minimization for Efficiently Improving Generalization", ICLR 2021: with ``g`` the
 step's gradient, ``ε = ρ·g/‖g‖`` (‖·‖ over all trainable tensors), the gradient is recomputed at ``W + ε`` and the
 optimizer steps from ``W`` with it. ``rho`` = 0.05 (0 is vanilla). Cost: a second forward and backward per step.
-The task-based variant of issue 16 (per-task perturbations combined by gradient surgery) is not built; plain SAM is
-its ablation.
+
+``task_sam`` — task-based flat regions (Phan et al., "Improving Multi-task Learning via Seeking Task-based Flat
+Regions", 2022; their released F-PCGrad / F-CAGrad): each task ``i`` gets its own perturbation
+``ε_i = ρ·g_i/‖g_i‖`` from its own gradient ``g_i``; its gradient is recomputed at ``W + ε_i`` (``g_i^SAM``) and split
+into the loss part ``g_i`` and the flatness part ``h_i = g_i^SAM − g_i``; a gradient-surgery rule combines each part
+over the tasks separately, and the step uses ``rule({g_i}) + rule({h_i})`` (all of mmtune's trainable parameters are
+shared by the tasks, so there is no task-specific head to treat apart). ``combine`` = ``pcgrad`` (default),
+``cagrad`` (c = 0.5) or ``sum`` (per-task SAM without surgery; with ``rho`` = 0 it is vanilla). The ``g_i`` are the
+tasks' shares of the loss, as for ``pcgrad``. Other methods' extra loss terms keep their gradient at ``W``. Cost:
+one backward per task, then a forward and a backward per task at its perturbed weights (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from mmtune.methods.base import Method, MethodConfig, register
+from mmtune.methods.multitask import cagrad, pcgrad, random_order
 
 
 def sam_perturbation(grads: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
@@ -51,3 +60,48 @@ class SAM(Method):
         for param, epsilon in self.moved:
             param.sub_(epsilon)
         self.moved = []
+
+
+def flatness_parts(grads: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
+    """``h_i = g_i^SAM − g_i``: what each task's gradient gains at its perturbed weights ([T, P] each)."""
+    return perturbed - grads
+
+
+TASK_SAM_RULES = ("pcgrad", "cagrad", "sum")
+
+
+@dataclass
+class TaskSAMConfig(MethodConfig):
+    rho: float = 0.05  # radius of each task's neighbourhood
+    combine: str = "pcgrad"  # the gradient-surgery rule applied to the loss parts and the flatness parts
+    c: float = 0.5  # CAGrad's radius, with combine=cagrad
+
+    def __post_init__(self):
+        if not self.rho >= 0:
+            raise ValueError(f"method.task_sam.rho={self.rho} must be ≥ 0")
+        if self.combine not in TASK_SAM_RULES:
+            raise ValueError(f"method.task_sam.combine={self.combine!r}: choose one of {', '.join(TASK_SAM_RULES)}")
+
+
+@register
+class TaskSAM(Method):
+    name = "task_sam"
+    description = "task-based SAM: a perturbation per task, loss and flatness parts combined by surgery (Phan et al.)"
+    config_class = TaskSAMConfig
+    per_task_gradients = True
+    second_pass = True
+
+    def task_perturbation(self, ctx, grad):
+        return sam_perturbation([grad], self.config.rho)[0]
+
+    def surgery(self, ctx, grads: torch.Tensor) -> torch.Tensor:
+        if self.config.combine == "pcgrad":
+            return pcgrad(grads, random_order(grads.shape[0], ctx.generator))
+        if self.config.combine == "cagrad":  # on T × the shares, as the cagrad method
+            return cagrad(grads * grads.shape[0], self.config.c)
+        return grads.sum(0)
+
+    def combine_task_gradients(self, ctx, grads, perturbed=None):
+        if perturbed is None:
+            raise ValueError("task_sam needs the tasks' gradients at their perturbed weights")
+        return self.surgery(ctx, grads) + self.surgery(ctx, flatness_parts(grads, perturbed))

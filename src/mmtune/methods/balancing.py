@@ -1,0 +1,195 @@
+"""uncertainty, famo — loss balancing: weigh each task's loss instead of taking the plain mean over the batch.
+
+Open-response and fixed-choice tasks have very different loss scales (a caption's mean token loss vs one letter),
+so the plain mean lets one kind of task set the step. Both methods take ``L_i``, each task's mean loss in the
+micro-batch (the mean of its samples' mean token losses), and return the loss that replaces the cross-entropy:
+
+* **Uncertainty weighting** (Kendall, Gal & Cipolla, "Multi-Task Learning Using Uncertainty to Weigh Losses for
+  Scene Geometry and Semantics", CVPR 2018), the classification form: ``Σ_i exp(-s_i)·L_i + s_i/2`` with
+  ``s_i = log σ_i²`` learned (at its optimum ``exp(s_i) = 2·L_i``: each task weighs ``1/(2·L_i)``). Kendall et al. train
+  ``s`` with the network's optimizer; here it has an Adam of its own (``lr`` = 0.025, FAMO's logit rate), because a
+  fine-tuning learning rate (1e-4 to 2e-3) would move it by at most a few tenths in a few hundred steps — equal
+  weights with extra steps.
+* **FAMO** (Liu, Feng, Stone & Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023): task logits ``ξ``,
+  ``z = softmax(ξ)``; the loss ``Σ_i z_i·log L_i / c`` with ``c = Σ_i z_i / L_i`` (detached), so the step decreases
+  every task's *log* loss at a rate set by ``z``. After the step the same batch is forwarded again (no gradient) and
+  ``ξ`` takes an Adam step (``lr`` 0.025, L2 ``gamma`` 0.01, the released defaults) on
+  ``J_softmax(ξ)ᵀ·(log L_before − log L_after)``: weight moves to the tasks whose loss fell least. Cost: one forward
+  per step (see docs/benchmarks.md).
+
+Under several processes the balancing state stays the same everywhere: the gradient of ``s`` and FAMO's per-task
+losses are averaged over processes before they are used.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mmtune.data.collate import model_inputs
+from mmtune.losses import sample_cross_entropy, task_mean_losses
+from mmtune.methods.base import Method, MethodConfig, TrainContext, register
+
+
+def uncertainty_weighted_loss(losses: torch.Tensor, log_vars: torch.Tensor) -> torch.Tensor:
+    """Kendall et al.'s classification form, ``Σ_i exp(-s_i)·L_i + s_i/2`` (``losses``, ``log_vars``: [T])."""
+    return (torch.exp(-log_vars) * losses + 0.5 * log_vars).sum()
+
+
+def famo_loss(losses: torch.Tensor, logits: torch.Tensor, floor: float = 1e-8) -> torch.Tensor:
+    """FAMO's weighted log loss ``Σ_i z_i·log L_i / c``, ``c = Σ_i z_i/L_i`` detached (``losses``, ``logits``: [T]).
+    Its gradient is ``Σ_i (z_i / (c·L_i))·∇L_i``: the coefficients sum to 1."""
+    z = torch.softmax(logits, -1)
+    losses = losses + floor
+    c = (z / losses).sum().detach()
+    return (z * losses.log()).sum() / c
+
+
+def famo_logit_gradient(logits: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
+                        floor: float = 1e-8) -> torch.Tensor:
+    """The gradient FAMO's logits step on: ``J_softmax(ξ)ᵀ·δ`` with ``δ_i = log L_i(before) − log L_i(after)``."""
+    delta = (before + floor).log() - (after + floor).log()
+    with torch.enable_grad():
+        leaf = logits.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(torch.softmax(leaf, -1), leaf, grad_outputs=delta)
+    return grad
+
+
+def present(ctx: TrainContext, losses: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The micro-batch's task losses as a vector and their indices in ``ctx.tasks``."""
+    index = torch.tensor([ctx.tasks.index(t) for t in losses], device=next(iter(losses.values())).device)
+    return torch.stack(list(losses.values())), index
+
+
+def mean_over_processes(ctx: TrainContext, tensor: torch.Tensor) -> torch.Tensor:
+    accelerator = ctx.accelerator
+    if accelerator is None or accelerator.num_processes == 1:
+        return tensor
+    return accelerator.reduce(tensor, "mean")
+
+
+def write_task_weights(ctx: TrainContext, name: str, weights: torch.Tensor, **extra) -> None:
+    """``<run>/<name>_task_weights.json``: where the balancing ended, so a user can see what it did."""
+    main = ctx.accelerator is None or ctx.accelerator.is_main_process
+    if ctx.output_dir is not None and main:
+        row = {"tasks": dict(zip(ctx.tasks, [round(float(w), 6) for w in weights], strict=True)), **extra}
+        (ctx.output_dir / f"{name}_task_weights.json").write_text(json.dumps(row, indent=2) + "\n")
+
+
+@dataclass
+class UncertaintyConfig(MethodConfig):
+    lr: float = 0.025  # learning rate of the log-variances' own Adam
+
+    def __post_init__(self):
+        if not self.lr >= 0:
+            raise ValueError(f"method.uncertainty.lr={self.lr} must be ≥ 0")
+
+
+@register
+class UncertaintyWeighting(Method):
+    name = "uncertainty"
+    description = "uncertainty weighting of the tasks' losses, Σ exp(-s_i)·L_i + s_i/2 (Kendall et al., CVPR 2018)"
+    config_class = UncertaintyConfig
+    balances_task_losses = True
+
+    def setup(self, ctx):
+        device = next(iter(ctx.trainable.values())).device
+        self.log_vars = torch.zeros(len(ctx.tasks), device=device, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.log_vars], lr=self.config.lr)
+
+    def balance_task_losses(self, ctx, losses):
+        values, index = present(ctx, losses)
+        return uncertainty_weighted_loss(values, self.log_vars[index])
+
+    def after_optimizer_step(self, ctx):
+        if self.log_vars.grad is not None:
+            self.log_vars.grad = mean_over_processes(ctx, self.log_vars.grad)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def on_train_end(self, ctx):
+        write_task_weights(ctx, self.name, torch.exp(-self.log_vars.detach()),
+                           log_variances=dict(zip(ctx.tasks, self.log_vars.tolist(), strict=True)))
+
+    def state_dict(self):
+        return {"log_vars": self.log_vars.detach().clone(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state):
+        if state:
+            with torch.no_grad():
+                self.log_vars.copy_(state["log_vars"])
+            self.optimizer.load_state_dict(state["optimizer"])
+
+
+@dataclass
+class FAMOConfig(MethodConfig):
+    lr: float = 0.025  # learning rate of the task logits (released default)
+    gamma: float = 0.01  # L2 regularisation of the logits (released default)
+
+    def __post_init__(self):
+        if not (self.lr >= 0 and self.gamma >= 0):
+            raise ValueError(f"method.famo: lr={self.lr} and gamma={self.gamma} must be ≥ 0")
+
+
+@register
+class FAMO(Method):
+    name = "famo"
+    description = "fast adaptive multitask optimisation: balanced decrease of the tasks' log losses (Liu et al., 2023)"
+    config_class = FAMOConfig
+    balances_task_losses = True
+
+    def setup(self, ctx):
+        device = next(iter(ctx.trainable.values())).device
+        self.logits = torch.zeros(len(ctx.tasks), device=device, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.logits], lr=self.config.lr, weight_decay=self.config.gamma)
+        self.reset_step(device)
+
+    def reset_step(self, device):
+        # The step's per-task losses, summed over its micro-batches (and how many micro-batches had each task).
+        self.loss_sums = torch.zeros(len(self.logits), device=device)
+        self.loss_counts = torch.zeros(len(self.logits), device=device)
+
+    def balance_task_losses(self, ctx, losses):
+        values, index = present(ctx, losses)
+        if torch.is_grad_enabled():  # a training forward (not an evaluation): remember L_before
+            self.loss_sums[index] += values.detach()
+            self.loss_counts[index] += 1
+        return famo_loss(values, self.logits[index])
+
+    @torch.no_grad()
+    def step_losses(self, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-task losses of the step's micro-batches at the weights just updated (sums and counts)."""
+        sums, counts = torch.zeros_like(self.loss_sums), torch.zeros_like(self.loss_counts)
+        for batch in ctx.batches:
+            with ctx.accelerator.autocast() if ctx.accelerator is not None else torch.autocast("cpu", enabled=False):
+                outputs = ctx.model(**model_inputs(batch))
+            values, index = present(ctx, task_mean_losses(batch, sample_cross_entropy(outputs.logits, batch["labels"])))
+            sums[index] += values.float()
+            counts[index] += 1
+        return sums, counts
+
+    def after_optimizer_step(self, ctx):
+        after_sums, after_counts = self.step_losses(ctx)
+        stacked = mean_over_processes(ctx, torch.stack([self.loss_sums, self.loss_counts, after_sums, after_counts]))
+        seen = stacked[1] > 0  # tasks in this step, on some process
+        before = torch.where(seen, stacked[0] / stacked[1].clamp(min=1), 1.0)
+        after = torch.where(seen, stacked[2] / stacked[3].clamp(min=1), 1.0)  # unseen tasks: δ = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        self.logits.grad = famo_logit_gradient(self.logits, before, after)
+        self.optimizer.step()
+        self.reset_step(self.logits.device)
+
+    def on_train_end(self, ctx):
+        write_task_weights(ctx, self.name, torch.softmax(self.logits.detach(), -1))
+
+    def state_dict(self):
+        return {"logits": self.logits.detach().clone(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state):
+        if state:
+            with torch.no_grad():
+                self.logits.copy_(state["logits"])
+            self.optimizer.load_state_dict(state["optimizer"])
