@@ -4,8 +4,8 @@
     trainer = MethodTrainer(..., methods=[NRCA(NRCAConfig(lam=0.5)), Spider()])
 """
 
-from mmtune.methods.base import METHODS, Method, MethodConfig, TrainContext, build_methods, register
 from mmtune.methods.balancing import FAMO, FAMOConfig, UncertaintyConfig, UncertaintyWeighting
+from mmtune.methods.base import METHODS, Method, MethodConfig, TrainContext, build_methods, register
 from mmtune.methods.dare import Dare, DareConfig
 from mmtune.methods.grafting import Grafting, GraftingConfig
 from mmtune.methods.half_ft import HalfFT, HalfFTConfig

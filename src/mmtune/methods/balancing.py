@@ -27,7 +27,6 @@ import json
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from mmtune.data.collate import model_inputs
 from mmtune.losses import sample_cross_entropy, task_mean_losses
