@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS_SMALL = ["vanilla", "nrca", "spider", "nrca+spider", "l2_reg", "random_mask", "pcgrad", "cagrad"]
+METHODS_SMALL = ["vanilla", "nrca", "spider", "nrca+spider", "l2_reg", "random_mask", "pcgrad", "cagrad", "sam",
+                 "task_sam", "uncertainty", "famo"]
 METHODS_LARGE = ["vanilla", "nrca", "spider"]
 
 
@@ -38,10 +39,15 @@ READING = """
   round-to-round noise of this shared machine.
 - **NRCA** runs the noisy forward only on the open-response half of the batch, against the reference's
   second full pass (≈ 2×); target ≤ 1.6×.
-- **PCGrad / CAGrad** run one backward per task present in the step on a shared forward (two tasks in this mix):
-  1.41× and 1.48× vanilla here; with three tasks (the v2 world) their training took ≈ 3.4× vanilla's, in runs not
-  controlled for machine load (docs/results.md). Their extra memory is one flat gradient per task (T × the
+- **PCGrad / CAGrad** run one backward per task present in the step on a shared forward (two tasks in this mix;
+  their cost grows with the number of tasks: with three, on the v2 world, their training took ≈ 3.4× vanilla's in
+  runs not controlled for machine load, docs/results.md). Their extra memory is one flat gradient per task (T × the
   trainable parameters), invisible at this size.
+- **SAM** adds a second forward and backward per step; **task-based SAM** adds, on top of PCGrad's per-task
+  backward passes, one forward and one backward per task at that task's perturbed weights (here 2 tasks: the
+  per-task gradients, then 2 perturbed passes).
+- **Uncertainty weighting** only re-weighs the loss (its Adam over T numbers is in "hook ms/step"); **FAMO** forwards
+  the step's batch again after the step to see how each task's loss moved: that extra forward is its hook time.
 - **SPIDER** is element-wise work over the trainable parameters, independent of the number of tokens: the
   gradient sum before the step, then per tensor the two importances, the coefficients and the interpolation
   (about 20 in-place kernels with host-side scalars; the mean/std of |W0| are computed once). "hook ms/step"

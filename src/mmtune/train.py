@@ -545,10 +545,10 @@ def task_gradients(run: Run, micro: list[dict], tokens: float | None, totals: di
 
 
 @torch.no_grad()
-def move_flat(params: list[torch.Tensor], offset: torch.Tensor, sign: float) -> None:
-    """``params += sign · offset`` for a flat ``offset`` laid out as ``task_gradients`` lays gradients out."""
+def add_flat(params: list[torch.Tensor], offset: torch.Tensor) -> None:
+    """``params += offset`` for a flat ``offset`` laid out as ``task_gradients`` lays gradients out."""
     for param, piece in zip(params, torch.split(offset, [p.numel() for p in params]), strict=True):
-        param.add_(piece.view_as(param).to(param.dtype), alpha=sign)
+        param.add_(piece.view_as(param).to(param.dtype))
 
 
 def task_gradient_backward(run: Run, micro: list[dict], tokens: float | None, totals: dict[str, float]) -> None:
@@ -562,12 +562,13 @@ def task_gradient_backward(run: Run, micro: list[dict], tokens: float | None, to
     if not present:
         combined = torch.zeros_like(extra_grad)
     elif method.second_pass:
-        perturbed = torch.zeros_like(task_grads)
+        perturbed, original = torch.zeros_like(task_grads), [p.detach().clone() for p in params]
         for index in present:  # every process runs the same forwards: each task is present on some process
-            epsilon = method.task_perturbation(ctx, task_grads[index])
-            move_flat(params, epsilon, 1.0)
+            add_flat(params, method.task_perturbation(ctx, task_grads[index]))
             perturbed[index] = task_gradients(run, micro, tokens, only=ctx.tasks[index])[0][index]
-            move_flat(params, epsilon, -1.0)
+            with torch.no_grad():  # back to the very same weights (not W + ε − ε, which rounds)
+                for param, value in zip(params, original, strict=True):
+                    param.copy_(value)
         combined = method.combine_task_gradients(ctx, task_grads[present], perturbed[present])
     else:
         combined = method.combine_task_gradients(ctx, task_grads[present])
