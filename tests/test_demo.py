@@ -18,3 +18,24 @@ def test_demo_pretrain_stage(tmp_path):
     assert main(["demo", "--quick", "--out", str(out), "pretrain", "train.progress=false"]) == 0
     assert (out / "base" / "final" / "config.json").exists()
     assert not (out / "report").exists()
+
+
+def test_demo_merge_reports_merged_models_beside_joint_runs(tmp_path, capsys):
+    """--merge: one run per downstream task, each rule's merge evaluated and put on the joint runs' report (with the
+    base's scores, so its normalised columns exist); a second call reuses every finished piece."""
+    import json
+
+    out = tmp_path / "demo"
+    args = ["demo", "--quick", "--merge", "--out", str(out), "--methods", "vanilla", "train.progress=false",
+            "eval.max_new_tokens=4", "eval.heldout=[synthetic:color_vqa]"]
+    assert main(args) == 0
+    report = json.loads((out / "report" / "report.json").read_text())
+    labels = {row["method"] for row in report["rows"]}
+    assert {"vanilla", "merge: task_arithmetic", "merge: ties", "merge: breadcrumbs",
+            "merge: dare_task_arithmetic"} <= labels
+    assert (out / "merge" / "count_mc-seed0" / "final" / "config.json").exists()
+    assert json.loads((out / "merge" / "ties-seed0" / "merge_recipe.json").read_text())["rule"] == "ties"
+    capsys.readouterr()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "stage 1" not in printed and "merge, stage 2" not in printed and "already done, reusing" in printed

@@ -242,10 +242,70 @@ def cmd_demo(args) -> int:
             if base_scores is None and (run / "eval" / "base" / "scores.json").exists():
                 base_scores = run / "eval" / "base" / "scores.json"
             runs.append(run)
+    if args.merge:
+        runs += demo_merges(out, base, common, args)
     report = write_report(runs, out / "report")
     print(to_markdown(report))
     print(f"report: {out / 'report' / 'report.md'} (+ tasks.png, s_vs_g.png)")
     return 0
+
+
+def demo_merges(out: Path, base: Path, common: list[str], args) -> list[Path]:
+    """``mmtune demo --merge``: per seed, one vanilla run per downstream task of the demo's mix (same recipe), merged
+    onto the base with each rule of ``DEMO_MERGES`` and evaluated like the joint runs; returns the evaluation folders
+    (rows of the same report). Finished pieces are reused, so an interrupted call picks up where it stopped."""
+    import dataclasses
+    import json
+
+    from mmtune.config import load_config
+    from mmtune.data.synthetic import ensure_world
+    from mmtune.files import atomic_write
+    from mmtune.merging import DEMO_MERGES, merge_folders
+    from mmtune.models.load import load_model
+    from mmtune.train import run_evaluation, train
+
+    demo = load_config(CONFIGS / "demo.yaml", [*common, f"model.path={base}"])
+    world = Path(demo.data.synthetic.dir)
+    ensure_world(world, seed=demo.data.synthetic.seed, n_train=demo.data.synthetic.n_train,
+                 n_test=demo.data.synthetic.n_test, image_size=demo.data.synthetic.image_size, progress=False)
+    base_scores = next((found for found in sorted(out.glob("*/eval/base/scores.json"))
+                        if same_base(found.parents[2], base)), None)
+    folder, evaluations = out / "merge", []
+    for seed in range(args.seeds):
+        single_runs = []
+        for task in demo.data.tasks:
+            name = task.path.split(":")[-1]
+            run = folder / f"{name}-seed{seed}"
+            single_runs.append(run)
+            if (run / "final" / "config.json").exists():
+                print(f"== {run.name}: already trained, reusing")
+                continue
+            print(f"== merge, stage 1: {name} alone, seed {seed}")
+            extra = ["train.max_steps=6"] if args.quick else []
+            train(load_config(CONFIGS / "demo.yaml", [
+                *common, f"model.path={base}", f"data.tasks=[{{path: '{task.path}', n: {task.n}}}]",
+                f"train.seed={seed}", f"train.output_dir={run}", "train.overwrite=true", "eval.downstream=[]",
+                "eval.heldout=[]", *extra]))
+        if base_scores is None:  # no joint run evaluated the base in OUT: evaluate it once here
+            model, processor = load_model(base)
+            run_evaluation(model, processor, demo, world, folder / "base-eval")
+            base_scores = folder / "base-eval" / "scores.json"
+        for rule, recipe in DEMO_MERGES.items():
+            merged, evaluation = folder / f"{rule}-seed{seed}", folder / f"{rule}-seed{seed}-eval"
+            evaluations.append(evaluation)
+            if (evaluation / "eval_info.json").exists():
+                print(f"== {evaluation.name}: already done, reusing")
+                continue
+            print(f"== merge, stage 2: {rule}, seed {seed}")
+            if merged.exists():  # a merge left by an interrupted call (the merge itself writes atomically)
+                shutil.rmtree(merged)
+            merge_folders(base, [r / "final" for r in single_runs], merged, dataclasses.replace(recipe, seed=seed))
+            model, processor = load_model(merged)
+            run_evaluation(model, processor, demo, world, evaluation)
+            info = {"label": f"merge: {rule}", "model": str(merged.resolve()), "base_scores": str(base_scores.resolve()),
+                    "eval": {"max_new_tokens": demo.eval.max_new_tokens, "limit": demo.eval.limit}}
+            atomic_write(evaluation / "eval_info.json", json.dumps(info, indent=2) + "\n")
+    return evaluations
 
 
 def same_base(run: Path, base: Path) -> bool:
@@ -482,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the papers' experiment in miniature on the synthetic world (CPU, minutes)")
     demo.add_argument("--out", default="runs/demo", help="output folder")
     demo.add_argument("--methods", default="vanilla,nrca,spider", help="comma-separated methods, or 'all'")
+    demo.add_argument("--merge", action="store_true",
+                      help="also train one run per downstream task, merge them with each rule (task arithmetic, "
+                           "TIES, Breadcrumbs, DARE) and report the merged models beside the joint runs")
     demo.add_argument("--seeds", type=int, default=1, help="repeats per method (report shows mean ± std)")
     demo.add_argument("--base", help="start from this model folder (default: the shipped assets/tiny-llava-base)")
     demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tests)")

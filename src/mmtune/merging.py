@@ -106,6 +106,15 @@ class MergeRecipe:
             raise ValueError(f"beta + gamma = {self.beta + self.gamma} drops everything")
 
 
+# `mmtune demo --merge` (and docs/results.md, "model merging"): each rule at settings fixed before any merge ran.
+DEMO_MERGES: dict[str, MergeRecipe] = {
+    "task_arithmetic": MergeRecipe(rule="task_arithmetic", lam=0.4),
+    "ties": MergeRecipe(rule="ties", density=0.2, lam=1.0),
+    "breadcrumbs": MergeRecipe(rule="breadcrumbs", beta=0.01, gamma=0.85, lam=0.4),
+    "dare_task_arithmetic": MergeRecipe(rule="task_arithmetic", lam=0.4, dare_p=0.9),
+}
+
+
 def _generator(seed: int, model: int, name: str) -> torch.Generator:
     digest = hashlib.sha256(f"{seed}/{model}/{name}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
