@@ -78,6 +78,28 @@ def write_task_weights(ctx: TrainContext, name: str, weights: torch.Tensor, **ex
         (ctx.output_dir / f"{name}_task_weights.json").write_text(json.dumps(row, indent=2) + "\n")
 
 
+class LearnedTaskVector(Method):
+    """What both balancers share: one learned number per task (``self.values``: UW's log-variances, FAMO's logits)
+    with an Adam of its own, saved with every checkpoint."""
+
+    balances_task_losses = True
+    weight_decay: float = 0.0
+
+    def setup(self, ctx):
+        device = next(iter(ctx.trainable.values())).device
+        self.values = torch.zeros(len(ctx.tasks), device=device, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.values], lr=self.config.lr, weight_decay=self.weight_decay)
+
+    def state_dict(self):
+        return {"values": self.values.detach().clone(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state):
+        if state:
+            with torch.no_grad():
+                self.values.copy_(state["values"])
+            self.optimizer.load_state_dict(state["optimizer"])
+
+
 @dataclass
 class UncertaintyConfig(MethodConfig):
     lr: float = 0.025  # learning rate of the log-variances' own Adam
@@ -88,39 +110,26 @@ class UncertaintyConfig(MethodConfig):
 
 
 @register
-class UncertaintyWeighting(Method):
+class UncertaintyWeighting(LearnedTaskVector):
+    """``self.values``: the log-variances ``s_i``, learned through the loss's own gradient."""
+
     name = "uncertainty"
     description = "uncertainty weighting of the tasks' losses, Σ exp(-s_i)·L_i + s_i/2 (Kendall et al., CVPR 2018)"
     config_class = UncertaintyConfig
-    balances_task_losses = True
-
-    def setup(self, ctx):
-        device = next(iter(ctx.trainable.values())).device
-        self.log_vars = torch.zeros(len(ctx.tasks), device=device, requires_grad=True)
-        self.optimizer = torch.optim.Adam([self.log_vars], lr=self.config.lr)
 
     def balance_task_losses(self, ctx, losses):
         values, index = present(ctx, losses)
-        return uncertainty_weighted_loss(values, self.log_vars[index])
+        return uncertainty_weighted_loss(values, self.values[index])
 
     def after_optimizer_step(self, ctx):
-        if self.log_vars.grad is not None:
-            self.log_vars.grad = mean_over_processes(ctx, self.log_vars.grad)
+        if self.values.grad is not None:
+            self.values.grad = mean_over_processes(ctx, self.values.grad)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def on_train_end(self, ctx):
-        write_task_weights(ctx, self.name, torch.exp(-self.log_vars.detach()),
-                           log_variances=dict(zip(ctx.tasks, self.log_vars.tolist(), strict=True)))
-
-    def state_dict(self):
-        return {"log_vars": self.log_vars.detach().clone(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state):
-        if state:
-            with torch.no_grad():
-                self.log_vars.copy_(state["log_vars"])
-            self.optimizer.load_state_dict(state["optimizer"])
+        write_task_weights(ctx, self.name, torch.exp(-self.values.detach()),
+                           log_variances=dict(zip(ctx.tasks, self.values.tolist(), strict=True)))
 
 
 @dataclass
@@ -134,29 +143,29 @@ class FAMOConfig(MethodConfig):
 
 
 @register
-class FAMO(Method):
+class FAMO(LearnedTaskVector):
+    """``self.values``: the task logits ``ξ``, learned from how each task's loss moved over a step."""
+
     name = "famo"
     description = "fast adaptive multitask optimisation: balanced decrease of the tasks' log losses (Liu et al., 2023)"
     config_class = FAMOConfig
-    balances_task_losses = True
 
     def setup(self, ctx):
-        device = next(iter(ctx.trainable.values())).device
-        self.logits = torch.zeros(len(ctx.tasks), device=device, requires_grad=True)
-        self.optimizer = torch.optim.Adam([self.logits], lr=self.config.lr, weight_decay=self.config.gamma)
-        self.reset_step(device)
+        self.weight_decay = self.config.gamma
+        super().setup(ctx)
+        self.reset_step(self.values.device)
 
     def reset_step(self, device):
         # The step's per-task losses, summed over its micro-batches (and how many micro-batches had each task).
-        self.loss_sums = torch.zeros(len(self.logits), device=device)
-        self.loss_counts = torch.zeros(len(self.logits), device=device)
+        self.loss_sums = torch.zeros(len(self.values), device=device)
+        self.loss_counts = torch.zeros(len(self.values), device=device)
 
     def balance_task_losses(self, ctx, losses):
         values, index = present(ctx, losses)
         if torch.is_grad_enabled():  # a training forward (not an evaluation): remember L_before
             self.loss_sums[index] += values.detach()
             self.loss_counts[index] += 1
-        return famo_loss(values, self.logits[index])
+        return famo_loss(values, self.values[index])
 
     @torch.no_grad()
     def step_losses(self, ctx) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,18 +186,9 @@ class FAMO(Method):
         before = torch.where(seen, stacked[0] / stacked[1].clamp(min=1), 1.0)
         after = torch.where(seen, stacked[2] / stacked[3].clamp(min=1), 1.0)  # unseen tasks: δ = 0
         self.optimizer.zero_grad(set_to_none=True)
-        self.logits.grad = famo_logit_gradient(self.logits, before, after)
+        self.values.grad = famo_logit_gradient(self.values, before, after)
         self.optimizer.step()
-        self.reset_step(self.logits.device)
+        self.reset_step(self.values.device)
 
     def on_train_end(self, ctx):
-        write_task_weights(ctx, self.name, torch.softmax(self.logits.detach(), -1))
-
-    def state_dict(self):
-        return {"logits": self.logits.detach().clone(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state):
-        if state:
-            with torch.no_grad():
-                self.logits.copy_(state["logits"])
-            self.optimizer.load_state_dict(state["optimizer"])
+        write_task_weights(ctx, self.name, torch.softmax(self.values.detach(), -1))
