@@ -638,6 +638,7 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
                 check = functools.partial(check_finite, ctx.step + 1, totals,
                                           scaled=config.train.mixed_precision == "fp16")
                 grad_norm = optimizer_step(ctx, methods, run.optimizer, config.train.max_grad_norm, check)
+                ctx.batches = []  # the step's batches are not kept beyond it
                 with warnings.catch_warnings():  # under DeepSpeed the step is the engine's, which torch can't see
                     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
                     run.scheduler.step()
