@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from mmtune.data.collate import model_inputs
+from mmtune.files import atomic_write
 from mmtune.losses import sample_cross_entropy, task_mean_losses
 from mmtune.methods.base import Method, MethodConfig, TrainContext, register
 
@@ -75,7 +76,7 @@ def write_task_weights(ctx: TrainContext, name: str, weights: torch.Tensor, **ex
     main = ctx.accelerator is None or ctx.accelerator.is_main_process
     if ctx.output_dir is not None and main:
         row = {"tasks": dict(zip(ctx.tasks, [round(float(w), 6) for w in weights], strict=True)), **extra}
-        (ctx.output_dir / f"{name}_task_weights.json").write_text(json.dumps(row, indent=2) + "\n")
+        atomic_write(ctx.output_dir / f"{name}_task_weights.json", json.dumps(row, indent=2) + "\n")
 
 
 class LearnedTaskVector(Method):
