@@ -111,6 +111,29 @@ def test_batched_generation_equals_one_by_one(tmp_path, world):
     assert batched == single
 
 
+def test_validation_loss_is_the_mean_of_each_records_own_loss(tmp_path, world):
+    """teacher_forced's loss, batched, = the mean over records of the model's own cross-entropy on each record
+    alone (the Hugging Face loss with labels: another code path), and its confidence ≥ exp(−loss) (Jensen)."""
+    import math
+
+    import torch
+
+    from mmtune.data.collate import RecordDataset, TrainCollator, model_inputs
+    from mmtune.data.records import read_records
+    from mmtune.evaluate import teacher_forced
+    from mmtune.models.load import load_model
+
+    model, processor = load_model(save_tiny(tmp_path / "m", "llava", words=vocabulary()))
+    records = read_records(world / "detailed_caption_test.jsonl")[:3] + read_records(world / "count_mc_test.jsonl")[:3]
+    forced = teacher_forced(model, processor, records, batch_size=4)
+    collate = TrainCollator(processor, 2048)
+    with torch.no_grad():
+        own = [float(model(**model_inputs(batch), labels=batch["labels"]).loss)
+               for batch in (collate([item]) for item in RecordDataset(records))]
+    assert forced["loss"] == pytest.approx(sum(own) / len(own), rel=1e-5)
+    assert forced["confidence"] >= math.exp(-forced["loss"])
+
+
 def test_train_with_eval_writes_report_and_report_command(tiny_config, tmp_path, capsys):
     runs = [train(tiny_config(f"method.name={m}", "train.seed=0", "eval.limit=4", "eval.max_new_tokens=4",
                               "eval.downstream=['synthetic:detailed_caption', 'synthetic:count_mc']",

@@ -301,6 +301,22 @@ def test_best_checkpoint_and_early_stopping(tiny_config):
         tiny_config("train.early_stopping_patience=2")
 
 
+def test_best_by_validation_loss_keeps_the_lowest(tiny_config):
+    """train.best_metric=val_loss (lower is better, the Trainer's eval_loss): each evaluation row carries every task's
+    validation loss; best.json keeps the lowest mean, and val_loss/<task> selects one task's."""
+    evaluate = ["eval.every_steps=1", "eval.during_limit=2", "eval.limit=2", "eval.max_new_tokens=2",
+                "eval.downstream=['synthetic:count_mc']", "eval.heldout=['synthetic:color_vqa']", "train.max_steps=4"]
+    for metric in ("val_loss", "val_loss/count_mc"):
+        run = train(tiny_config(*evaluate, f"train.best_metric={metric}", "scope.lr_blocks=0.01", out=metric))
+        rows = [json.loads(line)["eval"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                if "eval" in json.loads(line)]
+        assert all(set(r["val_loss"]) == {"count_mc", "color_vqa"} for r in rows)
+        values = [sum(r["val_loss"].values()) / 2 if metric == "val_loss" else r["val_loss"]["count_mc"] for r in rows]
+        best = json.loads((run / "best.json").read_text())
+        assert best["value"] == pytest.approx(min(values)) and len(set(values)) > 1
+        assert (run / "best" / "config.json").exists()
+
+
 def test_best_metric_must_be_in_the_evaluation(tiny_config):
     with pytest.raises(ValueError, match="train.best_metric='Q' is not in the evaluation; choose one of S, G, H"):
         train(tiny_config("eval.every_steps=1", "eval.during_limit=2", "eval.limit=2", "eval.max_new_tokens=2",

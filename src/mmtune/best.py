@@ -1,7 +1,9 @@
 """Keep the best model of the evaluations during training, and stop early when it stops improving.
 
 ``train.best_metric`` names what "best" means — ``S``, ``G``, ``H`` (raw means), ``S/base``, ``G/base``, ``H/base``
-(normalised to the base model), or one task's score by its name — always higher-is-better. Each evaluation during
+(normalised to the base model), or one task's score by its name (all higher-is-better); or ``val_loss`` (the mean of
+the evaluated tasks' validation losses, teacher-forced) or ``val_loss/<task>`` (lower-is-better: the Hugging Face
+Trainer's ``eval_loss`` choice). Each evaluation during
 training (``eval.every_steps``) that beats the best so far writes ``<run>/best/`` (the model as ``final/`` is, or a
 PEFT adapter for LoRA) atomically; ``<run>/best.json`` says which step and value. A resumed run replays the
 evaluations of ``metrics.jsonl`` to continue the same bookkeeping.
@@ -20,24 +22,38 @@ from mmtune.files import atomic_write
 SUMMARIES = ("S", "G", "H", "S/base", "G/base", "H/base")
 
 
+def lower_is_better(name: str) -> bool:
+    return name == "val_loss" or name.startswith("val_loss/")
+
+
 def metric_value(summary: dict, name: str) -> float:
-    """``name`` from one evaluation's summary (S / G / H …, or a task's score); a name it lacks is an error
-    listing those it has."""
+    """``name`` from one evaluation's summary (S / G / H …, a task's score, val_loss[/task]); a name it lacks is an
+    error listing those it has."""
     if name in SUMMARIES and name in summary:
         return float(summary[name])
-    tasks = summary.get("tasks", {})
+    tasks, losses = summary.get("tasks", {}), summary.get("val_loss", {})
     if name in tasks:
         return float(tasks[name])
-    known = [k for k in SUMMARIES if k in summary] + sorted(tasks)
+    if name == "val_loss" and losses:
+        return sum(losses.values()) / len(losses)
+    if name.startswith("val_loss/") and name.removeprefix("val_loss/") in losses:
+        return float(losses[name.removeprefix("val_loss/")])
+    known = [k for k in SUMMARIES if k in summary] + sorted(tasks) + \
+        (["val_loss", *(f"val_loss/{t}" for t in sorted(losses))] if losses else [])
     raise ValueError(f"train.best_metric={name!r} is not in the evaluation; choose one of {', '.join(known)}")
 
 
 @dataclass
 class BestState:
     metric: str
-    value: float = -math.inf
+    value: float | None = None  # the best so far (None: no evaluation yet)
     step: int = 0
     evaluations_without_improvement: int = 0
+
+    def beaten_by(self, value: float) -> bool:
+        if self.value is None:
+            return not math.isnan(value)
+        return value < self.value if lower_is_better(self.metric) else value > self.value
 
     @classmethod
     def replay(cls, metrics_file: Path, metric: str) -> BestState:
@@ -49,7 +65,7 @@ class BestState:
                 row = json.loads(line) if line.strip() else {}
                 if "eval" in row:
                     value = metric_value(row["eval"], metric)
-                    if value > state.value:
+                    if state.beaten_by(value):
                         state.value, state.step, state.evaluations_without_improvement = value, row["step"], 0
                     else:
                         state.evaluations_without_improvement += 1
@@ -63,7 +79,7 @@ def update_best(state: BestState, summary: dict, step: int, save_model, root: Pa
     """Record one evaluation; on a new best, write ``<root>/best`` with ``save_model(folder)``. Returns whether it
     was a new best. (Call on the main process.)"""
     value = metric_value(summary, state.metric)
-    improved = value > state.value
+    improved = state.beaten_by(value)
     if improved:
         partial, final = Path(root) / "best.partial", Path(root) / "best"
         shutil.rmtree(partial, ignore_errors=True)

@@ -145,7 +145,7 @@ class TrainConfig:
     resume_from: str | None = None  # a checkpoint folder or "latest"
     overwrite: bool = False  # allow replacing an existing run in output_dir
     progress: bool = True  # progress bars
-    best_metric: str | None = None  # keep <run>/best: highest S | G | H | S/base | G/base | H/base | <task> of the evaluations during training
+    best_metric: str | None = None  # keep <run>/best: highest S | G | H | S/base | G/base | H/base | <task>, or lowest val_loss | val_loss/<task>, of the evaluations during training
     early_stopping_patience: int | None = None  # stop after this many evaluations during training without a new best
     report_to: list = field(default_factory=lambda: ["tensorboard"])  # trackers (Accelerate): tensorboard | wandb | mlflow; [] for none
 

@@ -55,23 +55,33 @@ def generate(model, processor, records: list[Record], batch_size: int = 16, max_
 
 
 @torch.no_grad()
-def target_confidence(model, processor, records: list[Record], batch_size: int = 16, max_length: int = 2048) -> float:
-    """Mean over records of the mean probability the model gives its target tokens (NRCA's clean ``c_i``).
+def teacher_forced(model, processor, records: list[Record], batch_size: int = 16,
+                   max_length: int = 2048) -> dict[str, float]:
+    """Per-record means of the target tokens, teacher-forced, averaged over records: ``confidence`` (the mean
+    probability the model gives its target tokens, NRCA's clean ``c_i``) and ``loss`` (the mean token
+    cross-entropy: the task's validation loss, on the same scale as the training loss with
+    ``loss_reduction=sample``).
 
-    Why: NRCA divides by this number. A base that gives the downstream targets almost no probability
-    (a format it never saw) makes the relative confidence gap explode; the benchmark reports it so a
-    reader can check the papers' premise — a base that already does the task partially — holds.
+    Why both: NRCA divides by the confidence — a base that gives the downstream targets almost no probability (a
+    format it never saw) makes its relative gap explode, so the benchmark reports it; the loss is what a user watches
+    per task during training (is one task overfitting while the others still learn?).
     """
     model.eval()
     loader = DataLoader(RecordDataset(records), batch_size=batch_size, collate_fn=TrainCollator(processor, max_length))
     device = next(model.parameters()).device
-    total = 0.0
+    confidence = loss = 0.0
     for batch in loader:
         inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
         labels = batch["labels"].to(device)
         log_probs, index = target_log_probs(model(**inputs).logits, labels)
-        total += per_sample_mean(log_probs.exp(), index, labels.shape[0]).sum().item()
-    return total / len(records)
+        confidence += per_sample_mean(log_probs.exp(), index, labels.shape[0]).sum().item()
+        loss += per_sample_mean(-log_probs, index, labels.shape[0]).sum().item()
+    return {"confidence": confidence / len(records), "loss": loss / len(records)}
+
+
+def target_confidence(model, processor, records: list[Record], batch_size: int = 16, max_length: int = 2048) -> float:
+    """Mean over records of the mean probability the model gives its target tokens (see ``teacher_forced``)."""
+    return teacher_forced(model, processor, records, batch_size, max_length)["confidence"]
 
 
 def evaluate(model, processor, sides: dict[str, list[Path]], out_dir: str | Path, batch_size: int = 16,
@@ -92,7 +102,7 @@ def evaluate(model, processor, sides: dict[str, list[Path]], out_dir: str | Path
             items = [{"id": r.id, "prediction": p, "answers": r.answers, "choices": r.choices,
                       "answer_index": r.answer_index} for r, p in zip(records, predictions, strict=True)]
             result = score(metric, items)
-            confidence = target_confidence(model, processor, records, batch_size)
+            forced = teacher_forced(model, processor, records, batch_size)
             # Everything `mmtune score` needs to re-score the file with any metric (choices for multiple choice).
             lines = [json.dumps({"id": record.id, "prompt": record.prompt, "prediction": item["prediction"],
                                  "answers": record.answers, "metric": metric, "score": value,
@@ -100,6 +110,7 @@ def evaluate(model, processor, sides: dict[str, list[Path]], out_dir: str | Path
                                     if record.choices is not None else {})}) + "\n"
                      for record, item, value in zip(records, items, result.per_sample, strict=True)]
             atomic_write(out / "predictions" / f"{safe_file_name(task)}.jsonl", "".join(lines))
-            results["tasks"][task] = {**result.as_dict(), "side": side, "target_confidence": confidence}
+            results["tasks"][task] = {**result.as_dict(), "side": side, "target_confidence": forced["confidence"],
+                                      "target_loss": forced["loss"]}
     atomic_write(out / "scores.json", json.dumps(results, indent=2) + "\n")
     return results

@@ -832,7 +832,10 @@ def evaluate_during_training(run: Run, name: str) -> dict | None:
         base = json.loads(base_file.read_text()) if base_file.exists() else None
         if scores is not None:
             summary = summarize(scores, base)
-            row = {"step": run.ctx.step, "eval": {k: v for k, v in summary.items() if k != "normalised"}}
+            # with each task's validation loss (teacher-forced, on the same records): which task overfits when
+            losses = {task: result["target_loss"] for task, result in scores["tasks"].items()}
+            row = {"step": run.ctx.step,
+                   "eval": {**{k: v for k, v in summary.items() if k != "normalised"}, "val_loss": losses}}
     run.accelerator.wait_for_everyone()
     return row
 
