@@ -91,6 +91,20 @@ class LearnedTaskVector(Method):
         self.values = torch.zeros(len(ctx.tasks), device=device, requires_grad=True)
         self.optimizer = torch.optim.Adam([self.values], lr=self.config.lr, weight_decay=self.weight_decay)
 
+    def on_train_end(self, ctx):
+        """Check that every process ended with the same weights (they are kept equal by averaging what updates
+        them; a divergence would mean each process trained with its own balance), then write them."""
+        accelerator = ctx.accelerator
+        if accelerator is not None and accelerator.num_processes > 1:
+            every = accelerator.gather(self.values.detach()[None])
+            if not bool((every == every[0]).all()):
+                raise RuntimeError(f"{self.name}: the processes ended with different task weights {every.tolist()}; "
+                                   "the run's balancing was not the same everywhere")
+        self.write_weights(ctx)
+
+    def write_weights(self, ctx) -> None:
+        raise NotImplementedError
+
     def state_dict(self):
         return {"values": self.values.detach().clone(), "optimizer": self.optimizer.state_dict()}
 
@@ -128,7 +142,7 @@ class UncertaintyWeighting(LearnedTaskVector):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def on_train_end(self, ctx):
+    def write_weights(self, ctx):
         write_task_weights(ctx, self.name, torch.exp(-self.values.detach()),
                            log_variances=dict(zip(ctx.tasks, self.values.tolist(), strict=True)))
 
@@ -191,5 +205,5 @@ class FAMO(LearnedTaskVector):
         self.optimizer.step()
         self.reset_step(self.values.device)
 
-    def on_train_end(self, ctx):
+    def write_weights(self, ctx):
         write_task_weights(ctx, self.name, torch.softmax(self.values.detach(), -1))
