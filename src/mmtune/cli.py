@@ -221,8 +221,7 @@ def cmd_demo(args) -> int:
     runs: list[Path] = []
     # The base is evaluated once per OUT folder (by the first run that needs it); later runs, in this call or
     # in another one over the same OUT, get a copy of its scores.
-    base_scores = next((found for found in sorted(out.glob("*/eval/base/scores.json"))
-                        if same_base(found.parents[2], base)), None)
+    base_scores = base_scores_in(out, base)
     for method in methods:
         for seed in range(args.seeds):
             run = out / f"{method.replace('+', '_')}-seed{seed}"
@@ -268,8 +267,7 @@ def demo_merges(out: Path, base: Path, common: list[str], args) -> list[Path]:
     world = Path(demo.data.synthetic.dir)
     ensure_world(world, seed=demo.data.synthetic.seed, n_train=demo.data.synthetic.n_train,
                  n_test=demo.data.synthetic.n_test, image_size=demo.data.synthetic.image_size, progress=False)
-    base_scores = next((found for found in sorted(out.glob("*/eval/base/scores.json"))
-                        if same_base(found.parents[2], base)), None)
+    base_scores = base_scores_in(out, base)
     folder, evaluations = out / "merge", []
     for seed in range(args.seeds):
         single_runs = []
@@ -306,6 +304,13 @@ def demo_merges(out: Path, base: Path, common: list[str], args) -> list[Path]:
                     "eval": {"max_new_tokens": demo.eval.max_new_tokens, "limit": demo.eval.limit}}
             atomic_write(evaluation / "eval_info.json", json.dumps(info, indent=2) + "\n")
     return evaluations
+
+
+def base_scores_in(out: Path, base: Path) -> Path | None:
+    """The base model's evaluation made by a demo run in ``out`` fine-tuned from ``base``, if any (the base is evaluated
+    once per OUT folder; later runs and merges reuse it)."""
+    return next((found for found in sorted(out.glob("*/eval/base/scores.json")) if same_base(found.parents[2], base)),
+                None)
 
 
 def same_base(run: Path, base: Path) -> bool:
