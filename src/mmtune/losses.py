@@ -47,16 +47,20 @@ def target_token_counts(labels: torch.Tensor) -> torch.Tensor:
 LOSS_REDUCTIONS = ("token", "sample")
 
 
+def task_rows(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """For each task of the batch (sorted), a boolean mask of its rows."""
+    tasks = batch["tasks"]
+    return {task: torch.tensor([t == task for t in tasks], device=device) for task in sorted(set(tasks))}
+
+
 def task_shares(batch: dict, log_probs: torch.Tensor, index: torch.Tensor, sample_loss: torch.Tensor,
                 reduction: str, tokens: float | None) -> dict[str, torch.Tensor]:
     """Each task's share of the batch's cross-entropy (they sum to it): the part of the loss its samples (``sample``)
     or its target tokens (``token``) contribute."""
-    tasks = batch["tasks"]
     shares = {}
-    for task in sorted(set(tasks)):
-        rows = torch.tensor([t == task for t in tasks], device=sample_loss.device)
+    for task, rows in task_rows(batch, sample_loss.device).items():
         if reduction == "sample":
-            shares[task] = (sample_loss * rows).sum() / len(tasks)
+            shares[task] = (sample_loss * rows).sum() / len(rows)
         else:
             shares[task] = -(log_probs * rows[index]).sum() / (tokens if tokens is not None else
                                                                 max(1, log_probs.numel()))
@@ -66,12 +70,7 @@ def task_shares(batch: dict, log_probs: torch.Tensor, index: torch.Tensor, sampl
 def task_mean_losses(batch: dict, sample_loss: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each task's mean loss in the batch: the mean of its samples' mean token losses (what loss-balancing
     methods weigh; a task's loss is then on its own scale, whatever the batch's mix)."""
-    tasks = batch["tasks"]
-    means = {}
-    for task in sorted(set(tasks)):
-        rows = torch.tensor([t == task for t in tasks], device=sample_loss.device)
-        means[task] = sample_loss[rows].mean()
-    return means
+    return {task: sample_loss[rows].mean() for task, rows in task_rows(batch, sample_loss.device).items()}
 
 
 def compute_losses(ctx, methods, batch: dict, reduction: str = "sample", tokens: float | None = None,

@@ -406,7 +406,7 @@ def check_method_combination(methods: list) -> None:
     for what, found in kinds.items():
         if len(found) > 1:
             raise ValueError(f"{' + '.join(m.name for m in found)}: only one method may {what}")
-    special = {m.name: m for found in kinds.values() for m in found}
+    special = [m.name for m in methods if m.builds_own_step]
     if len(special) > 1:
         raise ValueError(f"{' + '.join(special)}: per-task gradients, second gradients and loss balancing are not "
                          "tested together; choose one of them (loss terms like l2_reg or nrca combine with any)")
@@ -536,8 +536,7 @@ def task_gradients(run: Run, micro: list[dict], tokens: float | None, totals: di
         if extra:
             extra_grad += flat(sum(extra) / accum, retain=False)
         if totals is not None:
-            for key, value in terms.items():
-                totals[key] = totals.get(key, 0.0) + float(value.detach()) / accum
+            add_step_means(totals, terms, accum)
     if accelerator.num_processes > 1:
         task_grads = accelerator.reduce(task_grads, "mean")
         extra_grad = accelerator.reduce(extra_grad, "mean")
@@ -588,8 +587,13 @@ def backward_micro_batches(run: Run, micro: list[dict], tokens: float | None,
                 terms, _ = compute_losses(run.ctx, run.methods, piece, config.train.loss_reduction, tokens)
             backward(accelerator, sum(terms.values()) / accum, last)
         if totals is not None:
-            for key, value in terms.items():
-                totals[key] = totals.get(key, 0.0) + float(value.detach()) / accum
+            add_step_means(totals, terms, accum)
+
+
+def add_step_means(totals: dict[str, float], terms: dict[str, torch.Tensor], accum: int) -> None:
+    """Add one micro-batch's loss terms to the step's logged means."""
+    for key, value in terms.items():
+        totals[key] = totals.get(key, 0.0) + float(value.detach()) / accum
 
 
 def second_pass(run: Run, micro: list[dict], tokens: float | None) -> None:

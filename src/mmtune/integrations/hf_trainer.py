@@ -70,7 +70,7 @@ class MethodTrainerMixin:
     Each loss term is logged by name (``ce``, ``nrca_gap``, …) beside the Trainer's ``loss``."""
 
     def __init__(self, *args, methods: list[Method] | None = None, loss_reduction: str = "token", **kwargs):
-        loop_only = [m.name for m in methods or [] if m.per_task_gradients or m.second_pass or m.balances_task_losses]
+        loop_only = [m.name for m in methods or [] if m.builds_own_step]
         if loop_only:  # they would silently train as vanilla here
             raise ValueError(f"{', '.join(loop_only)}: builds the step from per-task losses or gradients, or a second "
                              "gradient, in mmtune's own training loop (mmtune train); a Trainer's step can't do that")

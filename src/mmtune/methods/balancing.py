@@ -177,9 +177,8 @@ class FAMO(LearnedTaskVector):
 
     def balance_task_losses(self, ctx, losses):
         values, index = present(ctx, losses)
-        if torch.is_grad_enabled():  # a training forward (not an evaluation): remember L_before
-            self.loss_sums[index] += values.detach()
-            self.loss_counts[index] += 1
+        self.loss_sums[index] += values.detach()  # L_before, compared after the step
+        self.loss_counts[index] += 1
         return famo_loss(values, self.values[index])
 
     @torch.no_grad()
@@ -187,7 +186,7 @@ class FAMO(LearnedTaskVector):
         """The per-task losses of the step's micro-batches at the weights just updated (sums and counts)."""
         sums, counts = torch.zeros_like(self.loss_sums), torch.zeros_like(self.loss_counts)
         for batch in ctx.batches:
-            with ctx.accelerator.autocast() if ctx.accelerator is not None else torch.autocast("cpu", enabled=False):
+            with ctx.accelerator.autocast():  # only mmtune's loop runs FAMO (the Trainer integration refuses it)
                 outputs = ctx.model(**model_inputs(batch))
             values, index = present(ctx, task_mean_losses(batch, sample_cross_entropy(outputs.logits, batch["labels"])))
             sums[index] += values.float()

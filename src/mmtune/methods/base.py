@@ -75,6 +75,12 @@ class Method:
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_class()
 
+    @property
+    def builds_own_step(self) -> bool:
+        """Whether the method forms the step's gradient or loss in mmtune's loop (per-task gradients, a second
+        gradient, loss balancing) rather than through loss terms and step hooks."""
+        return self.per_task_gradients or self.second_pass or self.balances_task_losses
+
     def prepare_model(self, model: nn.Module, layout) -> nn.Module:
         return model
 
