@@ -317,6 +317,21 @@ def test_best_by_validation_loss_keeps_the_lowest(tiny_config):
         assert (run / "best" / "config.json").exists()
 
 
+def test_best_state_without_a_comparable_value_says_so(tmp_path):
+    """A first evaluation whose value is NaN is no best (nothing is saved) and the state still describes itself."""
+    from mmtune.best import BestState, update_best
+
+    for metric in ("H", "val_loss"):
+        state, root = BestState(metric), tmp_path / metric.replace("/", "_")
+        root.mkdir()
+        summary = {"H": float("nan"), "val_loss": {"a": float("nan")}}
+        assert not update_best(state, summary, 1, lambda folder: folder.mkdir(), root)
+        assert state.describe() == "none yet" and not (root / "best").exists()
+        better = {"H": 50.0, "val_loss": {"a": 0.5}}
+        assert update_best(state, better, 2, lambda folder: folder.mkdir(), root)
+        assert state.describe() == ("50.00 at step 2" if metric == "H" else "0.50 at step 2")
+
+
 def test_best_metric_must_be_in_the_evaluation(tiny_config):
     with pytest.raises(ValueError, match="train.best_metric='Q' is not in the evaluation; choose one of S, G, H"):
         train(tiny_config("eval.every_steps=1", "eval.during_limit=2", "eval.limit=2", "eval.max_new_tokens=2",

@@ -50,6 +50,9 @@ class BestState:
     step: int = 0
     evaluations_without_improvement: int = 0
 
+    def describe(self) -> str:
+        return "none yet" if self.value is None else f"{self.value:.2f} at step {self.step}"
+
     def beaten_by(self, value: float) -> bool:
         if self.value is None:
             return not math.isnan(value)

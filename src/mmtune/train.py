@@ -706,7 +706,7 @@ def keep_best(run: Run, eval_row: dict | None) -> None:
     if run.is_main and eval_row is not None:
         improved = update_best(run.best, eval_row["eval"], run.ctx.step, lambda folder: save_best_model(run, folder),
                                run.paths.root)
-        mark = "new best" if improved else f"best still {run.best.value:.2f} at step {run.best.step}"
+        mark = "new best" if improved else f"best still {run.best.describe()}"
         run.say(f"step {run.ctx.step}: {run.best.metric} = {metric_value(eval_row['eval'], run.best.metric):.2f} "
                 f"({mark})")
     patience = run.config.train.early_stopping_patience
@@ -719,7 +719,7 @@ def keep_best(run: Run, eval_row: dict | None) -> None:
     if float(count) >= patience:
         run.stopped_early = True
         run.say(f"early stop at step {run.ctx.step}: no new best {run.best.metric} in {patience} evaluations "
-                f"(best {run.best.value:.2f} at step {run.best.step}, in {run.paths.root / 'best'})")
+                f"(best {run.best.describe()}, in {run.paths.root / 'best'})")
 
 
 def save_best_model(run: Run, folder: Path) -> None:
