@@ -212,11 +212,12 @@ def test_idefics3_trains_with_nrca_and_spider_and_evaluates(tiny_config):
 
 
 def test_spider_on_bf16_parameters_keeps_w0_in_bf16(tiny_config, tmp_path):
+    """Without fp32 masters (train.fp32_masters=false) SPIDER works on the bf16 weights themselves."""
     from mmtune.data.synthetic import vocabulary
     from mmtune.models.tiny import save_tiny
 
     base = save_tiny(tmp_path / "base", "llava", words=vocabulary())
-    run = train(tiny_config("model.tiny=null", f"model.path={base}", "model.dtype=bf16", "method.name=spider",
+    run = train(tiny_config("model.tiny=null", f"model.path={base}", "model.dtype=bf16", "train.fp32_masters=false", "method.name=spider",
                             "train.max_steps=2", "train.save_every=1"))
     state = torch.load(run / "checkpoints" / "step-000001" / "mmtune_methods.pt", weights_only=True)["spider"]
     assert all(w0.dtype == torch.bfloat16 for w0 in state["pretrained"].values())  # exact, half the memory

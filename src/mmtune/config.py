@@ -137,7 +137,8 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW weight decay (the papers: 0)
     warmup_ratio: float = 0.03  # linear warm-up share of the steps, then the scheduler's decay
     max_grad_norm: float | None = 1.0  # clip the gradient norm (null: no clipping)
-    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU)
+    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU); a low-precision model.dtype autocasts anyway
+    fp32_masters: bool = True  # with model.dtype bf16 | fp16: train fp32 copies of what trains (mmtune.precision)
     loss_reduction: str = "token"  # token: mean over target tokens (Hugging Face, SPIDER) | sample: NRCA's code
     log_every: int = 1  # optimizer steps between rows of metrics.jsonl
     save_every: int | None = None  # optimizer steps between checkpoints (None: only at the end)

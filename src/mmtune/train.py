@@ -62,6 +62,7 @@ from mmtune.methods.base import (
 from mmtune.models.load import DTYPES, check_model_folder, load_model, save_processor
 from mmtune.models.scope import apply_scope, parameter_groups, scope_summary
 from mmtune.models.tiny import build_tiny
+from mmtune.precision import compute_precision, describe, keep_fp32_masters, low_precision_dtype, to_saved_dtype
 from mmtune.report import to_markdown, write_report
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "eval", "report", "train_summary.json",
@@ -276,9 +277,10 @@ def deepspeed_launched() -> bool:
 def open_run(config: RunConfig) -> Run:
     """Phase 1: the engine, the locked output folder, the methods (a bad name or option fails now)."""
     cuda = torch.cuda.is_available()
-    if config.train.mixed_precision == "fp16" and not cuda:
-        raise ValueError("train.mixed_precision=fp16 needs a CUDA GPU (on CPU it would silently do nothing); "
-                         "use bf16 or no")
+    mixed_precision = compute_precision(config.model.dtype, config.train.mixed_precision, config.train.fp32_masters)
+    if mixed_precision == "fp16" and not cuda:
+        raise ValueError("fp16 needs a CUDA GPU (train.mixed_precision=fp16, or model.dtype=fp16 with fp32 masters, "
+                         "which autocasts in fp16); on CPU it would silently do nothing: use bf16")
     # Accelerate keeps one AcceleratorState per process; several runs in one process (the demo, notebooks)
     # may differ in mixed precision, so start each run from a fresh state (the process group is kept).
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -289,7 +291,7 @@ def open_run(config: RunConfig) -> Run:
     root = Path(config.train.output_dir)
     accelerator = Accelerator(
         # cpu=True would turn a DeepSpeed launch into DDP without a word: only force the CPU otherwise.
-        mixed_precision=config.train.mixed_precision, cpu=not cuda and not deepspeed_launched(),
+        mixed_precision=mixed_precision, cpu=not cuda and not deepspeed_launched(),
         log_with=available_trackers(config.train.report_to) or None,
         project_config=ProjectConfiguration(project_dir=str(root), logging_dir=str(root / "tensorboard")),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)],
@@ -350,6 +352,10 @@ def build_model(run: Run) -> None:
     layout = apply_scope(model, config.scope.train_projector, config.scope.last_n_blocks, config.scope.full)
     for method in run.methods:
         model = method.prepare_model(model, layout)
+    if config.train.fp32_masters and low_precision_dtype(config.model.dtype) and not is_deepspeed(run.accelerator):
+        added = keep_fp32_masters(model)  # DeepSpeed keeps its own masters
+        run.say(f"fp32 masters of the trainable parameters: +{added / 2**20:.1f} MiB; frozen weights stay "
+                f"{config.model.dtype}, compute under {run.accelerator.mixed_precision} autocast")
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     run.say(scope_summary(model, layout))
@@ -640,7 +646,7 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
                     second_pass(run, micro, tokens)
                 micro = []
                 check = functools.partial(check_finite, ctx.step + 1, totals,
-                                          scaled=config.train.mixed_precision == "fp16")
+                                          scaled=accelerator.mixed_precision == "fp16")
                 grad_norm = optimizer_step(ctx, methods, run.optimizer, config.train.max_grad_norm, check)
                 ctx.batches = []  # the step's batches are not kept beyond it
                 with warnings.catch_warnings():  # under DeepSpeed the step is the engine's, which torch can't see
@@ -723,7 +729,11 @@ def keep_best(run: Run, eval_row: dict | None) -> None:
 
 
 def save_best_model(run: Run, folder: Path) -> None:
-    run.ctx.unwrapped.save_pretrained(folder)  # a PEFT model (LoRA) saves its adapter
+    model = run.ctx.unwrapped
+    if hasattr(model, "peft_config"):  # a PEFT model (LoRA) saves its adapter (PEFT keeps adapters in fp32)
+        model.save_pretrained(folder)
+    else:  # in model.dtype, as final/ is
+        model.save_pretrained(folder, state_dict=to_saved_dtype(model.state_dict(), saved_dtype(run.config)))
     save_processor(run.processor, folder)
 
 
@@ -749,6 +759,11 @@ def finish(run: Run, seconds: float) -> None:
     for method in run.methods:
         method.on_train_end(ctx)
     full_state = accelerator.get_state_dict(run.model) if run.sharded else None  # gathers shards: every process
+    # final/ (and its evaluation) in model.dtype: the fp32 masters are rounded once, here (mmtune.precision)
+    dtype = saved_dtype(config)
+    full_state = to_saved_dtype(full_state, dtype) if full_state is not None else None
+    if dtype is not None and not run.sharded:
+        ctx.final_model.to(dtype)
     if run.is_main:
         bad = non_finite_tensors(full_state if full_state is not None else ctx.final_model.state_dict())
         if bad:
@@ -759,7 +774,8 @@ def finish(run: Run, seconds: float) -> None:
         save_config(config, paths.final / "mmtune_config.yaml")
         summary = {"steps": ctx.step, "records": len(run.records), "skipped_records": len(run.skipped),
                    "skipped_examples": run.skipped[:20], "methods": config.method.name,
-                   "train_seconds": round(seconds, 2), **engine_summary(accelerator)}
+                   "train_seconds": round(seconds, 2), **engine_summary(accelerator),
+                   "precision": describe(config.model.dtype, config.train.fp32_masters, config.train.mixed_precision)}
         if run.best is not None:
             summary["best"] = {"metric": run.best.metric, "value": run.best.value, "step": run.best.step,
                                "folder": str(paths.root / "best"), "stopped_early": run.stopped_early}
@@ -779,6 +795,11 @@ def finish(run: Run, seconds: float) -> None:
     run.say(f"done after {ctx.step} steps:\n  " + "\n  ".join(where))
 
 
+def saved_dtype(config: RunConfig) -> torch.dtype | None:
+    """What ``final/`` and ``best/`` are saved in when the run trained fp32 masters: ``model.dtype``."""
+    return low_precision_dtype(config.model.dtype) if config.train.fp32_masters else None
+
+
 def train(config: RunConfig) -> Path:
     """Run one fine-tuning; return the output folder (``final/`` holds the model)."""
     run = open_run(config)
@@ -786,7 +807,8 @@ def train(config: RunConfig) -> Path:
         load_data(run)
         build_model(run)
         if not run.sharded and base_needs_evaluation(run):
-            run_evaluation(run.ctx.unwrapped, run.processor, config, run.world, base_eval_dir(run))
+            with run.accelerator.autocast():
+                run_evaluation(run.ctx.unwrapped, run.processor, config, run.world, base_eval_dir(run))
         run.accelerator.wait_for_everyone()
         epoch, step_in_epoch = resume(run) if config.train.resume_from else (0, 0)
         if config.eval.every_steps and not run.sharded and not (during_dir(run, "base") / "scores.json").exists():
@@ -829,8 +851,9 @@ def evaluate_during_training(run: Run, name: str) -> dict | None:
         model = run.ctx.unwrapped
         was_training = model.training
         model.eval()
-        scores = run_evaluation(model, run.processor, run.config, run.world, during_dir(run, name),
-                                limit=run.config.eval.during_limit)
+        with run.accelerator.autocast():  # fp32 masters beside low-precision weights need it
+            scores = run_evaluation(model, run.processor, run.config, run.world, during_dir(run, name),
+                                    limit=run.config.eval.during_limit)
         model.train(was_training)
         base_file = during_dir(run, "base") / "scores.json"
         base = json.loads(base_file.read_text()) if base_file.exists() else None
