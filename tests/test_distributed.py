@@ -37,3 +37,22 @@ def test_two_processes_match_one(tiny_config, tmp_path, method):
     one, two = final_weights(single), final_weights(ddp)
     for name in one:
         torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_two_processes_in_bf16_with_fp32_masters_match_one(tiny_config, tmp_path):
+    """DDP over fp32 masters beside bf16 frozen weights (DDP buckets the two dtypes apart): SPIDER, whose state
+    follows the masters, trains the same model as one process, to bf16 rounding."""
+    settings = ["method.name=spider", "model.dtype=bf16", "train.mixed_precision=bf16", "train.max_steps=3",
+                "train.save_every=2"]
+    single = train(tiny_config(*settings, "train.batch_size=8", out="single"))
+    path = tmp_path / "ddp.yaml"
+    save_config(tiny_config(*settings, "train.batch_size=4", out="ddp"), path)
+    _launch(path, tmp_path)
+    ddp = tmp_path / "ddp"
+    assert losses(ddp) == pytest.approx(losses(single), rel=2e-2)
+    one, two = final_weights(single), final_weights(ddp)
+    for name in one:
+        assert one[name].dtype == two[name].dtype
+        torch.testing.assert_close(one[name].float(), two[name].float(), rtol=2e-2, atol=2e-3, msg=name)
+    masters = torch.load(ddp / "checkpoints" / "step-000002" / "mmtune_methods.pt", weights_only=True)["spider"]
+    assert {w.dtype for w in masters["pretrained"].values()} == {torch.float32}

@@ -20,9 +20,10 @@ overwritten one step later. So under DeepSpeed mmtune drives the engine itself:
    (``safe_set_full_fp32_param``) and into the model's weights.
 
 Cost: step 2 all-reduces the trainable gradients once per step (on top of DeepSpeed's reduce-scatter), and the
-masters when a method has a step hook. Supported here: ZeRO stages 1 and 2, fp32 (tested against DDP). ZeRO-3
-shards the weights themselves; mixed precision under DeepSpeed keeps low-precision weights beside fp32 masters:
-both are refused with a clear error until tested the same way.
+masters when a method has a step hook. Supported here: ZeRO stages 1 and 2, in fp32 and in bf16 (tested against
+one process / DDP in the same precision). In bf16 DeepSpeed's bf16 optimizer keeps the fp32 masters and the model's
+weights are their bf16 copies; the hooks see the masters. ZeRO-3 shards the weights themselves and is refused with a
+clear error until tested the same way; fp16 (loss scaling inside the engine) likewise.
 """
 
 from __future__ import annotations
@@ -58,10 +59,9 @@ def configure_deepspeed(accelerator, config, methods: list[Method]) -> None:
                          "weights the methods read and write, and is not tested yet. Use --zero_stage 2, or FSDP2 "
                          "(accelerate launch --use_fsdp --fsdp_version 2) for sharded weights.")
     precision = str(accelerator.mixed_precision)
-    if precision != "no" or ds.get("bf16", {}).get("enabled") is True or ds.get("fp16", {}).get("enabled") is True:
-        raise ValueError(f"DeepSpeed with mixed precision ({precision}): mmtune is tested under DeepSpeed in fp32 only "
-                         "(low-precision weights beside fp32 masters are not tested yet). Launch with "
-                         "--mixed_precision no, or use DDP / FSDP2 for bf16.")
+    if precision == "fp16" or ds.get("fp16", {}).get("enabled") is True:
+        raise ValueError("DeepSpeed with fp16: mmtune is tested under DeepSpeed in fp32 and bf16 (fp16's loss scaling "
+                         "inside the engine is not); use bf16")
     unsupported = [m.name for m in methods if m.per_task_gradients or m.second_pass]
     if unsupported:
         raise ValueError(f"{' + '.join(unsupported)}: builds the step's gradient itself (per task, or a second pass), "
@@ -127,6 +127,23 @@ def _write_back_masters(params: dict[str, nn.Parameter], full: dict[str, nn.Para
         param.data.copy_(full[name].detach().to(param.dtype))
 
 
+@contextlib.contextmanager
+def on_masters(ctx: TrainContext, write_back: bool) -> Iterator[None]:
+    """Run what is inside (the methods' ``setup``, ``on_train_end``) on the fp32 masters: under DeepSpeed with
+    low-precision weights ``ctx.trainable`` holds DeepSpeed's full fp32 masters there (written back into the masters
+    and the weights on exit when ``write_back``), so W0 snapshots and post-training surgery (DARE's 1/(1 − p)
+    rescaling of W − W0) never see bf16 rounding. Elsewhere ``ctx.trainable`` already is the masters."""
+    params = ctx.trainable
+    if not is_deepspeed(ctx.accelerator) or all(p.dtype == torch.float32 for p in params.values()):
+        yield
+        return
+    with _full_tensors(ctx, with_masters=True, with_grads=False) as full:
+        yield
+        if write_back:
+            with torch.no_grad():
+                _write_back_masters(params, full)
+
+
 def deepspeed_step(ctx: TrainContext, methods: list[Method], max_grad_norm: float,
                    check: Callable[[float], None]) -> float:
     """One optimizer step under DeepSpeed ZeRO-1/2 (see the module docstring); returns the gradient norm."""
@@ -134,8 +151,10 @@ def deepspeed_step(ctx: TrainContext, methods: list[Method], max_grad_norm: floa
 
     engine = engine_of(ctx.accelerator)
     params = ctx.trainable
-    # Before the step the model's fp32 weights are the masters (DeepSpeed copied them in after the last step).
-    with _full_tensors(ctx, with_masters=False, with_grads=True) as full:
+    # Before the step, fp32 model weights are the masters (DeepSpeed copied them in after the last step); bf16 ones
+    # are their rounding, so the hooks are given DeepSpeed's fp32 masters instead.
+    low_precision = any(p.dtype != torch.float32 for p in params.values())
+    with _full_tensors(ctx, with_masters=low_precision, with_grads=True) as full:
         grads = [p for p in full.values() if p.grad is not None]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(grads, max_grad_norm))
         check(grad_norm)

@@ -47,7 +47,7 @@ from mmtune.data.collate import IGNORE_INDEX, RecordDataset, TrainCollator
 from mmtune.data.mixture import build_mixture, mixture_summary
 from mmtune.data.records import RecordError
 from mmtune.data.synthetic import SYNTHETIC_PREFIX, ensure_world, resolve_task_path, vocabulary
-from mmtune.engines import backward, configure_deepspeed, is_deepspeed, optimizer_step
+from mmtune.engines import backward, configure_deepspeed, is_deepspeed, on_masters, optimizer_step
 from mmtune.errors import NonFiniteError, RunInUseError
 from mmtune.evaluate import evaluate
 from mmtune.losses import compute_losses
@@ -397,8 +397,9 @@ def build_model(run: Run) -> None:
                            accelerator=run.accelerator, optimizer=run.optimizer, total_steps=total_steps,
                            output_dir=run.paths.root, tasks=sorted({r.task for r in run.records}))
     check_method_combination(run.methods)
-    for method in run.methods:
-        method.setup(run.ctx)
+    with on_masters(run.ctx, write_back=False):  # W0 and the like from the fp32 masters, on every engine
+        for method in run.methods:
+            method.setup(run.ctx)
     run.second_pass = [m for m in run.methods if m.second_pass and not m.per_task_gradients]
     run.task_method = next((m for m in run.methods if m.per_task_gradients), None)
 
@@ -748,6 +749,7 @@ def engine_summary(accelerator: Accelerator) -> dict:
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         summary["zero_stage"] = plugin.zero_stage
+        summary["zero_precision"] = "bf16" if plugin.deepspeed_config.get("bf16", {}).get("enabled") else "fp32"
     return summary
 
 
@@ -756,8 +758,9 @@ def finish(run: Run, seconds: float) -> None:
     config, accelerator, ctx, paths = run.config, run.accelerator, run.ctx, run.paths
     accelerator.wait_for_everyone()
     ctx.final_model = accelerator.unwrap_model(run.model)
-    for method in run.methods:
-        method.on_train_end(ctx)
+    with on_masters(ctx, write_back=True):
+        for method in run.methods:
+            method.on_train_end(ctx)
     full_state = accelerator.get_state_dict(run.model) if run.sharded else None  # gathers shards: every process
     # final/ (and its evaluation) in model.dtype: the fp32 masters are rounded once, here (mmtune.precision)
     dtype = saved_dtype(config)
