@@ -629,7 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from mmtune.config import ConfigError
     from mmtune.data.records import RecordError
-    from mmtune.errors import CheckpointError, NonFiniteError, RunInUseError
+    from mmtune.errors import CheckpointError, NonFiniteError, PeerLostError, Preempted, RunInUseError
+    from mmtune.preemption import PREEMPTED_EXIT
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -646,6 +647,12 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as error:
         print(f"mmtune: error: {error}", file=sys.stderr)
         return 3
+    except Preempted as error:  # not an error: the run stopped where it can continue from
+        print(f"mmtune: {error}", file=sys.stderr)
+        return PREEMPTED_EXIT
+    except PeerLostError as error:
+        print(f"mmtune: error: {error}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ def _check(ok: bool, message: str) -> None:
 DTYPES = ("fp32", "bf16", "fp16")
 TINY_ARCHITECTURES = ("llava", "qwen2_vl", "idefics3")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")
 
 
 @dataclass
@@ -148,6 +149,8 @@ class TrainConfig:
     progress: bool = True  # progress bars
     best_metric: str | None = None  # keep <run>/best: highest S | G | H | S/base | G/base | H/base | <task>, or lowest val_loss | val_loss/<task>, of the evaluations during training
     early_stopping_patience: int | None = None  # stop after this many evaluations during training without a new best
+    preempt_signals: list = field(default_factory=lambda: ["SIGTERM"])  # finish the step, checkpoint, exit 75 (mmtune.preemption); e.g. [SIGTERM, SIGUSR1]
+    ddp_timeout: int = 600  # seconds a process waits for the others in a collective before the run stops (the Trainer's name)
     report_to: list = field(default_factory=lambda: ["tensorboard"])  # trackers (Accelerate): tensorboard | wandb | mlflow; [] for none
 
     def __post_init__(self):
@@ -175,6 +178,9 @@ class TrainConfig:
                f"train.early_stopping_patience={self.early_stopping_patience} must be ≥ 1 (or null)")
         _check(self.early_stopping_patience is None or self.best_metric is not None,
                "train.early_stopping_patience needs train.best_metric (what must stop improving)")
+        for name in self.preempt_signals:
+            _check(name in PREEMPT_SIGNALS, f"train.preempt_signals: {name!r}; choose from {', '.join(PREEMPT_SIGNALS)}")
+        _check(self.ddp_timeout >= 10, f"train.ddp_timeout={self.ddp_timeout} must be ≥ 10 seconds")
         for tracker in self.report_to:
             _check(tracker in TRACKERS, f"train.report_to: {tracker!r}; choose from {', '.join(TRACKERS)}")
         _check(self.resume_from is None or bool(self.resume_from.strip()),

@@ -11,3 +11,16 @@ class NonFiniteError(FloatingPointError):
 
 class RunInUseError(RuntimeError):
     """Another live process trains into the same output folder."""
+
+
+class Preempted(RuntimeError):
+    """A preemption signal stopped the run after a checkpoint of the step in flight (resume with
+    ``train.resume_from=latest``); the CLI exits with ``mmtune.preemption.PREEMPTED_EXIT``."""
+
+
+class DiskFullError(OSError):
+    """A checkpoint or ``final/`` could not be written for lack of space; nothing partial was left behind."""
+
+
+class PeerLostError(RuntimeError):
+    """Another process of a multi-process run died or stopped answering; this one stops too."""

@@ -48,7 +48,7 @@ from mmtune.data.mixture import build_mixture, mixture_summary
 from mmtune.data.records import RecordError
 from mmtune.data.synthetic import SYNTHETIC_PREFIX, ensure_world, resolve_task_path, vocabulary
 from mmtune.engines import backward, configure_deepspeed, is_deepspeed, on_masters, optimizer_step
-from mmtune.errors import NonFiniteError, RunInUseError
+from mmtune.errors import NonFiniteError, Preempted, RunInUseError
 from mmtune.evaluate import evaluate
 from mmtune.losses import compute_losses
 from mmtune.methods.base import (
@@ -63,6 +63,7 @@ from mmtune.models.load import DTYPES, check_model_folder, load_model, save_proc
 from mmtune.models.scope import apply_scope, parameter_groups, scope_summary
 from mmtune.models.tiny import build_tiny
 from mmtune.precision import compute_precision, describe, keep_fp32_masters, low_precision_dtype, to_saved_dtype
+from mmtune.preemption import EvaluationInterrupted, PreemptionWatch, preempted_error
 from mmtune.report import to_markdown, write_report
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "eval", "report", "train_summary.json",
@@ -71,7 +72,7 @@ LOCK_FILE = "mmtune.lock"
 # Config keys that may differ between a checkpoint and the run resuming it: where things go and how they are
 # shown. Everything else changes what is trained, so a resume with a different value is refused.
 RESUME_MAY_CHANGE = ("train.output_dir", "train.resume_from", "train.overwrite", "train.progress", "train.log_every",
-                     "train.report_to",
+                     "train.report_to", "train.preempt_signals", "train.ddp_timeout",
                      "train.save_every", "train.keep_checkpoints", "data.num_workers", "data.synthetic.dir", "eval.")
 
 
@@ -135,6 +136,8 @@ class Run:
     steps_per_epoch: int = 0
     best: BestState | None = None
     stopped_early: bool = False
+    preempted: Preempted | None = None  # set when a preemption signal stopped the loop after a checkpoint
+    watch: PreemptionWatch | None = None
     task_method: object = None  # the method that combines per-task gradients, if any
     second_pass: list = field(default_factory=list)  # sharpness-aware methods (a second gradient per step)
 
@@ -626,8 +629,13 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
     # Without progress bars (logs, CI), one status line per ~5% of the run instead.
     status_every = 0 if config.train.progress else max(1, total_steps // 20)
     started, first_step = time.time(), ctx.step
+    run.watch = watch = PreemptionWatch(config.train.preempt_signals).__enter__()
     try:
-        while ctx.step < total_steps:
+        every = config.eval.every_steps
+        if every and not run.sharded and ctx.step and (ctx.step % every == 0 or ctx.step == total_steps) \
+                and not (during_dir(run, f"step-{ctx.step:06d}") / "scores.json").exists():
+            evaluation_row(run, metrics_file)  # cut short by a preemption before the checkpoint: redone now
+        while ctx.step < total_steps and run.preempted is None:
             run.loader.set_epoch(epoch)
             batches = accelerator.skip_first_batches(run.loader, step_in_epoch * accum) if step_in_epoch \
                 else run.loader
@@ -677,25 +685,21 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
                 done_epoch = step_in_epoch >= run.steps_per_epoch
                 position = {"step": ctx.step, "epoch": epoch + int(done_epoch),
                             "step_in_epoch": 0 if done_epoch else step_in_epoch}
-                every = config.eval.every_steps
                 if every and not run.sharded and (ctx.step % every == 0 or ctx.step == total_steps):
-                    eval_row = evaluate_during_training(run, f"step-{ctx.step:06d}")
-                    if metrics_file and eval_row:
-                        metrics_file.write(json.dumps(eval_row) + "\n")
-                        metrics_file.flush()
-                    if run.best is not None:
-                        keep_best(run, eval_row)
-                    if eval_row:
-                        accelerator.log({f"eval/{tracker_name(k)}": v for k, v in flat_config(eval_row["eval"]).items()
-                                         if isinstance(v, int | float)}, step=ctx.step)
+                    evaluation_row(run, metrics_file)
+                if watch.agreed(accelerator):  # every process stops at this step, after saving it
+                    checkpoint = save_checkpoint(run, position)
+                    run.preempted = preempted_error(watch.requested, ctx.step, checkpoint)
+                    break
                 if config.train.save_every and ctx.step % config.train.save_every == 0 and ctx.step < total_steps:
                     save_checkpoint(run, position)
                 if ctx.step >= total_steps or done_epoch or run.stopped_early:
                     break
-            if run.stopped_early:
+            if run.stopped_early or run.preempted:
                 break
             epoch, step_in_epoch = epoch + 1, 0
     finally:
+        watch.__exit__(None, None, None)
         progress.close()
         if metrics_file:
             metrics_file.close()
@@ -704,6 +708,20 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
             tracker.finish()
         accelerator.trackers = []
     return time.time() - started
+
+
+def evaluation_row(run: Run, metrics_file) -> None:
+    """An evaluation during training at the current step: its row into ``metrics.jsonl`` and the trackers, then the
+    best model / early stopping bookkeeping."""
+    eval_row = evaluate_during_training(run, f"step-{run.ctx.step:06d}")
+    if metrics_file and eval_row:
+        metrics_file.write(json.dumps(eval_row) + "\n")
+        metrics_file.flush()
+    if run.best is not None:
+        keep_best(run, eval_row)
+    if eval_row:
+        run.accelerator.log({f"eval/{tracker_name(k)}": v for k, v in flat_config(eval_row["eval"]).items()
+                             if isinstance(v, int | float)}, step=run.ctx.step)
 
 
 def keep_best(run: Run, eval_row: dict | None) -> None:
@@ -821,6 +839,9 @@ def train(config: RunConfig) -> Path:
         if config.train.best_metric:
             run.best = BestState.replay(run.paths.metrics, config.train.best_metric)
         seconds = train_loop(run, epoch, step_in_epoch)
+        if run.preempted is not None:
+            run.say(str(run.preempted))
+            raise run.preempted
         finish(run, seconds)
     finally:
         release_lock(run.lock)
@@ -854,9 +875,15 @@ def evaluate_during_training(run: Run, name: str) -> dict | None:
         model = run.ctx.unwrapped
         was_training = model.training
         model.eval()
-        with run.accelerator.autocast():  # fp32 masters beside low-precision weights need it
-            scores = run_evaluation(model, run.processor, run.config, run.world, during_dir(run, name),
-                                    limit=run.config.eval.during_limit)
+        cut = run.watch.interruptible() if run.watch is not None else contextlib.nullcontext()
+        try:
+            with cut, run.accelerator.autocast():  # fp32 masters beside low-precision weights need autocast
+                scores = run_evaluation(model, run.processor, run.config, run.world, during_dir(run, name),
+                                        limit=run.config.eval.during_limit)
+        except EvaluationInterrupted as signal_name:
+            shutil.rmtree(during_dir(run, name), ignore_errors=True)  # half an evaluation is no evaluation
+            run.say(f"evaluation {name} cut short by {signal_name}: it is redone when the run resumes")
+            scores = None
         model.train(was_training)
         base_file = during_dir(run, "base") / "scores.json"
         base = json.loads(base_file.read_text()) if base_file.exists() else None

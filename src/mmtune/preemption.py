@@ -1,0 +1,80 @@
+"""Preemption: on SIGTERM (and any signal of ``train.preempt_signals``) finish the optimizer step in flight, write a
+verified checkpoint, and exit with ``PREEMPTED_EXIT`` — a run loses at most the step it was in.
+
+Cluster schedulers (SLURM, Kubernetes, spot instances) send SIGTERM (SLURM can send SIGUSR1 ahead of time with
+``--signal``) and kill the job seconds to minutes later. The handler only sets a flag; the loop reads it once per
+optimizer step, where the model, optimizer and data position agree, and every process acts on it at the same step
+(the flags are all-reduced, so a signal that reaches the processes at different moments still stops them together).
+An evaluation during training in progress is cut short (the handler raises inside it, on the main process only) and
+redone on resume. A second signal while the checkpoint is being written changes nothing: the write is atomic (whole
+or absent, ``mmtune.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+import torch
+
+from mmtune.errors import Preempted
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later" — the run can be resumed with train.resume_from=latest
+
+
+class EvaluationInterrupted(Exception):
+    """Raised inside an evaluation during training when a preemption signal arrives."""
+
+
+class PreemptionWatch:
+    """Install the handlers for the life of the loop (``with``); ``requested`` names the first signal received."""
+
+    def __init__(self, signals: list[str]):
+        self.signals = [getattr(signal, name) for name in signals]
+        self.requested: str | None = None
+        self._interruptible = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> PreemptionWatch:
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+            for number in self.signals:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous.clear()
+
+    def _handle(self, number: int, frame) -> None:
+        if self.requested is None:
+            self.requested = signal.Signals(number).name
+        if self._interruptible:
+            self._interruptible = False
+            raise EvaluationInterrupted(self.requested)
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """What runs inside (an evaluation during training) is cut short by a preemption signal."""
+        if self.requested:
+            raise EvaluationInterrupted(self.requested)
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
+
+    def agreed(self, accelerator) -> bool:
+        """Whether any process received a preemption signal (all processes get the same answer)."""
+        flag = self.requested is not None
+        if accelerator.num_processes > 1:
+            flag = bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum") > 0)
+        return flag
+
+
+def preempted_error(signal_name: str | None, step: int, checkpoint) -> Preempted:
+    return Preempted(f"preempted ({signal_name or 'by another process'}) at step {step}: the step in flight was "
+                     f"finished and saved to {checkpoint}; continue with train.resume_from=latest "
+                     f"(exit status {PREEMPTED_EXIT})")

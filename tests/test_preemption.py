@@ -1,0 +1,166 @@
+"""Preemption, provoked: SIGTERM to a training process (or to `accelerate launch`, as a scheduler sends it) finishes
+the step in flight, writes a verified checkpoint, exits 75; `train.resume_from=latest` then ends where an
+uninterrupted run ends, bit for bit."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import final_weights, losses
+from mmtune.checkpoint import complete_checkpoints
+from mmtune.config import save_config
+from mmtune.preemption import PREEMPTED_EXIT, PreemptionWatch
+from mmtune.train import train
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+WORKER = Path(__file__).with_name("train_many_worker.py")
+
+
+def _rows(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _start(command: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=cwd, env={**ENV, "PYTHONPATH": str(WORKER.parent)}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _signal_when(process: subprocess.Popen, ready, signal_number=signal.SIGTERM, timeout: float = 300) -> str:
+    """Send ``signal_number`` to ``process`` once ``ready()`` holds; return its output after it exits."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert process.poll() is None, f"the run ended before the signal: {process.stdout.read()[-3000:]}"
+        assert time.time() < deadline, "the run never got ready for the signal"
+        time.sleep(0.05)
+    process.send_signal(signal_number)
+    output, _ = process.communicate(timeout=timeout)
+    return output
+
+
+def _cli(config_path: Path) -> list[str]:
+    return [sys.executable, "-m", "mmtune.cli", "train", "--config", str(config_path)]
+
+
+def test_sigterm_saves_the_step_in_flight_and_resume_matches_the_uninterrupted_run(tiny_config, tmp_path):
+    settings = ["train.max_steps=100", "train.batch_size=2", "train.save_every=1000"]
+    whole = train(tiny_config(*settings, out="whole"))
+    path = tmp_path / "cut.yaml"
+    save_config(tiny_config(*settings, out="cut"), path)
+    cut = tmp_path / "cut"
+    process = _start(_cli(path), tmp_path)
+    output = _signal_when(process, lambda: len(_rows(cut)) >= 3)
+    assert process.returncode == PREEMPTED_EXIT, output[-3000:]
+    step = len(_rows(cut))
+    assert 3 <= step < 100 and f"preempted (SIGTERM) at step {step}" in output
+    assert [p.name for p in complete_checkpoints(cut / "checkpoints")] == [f"step-{step:06d}"]  # verified, whole
+    assert not (cut / "final").exists()
+    resumed = train(tiny_config(*settings, "train.resume_from=latest", out="cut"))
+    assert losses(resumed) == losses(whole)
+    one, two = final_weights(whole), final_weights(resumed)
+    assert all(torch.equal(one[n], two[n]) for n in one)
+
+
+def test_an_evaluation_in_progress_is_cut_short_and_redone_on_resume(tiny_config, tmp_path):
+    settings = ["train.max_steps=4", "eval.every_steps=2", "eval.during_limit=32", "eval.max_new_tokens=24",
+                "eval.downstream=['synthetic:detailed_caption', 'synthetic:count_mc']", "eval.before=false",
+                "eval.heldout=['synthetic:color_vqa', 'synthetic:position_vqa']", "eval.limit=2"]
+    path = tmp_path / "cut.yaml"
+    save_config(tiny_config(*settings, out="cut"), path)
+    cut = tmp_path / "cut"
+    process = _start(_cli(path), tmp_path)
+    # the step-2 row is written just before its evaluation starts
+    output = _signal_when(process, lambda: any(r.get("step") == 2 and "loss" in r for r in _rows(cut)))
+    assert process.returncode == PREEMPTED_EXIT, output[-3000:]
+    assert "evaluation step-000002 cut short by SIGTERM" in output
+    assert not (cut / "eval" / "during" / "step-000002" / "scores.json").exists()
+    assert [p.name for p in complete_checkpoints(cut / "checkpoints")] == ["step-000002"]
+    train(tiny_config(*settings, "train.resume_from=latest", out="cut"))
+    evaluated = [r["step"] for r in _rows(cut) if "eval" in r]
+    assert evaluated == [2, 4] and (cut / "eval" / "during" / "step-000002" / "scores.json").is_file()
+
+
+def test_a_second_signal_while_saving_changes_nothing(tiny_config, monkeypatch):
+    """A scheduler's SIGTERM during step 2, then two more while the checkpoint is being written: they only set the flag
+    again — the checkpoint is whole, nothing partial is left, the run stops at step 2 all the same."""
+    import mmtune.train as train_module
+    from mmtune.errors import Preempted
+
+    real_save, real_agreed = train_module.save_checkpoint, PreemptionWatch.agreed
+    calls = {"agreed": 0, "saves": 0}
+
+    def save_under_fire(run, position):
+        calls["saves"] += 1
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(run, position)
+
+    def agreed(self, accelerator):
+        calls["agreed"] += 1
+        if calls["agreed"] == 2:  # arrives at the end of step 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_agreed(self, accelerator)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_under_fire)
+    monkeypatch.setattr(PreemptionWatch, "agreed", agreed)
+    config = tiny_config("train.max_steps=6")
+    with pytest.raises(Preempted, match="preempted \\(SIGTERM\\) at step 2"):
+        train(config)
+    run = Path(config.train.output_dir)
+    assert calls["saves"] == 1
+    assert [p.name for p in complete_checkpoints(run / "checkpoints")] == ["step-000002"]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name != "step-000002"]
+
+
+def test_the_signal_handlers_are_restored_after_training(tiny_config):
+    before = signal.getsignal(signal.SIGTERM)
+    train(tiny_config("train.max_steps=1"))
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def _launch(engine: list[str], config_path: Path, cwd: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER), str(config_path)]
+    return _start(command, cwd)
+
+
+ENGINES = {"ddp2": ["--multi_gpu", "--num_processes", "2"],
+           "deepspeed1": ["--use_deepspeed", "--zero_stage", "2", "--num_processes", "1"]}
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_sigterm_to_the_launcher_under_ddp_and_deepspeed(tiny_config, tmp_path, engine):
+    """As SLURM signals a job step: SIGTERM to `accelerate launch`, which forwards it to every process. Every
+    process stops at the same step, the checkpoint is complete, and the resumed run equals the uninterrupted one."""
+    if engine.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    settings = ["train.max_steps=60", "train.batch_size=2", "method.name=spider"]
+    paths = {}
+    for name in ("whole", "cut", "resumed"):
+        extra = ["train.resume_from=latest"] if name == "resumed" else []
+        paths[name] = tmp_path / f"{name}.yaml"
+        save_config(tiny_config(*settings, *extra, out="cut" if name == "resumed" else name), paths[name])
+    whole = _launch(ENGINES[engine], paths["whole"], tmp_path)
+    output, _ = whole.communicate(timeout=600)
+    assert whole.returncode == 0, output[-3000:]
+    cut = tmp_path / "cut"
+    launcher = _launch(ENGINES[engine], paths["cut"], tmp_path)
+    output = _signal_when(launcher, lambda: len(_rows(cut)) >= 3)
+    step = len(_rows(cut))
+    assert step < 60 and f"preempted (SIGTERM) at step {step}" in output, output[-3000:]
+    assert [p.name for p in complete_checkpoints(cut / "checkpoints")] == [f"step-{step:06d}"]
+    resumed = _launch(ENGINES[engine], paths["resumed"], tmp_path)
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output[-3000:]
+    assert losses(cut) == losses(tmp_path / "whole")
+    one, two = final_weights(tmp_path / "whole"), final_weights(cut)
+    assert all(torch.equal(one[n], two[n]) for n in one)
