@@ -34,6 +34,8 @@ from mmtune.best import BestState, metric_value, update_best
 from mmtune.checkpoint import (
     check_engine_files,
     complete_checkpoints,
+    disk_full_error,
+    disk_is_full,
     finalize,
     find_checkpoint,
     load_run_state,
@@ -66,7 +68,7 @@ from mmtune.precision import compute_precision, describe, keep_fp32_masters, low
 from mmtune.preemption import EvaluationInterrupted, PreemptionWatch, preempted_error
 from mmtune.report import to_markdown, write_report
 
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "final", "checkpoints", "eval", "report", "train_summary.json",
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "final", "final.partial", "checkpoints", "eval", "report", "train_summary.json",
                "tensorboard", "adapter", "wandb", "mlruns", "best", "best.json")
 LOCK_FILE = "mmtune.lock"
 # Config keys that may differ between a checkpoint and the run resuming it: where things go and how they are
@@ -467,26 +469,37 @@ def resume(run: Run) -> tuple[int, int]:
     if run.is_main and paths.metrics.exists():  # steps after the checkpoint are redone: drop their rows
         rows = [line for line in paths.metrics.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= run.ctx.step]
-        paths.metrics.write_text("".join(row + "\n" for row in rows))
+        kept = paths.metrics.with_name(paths.metrics.name + ".tmp")
+        kept.write_text("".join(row + "\n" for row in rows))
+        os.replace(kept, paths.metrics)  # whole or not at all
     run.say(f"resumed from {checkpoint} at step {run.ctx.step}")
     return state["position"]["epoch"], state["position"]["step_in_epoch"]
 
 
 def save_checkpoint(run: Run, position: dict) -> Path:
-    """Write ``checkpoints/step-N`` atomically: into a partial folder, flushed, manifested, then renamed."""
+    """Write ``checkpoints/step-N`` atomically: into a partial folder, flushed, manifested, then renamed. A full disk
+    removes the partial folder and stops the run with a ``DiskFullError`` naming the newest complete checkpoint."""
     accelerator, ctx, checkpoints = run.accelerator, run.ctx, run.paths.checkpoints
     partial, final = partial_dir(checkpoints, ctx.step), checkpoints / step_dir_name(ctx.step)
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial))
+        save_method_states(run.methods, partial, accelerator)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_run_state(partial, position, ctx.generator, run.scheduler)
+            save_config(run.config, partial / "config.yaml")
+            finalize(partial, final, ctx.step)
+    except Exception as error:
+        full = disk_is_full(error, checkpoints)
+        shutil.rmtree(partial, ignore_errors=True)  # never taken for a checkpoint; frees what it held
+        if full:
+            raise disk_full_error(f"the checkpoint of step {ctx.step} ({final})", checkpoints) from error
+        raise
     if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    save_method_states(run.methods, partial, accelerator)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_run_state(partial, position, ctx.generator, run.scheduler)
-        save_config(run.config, partial / "config.yaml")
-        finalize(partial, final, ctx.step)
         keep = run.config.train.keep_checkpoints
         if keep:
             for path in complete_checkpoints(checkpoints)[keep:]:  # newest first: the rest are pruned
@@ -624,7 +637,7 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
     accum, total_steps = config.train.grad_accum, ctx.total_steps
     run.say(f"training {total_steps} steps ({run.steps_per_epoch} per epoch), methods: {config.method.name}")
     progress = tqdm(total=total_steps, initial=ctx.step, desc="train", disable=not (run.is_main and config.train.progress))
-    metrics_file = run.paths.metrics.open("a") if run.is_main else None
+    metrics_file = run.paths.metrics.open("ab", buffering=0) if run.is_main else None
     start_trackers(run)
     # Without progress bars (logs, CI), one status line per ~5% of the run instead.
     status_every = 0 if config.train.progress else max(1, total_steps // 20)
@@ -671,8 +684,7 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
                            "loss": sum(logged.values()), **logged, "lr": run.scheduler.get_last_lr()[0],
                            "grad_norm": grad_norm, "elapsed_s": round(time.time() - started, 4)}
                     if metrics_file:
-                        metrics_file.write(json.dumps(row) + "\n")
-                        metrics_file.flush()
+                        append_row(metrics_file, row, run.paths)
                     accelerator.log({f"train/{k}": v for k, v in row.items() if isinstance(v, float) and k != "epoch"},
                                     step=ctx.step)
                     progress.set_postfix(loss=f"{row['loss']:.4f}")
@@ -710,13 +722,28 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
     return time.time() - started
 
 
+def append_row(metrics_file, row: dict, paths: RunPaths) -> None:
+    """One row of ``metrics.jsonl``, flushed; a row that could not be written whole is cut off again, so the rows
+    written so far stay readable (a full disk then stops the run with a ``DiskFullError``)."""
+    position = os.fstat(metrics_file.fileno()).st_size
+    data = (json.dumps(row) + "\n").encode()
+    try:
+        while data:  # an unbuffered file: a short write on a nearly full disk is continued (or fails) here
+            data = data[metrics_file.write(data):]
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.ftruncate(metrics_file.fileno(), position)
+        if disk_is_full(error, paths.root):
+            raise disk_full_error(f"{paths.metrics} (step {row.get('step')})", paths.checkpoints) from error
+        raise
+
+
 def evaluation_row(run: Run, metrics_file) -> None:
     """An evaluation during training at the current step: its row into ``metrics.jsonl`` and the trackers, then the
     best model / early stopping bookkeeping."""
     eval_row = evaluate_during_training(run, f"step-{run.ctx.step:06d}")
     if metrics_file and eval_row:
-        metrics_file.write(json.dumps(eval_row) + "\n")
-        metrics_file.flush()
+        append_row(metrics_file, eval_row, run.paths)
     if run.best is not None:
         keep_best(run, eval_row)
     if eval_row:
@@ -790,9 +817,7 @@ def finish(run: Run, seconds: float) -> None:
         if bad:
             raise NonFiniteError(f"the trained model has non-finite values in {len(bad)} tensors (first: {bad[0]}); "
                                  "final/ is not written")
-        ctx.final_model.save_pretrained(paths.final, state_dict=full_state)
-        save_processor(run.processor, paths.final)
-        save_config(config, paths.final / "mmtune_config.yaml")
+        save_final(run, full_state)
         summary = {"steps": ctx.step, "records": len(run.records), "skipped_records": len(run.skipped),
                    "skipped_examples": run.skipped[:20], "methods": config.method.name,
                    "train_seconds": round(seconds, 2), **engine_summary(accelerator),
@@ -814,6 +839,25 @@ def finish(run: Run, seconds: float) -> None:
     if (paths.root / "report").is_dir():
         where.append(f"report       {paths.root / 'report' / 'report.md'}")
     run.say(f"done after {ctx.step} steps:\n  " + "\n  ".join(where))
+
+
+def save_final(run: Run, full_state: dict | None) -> None:
+    """``final/`` written into ``final.partial`` and renamed when whole: a full disk (or a kill) never leaves a final/
+    that looks finished."""
+    final = run.paths.final
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        run.ctx.final_model.save_pretrained(partial, state_dict=full_state)
+        save_processor(run.processor, partial)
+        save_config(run.config, partial / "mmtune_config.yaml")
+    except Exception as error:
+        full = disk_is_full(error, partial.parent)
+        shutil.rmtree(partial, ignore_errors=True)
+        if full:
+            raise disk_full_error(f"the final model ({final})", run.paths.checkpoints) from error
+        raise
+    os.replace(partial, final)
 
 
 def saved_dtype(config: RunConfig) -> torch.dtype | None:
