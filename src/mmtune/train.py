@@ -19,12 +19,19 @@ import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, parse_flag_from_env, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    parse_flag_from_env,
+    set_seed,
+)
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 from transformers import get_scheduler
@@ -39,6 +46,7 @@ from mmtune.checkpoint import (
     finalize,
     find_checkpoint,
     load_run_state,
+    newest_complete,
     partial_dir,
     remove_partials,
     save_run_state,
@@ -52,6 +60,7 @@ from mmtune.data.synthetic import SYNTHETIC_PREFIX, ensure_world, resolve_task_p
 from mmtune.engines import backward, configure_deepspeed, is_deepspeed, on_masters, optimizer_step
 from mmtune.errors import NonFiniteError, Preempted, RunInUseError
 from mmtune.evaluate import evaluate
+from mmtune.liveness import Peers
 from mmtune.losses import compute_losses
 from mmtune.methods.base import (
     METHODS,
@@ -126,6 +135,7 @@ class Run:
     methods: list
     sharded: bool
     lock: int | None = None
+    peers: Peers | None = None
     world: Path | None = None
     records: list = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -292,14 +302,15 @@ def open_run(config: RunConfig) -> Run:
     if deepspeed_launched() and not cuda:
         # Without a GPU, Accelerate picks no communication backend for DeepSpeed and each process would train alone
         # on the whole data set (num_processes 1): name CPU's backend.
-        PartialState(backend="gloo")
+        PartialState(backend="gloo", timeout=timedelta(seconds=config.train.ddp_timeout))
     root = Path(config.train.output_dir)
     accelerator = Accelerator(
         # cpu=True would turn a DeepSpeed launch into DDP without a word: only force the CPU otherwise.
         mixed_precision=mixed_precision, cpu=not cuda and not deepspeed_launched(),
         log_with=available_trackers(config.train.report_to) or None,
         project_config=ProjectConfiguration(project_dir=str(root), logging_dir=str(root / "tensorboard")),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False),
+                         InitProcessGroupKwargs(timeout=timedelta(seconds=config.train.ddp_timeout))],
     )
     methods = build_methods(config.method)
     check_model_source(config)  # a bad model path fails now, before any data is generated or read
@@ -315,7 +326,7 @@ def open_run(config: RunConfig) -> Run:
     paths, lock = prepare_output_dir(config, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     set_seed(config.train.seed)
-    return Run(config, accelerator, paths, methods, sharded, lock)
+    return Run(config, accelerator, paths, methods, sharded, lock, peers=Peers(accelerator, config.train.ddp_timeout))
 
 
 def load_data(run: Run) -> None:
@@ -382,7 +393,7 @@ def build_model(run: Run) -> None:
     if run.sharded and base_needs_evaluation(run):
         # A sharded model can't be evaluated by one process: evaluate the base before sharding it.
         run_evaluation(model.to(run.accelerator.device), run.processor, config, run.world, base_eval_dir(run))
-    run.accelerator.wait_for_everyone()
+    run.peers.wait_for_main(run.accelerator)
     run.model, run.optimizer, run.loader = run.accelerator.prepare(model, optimizer, loader)
     run.steps_per_epoch = len(run.loader) // config.train.grad_accum
     if run.steps_per_epoch == 0:
@@ -832,7 +843,7 @@ def finish(run: Run, seconds: float) -> None:
         if run_evaluation(final_model, run.processor, config, run.world, paths.root / "eval" / "final"):
             report = write_report([paths.root], paths.root / "report")
             run.say(to_markdown(report))
-    accelerator.wait_for_everyone()
+    run.peers.wait_for_main(accelerator)
     where = [f"final model  {paths.final}", f"metrics      {paths.metrics}", f"summary      {paths.summary}"]
     if (paths.root / "eval").is_dir():
         where.append(f"evaluation   {paths.root / 'eval'}")
@@ -874,7 +885,7 @@ def train(config: RunConfig) -> Path:
         if not run.sharded and base_needs_evaluation(run):
             with run.accelerator.autocast():
                 run_evaluation(run.ctx.unwrapped, run.processor, config, run.world, base_eval_dir(run))
-        run.accelerator.wait_for_everyone()
+        run.peers.wait_for_main(run.accelerator)
         epoch, step_in_epoch = resume(run) if config.train.resume_from else (0, 0)
         if config.eval.every_steps and not run.sharded and not (during_dir(run, "base") / "scores.json").exists():
             evaluate_during_training(run, "base")
@@ -887,7 +898,13 @@ def train(config: RunConfig) -> Path:
             run.say(str(run.preempted))
             raise run.preempted
         finish(run, seconds)
+    except Exception as error:
+        lost = run.peers.lost(error, run.ctx.step if run.ctx else 0, newest_complete(run.paths.checkpoints))
+        if lost is not None:
+            raise lost from error
+        raise
     finally:
+        run.peers.close()
         release_lock(run.lock)
     return run.paths.root
 
@@ -937,7 +954,7 @@ def evaluate_during_training(run: Run, name: str) -> dict | None:
             losses = {task: result["target_loss"] for task, result in scores["tasks"].items()}
             row = {"step": run.ctx.step,
                    "eval": {**{k: v for k, v in summary.items() if k != "normalised"}, "val_loss": losses}}
-    run.accelerator.wait_for_everyone()
+    run.peers.wait_for_main(run.accelerator)
     return row
 
 
