@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench gpu-check lint clean
 
 $(BIN)/mmtune: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
+
+# On a machine with a CUDA GPU (≤ 8 minutes on one): step time, tokens/s, peak memory → gpu_check.json.
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py --out gpu_check.json
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -39,8 +39,10 @@ class ModelConfig:
     tiny: str | None = None  # or build a tiny random model of this architecture: llava | qwen2_vl | idefics3
     tiny_hidden_size: int = 64  # tiny model: hidden size of the language model
     tiny_layers: int = 4  # tiny model: number of language-model blocks
-    tiny_image_size: int = 32  # tiny model: input image side in pixels (8-pixel patches)
+    tiny_image_size: int = 32  # tiny model: input image side in pixels
+    tiny_patch_size: int = 8  # tiny model: the vision tower's patch side in pixels
     tiny_vision_hidden_size: int = 32  # tiny model: hidden size of the vision tower
+    tiny_vision_layers: int = 2  # tiny model: number of vision-tower blocks
     dtype: str = "fp32"  # fp32 | bf16 | fp16 (weights as loaded)
     attn_implementation: str | None = None  # eager | sdpa | flash_attention_2
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, more time)
@@ -56,7 +58,8 @@ class ModelConfig:
                f"model.quantization={self.quantization!r}; choose 4bit, 8bit or null")
         _check(not (self.quantization and self.tiny), "model.quantization loads a checkpoint folder (model.path), "
                "not model.tiny")
-        for key in ("tiny_hidden_size", "tiny_layers", "tiny_image_size", "tiny_vision_hidden_size"):
+        for key in ("tiny_hidden_size", "tiny_layers", "tiny_image_size", "tiny_patch_size", "tiny_vision_hidden_size",
+                    "tiny_vision_layers"):
             _check(getattr(self, key) >= 1, f"model.{key}={getattr(self, key)} must be ≥ 1")
 
 

@@ -166,7 +166,9 @@ def load_base(config: RunConfig):
     if config.model.tiny:
         model, processor = build_tiny(config.model.tiny, words=vocabulary(), image_size=config.model.tiny_image_size,
                                       hidden_size=config.model.tiny_hidden_size, num_layers=config.model.tiny_layers,
-                                      vision_hidden_size=config.model.tiny_vision_hidden_size, seed=config.train.seed)
+                                      vision_hidden_size=config.model.tiny_vision_hidden_size,
+                                      vision_layers=config.model.tiny_vision_layers,
+                                      patch_size=config.model.tiny_patch_size, seed=config.train.seed)
         return model.to(DTYPES[config.model.dtype]), processor
     check_model_source(config)
     return load_model(config.model.path, config.model.dtype, config.model.attn_implementation,
