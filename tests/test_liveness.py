@@ -38,7 +38,7 @@ def _start_ranks(config_path, port: int) -> list[subprocess.Popen]:
 @pytest.mark.parametrize("victim, how", [(1, signal.SIGKILL), (0, signal.SIGKILL), (1, signal.SIGSTOP)],
                          ids=["rank1-killed", "rank0-killed", "rank1-frozen"])
 def test_a_lost_process_ends_the_run_everywhere_naming_it(tiny_config, tmp_path, victim, how):
-    timeout = 15
+    timeout = 10
     path = tmp_path / "run.yaml"
     save_config(tiny_config("train.max_steps=400", "train.batch_size=2", "train.save_every=2",
                             f"train.ddp_timeout={timeout}", out="run"), path)
