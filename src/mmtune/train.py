@@ -3,8 +3,11 @@
 ``train`` reads top to bottom as its phases: open the run (config checked, output folder locked) → data →
 model, scope, methods, optimizer → base evaluation → resume (verified checkpoint, same config) → the loop
 (for each optimizer step: micro-batches of cross-entropy + methods' extra losses, backward, a finiteness
-check, clip, ``before_optimizer_step``, step, ``after_optimizer_step``, log, checkpoint) → ``on_train_end``
-→ ``final/`` (a Hugging Face model folder, only with finite weights) → final evaluation and report.
+check, clip, ``before_optimizer_step``, step, ``after_optimizer_step``, log, evaluation, a preemption check —
+SIGTERM saves this step and stops, ``mmtune.preemption`` — checkpoint) → ``on_train_end`` → ``final/`` (a Hugging
+Face model folder in ``model.dtype``, only with finite weights, written whole or not at all) → final evaluation and
+report. Trainable parameters are fp32 masters under a bf16 ``model.dtype`` (``mmtune.precision``); a lost process
+of a multi-process run is named (``mmtune.liveness``); a full disk is a clear error (``mmtune.checkpoint``).
 """
 
 from __future__ import annotations
@@ -77,8 +80,8 @@ from mmtune.precision import compute_precision, describe, keep_fp32_masters, low
 from mmtune.preemption import EvaluationInterrupted, PreemptionWatch, preempted_error
 from mmtune.report import to_markdown, write_report
 
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "final", "final.partial", "checkpoints", "eval", "report", "train_summary.json",
-               "tensorboard", "adapter", "wandb", "mlruns", "best", "best.json")
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "final", "final.partial", "checkpoints", "eval", "report",
+               "train_summary.json", "tensorboard", "adapter", "wandb", "mlruns", "best", "best.json")
 LOCK_FILE = "mmtune.lock"
 # Config keys that may differ between a checkpoint and the run resuming it: where things go and how they are
 # shown. Everything else changes what is trained, so a resume with a different value is refused.
