@@ -22,6 +22,8 @@ from mmtune.engines import configure_deepspeed
 from mmtune.methods import METHODS, build_methods
 from mmtune.train import train
 
+pytestmark = pytest.mark.multiprocess
+
 pytest.importorskip("deepspeed")
 
 WORKER = Path(__file__).with_name("train_many_worker.py")

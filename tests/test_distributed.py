@@ -11,6 +11,8 @@ from helpers import final_weights, losses
 from mmtune.config import save_config
 from mmtune.train import train
 
+pytestmark = pytest.mark.multiprocess
+
 
 def _launch(config_path, cwd):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -20,6 +20,8 @@ from mmtune.config import save_config
 from mmtune.errors import PeerLostError
 from mmtune.liveness import Peers
 
+pytestmark = pytest.mark.multiprocess
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
