@@ -167,3 +167,18 @@ def test_sigterm_to_the_launcher_under_ddp_and_deepspeed(tiny_config, tmp_path, 
     assert losses(cut) == losses(tmp_path / "whole")
     one, two = final_weights(tmp_path / "whole"), final_weights(cut)
     assert all(torch.equal(one[n], two[n]) for n in one)
+
+
+def test_the_interruption_passes_through_handlers_that_catch_exception():
+    """Raised wherever the evaluation is when the signal lands — inside an image reader's `except Exception` once,
+    which reported it as an unreadable image (seen in CI): it must not be an Exception."""
+    from mmtune.preemption import EvaluationInterrupted
+
+    watch = PreemptionWatch(["SIGTERM"])
+    with watch, pytest.raises(EvaluationInterrupted), watch.interruptible():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        except Exception:  # noqa: BLE001 — what a reader deep in the evaluation does
+            pytest.fail("the interruption was caught as an ordinary error")
+    assert watch.requested == "SIGTERM"

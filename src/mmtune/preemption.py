@@ -24,8 +24,10 @@ from mmtune.errors import Preempted
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later" — the run can be resumed with train.resume_from=latest
 
 
-class EvaluationInterrupted(Exception):
-    """Raised inside an evaluation during training when a preemption signal arrives."""
+class EvaluationInterrupted(BaseException):
+    """Raised inside an evaluation during training when a preemption signal arrives. A ``BaseException``, like
+    ``KeyboardInterrupt``: it can land anywhere in the evaluation, and a handler there that catches ``Exception`` (an
+    image reader turning any failure into "unreadable image …") must not swallow it."""
 
 
 class PreemptionWatch:
