@@ -13,11 +13,12 @@ data generator and the learning-rate schedule live in ``mmtune_state.json``; the
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -63,6 +64,20 @@ def disk_full_error(what: str, checkpoints: Path) -> DiskFullError:
     return DiskFullError(errno.ENOSPC, f"no space left on device while writing {what}; nothing of it is kept. The "
                                        f"newest complete checkpoint is {newest_complete(checkpoints)}: free space, "
                                        "then continue with train.resume_from=latest")
+
+
+@contextlib.contextmanager
+def removed_unless_whole(partial: Path, what: str, checkpoints: Path) -> Iterator[None]:
+    """Write ``partial`` inside: if anything fails, the partial folder is removed (never taken for complete; frees what
+    it held), and a full disk becomes a ``DiskFullError`` naming ``what`` and the newest complete checkpoint."""
+    try:
+        yield
+    except Exception as error:
+        full = disk_is_full(error, partial.parent)
+        shutil.rmtree(partial, ignore_errors=True)
+        if full:
+            raise disk_full_error(what, checkpoints) from error
+        raise
 
 
 def step_dir_name(step: int) -> str:

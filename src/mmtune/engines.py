@@ -127,6 +127,11 @@ def _write_back_masters(params: dict[str, nn.Parameter], full: dict[str, nn.Para
         param.data.copy_(full[name].detach().to(param.dtype))
 
 
+def _low_precision(params: dict[str, nn.Parameter]) -> bool:
+    """Whether the model's trainable weights are a low-precision copy of DeepSpeed's fp32 masters (bf16 runs)."""
+    return any(p.dtype != torch.float32 for p in params.values())
+
+
 @contextlib.contextmanager
 def on_masters(ctx: TrainContext, write_back: bool) -> Iterator[None]:
     """Run what is inside (the methods' ``setup``, ``on_train_end``) on the fp32 masters: under DeepSpeed with
@@ -134,7 +139,7 @@ def on_masters(ctx: TrainContext, write_back: bool) -> Iterator[None]:
     and the weights on exit when ``write_back``), so W0 snapshots and post-training surgery (DARE's 1/(1 − p)
     rescaling of W − W0) never see bf16 rounding. Elsewhere ``ctx.trainable`` already is the masters."""
     params = ctx.trainable
-    if not is_deepspeed(ctx.accelerator) or all(p.dtype == torch.float32 for p in params.values()):
+    if not is_deepspeed(ctx.accelerator) or not _low_precision(params):
         yield
         return
     with _full_tensors(ctx, with_masters=True, with_grads=False) as full:
@@ -153,8 +158,7 @@ def deepspeed_step(ctx: TrainContext, methods: list[Method], max_grad_norm: floa
     params = ctx.trainable
     # Before the step, fp32 model weights are the masters (DeepSpeed copied them in after the last step); bf16 ones
     # are their rounding, so the hooks are given DeepSpeed's fp32 masters instead.
-    low_precision = any(p.dtype != torch.float32 for p in params.values())
-    with _full_tensors(ctx, with_masters=low_precision, with_grads=True) as full:
+    with _full_tensors(ctx, with_masters=_low_precision(params), with_grads=True) as full:
         grads = [p for p in full.values() if p.grad is not None]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(grads, max_grad_norm))
         check(grad_norm)

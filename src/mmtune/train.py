@@ -52,6 +52,7 @@ from mmtune.checkpoint import (
     newest_complete,
     partial_dir,
     remove_partials,
+    removed_unless_whole,
     save_run_state,
     step_dir_name,
 )
@@ -497,7 +498,7 @@ def save_checkpoint(run: Run, position: dict) -> Path:
     removes the partial folder and stops the run with a ``DiskFullError`` naming the newest complete checkpoint."""
     accelerator, ctx, checkpoints = run.accelerator, run.ctx, run.paths.checkpoints
     partial, final = partial_dir(checkpoints, ctx.step), checkpoints / step_dir_name(ctx.step)
-    try:
+    with removed_unless_whole(partial, f"the checkpoint of step {ctx.step} ({final})", checkpoints):
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
@@ -509,12 +510,6 @@ def save_checkpoint(run: Run, position: dict) -> Path:
             save_run_state(partial, position, ctx.generator, run.scheduler)
             save_config(run.config, partial / "config.yaml")
             finalize(partial, final, ctx.step)
-    except Exception as error:
-        full = disk_is_full(error, checkpoints)
-        shutil.rmtree(partial, ignore_errors=True)  # never taken for a checkpoint; frees what it held
-        if full:
-            raise disk_full_error(f"the checkpoint of step {ctx.step} ({final})", checkpoints) from error
-        raise
     if accelerator.is_main_process:
         keep = run.config.train.keep_checkpoints
         if keep:
@@ -863,16 +858,10 @@ def save_final(run: Run, full_state: dict | None) -> None:
     final = run.paths.final
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    try:
+    with removed_unless_whole(partial, f"the final model ({final})", run.paths.checkpoints):
         run.ctx.final_model.save_pretrained(partial, state_dict=full_state)
         save_processor(run.processor, partial)
         save_config(run.config, partial / "mmtune_config.yaml")
-    except Exception as error:
-        full = disk_is_full(error, partial.parent)
-        shutil.rmtree(partial, ignore_errors=True)
-        if full:
-            raise disk_full_error(f"the final model ({final})", run.paths.checkpoints) from error
-        raise
     os.replace(partial, final)
 
 
