@@ -78,7 +78,8 @@ def tokens_per_sample(config) -> float:
     from mmtune.data.collate import RecordDataset, TrainCollator
     from mmtune.data.mixture import build_mixture
     from mmtune.data.synthetic import resolve_task_path
-    from mmtune.train import load_base, world_dir
+    from mmtune.train import load_base
+    from mmtune.train_data import world_dir
 
     _, processor = load_base(config)
     records = build_mixture(config.data.tasks, 0, resolve=lambda p: resolve_task_path(p, world_dir(config), "train"))
@@ -107,7 +108,8 @@ def trainer_step(size: dict, world: Path, tmp: Path, device: str) -> dict:
     from mmtune.data.mixture import build_mixture
     from mmtune.data.synthetic import resolve_task_path
     from mmtune.models.scope import apply_scope
-    from mmtune.train import load_base, world_dir
+    from mmtune.train import load_base
+    from mmtune.train_data import world_dir
 
     config = load_config(ROOT / "configs" / "tiny.yaml", [*overrides(size, world, tmp / "trainer", "vanilla"),
                                                           "model.dtype=fp32"])

@@ -15,7 +15,8 @@ import pytest
 from mmtune.checkpoint import complete_checkpoints, disk_is_full
 from mmtune.config import save_config
 from mmtune.errors import DiskFullError
-from mmtune.train import append_row, train
+from mmtune.step_log import append_row
+from mmtune.train import train
 
 
 def _folder_size(path: Path) -> int:
@@ -116,7 +117,7 @@ class _FillingFile:
 
 
 def test_a_metrics_row_cut_by_a_full_disk_is_removed_again(tmp_path):
-    from mmtune.train import RunPaths
+    from mmtune.run_folder import RunPaths
 
     paths = RunPaths(tmp_path)
     with paths.metrics.open("ab", buffering=0) as handle:

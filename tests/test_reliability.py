@@ -157,7 +157,7 @@ def test_cli_exits_non_zero_on_nan(tiny_config, tmp_path, capsys):
 
 def test_a_folder_in_use_by_a_live_run_is_refused(tiny_config, tmp_path):
     (tmp_path / "busy").mkdir()
-    code = ("import sys, time; from pathlib import Path; from mmtune.train import lock_output_dir; "
+    code = ("import sys, time; from pathlib import Path; from mmtune.run_folder import lock_output_dir; "
             "lock_output_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "busy")], stdout=subprocess.PIPE, text=True)
     try:

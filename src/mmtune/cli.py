@@ -8,6 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from mmtune.config import DTYPES
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -261,7 +263,8 @@ def demo_merges(out: Path, base: Path, common: list[str], args) -> list[Path]:
     from mmtune.files import atomic_write
     from mmtune.merging import DEMO_MERGES, merge_folders
     from mmtune.models.load import load_model
-    from mmtune.train import run_evaluation, train
+    from mmtune.during_training import run_evaluation
+    from mmtune.train import train
 
     demo = load_config(CONFIGS / "demo.yaml", [*common, f"model.path={base}"])
     world = Path(demo.data.synthetic.dir)
@@ -504,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--max-new-tokens", type=int, default=128)
     ev.add_argument("--limit", type=int, help="at most this many records per task")
-    ev.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ev.add_argument("--dtype", default="fp32", choices=DTYPES)
     ev.add_argument("--overwrite", action="store_true", help="replace an existing scores.json in --out")
     ev.add_argument("--label", help="the row's name in `mmtune report` (default: the model folder's name)")
     ev.add_argument("--world", help="the synthetic world folder, for synthetic:<family> tasks")
@@ -525,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--temperature", type=float, default=0.7)
     inf.add_argument("--top-p", type=float, default=0.9)
     inf.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-    inf.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    inf.add_argument("--dtype", default="fp32", choices=DTYPES)
     inf.add_argument("--overwrite", action="store_true")
     inf.set_defaults(func=cmd_infer)
 
@@ -600,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "merged (--rule task_arithmetic | ties | breadcrumbs)")
     merge.add_argument("run", nargs="+", help="run folders (with config.yaml and final/) or model folders")
     merge.add_argument("--alpha", type=float, help="WiSE-FT: weight of the fine-tuned model (1 = unchanged)")
-    merge.add_argument("--rule", choices=["task_arithmetic", "ties", "breadcrumbs"], help="merge several runs")
+    merge.add_argument("--rule", help="merge several runs: task_arithmetic | ties | breadcrumbs (mmtune.merging.RULES)")
     merge.add_argument("--base", help="the base model folder (default: the first run's model.path)")
     merge.add_argument("--lam", type=float, default=1.0, help="scale of the merged task vector (default 1.0)")
     merge.add_argument("--density", type=float, default=0.2, help="TIES: fraction of each task vector kept")

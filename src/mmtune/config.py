@@ -124,7 +124,9 @@ class DataConfig:
 
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
 TRACKERS = ("tensorboard", "wandb", "mlflow")
-SCHEDULERS = ("cosine", "linear", "constant")
+# train.scheduler → transformers' schedule (each with the linear warm-up of train.warmup_ratio)
+SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+LOSS_REDUCTIONS = ("token", "sample")
 
 
 @dataclass
@@ -170,8 +172,8 @@ class TrainConfig:
         _check(0 <= self.warmup_ratio <= 1, f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1]")
         _check(self.max_grad_norm is None or self.max_grad_norm > 0,
                f"train.max_grad_norm={self.max_grad_norm} must be > 0 (or null: no clipping)")
-        _check(self.loss_reduction in ("token", "sample"),
-               f"train.loss_reduction={self.loss_reduction!r}; choose token or sample")
+        _check(self.loss_reduction in LOSS_REDUCTIONS,
+               f"train.loss_reduction={self.loss_reduction!r}; choose one of {', '.join(LOSS_REDUCTIONS)}")
         _check(self.mixed_precision in MIXED_PRECISIONS,
                f"train.mixed_precision={self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISIONS)}")
         for key in ("save_every", "keep_checkpoints"):
@@ -319,6 +321,13 @@ def from_dict(cls, data: dict, prefix: str = ""):
         return cls(**kwargs)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{prefix or cls.__name__}: {error}") from None
+
+
+def flat_config(data, prefix: str = "") -> dict:
+    """A nested config dict as ``{"train.seed": 0, ...}``."""
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items() for k, v in flat_config(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: data}
 
 
 def to_dict(config) -> dict:

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from mmtune.methods.base import Method, TrainContext
+from mmtune.methods.base import Method, TrainContext, refusal
 
 
 def is_deepspeed(accelerator) -> bool:
@@ -62,10 +62,9 @@ def configure_deepspeed(accelerator, config, methods: list[Method]) -> None:
     if precision == "fp16" or ds.get("fp16", {}).get("enabled") is True:
         raise ValueError("DeepSpeed with fp16: mmtune is tested under DeepSpeed in fp32 and bf16 (fp16's loss scaling "
                          "inside the engine is not); use bf16")
-    unsupported = [m.name for m in methods if m.per_task_gradients or m.second_pass]
-    if unsupported:
-        raise ValueError(f"{' + '.join(unsupported)}: builds the step's gradient itself (per task, or a second pass), "
-                         "which is tested under DDP and one process, not DeepSpeed (whose engine owns the gradients)")
+    refused = refusal(methods, "deepspeed")
+    if refused:
+        raise ValueError(refused)
     if ds.get("optimizer") or ds.get("scheduler"):
         raise ValueError("the DeepSpeed config names an optimizer or scheduler: mmtune builds its own "
                          "(train.optimizer, train.scheduler); remove them from the DeepSpeed config")

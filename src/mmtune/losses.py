@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mmtune.config import LOSS_REDUCTIONS
 from mmtune.data.collate import IGNORE_INDEX, model_inputs
 
 
@@ -44,7 +45,6 @@ def target_token_counts(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
 
 
-LOSS_REDUCTIONS = ("token", "sample")
 
 
 def task_rows(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:

@@ -37,16 +37,22 @@ def task_arithmetic(base: torch.Tensor, deltas: list[torch.Tensor], lam: float) 
     return base + lam * torch.stack(deltas).sum(0)
 
 
+def top_magnitude(tensor: torch.Tensor, ratio: float) -> torch.Tensor:
+    """True for the ``round(ratio·n)`` largest-magnitude entries of ``tensor`` (TIES' trim, grafting's kept update,
+    the magnitude-mask baseline's frozen entries)."""
+    flat = tensor.detach().abs().flatten()
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    k = round(ratio * flat.numel())
+    if k:
+        keep[torch.topk(flat, k).indices] = True
+    return keep.reshape(tensor.shape)
+
+
 def trim_top(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ``round(density·n)`` largest-magnitude entries of ``delta`` (TIES' trim), zero the rest."""
-    k = round(density * delta.numel())
-    if k >= delta.numel():
+    if round(density * delta.numel()) >= delta.numel():
         return delta.clone()
-    out = torch.zeros_like(delta)
-    if k > 0:
-        index = delta.abs().flatten().topk(k).indices
-        out.view(-1)[index] = delta.reshape(-1)[index]
-    return out
+    return torch.where(top_magnitude(delta, density), delta, torch.zeros_like(delta))
 
 
 def ties(base: torch.Tensor, deltas: list[torch.Tensor], lam: float, density: float) -> torch.Tensor:
@@ -78,8 +84,8 @@ def dare(delta: torch.Tensor, p: float, generator: torch.Generator) -> torch.Ten
     """Drop each entry with probability ``p`` and rescale the survivors by ``1/(1−p)``."""
     if p == 0:
         return delta
-    keep = torch.rand(delta.shape, generator=generator) >= p
-    return delta * keep / (1 - p)
+    keep = torch.rand(delta.shape, generator=generator, device=generator.device) >= p
+    return delta * keep.to(delta.device) / (1 - p)
 
 
 # --- a merge recipe and its application to whole models -----------------------------------------------------------

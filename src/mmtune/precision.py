@@ -23,7 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from mmtune.models.load import DTYPES
+
+LOW_PRECISION = {name: dtype for name, dtype in DTYPES.items() if dtype != torch.float32}
 
 
 def low_precision_dtype(name: str) -> torch.dtype | None:
@@ -66,3 +68,8 @@ def describe(model_dtype: str, fp32_masters: bool, mixed_precision: str) -> dict
     masters = uses_masters(model_dtype, fp32_masters)
     return {"weights": model_dtype, "masters": "fp32" if masters else model_dtype,
             "compute": compute_precision(model_dtype, mixed_precision, fp32_masters), "saved": model_dtype}
+
+
+def saved_dtype(model_dtype: str, fp32_masters: bool) -> torch.dtype | None:
+    """What ``final/`` and ``best/`` are saved in when the run trained fp32 masters: ``model.dtype``."""
+    return low_precision_dtype(model_dtype) if fp32_masters else None

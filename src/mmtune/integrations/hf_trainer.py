@@ -1,9 +1,12 @@
 """The same Method objects inside a Hugging Face ``Trainer`` (bring your own Trainer / TRL setup).
 
-``MethodTrainer`` computes mmtune's loss (per-sample cross-entropy + the methods' named extra terms) and
-registers ``MethodCallback``, which maps the method hooks onto the Trainer's events:
+``MethodTrainer`` runs the methods' ``prepare_model`` on the model it is given (LoRA wraps it here, before the
+Trainer builds its optimizer), computes mmtune's loss (cross-entropy + the methods' named extra terms) and registers
+``MethodCallback``, which maps the method hooks onto the Trainer's events:
 ``setup`` → ``on_train_begin``; ``before_optimizer_step`` → ``on_pre_optimizer_step`` (gradients
-accumulated and clipped); ``after_optimizer_step`` → ``on_optimizer_step``; ``on_train_end``.
+accumulated and clipped); ``after_optimizer_step`` → ``on_optimizer_step``; ``on_train_end`` (after which
+``trainer.final_model`` is the model to save: LoRA's merged model, for instance). A method overriding a hook a
+Trainer's step can't run (``build_step``, ``balance_task_losses``) is refused up front, naming the hook.
 
     model, processor = load_model(path); apply_scope(model)
     trainer = MethodTrainer(model=model, args=TrainingArguments(..., remove_unused_columns=False),
@@ -19,6 +22,7 @@ the uninterrupted one; ``trainer.method_state_dict()`` returns it too.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -26,7 +30,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from mmtune.losses import compute_losses
-from mmtune.methods.base import Method, TrainContext, load_method_states, save_method_states
+from mmtune.methods.base import Method, TrainContext, load_method_states, refusal, save_method_states
 
 
 class MethodCallback(TrainerCallback):
@@ -38,7 +42,8 @@ class MethodCallback(TrainerCallback):
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
         self.trainer.ctx = TrainContext(model=self.trainer.model_wrapped, unwrapped=model, trainable=trainable,
                                         generator=generator, accelerator=self.trainer.accelerator,
-                                        optimizer=optimizer, total_steps=state.max_steps)
+                                        optimizer=optimizer, total_steps=state.max_steps,
+                                        output_dir=Path(args.output_dir) if args.output_dir else None)
         for method in self.methods:
             method.setup(self.trainer.ctx)
         if self.trainer.resumed_from:  # the Trainer restored weights and its state; the methods follow
@@ -70,10 +75,11 @@ class MethodTrainerMixin:
     Each loss term is logged by name (``ce``, ``nrca_gap``, …) beside the Trainer's ``loss``."""
 
     def __init__(self, *args, methods: list[Method] | None = None, loss_reduction: str = "token", **kwargs):
-        loop_only = [m.name for m in methods or [] if m.builds_own_step]
-        if loop_only:  # they would silently train as vanilla here
-            raise ValueError(f"{', '.join(loop_only)}: builds the step from per-task losses or gradients, or a second "
-                             "gradient, in mmtune's own training loop (mmtune train); a Trainer's step can't do that")
+        refused = refusal(methods or [], "trainer")
+        if refused:  # it would silently train as vanilla here
+            raise ValueError(refused)
+        if methods:
+            args, kwargs = _prepared(methods, args, kwargs)
         super().__init__(*args, **kwargs)
         self._term_sums: dict[str, float] = {}
         self._term_count = 0
@@ -129,6 +135,30 @@ class MethodTrainerMixin:
 
     def method_state_dict(self) -> dict:
         return {m.name: m.state_dict() for m in self.methods}
+
+    @property
+    def final_model(self):
+        """The trained model after the methods' ``on_train_end`` (LoRA: merged into a plain model)."""
+        return self.ctx.final_model if self.ctx is not None and self.ctx.final_model is not None else self.model
+
+
+def _prepared(methods: list[Method], args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The Trainer's arguments with the model passed through every method's ``prepare_model`` (as mmtune's loop
+    does after the scope is set), so LoRA's adapters exist before the Trainer builds its optimizer."""
+    from mmtune.models.scope import layout_of
+
+    model = kwargs.get("model", args[0] if args else None)
+    if model is None:
+        if any(m.overrides("prepare_model") for m in methods):
+            raise ValueError(f"{', '.join(m.name for m in methods if m.overrides('prepare_model'))}: prepares the "
+                             "model (prepare_model), so pass model= (a Trainer's model_init is not supported)")
+        return args, kwargs
+    layout = layout_of(model) if any(m.overrides("prepare_model") for m in methods) else None
+    for method in methods:
+        model = method.prepare_model(model, layout)
+    if "model" in kwargs or not args:
+        return args, {**kwargs, "model": model}
+    return (model, *args[1:]), kwargs
 
 
 class MethodTrainer(MethodTrainerMixin, Trainer):

@@ -83,7 +83,7 @@ class LearnedTaskVector(Method):
     """What both balancers share: one learned number per task (``self.values``: UW's log-variances, FAMO's logits)
     with an Adam of its own, saved with every checkpoint."""
 
-    balances_task_losses = True
+    persistent = ("values", "optimizer")
     weight_decay: float = 0.0
 
     def setup(self, ctx):
@@ -105,14 +105,6 @@ class LearnedTaskVector(Method):
     def write_weights(self, ctx) -> None:
         raise NotImplementedError
 
-    def state_dict(self):
-        return {"values": self.values.detach().clone(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state):
-        if state:
-            with torch.no_grad():
-                self.values.copy_(state["values"])
-            self.optimizer.load_state_dict(state["optimizer"])
 
 
 @dataclass
@@ -170,6 +162,11 @@ class FAMO(LearnedTaskVector):
         super().setup(ctx)
         self.reset_step(self.values.device)
 
+    def build_step(self, step):
+        """The plain step; its micro-batches are kept to measure each task's loss again after the update."""
+        self.batches = step.micro
+        step.backward()
+
     def reset_step(self, device):
         # The step's per-task losses, summed over its micro-batches (and how many micro-batches had each task).
         self.loss_sums = torch.zeros(len(self.values), device=device)
@@ -185,7 +182,7 @@ class FAMO(LearnedTaskVector):
     def step_losses(self, ctx) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-task losses of the step's micro-batches at the weights just updated (sums and counts)."""
         sums, counts = torch.zeros_like(self.loss_sums), torch.zeros_like(self.loss_counts)
-        for batch in ctx.batches:
+        for batch in self.batches:
             with ctx.accelerator.autocast():  # only mmtune's loop runs FAMO (the Trainer integration refuses it)
                 outputs = ctx.model(**model_inputs(batch))
             values, index = present(ctx, task_mean_losses(batch, sample_cross_entropy(outputs.logits, batch["labels"])))
@@ -203,6 +200,7 @@ class FAMO(LearnedTaskVector):
         self.values.grad = famo_logit_gradient(self.values, before, after)
         self.optimizer.step()
         self.reset_step(self.values.device)
+        self.batches = []  # not kept beyond the step
 
     def write_weights(self, ctx):
         write_task_weights(ctx, self.name, torch.softmax(self.values.detach(), -1))

@@ -1,26 +1,32 @@
 """The extension point: a method is a small typed config plus one class with no-op hooks.
 
-The training loop (``mmtune.train``) calls these hooks and never names a method. A method
-overrides only what it needs:
+The training loop (``mmtune.train``, one step in ``mmtune.step``) and the Trainer integration call these hooks and
+never name a method. A method overrides only what it needs:
 
 * ``prepare_model``   before the optimizer exists (LoRA wraps the model here);
 * ``setup``           after model and optimizer exist (snapshot W0, build masks);
 * ``extra_losses``    named loss terms added to the cross-entropy, each one logged;
 * ``balance_task_losses``  (loss balancing) each task's mean loss in → the loss that replaces the cross-entropy;
-* ``combine_task_gradients``  (multi-task optimisation) the tasks' gradients in → the step's gradient;
-* ``perturb`` / ``restore``  (sharpness-aware) move the weights before a second gradient, move them back;
+* ``build_step``      (methods that change the step) form the step's gradient from its micro-batches with the
+  building blocks of ``mmtune.step.Step``: per-task gradients (PCGrad, CAGrad), a second gradient at moved
+  weights (SAM), both (task-based SAM), or the plain backward plus a look at the batches (FAMO);
 * ``before_optimizer_step``  gradients final (accumulated, all-reduced, clipped), weights not yet updated;
 * ``after_optimizer_step``   weights updated: restore / re-allocate entries here (zeroing gradients is
   not enough: AdamW's momentum and weight decay still move "frozen" entries);
 * ``on_train_end``    post-training weight surgery (grafting, DARE, WiSE-FT, LoRA merge);
-* ``state_dict`` / ``load_state_dict``  saved with every checkpoint, so a resumed run is the same run.
+* ``state_dict`` / ``load_state_dict``  saved with every checkpoint, so a resumed run is the same run (name the
+  attributes in ``persistent`` and both are written for you).
 
+What a method can run on is derived from what it declares: the hooks it overrides (a host that can't run one
+refuses the method up front, naming the hook: ``refusal``), ``sets_gradients`` (its ``build_step`` reads or writes
+``param.grad``, which DeepSpeed keeps in its own buffers) and ``supports_sharding``.
 All randomness comes from ``ctx.generator`` (seeded by the run), so a run is reproducible.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -47,10 +53,13 @@ class TrainContext:
     step: int = 0  # optimizer steps done so far
     total_steps: int = 0
     final_model: nn.Module | None = None  # what gets saved at the end (on_train_end may replace it)
-    scratch: dict = field(default_factory=dict)
     tasks: list[str] = field(default_factory=list)  # the training records' tasks, sorted (per-task methods index them)
-    batches: list[dict] = field(default_factory=list)  # the current step's micro-batches (mmtune's loop sets them)
     output_dir: Path | None = None  # the run's folder (for methods that write files of their own, e.g. an adapter)
+
+
+# Every hook a method may override, in the order a run calls them.
+HOOKS = ("prepare_model", "setup", "extra_losses", "balance_task_losses", "build_step", "before_optimizer_step",
+         "after_optimizer_step", "on_train_end", "state_dict", "load_state_dict")
 
 
 class Method:
@@ -60,26 +69,45 @@ class Method:
     # Tested with parameters sharded over processes (FSDP2): DTensor parameters, per-process state. A method
     # that is not refuses to start under FSDP / ZeRO-3 instead of doing something wrong there.
     supports_sharding: ClassVar[bool] = False
-    # Multi-task optimisation: the loop backpropagates each task's share of the step's loss separately and hands the
-    # flat per-task gradients [T, P] to ``combine_task_gradients``, whose result is the gradient the step uses.
+    # ``build_step`` reads or writes ``param.grad`` between backward passes (per-task gradients, a second gradient):
+    # DeepSpeed keeps gradients in its own partitioned buffers, so it refuses such a method.
+    sets_gradients: ClassVar[bool] = False
+    # Attributes saved with every checkpoint and restored on resume (the default state_dict / load_state_dict).
+    persistent: ClassVar[tuple[str, ...]] = ()
+    # Deprecated (0.2): the three flags that shaped the step before ``build_step``; a subclass setting them still
+    # works (its step is built from combine_task_gradients / task_perturbation / perturb / restore) with a warning.
     per_task_gradients: ClassVar[bool] = False
-    # Sharpness-aware methods: after the step's backward the loop calls ``perturb`` (move the weights, e.g. up the
-    # gradient), recomputes the step's gradient there, calls ``restore``, then steps from the original weights.
     second_pass: ClassVar[bool] = False
-    # Both together (task-based SAM): the loop also recomputes each task's gradient at the weights moved by
-    # ``task_perturbation`` of that task's gradient, and hands both sets to ``combine_task_gradients``.
-    # Loss balancing: the loop hands each task's mean loss in the micro-batch to ``balance_task_losses``; what it
-    # returns replaces the cross-entropy in the loss (``ce`` stays logged as is, the difference under the method's name).
-    balances_task_losses: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_class()
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if (cls.__dict__.get("per_task_gradients") or cls.__dict__.get("second_pass")) \
+                and "build_step" not in cls.__dict__:
+            warnings.warn(f"{cls.__name__}: the per_task_gradients / second_pass flags are deprecated; override "
+                          "build_step(step) instead (see mmtune.methods.sam, mmtune.methods.multitask)",
+                          DeprecationWarning, stacklevel=2)
+            cls.build_step = _flag_built_step
+            cls.sets_gradients = True
+
+    def overrides(self, hook: str) -> bool:
+        """Whether this method's class replaces the base ``hook`` (what a host must be able to run)."""
+        return getattr(type(self), hook) is not getattr(Method, hook)
+
+    @property
+    def builds_step(self) -> bool:
+        return self.overrides("build_step")
+
+    @property
+    def balances_task_losses(self) -> bool:
+        return self.overrides("balance_task_losses")
+
     @property
     def builds_own_step(self) -> bool:
-        """Whether the method forms the step's gradient or loss in mmtune's loop (per-task gradients, a second
-        gradient, loss balancing) rather than through loss terms and step hooks."""
-        return self.per_task_gradients or self.second_pass or self.balances_task_losses
+        """Whether the method forms the step's gradient or loss itself (a step of its own, or loss balancing)."""
+        return self.builds_step or self.balances_task_losses
 
     def prepare_model(self, model: nn.Module, layout) -> nn.Module:
         return model
@@ -91,8 +119,13 @@ class Method:
         return {}
 
     def balance_task_losses(self, ctx: TrainContext, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError(f"{self.name} sets balances_task_losses but does not balance")
+        raise NotImplementedError(f"{self.name} does not balance task losses")
 
+    def build_step(self, step) -> None:
+        """Form the step's gradient from ``step.micro`` (a ``mmtune.step.Step``); the default is the plain one."""
+        step.backward()
+
+    # Building blocks the built-in step builders use (and the deprecated flags' step): not called by any host.
     def combine_task_gradients(self, ctx: TrainContext, grads: torch.Tensor,
                                perturbed: torch.Tensor | None = None) -> torch.Tensor:
         return grads.sum(0)
@@ -116,10 +149,81 @@ class Method:
         pass
 
     def state_dict(self) -> dict:
-        return {}
+        """The ``persistent`` attributes that exist: tensors and containers as they are, sets as sorted lists,
+        objects with a ``state_dict`` (an optimizer) as theirs."""
+        state = {}
+        for key in self.persistent:
+            if hasattr(self, key):
+                value = getattr(self, key)
+                state[key] = value.state_dict() if hasattr(value, "state_dict") else \
+                    sorted(value) if isinstance(value, set) else \
+                    value.detach() if isinstance(value, torch.Tensor) else value
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        """Restore what ``state_dict`` saved; tensors are copied (into the existing tensor when it is a learned
+        leaf, so an optimizer holding it keeps working)."""
+        for key, value in state.items():
+            current = getattr(self, key, None)
+            if hasattr(current, "load_state_dict"):
+                current.load_state_dict(value)
+            elif isinstance(current, torch.Tensor) and current.requires_grad:
+                with torch.no_grad():
+                    current.copy_(value)
+            elif isinstance(current, set):
+                setattr(self, key, set(value))
+            else:
+                setattr(self, key, _cloned(value))
+
+
+def _cloned(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    return value
+
+
+def _flag_built_step(method: Method, step) -> None:
+    """The step the deprecated flags described: per-task gradients combined (and, with ``second_pass``, each
+    task's gradient again at its ``task_perturbation``), or a second gradient between ``perturb`` and ``restore``."""
+    ctx = step.ctx
+    if method.per_task_gradients:
+        step.combine_task_gradients(lambda grads, moved: method.combine_task_gradients(ctx, grads, moved),
+                                    (lambda grad: method.task_perturbation(ctx, grad)) if method.second_pass else None)
+        return
+    step.backward()
+    method.perturb(ctx)
+    step.zero_grad()
+    step.backward(log=False)
+    method.restore(ctx)
+
+
+# What each host runs, beyond the hooks every host runs. A host refuses a method that overrides any other hook.
+ALWAYS = {"prepare_model", "setup", "extra_losses", "before_optimizer_step", "after_optimizer_step", "on_train_end",
+          "state_dict", "load_state_dict"}
+
+
+def refusal(methods: list[Method], host: str) -> str | None:
+    """Why ``host`` can't run ``methods`` (one sentence naming method and hook), or None. Hosts: ``"loop"``
+    (mmtune's training loop, one process / DDP), ``"trainer"`` (a Hugging Face Trainer), ``"deepspeed"``,
+    ``"sharded"`` (parameters sharded over processes: FSDP, ZeRO-3)."""
+    for method in methods:
+        if host == "trainer":
+            extra = [h for h in HOOKS if h not in ALWAYS and method.overrides(h)]
+            if extra:
+                return (f"{method.name} overrides {', '.join(extra)}, which a Hugging Face Trainer's step can't run "
+                        "(it builds the step from per-task losses or gradients, or a second gradient): train it in "
+                        "mmtune's own training loop (mmtune train)")
+        if host == "deepspeed" and method.builds_step and method.sets_gradients:
+            return (f"{method.name}: builds the step's gradient itself (its build_step reads and sets param.grad: per "
+                    "task, or a second pass), which DeepSpeed's engine keeps in its own buffers; use DDP or one "
+                    "process")
+        if host == "sharded" and not method.supports_sharding:
+            ready = ", ".join(n for n, cls in sorted(METHODS.items()) if cls.supports_sharding)
+            return (f"{method.name}: not tested with parameters sharded over processes (FSDP / ZeRO-3); methods "
+                    f"that are: {ready}. Use DDP or DeepSpeed ZeRO-2 for the others.")
+    return None
 
 
 METHODS: dict[str, type[Method]] = {}
@@ -187,7 +291,9 @@ def build_methods(section) -> list[Method]:
         if key not in names:
             raise ConfigError(f"method.{key}: options for a method the run does not use "
                               f"(method.name={section.name!r}); registered methods: {', '.join(sorted(METHODS))}")
-    return [METHODS[n](from_dict(METHODS[n].config_class, section.options.get(n, {}), f"method.{n}")) for n in names]
+    methods = [METHODS[n](from_dict(METHODS[n].config_class, section.options.get(n, {}), f"method.{n}")) for n in names]
+    check_method_combination(methods)
+    return methods
 
 
 def describe_config(cls: type[Method]) -> str:
@@ -207,6 +313,8 @@ class PretrainedSnapshotMethod(Method):
     trainable tensor in ``on_train_end``.
     """
 
+    persistent = ("pretrained",)
+
     def setup(self, ctx: TrainContext) -> None:
         self.pretrained = snapshot(ctx.trainable)
 
@@ -220,9 +328,15 @@ class PretrainedSnapshotMethod(Method):
             if merged is not None:
                 param.copy_(merged)
 
-    def state_dict(self) -> dict:
-        return {"pretrained": self.pretrained}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            self.pretrained = state["pretrained"]
+def check_method_combination(methods: list[Method]) -> None:
+    """At most one method builds the step (``build_step``) or balances the tasks' losses: stacked, most combinations
+    are not defined (whose second pass sees whose task gradients?) and none is tested."""
+    balancers = [m.name for m in methods if m.balances_task_losses]
+    if len(balancers) > 1:
+        raise ValueError(f"{' + '.join(balancers)}: only one method may balance the tasks' losses")
+    builders = [m.name for m in methods if m.builds_own_step]
+    if len(builders) > 1:
+        raise ValueError(f"{' + '.join(builders)}: only one method may combine the tasks' gradients, take a second "
+                         "gradient or balance the losses — they are not tested together; choose one of them (loss "
+                         "terms like l2_reg or nrca combine with any)")

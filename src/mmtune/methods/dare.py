@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mmtune.merging import dare
 from mmtune.methods.base import MethodConfig, PretrainedSnapshotMethod, register
 
 
@@ -19,9 +20,7 @@ def drop_and_rescale(pretrained: torch.Tensor, finetuned: torch.Tensor, p: float
                      generator: torch.Generator) -> torch.Tensor:
     if p == 0:
         return finetuned.clone()
-    keep = torch.rand(finetuned.shape, generator=generator, device=generator.device) >= p
-    delta = (finetuned - pretrained) * keep.to(finetuned.device) / (1 - p)
-    return pretrained + delta
+    return pretrained + dare(finetuned - pretrained, p, generator)
 
 
 @dataclass

@@ -12,17 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
+from mmtune.merging import top_magnitude
 from mmtune.methods.base import MethodConfig, PretrainedSnapshotMethod, register
 
 
 def graft(pretrained: torch.Tensor, finetuned: torch.Tensor, keep_ratio: float) -> torch.Tensor:
-    delta = finetuned - pretrained
-    flat = delta.abs().flatten()
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    k = round(keep_ratio * flat.numel())
-    if k:
-        keep[torch.topk(flat, k).indices] = True
-    return torch.where(keep.reshape(delta.shape), finetuned, pretrained)
+    """The ``keep_ratio`` largest-magnitude entries of the update keep their fine-tuned value; the rest go back."""
+    return torch.where(top_magnitude(finetuned - pretrained, keep_ratio), finetuned, pretrained)
 
 
 @dataclass

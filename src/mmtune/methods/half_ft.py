@@ -38,6 +38,7 @@ class HalfFT(PretrainedSnapshotMethod):
     name = "half_ft"
     description = "each round, a random half of the trainable tensors is reset to and held at W0 (Hui et al., 2024)"
     config_class = HalfFTConfig
+    persistent = ("pretrained", "frozen")
 
     def setup(self, ctx):
         super().setup(ctx)
@@ -59,9 +60,3 @@ class HalfFT(PretrainedSnapshotMethod):
         if ctx.step + 1 < ctx.total_steps and (ctx.step + 1) % self.config.round_steps == 0:
             self._new_round(ctx)
 
-    def state_dict(self):
-        return {"pretrained": self.pretrained, "frozen": sorted(self.frozen)}
-
-    def load_state_dict(self, state):
-        if state:
-            self.pretrained, self.frozen = state["pretrained"], set(state["frozen"])

@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import torch
 
+from mmtune.merging import top_magnitude
 from mmtune.methods.base import register
 from mmtune.methods.random_mask import RandomMask
 
 
 def magnitude_frozen_mask(pretrained: torch.Tensor, ratio: float) -> torch.Tensor:
     """True for the ``round(ratio·n)`` entries with the largest ``|W0|``."""
-    flat = pretrained.detach().abs().flatten()
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    k = round(ratio * flat.numel())
-    if k:
-        mask[torch.topk(flat, k).indices] = True
-    return mask.reshape(pretrained.shape)
+    return top_magnitude(pretrained, ratio)
 
 
 @register

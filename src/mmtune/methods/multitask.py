@@ -22,6 +22,10 @@ import torch
 
 from mmtune.methods.base import Method, MethodConfig, register
 
+# Both build the step from the tasks' gradients (``mmtune.step.Step.combine_task_gradients``): the gradient of
+# each task's share of the loss, one flat [T, P] matrix over the tasks present in the step, combined by the rule below;
+# other methods' loss terms are added to the result.
+
 
 def pcgrad(grads: torch.Tensor, order: list[list[int]]) -> torch.Tensor:
     """``grads`` [T, P] (one flat gradient per task); ``order[i]``: the other tasks, in the order task i is projected
@@ -76,10 +80,10 @@ class PCGrad(Method):
     name = "pcgrad"
     description = "project away conflicting task-gradient components (Yu et al., NeurIPS 2020)"
     config_class = PCGradConfig
-    per_task_gradients = True
+    sets_gradients = True
 
-    def combine_task_gradients(self, ctx, grads: torch.Tensor, perturbed=None) -> torch.Tensor:
-        return pcgrad(grads, random_order(grads.shape[0], ctx.generator))
+    def build_step(self, step):
+        step.combine_task_gradients(lambda grads, _: pcgrad(grads, random_order(grads.shape[0], step.ctx.generator)))
 
 
 @dataclass
@@ -96,8 +100,8 @@ class CAGrad(Method):
     name = "cagrad"
     description = "conflict-averse gradient descent over the tasks' gradients (Liu et al., NeurIPS 2021)"
     config_class = CAGradConfig
-    per_task_gradients = True
+    sets_gradients = True
 
-    def combine_task_gradients(self, ctx, grads: torch.Tensor, perturbed=None) -> torch.Tensor:
+    def build_step(self, step):
         # On T × the task shares: their mean is the vanilla gradient, so c = 0 is vanilla exactly.
-        return cagrad(grads * grads.shape[0], self.config.c)
+        step.combine_task_gradients(lambda grads, _: cagrad(grads * grads.shape[0], self.config.c))

@@ -42,6 +42,7 @@ class RandomMask(Method):
     name = "random_mask"
     description = "a fixed random 50% of entries frozen at W0 (papers' baseline)"
     config_class = MaskConfig
+    persistent = ("masks", "pretrained")
 
     def make_mask(self, name: str, param: torch.Tensor, ctx) -> torch.Tensor:
         return random_frozen_mask(param.shape, self.config.ratio, ctx.generator).to(param.device)
@@ -56,9 +57,3 @@ class RandomMask(Method):
         for name, param in ctx.trainable.items():
             restore_frozen(param, self.pretrained[name], self.masks[name])
 
-    def state_dict(self):
-        return {"masks": self.masks, "pretrained": self.pretrained}
-
-    def load_state_dict(self, state):
-        if state:
-            self.masks, self.pretrained = state["masks"], state["pretrained"]

@@ -46,7 +46,16 @@ class SAM(Method):
     name = "sam"
     description = "sharpness-aware minimisation: the gradient at W + ρ·g/‖g‖ (Foret et al., ICLR 2021)"
     config_class = SAMConfig
-    second_pass = True
+    sets_gradients = True
+
+    def build_step(self, step):
+        """The step's gradient at W (the logged loss), then again at W + ε; the optimizer steps from W with the
+        second one."""
+        step.backward()
+        self.perturb(step.ctx)
+        step.zero_grad()
+        step.backward(log=False)
+        self.restore(step.ctx)
 
     @torch.no_grad()
     def perturb(self, ctx):
@@ -88,8 +97,11 @@ class TaskSAM(Method):
     name = "task_sam"
     description = "task-based SAM: a perturbation per task, loss and flatness parts combined by surgery (Phan et al.)"
     config_class = TaskSAMConfig
-    per_task_gradients = True
-    second_pass = True
+    sets_gradients = True
+
+    def build_step(self, step):
+        step.combine_task_gradients(lambda grads, moved: self.combine_task_gradients(step.ctx, grads, moved),
+                                    perturbation=lambda grad: self.task_perturbation(step.ctx, grad))
 
     def task_perturbation(self, ctx, grad):
         return sam_perturbation([grad], self.config.rho)[0]

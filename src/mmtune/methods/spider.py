@@ -206,6 +206,7 @@ class Spider(Method):
     description = "importance-discrepancy weight allocation against forgetting (Huang et al., ICML 2025)"
     supports_sharding = True
     config_class = SpiderConfig
+    persistent = ("pretrained", "grad_sum")
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -255,11 +256,7 @@ class Spider(Method):
             allocate_(weight, self.pretrained[name], self.grad_sum[name], self.standardised[name], buffers,
                       self.groups[name], self.config.constant_magnitude)
 
-    def state_dict(self):
-        return {"pretrained": self.pretrained, "grad_sum": self.grad_sum}
-
     def load_state_dict(self, state):
+        super().load_state_dict(state)
         if state:
-            self.pretrained = {k: v.clone() for k, v in state["pretrained"].items()}
-            self.grad_sum = {k: v.clone() for k, v in state["grad_sum"].items()}
             self._standardise_pretrained()

@@ -20,7 +20,10 @@ from transformers import (
     Qwen2VLProcessor,
 )
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from mmtune.config import DTYPES as DTYPE_NAMES
+
+# model.dtype's names (mmtune.config.DTYPES, the one list) → torch dtypes
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16), strict=True))
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):

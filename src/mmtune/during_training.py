@@ -1,0 +1,135 @@
+"""Evaluation during training (every ``eval.every_steps``): a row per evaluation in ``metrics.jsonl`` with each task's
+score and validation loss, the best model by ``train.best_metric`` in ``<run>/best``, and early stopping.
+
+The main process evaluates (on the first ``eval.during_limit`` records per task); the others wait for it
+(``Peers.wait_for_main``, which names a main process that died meanwhile). A preemption signal during an
+evaluation cuts it short: it is removed and redone when the run resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from mmtune.best import metric_value, update_best
+from mmtune.config import RunConfig
+from mmtune.data.synthetic import resolve_task_path
+from mmtune.evaluate import evaluate
+from mmtune.models.load import save_processor
+from mmtune.precision import saved_dtype, to_saved_dtype
+from mmtune.preemption import EvaluationInterrupted
+
+if TYPE_CHECKING:
+    from mmtune.step_log import StepLog
+    from mmtune.train import Run
+
+
+def run_evaluation(model, processor, config: RunConfig, world: Path | None, out: Path,
+                   limit: int | None = None) -> dict | None:
+    """Evaluate the configured downstream and held-out tasks (nothing if none are configured)."""
+    sides = {side: [resolve_task_path(p, world, "test") for p in getattr(config.eval, side)]
+             for side in ("downstream", "heldout")}
+    if not any(sides.values()):
+        return None
+    return evaluate(model, processor, sides, out, config.eval.batch_size, config.eval.max_new_tokens,
+                    limit or config.eval.limit, config.train.progress, overwrite=True)
+
+
+def base_needs_evaluation(run: Run) -> bool:
+    """Whether the base model's full evaluation (``eval.before``) is still to be done, on this process."""
+    return run.config.eval.before and run.is_main and not (run.paths.base_eval / "scores.json").exists()
+
+
+def is_due(run: Run) -> bool:
+    """Whether the current step evaluates (``eval.every_steps``, and always the last step)."""
+    every, step = run.config.eval.every_steps, run.ctx.step
+    return bool(every) and not run.sharded and (step % every == 0 or step == run.ctx.total_steps)
+
+
+def redo_cut_evaluation(run: Run, log: StepLog) -> None:
+    """At the start of a resumed loop: an evaluation of the checkpoint's step that a preemption cut short is redone."""
+    if run.ctx.step and is_due(run) and not (run.paths.during(f"step-{run.ctx.step:06d}") / "scores.json").exists():
+        evaluation_row(run, log)
+
+
+def evaluation_row(run: Run, log: StepLog) -> None:
+    """An evaluation during training at the current step: its row into ``metrics.jsonl`` and the trackers, then the
+    best model / early stopping bookkeeping."""
+    eval_row = evaluate_during_training(run, f"step-{run.ctx.step:06d}")
+    log.evaluation(eval_row)
+    if run.best is not None:
+        keep_best(run, eval_row)
+
+
+def keep_best(run: Run, eval_row: dict | None) -> None:
+    """After an evaluation during training (on every process; ``eval_row`` is the main process's): a new best of
+    ``train.best_metric`` writes ``<run>/best``; after ``train.early_stopping_patience`` evaluations in a row without
+    one, every process agrees to stop."""
+    if run.is_main and eval_row is not None:
+        improved = update_best(run.best, eval_row["eval"], run.ctx.step, lambda folder: save_best_model(run, folder),
+                               run.paths.root)
+        mark = "new best" if improved else f"best still {run.best.describe()}"
+        run.say(f"step {run.ctx.step}: {run.best.metric} = {metric_value(eval_row['eval'], run.best.metric):.2f} "
+                f"({mark})")
+    patience = run.config.train.early_stopping_patience
+    if not patience:
+        return
+    count = torch.tensor(float(run.best.evaluations_without_improvement if run.is_main else 0),
+                         device=run.accelerator.device)
+    if run.accelerator.num_processes > 1:
+        count = run.accelerator.reduce(count, "sum")
+    if float(count) >= patience:
+        run.stopped_early = True
+        run.say(f"early stop at step {run.ctx.step}: no new best {run.best.metric} in {patience} evaluations "
+                f"(best {run.best.describe()}, in {run.paths.root / 'best'})")
+
+
+def save_best_model(run: Run, folder: Path) -> None:
+    model = run.ctx.unwrapped
+    if hasattr(model, "peft_config"):  # a PEFT model (LoRA) saves its adapter (PEFT keeps adapters in fp32)
+        model.save_pretrained(folder)
+    else:  # in model.dtype, as final/ is
+        dtype = saved_dtype(run.config.model.dtype, run.config.train.fp32_masters)
+        model.save_pretrained(folder, state_dict=to_saved_dtype(model.state_dict(), dtype))
+    save_processor(run.processor, folder)
+
+
+def evaluate_during_training(run: Run, name: str) -> dict | None:
+    """Evaluate the model on the first ``eval.during_limit`` records per task (main process; the others wait)
+    into ``eval/during/<name>`` and return one metrics row: per-task scores and S / G / H, raw and normalised
+    to the base on the same records (``name="base"``, evaluated once before training) — the trade-off as it
+    forms."""
+    from mmtune.report import summarize
+
+    row = None
+    if run.is_main:
+        model = run.ctx.unwrapped
+        was_training = model.training
+        model.eval()
+        cut = run.watch.interruptible() if run.watch is not None else contextlib.nullcontext()
+        try:
+            with cut, run.accelerator.autocast():  # fp32 masters beside low-precision weights need autocast
+                scores = run_evaluation(model, run.processor, run.config, run.world, run.paths.during(name),
+                                        limit=run.config.eval.during_limit)
+        except EvaluationInterrupted as signal_name:
+            shutil.rmtree(run.paths.during(name), ignore_errors=True)  # half an evaluation is no evaluation
+            run.say(f"evaluation {name} cut short by {signal_name}: it is redone when the run resumes")
+            scores = None
+        model.train(was_training)
+        base_file = run.paths.during("base") / "scores.json"
+        base = json.loads(base_file.read_text()) if base_file.exists() else None
+        if scores is not None:
+            summary = summarize(scores, base)
+            # with each task's validation loss (teacher-forced, on the same records): which task overfits when
+            losses = {task: result["target_loss"] for task, result in scores["tasks"].items()}
+            row = {"step": run.ctx.step,
+                   "eval": {**{k: v for k, v in summary.items() if k != "normalised"}, "val_loss": losses}}
+    run.peers.wait_for_main(run.accelerator)
+    return row
+
+

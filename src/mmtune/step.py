@@ -1,0 +1,197 @@
+"""One optimizer step, in one function: ``train_step``. Read it to know what happens between two updates.
+
+1. the step's target-token count (``loss_reduction=token``: the loss divides by it, so accumulation and several
+   processes give the exact token mean);
+2. the gradient: ``step.backward()`` — cross-entropy + every method's named loss terms, one backward per
+   micro-batch — or, for the one method that builds its own step (``Method.build_step``: per-task gradients, a
+   second gradient at moved weights, loss balancing that revisits the batches), what that method does with ``Step``;
+3. clip, check finiteness (a NaN stops the run before the update), ``before_optimizer_step``, the optimizer step,
+   ``after_optimizer_step`` (``mmtune.engines.optimizer_step``: the same on one process, DDP, FSDP2 and DeepSpeed);
+4. the learning-rate schedule and the step counter.
+
+``Step`` is what a step-building method gets: the micro-batches, and the gradient building blocks (the plain
+backward, per-task gradients as flat ``[T, P]`` vectors, setting the gradient, moving the weights) so that a method
+writes only its rule (see ``mmtune.methods.multitask``, ``mmtune.methods.sam``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from mmtune.data.collate import IGNORE_INDEX
+from mmtune.engines import backward, is_deepspeed, optimizer_step
+from mmtune.errors import NonFiniteError
+from mmtune.losses import compute_losses
+from mmtune.methods.base import Method, TrainContext
+
+
+@dataclass
+class Step:
+    """One optimizer step's micro-batches, and the ways to turn them into the step's gradient."""
+
+    ctx: TrainContext
+    methods: list[Method]  # every method of the run: their loss terms count in each gradient below
+    micro: list[dict]  # the step's micro-batches (``train.grad_accum`` of them)
+    loss_reduction: str = "token"
+    tokens: float | None = None  # target tokens per micro-batch (token reduction), over all processes
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # each loss term's step mean, detached (logged)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return list(self.ctx.trainable.values())
+
+    def _log(self, terms: dict[str, torch.Tensor]) -> None:
+        accum = len(self.micro)
+        for key, value in terms.items():
+            self.terms[key] = self.terms.get(key, 0.0) + value.detach().double() / accum
+
+    def backward(self, log: bool = True) -> None:
+        """The plain step: cross-entropy + the methods' loss terms, one backward per micro-batch, gradients
+        accumulated into ``param.grad`` (all-reduced across processes on the last micro-batch)."""
+        accelerator, accum = self.ctx.accelerator, len(self.micro)
+        for index, piece in enumerate(self.micro):
+            last = index == accum - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(self.ctx.model):
+                with accelerator.autocast():
+                    terms, _ = compute_losses(self.ctx, self.methods, piece, self.loss_reduction, self.tokens)
+                backward(accelerator, sum(terms.values()) / accum, last)
+            if log:
+                self._log(terms)
+
+    def zero_grad(self) -> None:
+        self._needs_gradients("zero the gradient")
+        for param in self.params:
+            param.grad = None
+
+    def task_gradients(self, only: str | None = None, log: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradient of each task's *share* of the step's loss (the shares sum to the cross-entropy), one backward
+        per task on one forward per micro-batch, all-reduced across processes by hand, as ``[T, P]`` flat vectors
+        (rows in ``ctx.tasks`` order), and the gradient of the methods' other loss terms ``[P]``. ``only``: that
+        task's share alone (no other terms)."""
+        self._needs_gradients("take per-task gradients")
+        ctx, accelerator, accum, params = self.ctx, self.ctx.accelerator, len(self.micro), self.params
+        size = sum(p.numel() for p in params)
+        task_grads = torch.zeros(len(ctx.tasks), size, device=accelerator.device)
+        extra_grad = torch.zeros(size, device=accelerator.device)
+
+        def flat(loss: torch.Tensor, retain: bool) -> torch.Tensor:
+            grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+            return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                              for g, p in zip(grads, params, strict=True)])
+
+        for piece in self.micro:
+            with accelerator.no_sync(ctx.model), accelerator.autocast():  # DDP's own all-reduce is not used here
+                shares: dict[str, torch.Tensor] = {}
+                terms, _ = compute_losses(ctx, self.methods, piece, self.loss_reduction, self.tokens, shares)
+            if only is not None:
+                shares = {only: shares[only]} if only in shares else {}
+            extra = [v for k, v in terms.items() if k != "ce" and v.requires_grad] if only is None else []
+            for number, (task, share) in enumerate(shares.items()):
+                last = number == len(shares) - 1 and not extra
+                task_grads[ctx.tasks.index(task)] += flat(share / accum, retain=not last)
+            if extra:
+                extra_grad += flat(sum(extra) / accum, retain=False)
+            if log:
+                self._log(terms)
+        if accelerator.num_processes > 1:
+            task_grads = accelerator.reduce(task_grads, "mean")
+            extra_grad = accelerator.reduce(extra_grad, "mean")
+        return task_grads, extra_grad
+
+    def combine_task_gradients(self, combine: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+                               perturbation: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """``param.grad`` = ``combine`` of the gradients of the tasks present in the step (on any process) + the other
+        loss terms' gradient. With ``perturbation`` (task-based SAM), each task's gradient is also taken again at the
+        weights moved by ``perturbation(g_i)`` — every process runs the same forwards — and handed over second."""
+        task_grads, extra_grad = self.task_gradients(log=True)
+        present = (task_grads.abs().sum(1) > 0).nonzero().flatten().tolist()
+        if not present:
+            combined = torch.zeros_like(extra_grad)
+        elif perturbation is None:
+            combined = combine(task_grads[present], None)
+        else:
+            params = self.params
+            moved, original = torch.zeros_like(task_grads), [p.detach().clone() for p in params]
+            for index in present:
+                self.move(perturbation(task_grads[index]))
+                moved[index] = self.task_gradients(only=self.ctx.tasks[index])[0][index]
+                with torch.no_grad():  # back to the very same weights (not W + ε − ε, which rounds)
+                    for param, value in zip(params, original, strict=True):
+                        param.copy_(value)
+            combined = combine(task_grads[present], moved[present])
+        self.set_gradient(combined + extra_grad)
+
+    def set_gradient(self, flat: torch.Tensor) -> None:
+        """``param.grad`` from one flat vector laid out as ``task_gradients`` lays them out."""
+        self._needs_gradients("set the gradient")
+        params = self.params
+        for param, grad in zip(params, torch.split(flat, [p.numel() for p in params]), strict=True):
+            param.grad = grad.view_as(param).to(param.dtype)
+
+    @torch.no_grad()
+    def move(self, offset: torch.Tensor) -> None:
+        """``params += offset`` for a flat ``offset`` laid out as ``task_gradients`` lays gradients out."""
+        params = self.params
+        for param, piece in zip(params, torch.split(offset, [p.numel() for p in params]), strict=True):
+            param.add_(piece.view_as(param).to(param.dtype))
+
+    def _needs_gradients(self, what: str) -> None:
+        if is_deepspeed(self.ctx.accelerator):  # refused up front (Method.sets_gradients); this is the backstop
+            raise RuntimeError(f"can't {what} under DeepSpeed: its engine keeps the gradients in its own buffers")
+
+
+def step_tokens(accelerator, micro: list[dict]) -> float:
+    """Target tokens of one optimizer step, per process on average (all processes' micro-batches counted): the
+    token-mean loss divides by it, so accumulation and DDP's gradient averaging give the exact token mean."""
+    count = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)),
+                         device=accelerator.device)
+    if accelerator.num_processes > 1:
+        count = accelerator.reduce(count, "sum") / accelerator.num_processes
+    return max(1.0, float(count))
+
+
+def check_finite(step: int, terms: dict[str, float], grad_norm: float, scaled: bool = False) -> None:
+    """Stop before the optimizer step when a loss term or the gradient is NaN / inf (all processes agree:
+    a non-finite loss anywhere makes the all-reduced gradient norm non-finite everywhere). With fp16 loss
+    scaling (``scaled``) an overflowing gradient is expected now and then: the scaler skips that step and
+    lowers the scale, so only the loss is checked."""
+    bad = [f"{k}={v}" for k, v in terms.items() if not math.isfinite(v)]
+    if bad or not (scaled or math.isfinite(grad_norm)):
+        what = f"loss term {', '.join(bad)}" if bad else f"gradient norm {grad_norm}"
+        raise NonFiniteError(f"step {step}: {what} is not finite. The run stops before the optimizer step; "
+                             "nothing after the last checkpoint is saved. Lower the learning rate or the method's "
+                             "coefficients, or check the data.")
+
+
+def step_builder(methods: list[Method]) -> Method | None:
+    """The run's method that builds its own step (at most one: ``check_method_combination``), if any."""
+    return next((m for m in methods if m.builds_step), None)
+
+
+def train_step(ctx: TrainContext, methods: list[Method], micro: list[dict], optimizer, scheduler, train) -> tuple[
+        dict[str, float], float]:
+    """One optimizer step over ``micro`` (``train``: the run's ``train`` config section); returns each loss term's
+    step mean (one host sync for all of them) and the gradient norm before clipping."""
+    accelerator = ctx.accelerator
+    tokens = step_tokens(accelerator, micro) / len(micro) if train.loss_reduction == "token" else None
+    step = Step(ctx, methods, micro, train.loss_reduction, tokens)
+    builder = step_builder(methods)
+    if builder is None:
+        step.backward()
+    else:
+        builder.build_step(step)
+    terms = dict(zip(step.terms, torch.stack(list(step.terms.values())).tolist(), strict=True))
+    check = functools.partial(check_finite, ctx.step + 1, terms, scaled=accelerator.mixed_precision == "fp16")
+    grad_norm = optimizer_step(ctx, methods, optimizer, train.max_grad_norm, check)
+    with warnings.catch_warnings():  # under DeepSpeed the step is the engine's, which torch can't see
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+        scheduler.step()
+    ctx.step += 1
+    return terms, grad_norm

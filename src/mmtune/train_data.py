@@ -1,0 +1,131 @@
+"""A run's training data: the synthetic world (generated once), the task mixture, the over-length check and the
+data loader whose order is a function of the run alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from mmtune.config import RunConfig
+from mmtune.data.collate import RecordDataset, TrainCollator
+from mmtune.data.mixture import build_mixture, mixture_summary
+from mmtune.data.records import RecordError
+from mmtune.data.synthetic import SYNTHETIC_PREFIX, ensure_world, resolve_task_path
+
+
+class EpochSampler(Sampler):
+    """A fresh permutation per epoch from ``seed + epoch``: the data order is a function of the run only."""
+
+    def __init__(self, length: int, seed: int):
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+
+def world_dir(config: RunConfig) -> Path | None:
+    paths = [t.path for t in config.data.tasks] + config.eval.downstream + config.eval.heldout
+    if not any(p.startswith(SYNTHETIC_PREFIX) for p in paths):
+        return None
+    synth = config.data.synthetic
+    return Path(synth.dir) if synth.dir else Path(config.train.output_dir) / "synthetic"
+
+
+def load_records(config: RunConfig, accelerator, say) -> tuple[Path | None, list, list[str]]:
+    """The synthetic world (generated once, by the main process) and the shuffled task mixture; returns
+    ``(world folder or None, records, skipped bad records)``."""
+    world = world_dir(config)
+    if world is not None and accelerator.is_main_process:
+        synth = config.data.synthetic
+        ensure_world(world, synth.seed, synth.n_train, synth.n_test, synth.image_size, config.train.progress)
+    accelerator.wait_for_everyone()
+    if not config.data.tasks:
+        raise ValueError("data.tasks is empty: name at least one task file")
+    skipped: list[str] = []
+    records = build_mixture(config.data.tasks, config.train.seed,
+                            resolve=lambda p: resolve_task_path(p, world, "train"),
+                            skip_bad_records=config.data.skip_bad_records, skipped=skipped)
+    say(f"mixture: {len(records)} records — {mixture_summary(records)}")
+    if skipped:
+        say(f"skipped {len(skipped)} bad records (data.skip_bad_records=true); first: {skipped[0]}")
+    return world, records, skipped
+
+
+def build_loader(config: RunConfig, records: list, processor, skipped: list[str], say) -> tuple[DataLoader, list]:
+    """The training data loader (records longer than ``data.max_length`` refused before training, or skipped and
+    counted in ``skipped``); returns it with the records it holds."""
+    collator = TrainCollator(processor, config.data.max_length)
+    too_long = find_too_long(records, collator)
+    if too_long and not config.data.skip_bad_records:
+        raise RecordError(too_long[0][1] + f" ({len(too_long)} such records; data.skip_bad_records=true skips them)")
+    if too_long:
+        skipped += [message for _, message in too_long]
+        dropped = {id(record) for record, _ in too_long}
+        records = [r for r in records if id(r) not in dropped]
+        say(f"skipped {len(too_long)} records longer than data.max_length")
+    loader = DataLoader(RecordDataset(records), batch_size=config.train.batch_size, drop_last=True,
+                        sampler=EpochSampler(len(records), config.train.seed), collate_fn=collator,
+                        num_workers=config.data.num_workers)
+    return loader, records
+
+
+def optimizer_steps(loader, skip_first_batches, accum: int, steps_per_epoch: int, epoch: int, step_in_epoch: int,
+                    count: int):
+    """From a position (``epoch``, optimizer steps done in it), yield ``count`` optimizer steps' micro-batches as
+    ``(epoch, steps done in the epoch with this one, micro)``, epoch after epoch; each epoch has its own order, a
+    resumed epoch skips what was trained, and nothing is read past the last step."""
+    while count > 0:
+        loader.set_epoch(epoch)
+        batches = skip_first_batches(loader, step_in_epoch * accum) if step_in_epoch else loader
+        micro: list[dict] = []
+        for batch in batches:
+            micro.append(batch)
+            if len(micro) < accum:
+                continue
+            step_in_epoch, count = step_in_epoch + 1, count - 1
+            yield epoch, step_in_epoch, micro
+            micro = []
+            if step_in_epoch >= steps_per_epoch or count == 0:
+                break
+        epoch, step_in_epoch = epoch + 1, 0
+
+
+def find_too_long(records, collator: TrainCollator) -> list[tuple]:
+    """Records whose prompt + answer exceed ``max_length``, found before training starts, not mid-run.
+
+    The image's token count is measured once on the first record with an image (fixed-resolution processors give
+    every image the same count; variable-resolution ones are checked again, exactly, in the collator).
+    """
+    if not records:
+        return []
+    from mmtune.data.collate import prompt_text
+
+    tokenizer, processor = collator.tokenizer, collator.processor
+    image_tokens = 0
+    pictured = next((r for r in records if r.image is not None), None)
+    if pictured is not None:
+        first_prompt = prompt_text(processor, pictured.prompt)
+        text_only = len(tokenizer(first_prompt, add_special_tokens=False)["input_ids"])
+        with_image = processor(text=[first_prompt], images=[RecordDataset([pictured])[0]["image"]],
+                               return_tensors="pt")["input_ids"].shape[1]
+        image_tokens = with_image - text_only
+    found = []
+    for record in records:
+        prompt_tokens = len(tokenizer(prompt_text(processor, record), add_special_tokens=False)["input_ids"])
+        # (a conversation's earlier answers are in its rendered prompt already)
+        length = prompt_tokens + (image_tokens if record.image is not None else 0) + \
+            len(collator.answer_ids(record.target))
+        if length > collator.max_length:
+            where = f"{record.source}: " if record.source else ""
+            found.append((record, f"{where}record {record.id!r} (task {record.task}, {record.image}): prompt + answer "
+                                  f"is about {length} tokens, longer than data.max_length={collator.max_length}"))
+    return found
