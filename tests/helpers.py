@@ -1,13 +1,14 @@
 """Shared helpers for training tests."""
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForImageTextToText
 
-from mmtune.data.synthetic import vocabulary
-from mmtune.models.tiny import build_tiny
+from mmtune.step import Step, step_builder, step_tokens
+from mmtune.train import load_base
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -16,10 +17,27 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def base_weights(config) -> dict[str, torch.Tensor]:
-    model, _ = build_tiny(config.model.tiny, words=vocabulary(), image_size=config.model.tiny_image_size,
-                          hidden_size=config.model.tiny_hidden_size, num_layers=config.model.tiny_layers,
-                          seed=config.train.seed)
+    """The weights a run of ``config`` starts from (what ``mmtune train`` loads)."""
+    model, _ = load_base(config)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@contextmanager
+def assembled(config):
+    """A run assembled exactly as ``mmtune train`` assembles it — engine, methods, data, model, optimizer, the
+    methods' ``setup`` — and not trained: for tests of single steps."""
+    from mmtune.run_folder import release_lock
+    from mmtune.train import build_model, open_run
+    from mmtune.train_data import load_records
+
+    run = open_run(config)
+    try:
+        run.world, run.records, run.skipped = load_records(config, run.accelerator, run.say)
+        build_model(run)
+        yield run
+    finally:
+        run.peers.close()
+        release_lock(run.lock)
 
 
 def losses(run: Path, key: str = "loss") -> list[float]:
@@ -30,3 +48,31 @@ def losses(run: Path, key: str = "loss") -> list[float]:
 def trainable_names(weights: dict, last_n: int = 2, layers: int = 4) -> set[str]:
     blocks = tuple(f"language_model.layers.{i}." for i in range(layers - last_n, layers))
     return {n for n in weights if "multi_modal_projector" in n or any(b in n for b in blocks)}
+
+
+def nth_micro(run, index: int = 0) -> list[dict]:
+    """The run's ``index``-th batch of its first epoch, as one step's micro-batches."""
+    loader = iter(run.loader)
+    for _ in range(index):
+        next(loader)
+    return [next(loader)]
+
+
+@torch.no_grad()
+def move_off_pretrained(run, scale: float = 0.01) -> None:
+    """Away from W0, so distance terms (L1, L2) have a gradient; the same move in every run of a test."""
+    generator = torch.Generator().manual_seed(1)
+    for param in run.ctx.trainable.values():
+        param.add_(scale * torch.randn(param.shape, generator=generator).to(param.dtype))
+
+
+def step_gradient(run, micro) -> dict[str, torch.Tensor]:
+    """The gradient one step of the run's methods forms (before clipping and the step hooks)."""
+    ctx = run.ctx
+    for param in ctx.trainable.values():
+        param.grad = None
+    tokens = step_tokens(run.accelerator, micro) / len(micro)
+    step = Step(ctx, run.methods, micro, run.config.train.loss_reduction, tokens)
+    builder = step_builder(run.methods)
+    builder.build_step(step) if builder is not None else step.backward()
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in ctx.trainable.items()}

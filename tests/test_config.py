@@ -1,9 +1,11 @@
+
 from pathlib import Path
 
 import pytest
 
 from mmtune.config import ConfigError, RunConfig, TaskSpec, load_config, save_config
 from mmtune.methods.base import build_methods
+from mmtune.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,3 +103,56 @@ def test_accelerate_style_mixed_precision_no_is_not_a_boolean(tmp_path):
     path.write_text("train:\n  mixed_precision: no\n")
     assert load_config(path).train.mixed_precision == "no"
     assert load_config(ROOT / "configs/tiny.yaml", ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+BAD_VALUES = [
+    ("scope.lr_blocks=-1e-4", "scope.lr_blocks=-0.0001 must be > 0"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm=-1.0 must be > 0"),
+    ("train.epochs=0", "train.epochs=0.0 must be > 0"),
+    ("train.epochs=-1", "train.epochs=-1.0 must be > 0"),
+    ("train.max_steps=-5", "train.max_steps=-5 must be ≥ 1"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints=0 must be ≥ 1"),
+    ("method.name=+", "each '+'-joined part must name a method"),
+    ("method.name=nrca++spider", "each '+'-joined part must name a method"),
+    ("train.warmup_ratio=5", "train.warmup_ratio=5.0 must be in \\[0, 1\\]"),
+    ("train.weight_decay=-0.1", "train.weight_decay=-0.1 must be ≥ 0"),
+    ("train.output_dir=''", "train.output_dir is empty"),
+    ("train.grad_accum=0", "train.grad_accum=0 must be ≥ 1"),
+    ("train.log_every=0", "train.log_every=0 must be ≥ 1"),
+    ("train.batch_size=0", "train.batch_size=0 must be ≥ 1"),
+    ("train.mixed_precision=fp8", "train.mixed_precision='fp8'"),
+    ("model.path=/models/x", "model.path='/models/x' and model.tiny='llava' are both set"),
+    ("model.dtype=fp64", "model.dtype='fp64'"),
+    ("data.max_length=0", "data.max_length=0 must be ≥ 1"),
+    ("eval.limit=0", "eval.limit=0 must be ≥ 1"),
+    ("train.lr=.nan", "unknown key train.lr"),
+    ("scope.lr_blocks=.nan", "scope.lr_blocks=nan must be > 0"),
+    ("data.tasks=[{path: x, n: 0}]", "n=0 must be ≥ 1"),
+    ("data.tasks=[{path: x, weight: -1}]", "weight=-1.0 must be > 0"),
+    ("train.seed=!!python/object:os.system x", "not valid YAML"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_VALUES)
+def test_bad_config_values_are_refused_naming_the_key(tiny_config, override, message):
+    with pytest.raises(ConfigError, match=message.replace("'+'", "'\\+'")):
+        tiny_config(override)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("method.nrca.lam=-1", "method.nrca: .*lam=-1.0 must be ≥ 0"),
+    ("method.nrca.lam=.nan", "lam=nan must be ≥ 0"),
+    ("method.l2_reg.lam=-1", "lam=-1.0 must be ≥ 0"),
+    ("method.lora.r=0", "r=0 must be ≥ 1"),
+    ("method.wise_ft.alpha=2", "alpha=2.0 must be in"),
+    ("method.grafting.keep_ratio=1.5", "keep_ratio=1.5 must be in"),
+])
+def test_bad_method_options_are_refused_before_any_work(tiny_config, override, message):
+    name = override.split(".")[1]
+    with pytest.raises(ConfigError, match=message):
+        train(tiny_config(f"method.name={name}", override, out="never"))
+
+
+def test_fp16_on_cpu_is_refused(tiny_config):
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        train(tiny_config("train.mixed_precision=fp16"))

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
+from helpers import final_weights
 from mmtune.precision import keep_fp32_masters, low_precision_dtype, to_saved_dtype
 from mmtune.train import train
 
@@ -112,3 +113,8 @@ def test_helpers():
     state = {"w": torch.ones(2), "i": torch.ones(2, dtype=torch.long)}
     saved = to_saved_dtype(state, torch.bfloat16)
     assert saved["w"].dtype == torch.bfloat16 and saved["i"].dtype == torch.long
+
+
+def test_tiny_model_honours_model_dtype(tiny_config):
+    run = train(tiny_config("model.dtype=bf16"))
+    assert all(t.dtype == torch.bfloat16 for t in final_weights(run).values() if t.is_floating_point())

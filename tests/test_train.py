@@ -1,5 +1,6 @@
 """The loop's own guarantees (the per-method contract tests live in tests/methods/test_contract.py)."""
 
+import contextlib
 import json
 import math
 
@@ -25,89 +26,18 @@ def test_tiny_run_writes_a_loadable_model_config_and_metrics(tiny_config, tmp_pa
     assert {"loss", "ce", "lr", "grad_norm"} <= rows[0].keys()
 
 
-def test_refuses_to_write_over_another_run(tiny_config):
-    train(tiny_config())
-    with pytest.raises(FileExistsError, match="already holds a run"):
-        train(tiny_config())
-    train(tiny_config("train.overwrite=true"))  # explicit consent
 
 
-def metric_rows(run):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in rows]
 
 
-@pytest.mark.parametrize("reduction", ["token", "sample"])
-def test_gradient_accumulation_2x4_matches_8x1(tiny_config, reduction):
-    # The micro-batches hold different numbers of target tokens: the token mean must count the whole step's.
-    a = train(tiny_config("train.batch_size=4", "train.grad_accum=2", "train.max_steps=2",
-                          f"train.loss_reduction={reduction}", out="accum"))
-    b = train(tiny_config("train.batch_size=8", "train.grad_accum=1", "train.max_steps=2",
-                          f"train.loss_reduction={reduction}", out="batch"))
-    wa, wb = final_weights(a), final_weights(b)
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
-    assert losses(a) == pytest.approx(losses(b), rel=1e-5)
 
 
-def test_the_two_loss_reductions_differ_by_hand():
-    """token: Σ token losses / #tokens; sample: mean over samples of each sample's token mean."""
-    from types import SimpleNamespace
-
-    from mmtune.losses import compute_losses
-
-    logits = torch.zeros(2, 4, 3)  # uniform over 3 tokens: every target token costs log 3
-    logits[0, 0, 1] = 5.0  # sample 0's first target is easy
-    labels = torch.tensor([[-100, 1, 2, 0], [-100, 2, -100, -100]])  # 3 target tokens, then 1
-    model = lambda **_: SimpleNamespace(logits=logits)  # noqa: E731
-    ctx = SimpleNamespace(model=model)
-    batch = {"labels": labels, "input_ids": labels}
-    easy = -torch.log_softmax(logits[0, 0], -1)[1]
-    log3 = torch.log(torch.tensor(3.0))
-    token = compute_losses(ctx, [], batch, "token")[0]["ce"]
-    sample = compute_losses(ctx, [], batch, "sample")[0]["ce"]
-    torch.testing.assert_close(token, (easy + 3 * log3) / 4)
-    torch.testing.assert_close(sample, ((easy + 2 * log3) / 3 + log3) / 2)
 
 
-def test_resume_equals_uninterrupted_run(tiny_config, tmp_path):
-    full = train(tiny_config("train.max_steps=6", "train.save_every=3", out="full"))
-    checkpoint = full / "checkpoints" / "step-000003"
-    assert checkpoint.is_dir()
-    resumed = train(tiny_config("train.max_steps=6", f"train.resume_from={checkpoint}", out="resumed"))
-    wf, wr = final_weights(full), final_weights(resumed)
-    for name in wf:
-        assert torch.equal(wf[name], wr[name]), name
-    assert losses(resumed) == losses(full)[3:]
 
 
-def test_resume_latest_in_the_same_folder(tiny_config):
-    import shutil
-
-    run = train(tiny_config("train.max_steps=4", "train.save_every=2", out="same"))
-    before, rows = final_weights(run), metric_rows(run)
-    shutil.rmtree(run / "final")  # as if killed after the step-2 checkpoint, with steps 3-4 logged
-    (run / "train_summary.json").unlink()
-    train(tiny_config("train.max_steps=4", "train.resume_from=latest", out="same"))
-    after = final_weights(run)
-    for name in before:
-        assert torch.equal(before[name], after[name])
-    assert metric_rows(run) == rows  # redone steps replace their rows: no duplicates
 
 
-def test_skip_bad_records_counts_them_in_the_summary(tiny_config, tmp_path, world):
-    lines = (world / "count_mc_train.jsonl").read_text().splitlines()[:12]
-    bad = tmp_path / "bad.jsonl"
-    rows = [json.loads(line) for line in lines]
-    for row in rows:
-        row["image"] = str(world / row["image"])
-    rows[3]["image"] = "missing.png"
-    bad.write_text("\n".join(json.dumps(r) for r in rows) + "\n{oops\n")
-    with pytest.raises(Exception, match="bad.jsonl:4: image not found"):
-        train(tiny_config(f"data.tasks=[{{path: '{bad}'}}]", out="strict"))
-    run = train(tiny_config(f"data.tasks=[{{path: '{bad}'}}]", "data.skip_bad_records=true", out="lenient"))
-    summary = json.loads((run / "train_summary.json").read_text())
-    assert summary["skipped_records"] == 2 and summary["records"] == 11
 
 
 def test_cli_train_and_errors(tiny_config, tmp_path, world, capsys):
@@ -153,14 +83,47 @@ def test_merge_interpolates_a_finished_run(tiny_config, tmp_path):
     assert main(["merge", str(run), "--alpha", "0.5"]) == 2  # never overwrites
 
 
-def test_gradient_checkpointing_and_bf16_autocast_train(tiny_config):
-    run = train(tiny_config("model.gradient_checkpointing=true", "train.mixed_precision=bf16", "train.max_steps=2"))
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)  # finite, not NaN
+def _observed_run(tiny_config, monkeypatch, *overrides: str, out: str) -> dict:
+    """Train 2 steps, counting the last LLM block's forwards (gradient checkpointing runs each again in the
+    backward) and recording the dtype its query projection computes in (bf16 under bf16 autocast)."""
+    import mmtune.train as train_module
+
+    seen = {"forwards": 0, "dtypes": set()}
+    real = train_module.load_base
+
+    def observed(config):
+        model, processor = real(config)
+        block = model.model.language_model.layers[-1]
+        block.register_forward_hook(lambda *_: seen.__setitem__("forwards", seen["forwards"] + 1))
+        block.self_attn.q_proj.register_forward_hook(lambda module, inputs, output: seen["dtypes"].add(output.dtype))
+        return model, processor
+
+    monkeypatch.setattr(train_module, "load_base", observed)
+    run = train(tiny_config(*overrides, "train.max_steps=2", out=out))
+    assert len(losses(run)) == 2
+    return {"forwards": seen["forwards"], "dtypes": seen["dtypes"]}
+
+
+CHECKPOINTED_BF16 = ("model.gradient_checkpointing=true", "train.mixed_precision=bf16")
+
+
+def test_gradient_checkpointing_and_bf16_autocast_are_really_on(tiny_config, monkeypatch):
+    assert _observed_run(tiny_config, monkeypatch, out="plain") == {"forwards": 2, "dtypes": {torch.float32}}
+    assert _observed_run(tiny_config, monkeypatch, *CHECKPOINTED_BF16, out="on") == \
+        {"forwards": 4, "dtypes": {torch.bfloat16}}  # each block recomputed in the backward, in bf16
+
+
+def test_mutation_checkpointing_and_autocast_switched_off_are_seen(tiny_config, monkeypatch):
+    from accelerate import Accelerator
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_enable", lambda self, **kwargs: None)
+    monkeypatch.setattr(Accelerator, "autocast", lambda self, *a, **k: contextlib.nullcontext())
+    assert _observed_run(tiny_config, monkeypatch, *CHECKPOINTED_BF16, out="off") == \
+        {"forwards": 2, "dtypes": {torch.float32}}  # what the test above would then see, and fail on
 
 
 def test_bad_method_option_fails_before_any_work(tiny_config, tmp_path):
-    from mmtune.config import ConfigError
 
     with pytest.raises(ConfigError, match="unknown key method.nrca.lambda"):
         train(tiny_config("method.name=nrca", "method.nrca.lambda=2", out="typo"))
@@ -226,24 +189,8 @@ def test_spider_on_bf16_parameters_keeps_w0_in_bf16(tiny_config, tmp_path):
     assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)
 
 
-def test_logs_without_progress_bars_get_status_lines_and_a_closing_summary(tiny_config, capsys):
-    run = train(tiny_config("train.max_steps=4"))  # tiny_config sets train.progress=false
-    out = capsys.readouterr().out
-    assert "step 4/4 (100%)  loss" in out and "s left" in out
-    assert f"final model  {run / 'final'}" in out and f"metrics      {run / 'metrics.jsonl'}" in out
 
 
-def test_evaluation_during_training_logs_the_trade_off_by_step(tiny_config):
-    run = train(tiny_config("train.max_steps=4", "eval.every_steps=2", "eval.during_limit=3", "eval.limit=3",
-                            "eval.max_new_tokens=3", "eval.downstream=['synthetic:count_mc']",
-                            "eval.heldout=['synthetic:color_vqa']"))
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if "eval" in r]
-    assert [r["step"] for r in evals] == [2, 4]
-    assert {"S", "G", "H", "S/base", "G/base", "tasks"} <= evals[0]["eval"].keys()
-    assert (run / "eval" / "during" / "base" / "scores.json").is_file()
-    assert json.loads((run / "eval" / "during" / "step-000004" / "scores.json").read_text())["tasks"]["count_mc"]["n"] == 3
-    assert (run / "report" / "s_g_over_steps.png").is_file()
 
 
 def test_a_bad_model_path_fails_before_any_data_is_generated(tiny_config, tmp_path):
@@ -283,58 +230,9 @@ def test_optimizer_choices_train(tiny_config, optimizer):
     assert losses(run)[1:] != losses(adamw)[1:]  # another optimizer moved the weights differently
 
 
-def test_best_checkpoint_and_early_stopping(tiny_config):
-    """train.best_metric keeps the best evaluation's model in best/; early stopping ends the run after `patience`
-    evaluations without a new best, and says so."""
-    evaluate = ["eval.every_steps=1", "eval.during_limit=2", "eval.limit=2", "eval.max_new_tokens=2",
-                "eval.downstream=['synthetic:count_mc']", "eval.heldout=['synthetic:color_vqa']"]
-    # A learning rate of ~0 changes nothing: the first evaluation stays the best and the run stops after 2 more.
-    run = train(tiny_config(*evaluate, "train.best_metric=H", "train.early_stopping_patience=2", "train.max_steps=8",
-                            "scope.lr_blocks=1e-12", "scope.lr_projector=1e-12"))
-    summary = json.loads((run / "train_summary.json").read_text())
-    assert summary["steps"] == 3 and summary["best"]["step"] == 1 and summary["best"]["stopped_early"]
-    assert (run / "best" / "config.json").exists()
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert summary["best"]["value"] == max(r["eval"]["H"] for r in rows if "eval" in r)
-    with pytest.raises(ConfigError, match="set eval.every_steps"):
-        tiny_config("train.best_metric=H")
-    with pytest.raises(ConfigError, match="needs train.best_metric"):
-        tiny_config("train.early_stopping_patience=2")
 
 
-def test_best_by_validation_loss_keeps_the_lowest(tiny_config):
-    """train.best_metric=val_loss (lower is better, the Trainer's eval_loss): each evaluation row carries every task's
-    validation loss; best.json keeps the lowest mean, and val_loss/<task> selects one task's."""
-    evaluate = ["eval.every_steps=1", "eval.during_limit=2", "eval.limit=2", "eval.max_new_tokens=2",
-                "eval.downstream=['synthetic:count_mc']", "eval.heldout=['synthetic:color_vqa']", "train.max_steps=4"]
-    for metric in ("val_loss", "val_loss/count_mc"):
-        run = train(tiny_config(*evaluate, f"train.best_metric={metric}", "scope.lr_blocks=0.01", out=metric))
-        rows = [json.loads(line)["eval"] for line in (run / "metrics.jsonl").read_text().splitlines()
-                if "eval" in json.loads(line)]
-        assert all(set(r["val_loss"]) == {"count_mc", "color_vqa"} for r in rows)
-        values = [sum(r["val_loss"].values()) / 2 if metric == "val_loss" else r["val_loss"]["count_mc"] for r in rows]
-        best = json.loads((run / "best.json").read_text())
-        assert best["value"] == pytest.approx(min(values)) and len(set(values)) > 1
-        assert (run / "best" / "config.json").exists()
 
 
-def test_best_state_without_a_comparable_value_says_so(tmp_path):
-    """A first evaluation whose value is NaN is no best (nothing is saved) and the state still describes itself."""
-    from mmtune.best import BestState, update_best
-
-    for metric in ("H", "val_loss"):
-        state, root = BestState(metric), tmp_path / metric.replace("/", "_")
-        root.mkdir()
-        summary = {"H": float("nan"), "val_loss": {"a": float("nan")}}
-        assert not update_best(state, summary, 1, lambda folder: folder.mkdir(), root)
-        assert state.describe() == "none yet" and not (root / "best").exists()
-        better = {"H": 50.0, "val_loss": {"a": 0.5}}
-        assert update_best(state, better, 2, lambda folder: folder.mkdir(), root)
-        assert state.describe() == ("50.00 at step 2" if metric == "H" else "0.50 at step 2")
 
 
-def test_best_metric_must_be_in_the_evaluation(tiny_config):
-    with pytest.raises(ValueError, match="train.best_metric='Q' is not in the evaluation; choose one of S, G, H"):
-        train(tiny_config("eval.every_steps=1", "eval.during_limit=2", "eval.limit=2", "eval.max_new_tokens=2",
-                          "eval.downstream=['synthetic:count_mc']", "eval.heldout=['synthetic:color_vqa']",
-                          "train.best_metric=Q", "train.max_steps=2"))

@@ -260,10 +260,10 @@ def demo_merges(out: Path, base: Path, common: list[str], args) -> list[Path]:
 
     from mmtune.config import load_config
     from mmtune.data.synthetic import ensure_world
+    from mmtune.during_training import run_evaluation
     from mmtune.files import atomic_write
     from mmtune.merging import DEMO_MERGES, merge_folders
     from mmtune.models.load import load_model
-    from mmtune.during_training import run_evaluation
     from mmtune.train import train
 
     demo = load_config(CONFIGS / "demo.yaml", [*common, f"model.path={base}"])

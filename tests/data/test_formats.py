@@ -244,3 +244,15 @@ def test_llava_mixes_that_reuse_ids_keep_every_conversation(tmp_path):
            {"id": "000000052846", "image": "coco/000000033471.jpg", "conversations": conversation}])
     records, skipped = prepare("llava", tmp_path, "", file="llava_instruct_150k.json")
     assert [r.id for r in records] == ["000000033471@0", "000000033471@1", "000000052846"] and not skipped
+
+
+def test_export_llava_replaces_a_planted_link(tmp_path, world):
+    from mmtune.data.formats.llava import export
+    from mmtune.data.records import read_records
+
+    victim = tmp_path / "victim.json"
+    victim.write_text("precious")
+    out = tmp_path / "mix.json"
+    out.symlink_to(victim)
+    export(read_records(world / "count_mc_test.jsonl")[:2], out, overwrite=True)
+    assert victim.read_text() == "precious" and not out.is_symlink() and json.loads(out.read_text())

@@ -103,3 +103,28 @@ def test_method_trainer_logs_loss_terms(world, tmp_path):
                             data_collator=TrainCollator(processor), methods=[NRCA()])
     trainer.train()
     assert all("nrca_gap" in row for row in trainer.state.log_history if "loss" in row)
+
+
+def test_lora_inside_the_trainer_trains_adapters_and_merges(world, tmp_path):
+    """The Trainer runs the methods' prepare_model: LoRA's adapters exist before its optimizer, train, and
+    trainer.final_model is the merged plain model (it used to train without adapters and crash at the end)."""
+    from mmtune.methods import Lora
+
+    model, processor = build_tiny("llava", words=vocabulary())
+    apply_scope(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    records = read_records(world / "detailed_caption_train.jsonl")[:8] + read_records(world / "count_mc_train.jsonl")[:8]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, remove_unused_columns=False,
+                             save_strategy="no", logging_strategy="no", disable_tqdm=True)
+    trainer = MethodTrainer(model=model, args=args, train_dataset=RecordDataset(records),
+                            data_collator=TrainCollator(processor), methods=[Lora()])
+    adapters = [n for n, p in trainer.model.named_parameters() if "lora_B" in n and p.requires_grad]
+    assert adapters  # wrapped before the Trainer built its optimizer
+    trainer.train()
+    final = trainer.final_model
+    assert not hasattr(final, "peft_config")  # merged: a plain model any tool loads
+    weights = dict(final.named_parameters())
+    moved = [n for n in before if not torch.equal(weights[n], before[n])]
+    assert any(".layers.3.self_attn.q_proj" in n for n in moved)  # the adapters' update, merged into the block
+    assert all("vision_tower" not in n for n in moved)

@@ -1,0 +1,80 @@
+"""The extension point (mmtune.methods.base): what a method can run on is derived from what it declares, and the
+0.1 step flags keep working with a deprecation."""
+
+import pytest
+import torch
+
+from helpers import assembled, move_off_pretrained, nth_micro, step_gradient
+from mmtune.methods import CAGrad, FAMO, L2Reg, Lora, Method, NRCA, SAM, Spider
+from mmtune.methods.base import refusal
+from mmtune.methods.multitask import cagrad
+
+
+def test_refusals_follow_the_hooks_and_declarations():
+    assert refusal([NRCA(), Spider(), Lora(), L2Reg()], "trainer") is None
+    assert "famo overrides balance_task_losses, build_step" in refusal([FAMO()], "trainer")
+    assert "sam overrides build_step" in refusal([SAM()], "trainer")
+    assert refusal([FAMO()], "deepspeed") is None  # its step is the plain backward: DeepSpeed runs it
+    assert refusal([SAM()], "deepspeed").startswith("sam: builds the step's gradient itself")
+    assert refusal([Spider()], "sharded") is None
+    assert refusal([L2Reg()], "sharded").startswith("l2_reg: not tested with parameters sharded")
+
+    class OwnStep(Method):
+        name = "own_step"
+
+        def build_step(self, step):
+            step.backward()
+
+    assert "own_step overrides build_step" in refusal([OwnStep()], "trainer")
+    assert refusal([OwnStep()], "deepspeed") is None  # declares no gradient surgery (sets_gradients = False)
+
+
+def _legacy(base: type, **attributes) -> type:
+    with pytest.warns(DeprecationWarning, match="per_task_gradients / second_pass flags are deprecated"):
+        return type(f"Legacy{base.__name__}", (base,), attributes)
+
+
+@pytest.mark.parametrize("name", ["cagrad", "sam"])
+def test_the_deprecated_step_flags_still_build_the_same_step(tiny_config, name):
+    if name == "cagrad":
+        legacy = _legacy(Method, name="cagrad", per_task_gradients=True,
+                         combine_task_gradients=lambda self, ctx, grads, perturbed=None: cagrad(grads * len(grads)))
+    else:
+        legacy = _legacy(SAM, second_pass=True)  # SAM's perturb / restore, its build_step replaced by the flag's
+    assert legacy.sets_gradients
+    with assembled(tiny_config(f"method.name={name}")) as run:
+        move_off_pretrained(run)
+        weights = {n: p.detach().clone() for n, p in run.ctx.trainable.items()}
+        current = step_gradient(run, nth_micro(run))
+        with torch.no_grad():  # SAM's W + ε − ε rounds: start the other step from the very same weights
+            for n, p in run.ctx.trainable.items():
+                p.copy_(weights[n])
+        run.methods = [legacy(run.methods[0].config) if name == "sam" else legacy()]
+        old = step_gradient(run, nth_micro(run))
+    for key in current:
+        torch.testing.assert_close(old[key], current[key], rtol=1e-5, atol=1e-8, msg=key)
+    assert any(float(g.abs().sum()) > 0 for g in current.values())
+
+
+def test_cagrad_is_not_the_plain_gradient_so_the_comparison_above_can_fail(tiny_config):
+    with assembled(tiny_config("method.name=cagrad")) as run:
+        move_off_pretrained(run)
+        combined = step_gradient(run, nth_micro(run))
+        run.methods = [Method()]
+        plain = step_gradient(run, nth_micro(run))
+    assert any(not torch.allclose(combined[k], plain[k]) for k in plain)
+
+
+def test_persistent_state_round_trips_through_a_checkpoint_file(tmp_path):
+    from mmtune.methods import HalfFT
+
+    method = HalfFT()
+    method.pretrained, method.frozen = {"w": torch.ones(2)}, {"b", "a"}
+    torch.save({"half_ft": method.state_dict()}, tmp_path / "state.pt")
+    restored = HalfFT()
+    restored.frozen = set()
+    restored.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True)["half_ft"])
+    assert restored.frozen == {"a", "b"} and torch.equal(restored.pretrained["w"], torch.ones(2))
+    restored.pretrained["w"].add_(1)  # a copy: the saved state is not changed through it
+    assert torch.equal(method.pretrained["w"], torch.ones(2))
+    assert CAGrad().state_dict() == {}

@@ -1,0 +1,71 @@
+"""One optimizer step (mmtune.step): accumulation and reductions give the exact mean, a non-finite step stops the run."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import final_weights, losses
+from mmtune.cli import main
+from mmtune.train import NonFiniteError, train
+
+
+@pytest.mark.parametrize("overrides", [["scope.lr_blocks=1e30", "scope.lr_projector=1e30"],
+                                       ["method.name=nrca", "method.nrca.lam=1e38"]])
+def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(tiny_config, overrides):
+    import re
+
+    with pytest.raises(NonFiniteError, match=r"step \d+: (loss term|gradient norm)") as error:
+        train(tiny_config(*overrides, "train.max_steps=30", "train.save_every=1", "train.max_grad_norm=null",
+                          out="nan"))
+    failed_at = int(re.search(r"step (\d+)", str(error.value)).group(1))
+    run = Path(tiny_config(out="nan").train.output_dir)
+    assert not (run / "final").exists()
+    checkpoints = sorted((run / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == failed_at - 1  # every step before the failure was checkpointed, none after
+    for checkpoint in checkpoints:
+        assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "model.safetensors").values())
+
+
+def test_cli_exits_non_zero_on_nan(tiny_config, tmp_path, capsys):
+    from mmtune.config import save_config
+
+    config_file = tmp_path / "nan.yaml"
+    save_config(tiny_config("scope.lr_blocks=1e30", "scope.lr_projector=1e30", "train.max_steps=30",
+                            "train.max_grad_norm=null", out="clinan"), config_file)
+    assert main(["train", "--config", str(config_file)]) != 0
+    assert "not finite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("reduction", ["token", "sample"])
+def test_gradient_accumulation_2x4_matches_8x1(tiny_config, reduction):
+    # The micro-batches hold different numbers of target tokens: the token mean must count the whole step's.
+    a = train(tiny_config("train.batch_size=4", "train.grad_accum=2", "train.max_steps=2",
+                          f"train.loss_reduction={reduction}", out="accum"))
+    b = train(tiny_config("train.batch_size=8", "train.grad_accum=1", "train.max_steps=2",
+                          f"train.loss_reduction={reduction}", out="batch"))
+    wa, wb = final_weights(a), final_weights(b)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert losses(a) == pytest.approx(losses(b), rel=1e-5)
+
+
+def test_the_two_loss_reductions_differ_by_hand():
+    """token: Σ token losses / #tokens; sample: mean over samples of each sample's token mean."""
+    from types import SimpleNamespace
+
+    from mmtune.losses import compute_losses
+
+    logits = torch.zeros(2, 4, 3)  # uniform over 3 tokens: every target token costs log 3
+    logits[0, 0, 1] = 5.0  # sample 0's first target is easy
+    labels = torch.tensor([[-100, 1, 2, 0], [-100, 2, -100, -100]])  # 3 target tokens, then 1
+    model = lambda **_: SimpleNamespace(logits=logits)  # noqa: E731
+    ctx = SimpleNamespace(model=model)
+    batch = {"labels": labels, "input_ids": labels}
+    easy = -torch.log_softmax(logits[0, 0], -1)[1]
+    log3 = torch.log(torch.tensor(3.0))
+    token = compute_losses(ctx, [], batch, "token")[0]["ce"]
+    sample = compute_losses(ctx, [], batch, "sample")[0]["ce"]
+    torch.testing.assert_close(token, (easy + 3 * log3) / 4)
+    torch.testing.assert_close(sample, ((easy + 2 * log3) / 3 + log3) / 2)
