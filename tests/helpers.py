@@ -27,13 +27,14 @@ def assembled(config):
     """A run assembled exactly as ``mmtune train`` assembles it — engine, methods, data, model, optimizer, the
     methods' ``setup`` — and not trained: for tests of single steps."""
     from mmtune.run_folder import release_lock
-    from mmtune.train import build_model, open_run
+    from mmtune.train import build_model, open_run, prepare_training
     from mmtune.train_data import load_records
 
     run = open_run(config)
     try:
         run.world, run.records, run.skipped = load_records(config, run.accelerator, run.say)
         build_model(run)
+        prepare_training(run)
         yield run
     finally:
         run.peers.close()

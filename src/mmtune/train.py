@@ -5,7 +5,8 @@
 1. ``open_run``     the engine, the methods (a bad name fails now), the locked run folder (``mmtune.run_folder``);
 2. data             the world and the task mixture (``mmtune.train_data``);
 3. ``build_model``  model, what trains (scope, methods' model changes, fp32 masters under a bf16 ``model.dtype``:
-                    ``mmtune.precision``), optimizer, data loader, schedule, the methods' ``setup``;
+                    ``mmtune.precision``), optimizer; ``prepare_training``: data loader, the engine, schedule,
+                    the methods' ``setup``;
 4. resume           a verified checkpoint of the same training (``mmtune.resume``);
 5. ``train_loop``   one ``mmtune.step.train_step`` per optimizer step, its row in the step log (``mmtune.step_log``),
                     evaluation / best model / early stop (``mmtune.during_training``), a preemption check (SIGTERM
@@ -188,7 +189,8 @@ def build_optimizer(config: RunConfig, groups: list[dict]) -> torch.optim.Optimi
 
 
 def build_model(run: Run) -> None:
-    """Phase 3: model, what trains, optimizer, data loader — prepared by the engine —, schedule, the methods' setup."""
+    """Phase 3a: the model as it will train — scope, the methods' model changes (LoRA), fp32 masters, gradient
+    checkpointing — and the optimizer over its parameter groups."""
     config = run.config
     model, run.processor = load_base(config)
     layout = apply_scope(model, config.scope.train_projector, config.scope.last_n_blocks, config.scope.full)
@@ -201,15 +203,22 @@ def build_model(run: Run) -> None:
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     run.say(scope_summary(model, layout))
-    optimizer = build_optimizer(config, parameter_groups(
+    run.model = model
+    run.optimizer = build_optimizer(config, parameter_groups(
         model, layout, config.train.learning_rate or config.scope.lr_blocks,
         config.train.learning_rate or config.scope.lr_projector, config.train.weight_decay))
+
+
+def prepare_training(run: Run) -> None:
+    """Phase 3b: the data loader; model, optimizer and loader handed to the engine; the schedule; the methods'
+    ``setup`` (on the fp32 masters, whatever the engine)."""
+    config = run.config
     loader, run.records = build_loader(config, run.records, run.processor, run.skipped, run.say)
     if run.sharded and base_needs_evaluation(run):
         # A sharded model can't be evaluated by one process: evaluate the base before sharding it.
-        run_evaluation(model.to(run.accelerator.device), run.processor, config, run.world, run.paths.base_eval)
+        run_evaluation(run.model.to(run.accelerator.device), run.processor, config, run.world, run.paths.base_eval)
     run.peers.wait_for_main(run.accelerator)
-    run.model, run.optimizer, run.loader = run.accelerator.prepare(model, optimizer, loader)
+    run.model, run.optimizer, run.loader = run.accelerator.prepare(run.model, run.optimizer, loader)
     run.steps_per_epoch = len(run.loader) // config.train.grad_accum
     if run.steps_per_epoch == 0:
         raise ValueError(f"{len(run.records)} records are too few for batch_size={config.train.batch_size} × "
@@ -342,6 +351,7 @@ def train(config: RunConfig) -> Path:
     try:
         run.world, run.records, run.skipped = load_records(config, run.accelerator, run.say)
         build_model(run)
+        prepare_training(run)
         if not run.sharded and base_needs_evaluation(run):
             with run.accelerator.autocast():
                 run_evaluation(run.ctx.unwrapped, run.processor, config, run.world, run.paths.base_eval)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import assembled, move_off_pretrained, nth_micro, step_gradient
-from mmtune.methods import CAGrad, FAMO, L2Reg, Lora, Method, NRCA, SAM, Spider
+from mmtune.methods import FAMO, NRCA, SAM, CAGrad, L2Reg, Lora, Method, Spider
 from mmtune.methods.base import refusal
 from mmtune.methods.multitask import cagrad
 

@@ -74,7 +74,10 @@ class Method:
     sets_gradients: ClassVar[bool] = False
     # Attributes saved with every checkpoint and restored on resume (the default state_dict / load_state_dict).
     persistent: ClassVar[tuple[str, ...]] = ()
-    # Deprecated (0.2): the three flags that shaped the step before ``build_step``; a subclass setting them still
+    # The options at which the method is vanilla (its strength at zero: ``{"lam": 0}``), or None where it has none;
+    # the contract tests train with them and compare with vanilla (tests/methods/test_contract.py).
+    null_options: ClassVar[dict[str, Any] | None] = None
+    # Deprecated: the flags that shaped the step before ``build_step``; a subclass setting them still
     # works (its step is built from combine_task_gradients / task_perturbation / perturb / restore) with a warning.
     per_task_gradients: ClassVar[bool] = False
     second_pass: ClassVar[bool] = False

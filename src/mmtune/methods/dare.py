@@ -37,6 +37,7 @@ class Dare(PretrainedSnapshotMethod):
     name = "dare"
     description = "after training, drop a fraction p of W−W0 at random, rescale the rest by 1/(1−p) (Yu et al., 2024)"
     config_class = DareConfig
+    null_options = {"p": 0}
 
     def merge(self, pretrained, finetuned, ctx):
         return drop_and_rescale(pretrained, finetuned, self.config.p, ctx.generator)

@@ -35,6 +35,7 @@ class Grafting(PretrainedSnapshotMethod):
     name = "grafting"
     description = "after training, keep the top-k% |W−W0| update entries, reset the rest (Panigrahi et al., 2023)"
     config_class = GraftingConfig
+    null_options = {"keep_ratio": 1}
 
     def merge(self, pretrained, finetuned, ctx):
         return graft(pretrained, finetuned, self.config.keep_ratio)

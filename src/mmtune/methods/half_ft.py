@@ -38,6 +38,7 @@ class HalfFT(PretrainedSnapshotMethod):
     name = "half_ft"
     description = "each round, a random half of the trainable tensors is reset to and held at W0 (Hui et al., 2024)"
     config_class = HalfFTConfig
+    null_options = {"frozen_fraction": 0}
     persistent = ("pretrained", "frozen")
 
     def setup(self, ctx):

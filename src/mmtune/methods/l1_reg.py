@@ -26,4 +26,5 @@ class L1Reg(L2Reg):
     name = "l1_reg"
     description = "loss += λ·mean L1(W, W0) over trainable tensors (papers' baseline)"
     config_class = L1RegConfig
+    null_options = {"lam": 0}
     power = 1

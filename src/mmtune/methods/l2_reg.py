@@ -33,6 +33,7 @@ class L2Reg(PretrainedSnapshotMethod):
     name = "l2_reg"
     description = "loss += λ·mean MSE(W, W0) over trainable tensors (papers' baseline)"
     config_class = L2RegConfig
+    null_options = {"lam": 0}
     power = 2
 
     def extra_losses(self, ctx, batch, outputs, sample_loss):

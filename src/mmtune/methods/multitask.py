@@ -100,6 +100,7 @@ class CAGrad(Method):
     name = "cagrad"
     description = "conflict-averse gradient descent over the tasks' gradients (Liu et al., NeurIPS 2021)"
     config_class = CAGradConfig
+    null_options = {"c": 0}
     sets_gradients = True
 
     def build_step(self, step):

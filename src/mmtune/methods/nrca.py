@@ -100,6 +100,7 @@ class NRCA(Method):
     name = "nrca"
     description = "noise-resilient confidence alignment for open-response tasks (Huang et al., ICML 2025)"
     config_class = NRCAConfig
+    null_options = {"lam": 0}
 
     def extra_losses(self, ctx, batch, outputs, sample_loss):
         if self.config.lam == 0:

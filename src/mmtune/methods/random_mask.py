@@ -42,6 +42,7 @@ class RandomMask(Method):
     name = "random_mask"
     description = "a fixed random 50% of entries frozen at W0 (papers' baseline)"
     config_class = MaskConfig
+    null_options = {"ratio": 0}
     persistent = ("masks", "pretrained")
 
     def make_mask(self, name: str, param: torch.Tensor, ctx) -> torch.Tensor:

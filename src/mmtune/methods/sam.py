@@ -46,6 +46,7 @@ class SAM(Method):
     name = "sam"
     description = "sharpness-aware minimisation: the gradient at W + ρ·g/‖g‖ (Foret et al., ICLR 2021)"
     config_class = SAMConfig
+    null_options = {"rho": 0}
     sets_gradients = True
 
     def build_step(self, step):
@@ -97,6 +98,7 @@ class TaskSAM(Method):
     name = "task_sam"
     description = "task-based SAM: a perturbation per task, loss and flatness parts combined by surgery (Phan et al.)"
     config_class = TaskSAMConfig
+    null_options = {"rho": 0, "combine": "sum"}
     sets_gradients = True
 
     def build_step(self, step):

@@ -32,6 +32,7 @@ class WiseFT(PretrainedSnapshotMethod):
     name = "wise_ft"
     description = "after training, W = (1−α)·W0 + α·W (Wortsman et al., 2022)"
     config_class = WiseFTConfig
+    null_options = {"alpha": 1}
 
     def merge(self, pretrained, finetuned, ctx):
         return interpolate(pretrained, finetuned, self.config.alpha)
