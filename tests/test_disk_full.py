@@ -87,12 +87,12 @@ def test_a_full_disk_while_writing_final_leaves_no_final(tiny_config, monkeypatc
 def test_a_checkpoint_that_fails_otherwise_is_removed_and_the_error_kept(tiny_config, monkeypatch):
     """Not every failed write is a full disk: the original error surfaces, and the partial folder is gone all the
     same."""
-    import mmtune.train as train_module
+    import mmtune.resume
 
     def broken(*args, **kwargs):
         raise RuntimeError("the method state could not be serialised")
 
-    monkeypatch.setattr(train_module, "save_method_states", broken)
+    monkeypatch.setattr(mmtune.resume, "save_method_states", broken)
     config = tiny_config("train.max_steps=4", "train.save_every=2")
     with pytest.raises(RuntimeError, match="could not be serialised"):
         train(config)

@@ -1,6 +1,5 @@
 """The loop's own guarantees (the per-method contract tests live in tests/methods/test_contract.py)."""
 
-import contextlib
 import json
 import math
 
@@ -84,8 +83,9 @@ def test_merge_interpolates_a_finished_run(tiny_config, tmp_path):
 
 
 def _observed_run(tiny_config, monkeypatch, *overrides: str, out: str) -> dict:
-    """Train 2 steps, counting the last LLM block's forwards (gradient checkpointing runs each again in the
-    backward) and recording the dtype its query projection computes in (bf16 under bf16 autocast)."""
+    """Train 2 steps, counting the forwards of the last LLM block's query projection (activation checkpointing runs
+    each again in the backward) and recording the dtype it computes in (bf16 under bf16 autocast). The base is
+    loaded from a folder, as a user's checkpoint is (from_pretrained returns a model in eval mode)."""
     import mmtune.train as train_module
 
     seen = {"forwards": 0, "dtypes": set()}
@@ -93,9 +93,14 @@ def _observed_run(tiny_config, monkeypatch, *overrides: str, out: str) -> dict:
 
     def observed(config):
         model, processor = real(config)
-        block = model.model.language_model.layers[-1]
-        block.register_forward_hook(lambda *_: seen.__setitem__("forwards", seen["forwards"] + 1))
-        block.self_attn.q_proj.register_forward_hook(lambda module, inputs, output: seen["dtypes"].add(output.dtype))
+        model.eval()  # as from_pretrained leaves it
+        query = model.model.language_model.layers[-1].self_attn.q_proj
+
+        def hook(module, inputs, output):
+            seen["forwards"] += 1
+            seen["dtypes"].add(output.dtype)
+
+        query.register_forward_hook(hook)
         return model, processor
 
     monkeypatch.setattr(train_module, "load_base", observed)
@@ -114,11 +119,10 @@ def test_gradient_checkpointing_and_bf16_autocast_are_really_on(tiny_config, mon
 
 
 def test_mutation_checkpointing_and_autocast_switched_off_are_seen(tiny_config, monkeypatch):
-    from accelerate import Accelerator
     from transformers import PreTrainedModel
 
-    monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_enable", lambda self, **kwargs: None)
-    monkeypatch.setattr(Accelerator, "autocast", lambda self, *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable", lambda self, *args, **kwargs: None)
+    monkeypatch.setattr("mmtune.train.compute_precision", lambda *args: "no")  # the bf16 setting ignored
     assert _observed_run(tiny_config, monkeypatch, *CHECKPOINTED_BF16, out="off") == \
         {"forwards": 2, "dtypes": {torch.float32}}  # what the test above would then see, and fail on
 

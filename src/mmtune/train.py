@@ -193,6 +193,7 @@ def build_model(run: Run) -> None:
     checkpointing — and the optimizer over its parameter groups."""
     config = run.config
     model, run.processor = load_base(config)
+    model.train()  # from_pretrained returns eval mode, where activation checkpointing (and dropout) would not act
     layout = apply_scope(model, config.scope.train_projector, config.scope.last_n_blocks, config.scope.full)
     for method in run.methods:
         model = method.prepare_model(model, layout)
@@ -200,8 +201,10 @@ def build_model(run: Run) -> None:
         added = keep_fp32_masters(model)  # DeepSpeed keeps its own masters
         run.say(f"fp32 masters of the trainable parameters: +{added / 2**20:.1f} MiB; frozen weights stay "
                 f"{config.model.dtype}, compute under {run.accelerator.mixed_precision} autocast")
-    if config.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.model.gradient_checkpointing:  # each block's activations recomputed in the backward
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers ≥ 5's name
+        enable({"use_reentrant": False}) if enable else \
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     run.say(scope_summary(model, layout))
     run.model = model
     run.optimizer = build_optimizer(config, parameter_groups(
