@@ -40,12 +40,13 @@ METHODS = ["vanilla", "nrca", "spider"]
 
 
 def overrides(size: dict, world: Path, out: Path, method: str) -> list[str]:
-    n = size["records"] // 2
+    n, precision = size["records"] // 2, size.get("precision", "bf16")
     return [f"model.tiny_hidden_size={size['hidden']}", f"model.tiny_layers={size['layers']}",
             f"model.tiny_vision_hidden_size={size['vision_hidden']}", f"model.tiny_image_size={size['image_size']}",
             f"model.tiny_patch_size={size['patch_size']}", f"model.tiny_vision_layers={size['vision_layers']}",
             f"data.max_length={size['max_length']}",
-            "model.dtype=bf16", "train.mixed_precision=bf16", f"train.batch_size={size['batch_size']}",
+            f"model.dtype={precision}", f"train.mixed_precision={'no' if precision == 'fp32' else precision}",
+            f"train.batch_size={size['batch_size']}",
             f"train.max_steps={size['steps']}", "train.progress=false", "train.report_to=[]", "eval.before=false",
             "eval.downstream=[]", "eval.heldout=[]", f"method.name={method}", f"train.output_dir={out}",
             f"data.synthetic.dir={world}", f"data.synthetic.image_size={size['image_size']}",
@@ -100,7 +101,8 @@ def mmtune_step(method: str, size: dict, world: Path, tmp: Path, device: str) ->
 
 
 def trainer_step(size: dict, world: Path, tmp: Path, device: str) -> dict:
-    """A plain Hugging Face Trainer on the same model, scope and batches: fp32 model, bf16 autocast."""
+    """A plain Hugging Face Trainer on the same model, scope and batches: fp32 model, bf16 autocast (or none, with
+    ``size["precision"] = "fp32"``)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from mmtune.config import load_config
@@ -126,7 +128,8 @@ def trainer_step(size: dict, world: Path, tmp: Path, device: str) -> dict:
 
     args = TrainingArguments(output_dir=str(tmp / "trainer"), per_device_train_batch_size=size["batch_size"],
                              max_steps=size["steps"], learning_rate=2e-4, lr_scheduler_type="cosine",
-                             warmup_steps=0.03, max_grad_norm=1.0, bf16=True, use_cpu=device == "cpu",
+                             warmup_steps=0.03, max_grad_norm=1.0, bf16=size.get("precision", "bf16") == "bf16",
+                             use_cpu=device == "cpu",
                              remove_unused_columns=False, report_to=[], save_strategy="no", logging_strategy="no",
                              dataloader_num_workers=0, disable_tqdm=True, seed=0)
     reset_peak(device)

@@ -146,6 +146,16 @@ def test_deepspeed_one_process_matches_one_process(runs, name):
     _assert_same_run(runs / "single" / name, runs / "ds1" / name)
 
 
+@pytest.mark.parametrize("name", ["vanilla", "spider"])
+def test_ddp_two_processes_match_one_process(runs, name):
+    """DDP's reference runs themselves: 2 processes with batch 4 train what one process with batch 8 does (spider
+    reads the all-reduced gradient, so it must match too; tests/test_distributed.py does the step builders)."""
+    assert losses(runs / "ddp2" / name) == pytest.approx(losses(runs / "single" / name), rel=1e-4)
+    one, two = final_weights(runs / "single" / name), final_weights(runs / "ddp2" / name)
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_deepspeed_two_processes_match_ddp(runs, name):
     _assert_same_run(runs / "ddp2" / name, runs / "ds2" / name)

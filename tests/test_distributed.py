@@ -1,8 +1,13 @@
-"""Two CPU processes (gloo, through Accelerate) train the same model as one process with the same global batch."""
+"""Two CPU processes (gloo, through Accelerate) train the same model as one process with the same global batch.
+
+One launch trains every configuration below (tests/train_many_worker.py), so the process start and the process
+group are paid once; vanilla and spider are compared the same way from the engine runs of tests/test_deepspeed.py.
+"""
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,44 +18,59 @@ from mmtune.train import train
 
 pytestmark = pytest.mark.multiprocess
 
+WORKER = Path(__file__).with_name("train_many_worker.py")
+# pcgrad all-reduces one gradient per task by hand (DDP's own reduction is not used): it must match one process.
+# sam's second gradient and task_sam's per-task second pass run the same forwards on every process, whichever tasks
+# each one holds. (NRCA's gap term is normalised per device, as in the reference code under DeepSpeed, so it is not
+# expected to match a single process exactly.)
+METHODS = ["pcgrad", "sam", "task_sam"]
+# DDP over fp32 masters beside bf16 frozen weights (DDP buckets the two dtypes apart): SPIDER, whose state follows
+# the masters.
+BF16_SPIDER = ["method.name=spider", "model.dtype=bf16", "train.mixed_precision=bf16", "train.save_every=2"]
 
-def _launch(config_path, cwd):
+
+@pytest.fixture(scope="module")
+def runs(world, tmp_path_factory):
+    """Each configuration trained 3 steps in this process (batch 8) and by 2 DDP processes (batch 4 each)."""
+    from conftest import TINY_CONFIG
+    from mmtune.config import load_config
+
+    root = tmp_path_factory.mktemp("ddp")
+
+    def config(name, way, *extra):
+        overrides = [f"data.synthetic.dir={world}", f"train.output_dir={root / way / name}", "train.progress=false",
+                     "data.tasks=[{path: 'synthetic:detailed_caption', n: 16}, {path: 'synthetic:count_mc', n: 16}]",
+                     "train.max_steps=3", "train.warmup_ratio=0.0", "eval.downstream=[]", "eval.heldout=[]", *extra]
+        return load_config(TINY_CONFIG, overrides)
+
+    launched = []
+    settings = {name: [f"method.name={name}"] for name in METHODS} | {"spider-bf16": BF16_SPIDER}
+    for name, extra in settings.items():
+        train(config(name, "single", *extra, "train.batch_size=8"))
+        path = root / f"ddp-{name}.yaml"
+        save_config(config(name, "ddp", *extra, "train.batch_size=4"), path)
+        launched.append(path)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "mmtune.cli", "train", "--config", str(config_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER),
+               *map(str, launched)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(WORKER.parent)}
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
+    return root
 
 
-# spider reads the all-reduced gradient, so it must match too. (NRCA's gap term is normalised per device,
-# as in the reference code under DeepSpeed, so it is not expected to match a single process exactly.)
-# pcgrad all-reduces one gradient per task by hand (DDP's own reduction is not used): it must match too.
-# task_sam's per-task second pass runs the same forwards on every process, whichever tasks each one holds.
-@pytest.mark.parametrize("method", ["vanilla", "spider", "pcgrad", "sam", "task_sam"])
-def test_two_processes_match_one(tiny_config, tmp_path, method):
-    single = train(tiny_config(f"method.name={method}", "train.batch_size=8", "train.max_steps=3", out="single"))
-    config = tiny_config(f"method.name={method}", "train.batch_size=4", "train.max_steps=3", out="ddp")
-    path = tmp_path / "ddp.yaml"
-    save_config(config, path)
-    _launch(path, tmp_path)
-    ddp = tmp_path / "ddp"
+@pytest.mark.parametrize("method", METHODS)
+def test_two_processes_match_one(runs, method):
+    single, ddp = runs / "single" / method, runs / "ddp" / method
     assert losses(ddp) == pytest.approx(losses(single), rel=1e-4)
     one, two = final_weights(single), final_weights(ddp)
     for name in one:
         torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_two_processes_in_bf16_with_fp32_masters_match_one(tiny_config, tmp_path):
-    """DDP over fp32 masters beside bf16 frozen weights (DDP buckets the two dtypes apart): SPIDER, whose state
-    follows the masters, trains the same model as one process, to bf16 rounding."""
-    settings = ["method.name=spider", "model.dtype=bf16", "train.mixed_precision=bf16", "train.max_steps=3",
-                "train.save_every=2"]
-    single = train(tiny_config(*settings, "train.batch_size=8", out="single"))
-    path = tmp_path / "ddp.yaml"
-    save_config(tiny_config(*settings, "train.batch_size=4", out="ddp"), path)
-    _launch(path, tmp_path)
-    ddp = tmp_path / "ddp"
+def test_two_processes_in_bf16_with_fp32_masters_match_one(runs):
+    """SPIDER over fp32 masters under DDP trains the same model as one process, to bf16 rounding."""
+    single, ddp = runs / "single" / "spider-bf16", runs / "ddp" / "spider-bf16"
     assert losses(ddp) == pytest.approx(losses(single), rel=2e-2)
     one, two = final_weights(single), final_weights(ddp)
     for name in one:

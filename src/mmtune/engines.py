@@ -149,7 +149,7 @@ def on_masters(ctx: TrainContext, write_back: bool) -> Iterator[None]:
 
 
 def deepspeed_step(ctx: TrainContext, methods: list[Method], max_grad_norm: float,
-                   check: Callable[[float], None]) -> float:
+                   check: Callable[[torch.Tensor], float]) -> float:
     """One optimizer step under DeepSpeed ZeRO-1/2 (see the module docstring); returns the gradient norm."""
     from deepspeed.utils import safe_set_full_grad
 
@@ -159,8 +159,7 @@ def deepspeed_step(ctx: TrainContext, methods: list[Method], max_grad_norm: floa
     # are their rounding, so the hooks are given DeepSpeed's fp32 masters instead.
     with _full_tensors(ctx, with_masters=_low_precision(params), with_grads=True) as full:
         grads = [p for p in full.values() if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(grads, max_grad_norm))
-        check(grad_norm)
+        grad_norm = check(torch.nn.utils.clip_grad_norm_(grads, max_grad_norm))
         for method in methods:
             method.before_optimizer_step(ctx)
         for name, param in params.items():
@@ -177,14 +176,14 @@ def deepspeed_step(ctx: TrainContext, methods: list[Method], max_grad_norm: floa
 
 
 def optimizer_step(ctx: TrainContext, methods: list[Method], optimizer, max_grad_norm: float | None,
-                   check: Callable[[float], None]) -> float:
-    """Clip, check (``check(grad_norm)`` raises to stop before the step), run the methods' step hooks around the
+                   check: Callable[[torch.Tensor], float]) -> float:
+    """Clip, check (``check(grad_norm)`` raises to stop before the step, else returns the norm as a number: the one
+    place the step waits for the device), run the methods' step hooks around the
     optimizer step, zero the gradients; returns the gradient norm (measured before clipping)."""
     limit = max_grad_norm or math.inf  # without clipping, an infinite threshold still measures the norm
     if is_deepspeed(ctx.accelerator):
         return deepspeed_step(ctx, methods, limit, check)
-    grad_norm = float(ctx.accelerator.clip_grad_norm_(list(ctx.trainable.values()), limit))
-    check(grad_norm)
+    grad_norm = check(ctx.accelerator.clip_grad_norm_(list(ctx.trainable.values()), limit))
     for method in methods:
         method.before_optimizer_step(ctx)
     optimizer.step()

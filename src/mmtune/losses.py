@@ -54,7 +54,7 @@ def task_rows(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def task_shares(batch: dict, log_probs: torch.Tensor, index: torch.Tensor, sample_loss: torch.Tensor,
-                reduction: str, tokens: float | None) -> dict[str, torch.Tensor]:
+                reduction: str, tokens: float | torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Each task's share of the batch's cross-entropy (they sum to it): the part of the loss its samples (``sample``)
     or its target tokens (``token``) contribute."""
     shares = {}
@@ -73,7 +73,7 @@ def task_mean_losses(batch: dict, sample_loss: torch.Tensor) -> dict[str, torch.
     return {task: sample_loss[rows].mean() for task, rows in task_rows(batch, sample_loss.device).items()}
 
 
-def compute_losses(ctx, methods, batch: dict, reduction: str = "sample", tokens: float | None = None,
+def compute_losses(ctx, methods, batch: dict, reduction: str = "sample", tokens: float | torch.Tensor | None = None,
                    shares: dict | None = None):
     """Cross-entropy plus every method's named extra terms; returns ``(terms, outputs)`` (terms named, outputs of
     the clean forward).

@@ -17,7 +17,6 @@ writes only its rule (see ``mmtune.methods.multitask``, ``mmtune.methods.sam``).
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -40,7 +39,7 @@ class Step:
     methods: list[Method]  # every method of the run: their loss terms count in each gradient below
     micro: list[dict]  # the step's micro-batches (``train.grad_accum`` of them)
     loss_reduction: str = "token"
-    tokens: float | None = None  # target tokens per micro-batch (token reduction), over all processes
+    tokens: torch.Tensor | None = None  # target tokens per micro-batch (token reduction), over all processes
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # each loss term's step mean, detached (logged)
 
     @property
@@ -147,14 +146,14 @@ class Step:
             raise RuntimeError(f"can't {what} under DeepSpeed: its engine keeps the gradients in its own buffers")
 
 
-def step_tokens(accelerator, micro: list[dict]) -> float:
+def step_tokens(accelerator, micro: list[dict]) -> torch.Tensor:
     """Target tokens of one optimizer step, per process on average (all processes' micro-batches counted): the
-    token-mean loss divides by it, so accumulation and DDP's gradient averaging give the exact token mean."""
-    count = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)),
-                         device=accelerator.device)
+    token-mean loss divides by it, so accumulation and DDP's gradient averaging give the exact token mean. A tensor
+    on the device: counting does not wait for it."""
+    count = torch.stack([(b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro]).sum().float()
     if accelerator.num_processes > 1:
         count = accelerator.reduce(count, "sum") / accelerator.num_processes
-    return max(1.0, float(count))
+    return count.clamp(min=1.0)
 
 
 def check_finite(step: int, terms: dict[str, float], grad_norm: float, scaled: bool = False) -> None:
@@ -187,8 +186,17 @@ def train_step(ctx: TrainContext, methods: list[Method], micro: list[dict], opti
         step.backward()
     else:
         builder.build_step(step)
-    terms = dict(zip(step.terms, torch.stack(list(step.terms.values())).tolist(), strict=True))
-    check = functools.partial(check_finite, ctx.step + 1, terms, scaled=accelerator.mixed_precision == "fp16")
+    terms: dict[str, float] = {}
+
+    def check(grad_norm: torch.Tensor) -> float:
+        """The step's one wait for the device: its loss terms and gradient norm as numbers, checked finite."""
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        numbers = torch.stack([*step.terms.values(), grad_norm.detach().to(torch.float64)]).tolist()
+        terms.update(zip(step.terms, numbers[:-1], strict=True))
+        check_finite(ctx.step + 1, terms, numbers[-1], scaled=accelerator.mixed_precision == "fp16")
+        return numbers[-1]
+
     grad_norm = optimizer_step(ctx, methods, optimizer, train.max_grad_norm, check)
     with warnings.catch_warnings():  # under DeepSpeed the step is the engine's, which torch can't see
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
