@@ -29,6 +29,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/step_tax.py
 
 # On a machine with a CUDA GPU (≤ 8 minutes on one): step time, tokens/s, peak memory → gpu_check.json.
 gpu-check: setup
