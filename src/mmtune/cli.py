@@ -28,6 +28,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_estimate(args) -> int:
+    from mmtune.config import load_config
+    from mmtune.estimate import describe, estimate, fits
+
+    config = load_config(args.config, args.overrides)
+    result = estimate(config, args.engine, args.gpus, args.seq_len, args.architecture)
+    print(describe(result, args.gpu_memory))
+    return 0 if args.gpu_memory is None or fits(result, args.gpu_memory) else 1
+
+
 def cmd_eval(args) -> int:
     import json
     from pathlib import Path
@@ -498,6 +508,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny.yaml")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.name=nrca train.seed=1")
     train.set_defaults(func=cmd_train)
+
+    est = sub.add_parser("estimate", help="memory per device of a run (model built on the meta device: no GPU, no "
+                                          "weights); exit 1 when it does not fit --gpu-memory")
+    est.add_argument("--config", required=True, help="YAML run config, e.g. configs/papers/spider_llava15_coco_iconqa.yaml")
+    est.add_argument("--gpus", type=int, default=1, help="devices the run is spread over (default 1)")
+    est.add_argument("--gpu-memory", type=float, help="memory of one device in GB: say whether the run fits")
+    est.add_argument("--engine", default="ddp", help="ddp (default) | fsdp2 | zero2 | zero3")
+    est.add_argument("--seq-len", type=int, help="tokens per sample (default data.max_length, the worst case)")
+    est.add_argument("--architecture", help="when model.path is not here: the architecture's reference shape "
+                                            "(llava = LLaVA-1.5-7B, qwen2_vl = Qwen2-VL-7B, idefics3 = Idefics3-8B)")
+    est.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=1")
+    est.set_defaults(func=cmd_estimate)
 
     ev = sub.add_parser("eval", help="batched greedy generation + metrics on task files")
     ev.add_argument("--model", required=True, help="a local Hugging Face model folder (e.g. RUN/final)")

@@ -1,0 +1,268 @@
+"""Fit before you rent: the memory one device needs for a run, from its config, without a GPU and without weights.
+
+The model is built from its real config on the meta device (shapes and dtypes only, no memory), the run's scope and
+methods' model changes are applied (so LoRA adapters are counted), and then, per device:
+
+* **weights**: frozen ones in ``model.dtype``; trainable ones as fp32 masters where the run keeps them;
+* **gradients** of what trains (their parameters' dtype), and DDP's bucket copy of them;
+* **optimizer state**: AdamW's two moments in fp32 (8 B per trainable parameter; SGD's momentum 4 B);
+* **method state**: measured by running each method's ``setup`` on a small tensor (SPIDER keeps W0 and G: 8 B per
+  trainable parameter; L2 / DARE / WiSE-FT keep W0; masks keep a bool);
+* **activations**: what autograd saves in one forward of the language model over a ``batch × sequence`` of
+  embeddings that need a gradient (as the trainable projector's output does), counted exactly by a saved-tensor hook
+  on the meta device — with activation checkpointing, what is kept outside the checkpointed blocks plus one block
+  recomputed. The frozen vision tower saves nothing. Attention on the meta device takes PyTorch's math path, which
+  keeps the ``s × s`` attention weights a flash kernel would not: the activations are an upper bound on a GPU.
+
+Engines split these differently (``ENGINES``): DDP keeps everything on every device; DeepSpeed ZeRO-2 partitions the
+fp32 masters, gradients and optimizer state over the devices; ZeRO-3 and FSDP2 also the weights. Not counted: the
+CUDA context and allocator fragmentation (``HEADROOM`` is kept free for them), DeepSpeed's communication buckets,
+evaluation's generation cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ENGINES = ("ddp", "fsdp2", "zero2", "zero3")
+HEADROOM = 0.10  # of the device memory, kept free for the CUDA context, fragmentation, buffers
+GB = 1e9
+# Reference shapes for an architecture without a local folder: transformers' default config of each model type is
+# the model it was written for (LlavaConfig() is LLaVA-1.5-7B: CLIP-L/336 + Llama-2-7B shape).
+REFERENCE = {"llava": "LlavaConfig (LLaVA-1.5-7B)", "qwen2_vl": "Qwen2VLConfig (Qwen2-VL-7B)",
+             "idefics3": "Idefics3Config (Idefics3-8B)"}
+
+
+@dataclass
+class Estimate:
+    engine: str
+    devices: int
+    parameters: int
+    trainable: int
+    parts: dict[str, float] = field(default_factory=dict)  # bytes per device
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(v for k, v in self.parts.items() if k != "activations without checkpointing")
+
+
+def model_config(config, architecture: str | None = None):
+    """The transformers config of the run's model: ``model.path``'s ``config.json``, the tiny model's, or (with
+    ``architecture``, when the folder is not here) the architecture's reference shape."""
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    if config.model.tiny:
+        from mmtune.train import load_base
+
+        return load_base(config)[0].config
+    folder = Path(config.model.path or "")
+    if (folder / "config.json").is_file():
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
+    if architecture is None:
+        raise FileNotFoundError(f"{folder / 'config.json'} is not here: estimate needs the model's config. Point "
+                                "model.path at the downloaded folder, or pass --architecture "
+                                f"({', '.join(f'{k}: {v}' for k, v in REFERENCE.items())})")
+    if architecture not in REFERENCE:
+        raise ValueError(f"--architecture {architecture!r}: choose one of {', '.join(REFERENCE)}")
+    return CONFIG_MAPPING[architecture]()
+
+
+def meta_model(config, model_config) -> tuple[nn.Module, object]:
+    """The run's model on the meta device, scoped, with the methods' model changes (no memory is used)."""
+    from transformers import AutoModelForImageTextToText
+
+    from mmtune.methods.base import build_methods
+    from mmtune.models.load import DTYPES
+    from mmtune.models.scope import apply_scope
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(model_config, dtype=DTYPES[config.model.dtype])
+    layout = apply_scope(model, config.scope.train_projector, config.scope.last_n_blocks, config.scope.full)
+    for method in build_methods(config.method):
+        model = method.prepare_model(model, layout)
+    return model, layout
+
+
+def base_of(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (its adapters are injected in place), where the layout's paths
+    are."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextlib.contextmanager
+def saved_tensor_bytes(model: nn.Module):
+    """Count the bytes autograd saves for the backward (each tensor once, parameters excluded) while inside."""
+    params = {id(p) for p in model.parameters()}
+    seen: dict[object, int] = {}
+
+    def pack(tensor: torch.Tensor):
+        base = tensor._base if tensor._base is not None else tensor
+        if id(base) not in params:
+            key = id(base) if base.device.type == "meta" else base.untyped_storage().data_ptr()
+            seen[key] = max(seen.get(key, 0), base.untyped_storage().nbytes() if base.device.type != "meta"
+                            else base.numel() * base.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield seen
+
+
+def language_model_of(model: nn.Module, layout) -> nn.Module:
+    return model.get_submodule(layout.blocks.rsplit(".", 1)[0])
+
+
+def activation_bytes(model: nn.Module, layout, batch: int, sequence: int, dtype: torch.dtype,
+                     device: str = "meta") -> int:
+    """What autograd keeps from one forward of the language model (and the LM head) over ``batch × sequence``
+    embeddings that need a gradient — the projector's output, trainable in every mmtune scope."""
+    import transformers.masking_utils as masking
+
+    model = base_of(model)
+    language = language_model_of(model, layout)
+    hidden = language.config.hidden_size
+    embeddings = torch.zeros(batch, sequence, hidden, device=device, dtype=dtype, requires_grad=True)
+    real = masking.find_packed_sequence_indices
+    masking.find_packed_sequence_indices = lambda *args, **kwargs: None  # reads values, which meta tensors lack
+    try:
+        with saved_tensor_bytes(model) as seen:
+            out = language(inputs_embeds=embeddings, use_cache=False)
+            head = model.get_output_embeddings()
+            if head is not None:
+                head(out.last_hidden_state)
+    finally:
+        masking.find_packed_sequence_indices = real
+    return sum(seen.values())
+
+
+def method_state_ratio(config) -> float:
+    """Bytes of method state per trainable parameter, measured by running each method's ``setup`` on a small fp32
+    tensor (the state follows the masters' dtype)."""
+    from mmtune.methods.base import TrainContext, build_methods
+
+    weight = nn.Parameter(torch.randn(64, 64))
+    total = 0
+    for method in build_methods(config.method):
+        ctx = TrainContext(model=None, unwrapped=None, trainable={"w": weight}, generator=torch.Generator(),
+                           total_steps=100, tasks=[t.path for t in config.data.tasks] or ["task"])
+        with contextlib.suppress(Exception):
+            method.setup(ctx)
+        total += sum(t.numel() * t.element_size() for t in _tensors(method.state_dict()) if t.dim() > 1)
+    return total / weight.numel()
+
+
+def _tensors(state) -> list[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for v in state.values() for t in _tensors(v)]
+    if isinstance(state, list | tuple):
+        return [t for v in state for t in _tensors(v)]
+    return []
+
+
+def estimate(config, engine: str = "ddp", devices: int = 1, sequence: int | None = None,
+             architecture: str | None = None) -> Estimate:
+    """Per-device memory of ``config`` on ``devices`` devices under ``engine``."""
+    from mmtune.models.load import DTYPES
+    from mmtune.precision import uses_masters
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    model, layout = meta_model(config, model_config(config, architecture))
+    dtype = DTYPES[config.model.dtype]
+    width = torch.finfo(dtype).bits // 8
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = total - trainable
+    masters = 4 if uses_masters(config.model.dtype, config.train.fp32_masters) or engine.startswith("zero") else width
+    optimizer = {"adamw": 8, "sgd": 4, "adafactor": 0}[config.train.optimizer]
+    sequence = sequence or config.data.max_length
+    n = devices
+    result = Estimate(engine, devices, total, trainable)
+    parts = result.parts
+    if engine == "ddp":
+        parts["frozen weights"] = frozen * width
+        parts["trainable weights (masters)"] = trainable * masters
+        parts["gradients"] = trainable * masters
+        parts["DDP gradient buckets"] = trainable * masters
+        parts["optimizer state"] = trainable * optimizer
+    elif engine == "zero2":  # DeepSpeed casts the model to model.dtype and keeps partitioned fp32 masters
+        parts["weights (model.dtype)"] = total * width
+        parts["fp32 masters (partitioned)"] = trainable * 4 / n
+        parts["gradients (partitioned)"] = trainable * 4 / n
+        parts["optimizer state (partitioned)"] = trainable * optimizer / n
+    else:  # zero3, fsdp2: the weights are partitioned too; one block is gathered at a time
+        blocks = base_of(model).get_submodule(layout.blocks)
+        largest = max(sum(p.numel() for p in block.parameters()) for block in blocks)
+        parts["weights (partitioned)"] = frozen * width / n + trainable * masters / n
+        parts["one gathered block"] = largest * width
+        parts["gradients (partitioned)"] = trainable * masters / n
+        parts["optimizer state (partitioned)"] = trainable * optimizer / n
+    ratio = method_state_ratio(config)
+    parts["method state"] = trainable * ratio / (n if engine == "fsdp2" else 1)
+    batch = config.train.batch_size
+    full = activation_bytes(model, layout, batch, sequence, dtype)
+    if config.model.gradient_checkpointing:
+        blocks = len(base_of(model).get_submodule(layout.blocks))
+        kept = batch * sequence * language_model_of(base_of(model), layout).config.hidden_size * width * (blocks + 1)
+        parts["activations (checkpointed)"] = kept + full / blocks
+        parts["activations without checkpointing"] = full
+    else:
+        parts["activations"] = full
+    result.notes.append(f"activations for batch {batch} × sequence {sequence} per device (data.max_length unless "
+                        "--seq-len), an upper bound: attention's s×s weights counted as PyTorch's math path keeps them")
+    if engine == "zero3":
+        result.notes.append("mmtune refuses ZeRO-3 today (not tested yet): use zero2 or fsdp2")
+    if engine == "fsdp2":
+        from mmtune.methods.base import METHODS
+
+        refused = [m for m in config.method.names or ["vanilla"] if not METHODS[m].supports_sharding]
+        if refused:
+            result.notes.append(f"{', '.join(refused)}: refused under FSDP2 today (not tested sharded)")
+    return result
+
+
+def fits(result: Estimate, gpu_memory_gb: float) -> bool:
+    return result.total / GB <= gpu_memory_gb * (1 - HEADROOM)
+
+
+def describe(result: Estimate, gpu_memory_gb: float | None) -> str:
+    """The table ``mmtune estimate`` prints, with a verdict when the device's memory is given."""
+    lines = [f"{result.parameters / 1e9:.2f}B parameters, {result.trainable / 1e6:.1f}M trainable; engine "
+             f"{result.engine} on {result.devices} device(s); per device:", ""]
+    for name, value in result.parts.items():
+        aside = "  (not counted: checkpointing is on)" if name == "activations without checkpointing" else ""
+        lines.append(f"  {name:<34}{value / GB:>9.2f} GB{aside}")
+    lines.append(f"  {'total':<34}{result.total / GB:>9.2f} GB")
+    if gpu_memory_gb:
+        usable = gpu_memory_gb * (1 - HEADROOM)
+        verdict = "fits" if fits(result, gpu_memory_gb) else "does not fit"
+        lines += ["", f"{verdict} on {gpu_memory_gb:g} GB devices ({usable:.1f} GB usable after "
+                      f"{HEADROOM:.0%} headroom)"]
+        if verdict == "does not fit":
+            lines.append("  to change: " + "; ".join(suggestions(result)))
+    lines += [""] + [f"note: {n}" for n in result.notes]
+    return "\n".join(lines)
+
+
+def suggestions(result: Estimate) -> list[str]:
+    """What to change when a run does not fit, largest part first."""
+    ideas = []
+    parts = result.parts
+    activations = parts.get("activations", 0)
+    if activations and activations >= 0.3 * result.total:
+        ideas.append("model.gradient_checkpointing=true (activations are the largest part)")
+    if parts.get("activations (checkpointed)", 0) >= 0.3 * result.total or activations >= 0.3 * result.total:
+        ideas.append("a smaller train.batch_size with a larger train.grad_accum (same global batch)")
+    if result.engine == "ddp":
+        ideas.append("--engine zero2 (partitions masters, gradients and optimizer state over the devices)")
+    if result.engine in ("ddp", "zero2"):
+        ideas.append("--engine fsdp2 (partitions the weights too; vanilla and spider only)")
+    ideas.append("method.name=lora (adapters instead of full blocks) or fewer scope.last_n_blocks")
+    return ideas
