@@ -169,6 +169,7 @@ def _tensors(state) -> list[torch.Tensor]:
 def estimate(config, engine: str = "ddp", devices: int = 1, sequence: int | None = None,
              architecture: str | None = None) -> Estimate:
     """Per-device memory of ``config`` on ``devices`` devices under ``engine``."""
+    from mmtune.methods.base import build_methods
     from mmtune.models.load import DTYPES
     from mmtune.precision import uses_masters
 
@@ -207,7 +208,9 @@ def estimate(config, engine: str = "ddp", devices: int = 1, sequence: int | None
     ratio = method_state_ratio(config)
     parts["method state"] = trainable * ratio / (n if engine == "fsdp2" else 1)
     batch = config.train.batch_size
-    full = activation_bytes(model, layout, batch, sequence, dtype)
+    methods = build_methods(config.method)
+    forwards = 1 + sum(m.extra_forwards for m in methods)
+    full = activation_bytes(model, layout, batch, sequence, dtype) * forwards
     if config.model.gradient_checkpointing:
         blocks = len(base_of(model).get_submodule(layout.blocks))
         kept = batch * sequence * language_model_of(base_of(model), layout).config.hidden_size * width * (blocks + 1)
@@ -216,7 +219,8 @@ def estimate(config, engine: str = "ddp", devices: int = 1, sequence: int | None
     else:
         parts["activations"] = full
     result.notes.append(f"activations for batch {batch} × sequence {sequence} per device (data.max_length unless "
-                        "--seq-len), an upper bound: attention's s×s weights counted as PyTorch's math path keeps them")
+                        "--seq-len), an upper bound: attention's s×s weights counted as PyTorch's math path keeps them"
+                        + (f"; × {forwards} forwards kept per micro-batch (NRCA's noised view)" if forwards > 1 else ""))
     if engine == "zero3":
         result.notes.append("mmtune refuses ZeRO-3 today (not tested yet): use zero2 or fsdp2")
     if engine == "fsdp2":

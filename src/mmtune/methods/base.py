@@ -77,6 +77,9 @@ class Method:
     # The options at which the method is vanilla (its strength at zero: ``{"lam": 0}``), or None where it has none;
     # the contract tests train with them and compare with vanilla (tests/methods/test_contract.py).
     null_options: ClassVar[dict[str, Any] | None] = None
+    # Forward passes per micro-batch whose activations the backward keeps, beyond the plain one (NRCA's noised view):
+    # what ``mmtune estimate`` multiplies the activations by.
+    extra_forwards: ClassVar[int] = 0
     # Deprecated: the flags that shaped the step before ``build_step``; a subclass setting them still
     # works (its step is built from combine_task_gradients / task_perturbation / perturb / restore) with a warning.
     per_task_gradients: ClassVar[bool] = False

@@ -100,6 +100,7 @@ class NRCA(Method):
     name = "nrca"
     description = "noise-resilient confidence alignment for open-response tasks (Huang et al., ICML 2025)"
     config_class = NRCAConfig
+    extra_forwards = 1  # the noised view of the open-response samples, kept for the gap term's gradient
     null_options = {"lam": 0}
 
     def extra_losses(self, ctx, batch, outputs, sample_loss):
