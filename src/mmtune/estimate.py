@@ -238,12 +238,12 @@ def fits(result: Estimate, gpu_memory_gb: float) -> bool:
 
 def describe(result: Estimate, gpu_memory_gb: float | None) -> str:
     """The table ``mmtune estimate`` prints, with a verdict when the device's memory is given."""
-    lines = [f"{result.parameters / 1e9:.2f}B parameters, {result.trainable / 1e6:.1f}M trainable; engine "
+    lines = [f"{_count(result.parameters)} parameters, {_count(result.trainable)} trainable; engine "
              f"{result.engine} on {result.devices} device(s); per device:", ""]
     for name, value in result.parts.items():
         aside = "  (not counted: checkpointing is on)" if name == "activations without checkpointing" else ""
-        lines.append(f"  {name:<34}{value / GB:>9.2f} GB{aside}")
-    lines.append(f"  {'total':<34}{result.total / GB:>9.2f} GB")
+        lines.append(f"  {name:<34}{_size(value)}{aside}")
+    lines.append(f"  {'total':<34}{_size(result.total)}")
     if gpu_memory_gb:
         usable = gpu_memory_gb * (1 - HEADROOM)
         verdict = "fits" if fits(result, gpu_memory_gb) else "does not fit"
@@ -253,6 +253,14 @@ def describe(result: Estimate, gpu_memory_gb: float | None) -> str:
             lines.append("  to change: " + "; ".join(suggestions(result)))
     lines += [""] + [f"note: {n}" for n in result.notes]
     return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _size(n: float) -> str:
+    return f"{n / GB:>9.2f} GB" if n >= 0.1 * GB else f"{n / 2**20:>9.1f} MB"
 
 
 def suggestions(result: Estimate) -> list[str]:
