@@ -47,6 +47,10 @@ class ModelConfig:
     attn_implementation: str | None = None  # eager | sdpa | flash_attention_2
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, more time)
     quantization: str | None = None  # 4bit | 8bit: frozen weights stored by bitsandbytes (QLoRA: needs method lora)
+    # Variable-resolution processors (Qwen2-VL, Qwen2.5-VL): the image-token budget (one token per 28×28 pixels after
+    # merging), the usual cure for out-of-memory on those models; saved into final/'s processor.
+    min_pixels: int | None = None  # each image resized to at least this many pixels (null: the processor's own)
+    max_pixels: int | None = None  # each image resized to at most this many pixels (null: the processor's own)
 
     def __post_init__(self):
         _check(self.tiny is None or self.tiny in TINY_ARCHITECTURES,
@@ -58,6 +62,10 @@ class ModelConfig:
                f"model.quantization={self.quantization!r}; choose 4bit, 8bit or null")
         _check(not (self.quantization and self.tiny), "model.quantization loads a checkpoint folder (model.path), "
                "not model.tiny")
+        for key in ("min_pixels", "max_pixels"):
+            _check(getattr(self, key) is None or getattr(self, key) >= 1, f"model.{key}={getattr(self, key)} must be ≥ 1")
+        _check(not (self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels),
+               f"model.min_pixels={self.min_pixels} is above model.max_pixels={self.max_pixels}")
         for key in ("tiny_hidden_size", "tiny_layers", "tiny_image_size", "tiny_patch_size", "tiny_vision_hidden_size",
                     "tiny_vision_layers"):
             _check(getattr(self, key) >= 1, f"model.{key}={getattr(self, key)} must be ≥ 1")

@@ -58,7 +58,7 @@ from mmtune.engines import configure_deepspeed, is_deepspeed, on_masters
 from mmtune.errors import NonFiniteError, Preempted, RunInUseError  # noqa: F401  (RunInUseError: public here)
 from mmtune.liveness import Peers
 from mmtune.methods.base import TrainContext, build_methods, refusal, shards_parameters
-from mmtune.models.load import DTYPES, check_model_folder, load_model, save_processor
+from mmtune.models.load import DTYPES, check_model_folder, load_model, save_processor, set_pixel_budget
 from mmtune.models.scope import apply_scope, parameter_groups, scope_summary
 from mmtune.models.tiny import build_tiny
 from mmtune.precision import (
@@ -113,17 +113,21 @@ class Run:
 
 
 def load_base(config: RunConfig):
-    """The model a run starts from: a local checkpoint, or a tiny random model (tests, demos)."""
+    """The model a run starts from: a local checkpoint, or a tiny random model (tests, demos); its processor with
+    the run's pixel budget (``model.min_pixels`` / ``model.max_pixels``)."""
     if config.model.tiny:
         model, processor = build_tiny(config.model.tiny, words=vocabulary(), image_size=config.model.tiny_image_size,
                                       hidden_size=config.model.tiny_hidden_size, num_layers=config.model.tiny_layers,
                                       vision_hidden_size=config.model.tiny_vision_hidden_size,
                                       vision_layers=config.model.tiny_vision_layers,
                                       patch_size=config.model.tiny_patch_size, seed=config.train.seed)
-        return model.to(DTYPES[config.model.dtype]), processor
-    check_model_source(config)
-    return load_model(config.model.path, config.model.dtype, config.model.attn_implementation,
-                      config.model.quantization)
+        model = model.to(DTYPES[config.model.dtype])
+    else:
+        check_model_source(config)
+        model, processor = load_model(config.model.path, config.model.dtype, config.model.attn_implementation,
+                                      config.model.quantization)
+    set_pixel_budget(processor, config.model.min_pixels, config.model.max_pixels)
+    return model, processor
 
 
 def check_model_source(config: RunConfig) -> None:

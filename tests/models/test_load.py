@@ -49,3 +49,34 @@ def test_scope_freezes_vision_and_trains_projector_and_last_blocks(tmp_path, arc
 def test_not_a_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_model(tmp_path)
+
+
+def _image_tokens(processor, image) -> int:
+    batch = processor(text=["<|vision_start|><|image_pad|><|vision_end|>how many?"], images=[image], return_tensors="pt")
+    return int(batch["image_grid_thw"].prod()) // processor.image_processor.merge_size ** 2
+
+
+def test_a_pixel_budget_caps_image_tokens_and_is_saved_with_the_model(tiny_config):
+    """model.max_pixels reaches Qwen2-VL's processor: fewer image tokens per image, in training and in final/."""
+    from PIL import Image
+
+    from mmtune.train import load_base, train
+
+    image = Image.new("RGB", (64, 64), "red")  # 4,096 pixels: above both budgets
+    _, default = load_base(tiny_config("model.tiny=qwen2_vl"))
+    _, capped = load_base(tiny_config("model.tiny=qwen2_vl", "model.max_pixels=256"))
+    assert _image_tokens(default, image) == 4 and _image_tokens(capped, image) == 1
+    run = train(tiny_config("model.tiny=qwen2_vl", "model.max_pixels=256", "train.max_steps=1"))
+    _, reloaded = load_model(run / "final")
+    assert _image_tokens(reloaded, image) == 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.tiny=llava", "model.max_pixels=256"], "resizes every image to a fixed size"),
+    (["model.tiny=qwen2_vl", "model.min_pixels=512", "model.max_pixels=256"], "is above model.max_pixels"),
+])
+def test_a_pixel_budget_where_it_cannot_apply_is_refused(tiny_config, overrides, message):
+    from mmtune.train import load_base
+
+    with pytest.raises(ValueError, match=message):
+        load_base(tiny_config(*overrides))

@@ -80,6 +80,25 @@ def load_processor(path: str | Path) -> ProcessorMixin:
     return processor
 
 
+def set_pixel_budget(processor: ProcessorMixin, min_pixels: int | None, max_pixels: int | None) -> None:
+    """``model.min_pixels`` / ``model.max_pixels`` into a variable-resolution image processor (Qwen2-VL's: its
+    ``size`` holds the bounds as ``shortest_edge`` / ``longest_edge``, in pixels); a fixed-resolution processor has no
+    such budget, and says so."""
+    if min_pixels is None and max_pixels is None:
+        return
+    image_processor = processor.image_processor
+    size = getattr(image_processor, "size", None)
+    if size is None or getattr(size, "longest_edge", None) is None or not hasattr(image_processor, "merge_size"):
+        raise ValueError(f"model.min_pixels / model.max_pixels: {type(image_processor).__name__} resizes every image to "
+                         "a fixed size, so there is no pixel budget to set; they apply to variable-resolution "
+                         "processors (Qwen2-VL, Qwen2.5-VL)")
+    if max_pixels is not None:
+        size.longest_edge = max_pixels
+        size.shortest_edge = min(size.shortest_edge or max_pixels, max_pixels)
+    if min_pixels is not None:
+        size.shortest_edge = min_pixels
+
+
 def check_model_folder(path: str | Path) -> Path:
     """Fail fast, with what to do, when ``path`` is not a local Hugging Face model folder."""
     path = Path(path)
