@@ -490,10 +490,15 @@ def cmd_ls(args) -> int:
         print("downstream open-response:", ", ".join(DOWNSTREAM_OPEN))
         print("downstream fixed-choice:", ", ".join(DOWNSTREAM_CHOICE))
     elif args.what == "architectures":
-        from mmtune.models.scope import LAYOUTS
+        from mmtune.models.scope import reference_scopes
 
-        for name, layout in LAYOUTS.items():
-            print(f"{name:<12} vision={layout.vision}  projector={layout.projector}  blocks={layout.blocks}")
+        print("architecture     layout      parameters  trainable (projector + last 2 blocks)  vision / projector / "
+              "blocks (reference config: transformers' default of the type, built on the meta device)")
+        for row in reference_scopes():
+            layout = row["layout"]
+            print(f"{row['name']:<16} {row['source']:<10} {row['parameters'] / 1e9:>8.2f}B  "
+                  f"{row['trainable'] / 1e6:>9.1f}M  {layout.vision} / {layout.projector} / {layout.blocks} "
+                  f"({row['blocks']})")
     return 0
 
 
@@ -517,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--engine", default="ddp", help="ddp (default) | fsdp2 | zero2 | zero3")
     est.add_argument("--seq-len", type=int, help="tokens per sample (default data.max_length, the worst case)")
     est.add_argument("--architecture", help="when model.path is not here: the architecture's reference shape "
-                                            "(llava = LLaVA-1.5-7B, qwen2_vl = Qwen2-VL-7B, idefics3 = Idefics3-8B)")
+                                            "(llava = LLaVA-1.5-7B; qwen2_vl, idefics3: transformers' default shapes)")
     est.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=1")
     est.set_defaults(func=cmd_estimate)
 

@@ -34,8 +34,8 @@ HEADROOM = 0.10  # of the device memory, kept free for the CUDA context, fragmen
 GB = 1e9
 # Reference shapes for an architecture without a local folder: transformers' default config of each model type is
 # the model it was written for (LlavaConfig() is LLaVA-1.5-7B: CLIP-L/336 + Llama-2-7B shape).
-REFERENCE = {"llava": "LlavaConfig (LLaVA-1.5-7B)", "qwen2_vl": "Qwen2VLConfig (Qwen2-VL-7B)",
-             "idefics3": "Idefics3Config (Idefics3-8B)"}
+REFERENCE = {"llava": "LlavaConfig (LLaVA-1.5-7B)", "qwen2_vl": "Qwen2VLConfig (a 73B shape)",
+             "idefics3": "Idefics3Config (6.9B)"}
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """What trains: vision tower frozen, projector and the last N LLM blocks trainable, two learning rates.
 
-Where each part lives differs per architecture; that knowledge is one table, ``LAYOUTS``.
+Where each part lives differs per architecture: ``LAYOUTS`` holds the ones tested end to end; any other
+image-text-to-text model is read by ``discover_layout`` (the vision encoder, the connector and the language model's
+blocks found by the names transformers gives them), with an error naming what could not be found.
 """
 
 from __future__ import annotations
@@ -27,12 +29,47 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
+# Names transformers gives the parts of a vision-language model, under its inner ``model``.
+VISION_NAMES = ("vision_tower", "visual", "vision_model")
+CONNECTOR_NAMES = ("multi_modal_projector", "connector", "visual.merger", "mlp1")
+LANGUAGE_NAMES = ("language_model", "text_model")
+
+# Architectures read by discovery and checked on their reference configs (built on the meta device): `mmtune ls
+# architectures` prints their scope; the tiny models of three of LAYOUTS' run the pipeline end to end in the tests.
+DISCOVERED = ("qwen3_vl", "gemma3", "internvl", "llava_onevision", "mistral3", "lfm2_vl", "glm4v")
+
+
+def discover_layout(model: nn.Module) -> Layout:
+    """The layout of an image-text-to-text model not in ``LAYOUTS``, from the names of its parts."""
+    inner = "model" if isinstance(getattr(model, "model", None), nn.Module) else ""
+    base = model.get_submodule(inner) if inner else model
+    prefix = f"{inner}." if inner else ""
+
+    def first(names) -> str | None:
+        for name in names:
+            try:
+                base.get_submodule(name)
+            except AttributeError:
+                continue
+            return prefix + name
+        return None
+
+    vision, connector, language = first(VISION_NAMES), first(CONNECTOR_NAMES), first(LANGUAGE_NAMES)
+    blocks = f"{language}.layers" if language and isinstance(
+        getattr(model.get_submodule(language), "layers", None), nn.ModuleList) else None
+    missing = [what for what, found in (("vision encoder", vision), ("connector", connector),
+                                        ("language-model blocks", blocks)) if found is None]
+    if missing:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ValueError(f"{model_type}: could not find its {', '.join(missing)} (looked for {prefix}"
+                         f"{' | '.join(VISION_NAMES)}, {' | '.join(CONNECTOR_NAMES)}, <{' | '.join(LANGUAGE_NAMES)}>"
+                         ".layers); add its layout to mmtune.models.scope.LAYOUTS")
+    return Layout(vision, connector, blocks)
+
+
 def layout_of(model: nn.Module) -> Layout:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in LAYOUTS:
-        raise ValueError(f"no layout for model type {model_type!r}; supported: {', '.join(sorted(LAYOUTS))} "
-                         "(add one line to mmtune.models.scope.LAYOUTS)")
-    return LAYOUTS[model_type]
+    return LAYOUTS[model_type] if model_type in LAYOUTS else discover_layout(model)
 
 
 def block_names(model: nn.Module, layout: Layout, last_n: int) -> list[str]:
@@ -110,3 +147,25 @@ def scope_summary(model: nn.Module, layout: Layout) -> str:
     n = sum(v[1] for v in counts.values())
     lines.append(f"{'total':<12}{t:>14,}{n:>14,}  ({100 * t / max(1, n):.1f}% trainable)")
     return "\n".join(lines)
+
+
+def reference_scopes(last_n_blocks: int = 2) -> list[dict]:
+    """For every architecture mmtune knows (``LAYOUTS``) or discovers (``DISCOVERED``): its layout and the scope of
+    its reference config (transformers' default config of the type, e.g. LLaVA-1.5-7B), built on the meta device."""
+    import warnings
+
+    import torch
+    from transformers import CONFIG_MAPPING, AutoModelForImageTextToText
+
+    rows = []
+    for name in [*LAYOUTS, *DISCOVERED]:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = AutoModelForImageTextToText.from_config(CONFIG_MAPPING[name]())
+        layout = layout_of(model)
+        apply_scope(model, True, last_n_blocks)
+        rows.append({"name": name, "source": "table" if name in LAYOUTS else "discovered", "layout": layout,
+                     "blocks": len(model.get_submodule(layout.blocks)),
+                     "parameters": sum(p.numel() for p in model.parameters()),
+                     "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)})
+    return rows
