@@ -35,10 +35,30 @@ def test_null_settings_are_options_of_their_methods():
             "cagrad", "sam", "task_sam"} <= set(NULL)
 
 
+@pytest.fixture(scope="module")
+def full_run(world, tmp_path_factory):
+    """Each method's 4-step run with checkpoints every 2 steps, trained once for the tests below that read it."""
+    from conftest import TINY_CONFIG
+    from mmtune.config import load_config
+
+    root, done = tmp_path_factory.mktemp("contract"), {}
+
+    def run(name: str):
+        if name not in done:
+            config = load_config(TINY_CONFIG, [
+                f"data.synthetic.dir={world}", f"train.output_dir={root / name}", "train.progress=false",
+                "data.tasks=[{path: 'synthetic:detailed_caption', n: 16}, {path: 'synthetic:count_mc', n: 16}]",
+                "train.batch_size=4", "train.max_steps=4", "train.warmup_ratio=0.0", "eval.downstream=[]",
+                "eval.heldout=[]", "train.save_every=2", f"method.name={name}", *_settings(name)])
+            done[name] = (config, train(config))
+        return done[name]
+
+    return run
+
+
 @pytest.mark.parametrize("name", ALL)
-def test_frozen_parameters_bit_identical_and_trainable_ones_change(tiny_config, name):
-    config = tiny_config(f"method.name={name}", *_settings(name))
-    run = train(config)
+def test_frozen_parameters_bit_identical_and_trainable_ones_change(full_run, name):
+    config, run = full_run(name)
     base, final = base_weights(config), final_weights(run)
     trainable = trainable_names(base)
     for key in base:
@@ -48,8 +68,8 @@ def test_frozen_parameters_bit_identical_and_trainable_ones_change(tiny_config, 
 
 
 @pytest.mark.parametrize("name", sorted(NULL))
-def test_null_setting_reproduces_vanilla(tiny_config, name):
-    vanilla = final_weights(train(tiny_config("method.name=vanilla", out="vanilla")))
+def test_null_setting_reproduces_vanilla(tiny_config, full_run, name):
+    vanilla = final_weights(full_run("vanilla")[1])
     null = final_weights(train(tiny_config(f"method.name={name}", *NULL[name], out="null")))
     for key in vanilla:
         if METHODS[name].sets_gradients:  # the same gradient, summed task by task: equal up to float rounding, which
@@ -61,9 +81,9 @@ def test_null_setting_reproduces_vanilla(tiny_config, name):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_resume_equals_uninterrupted(tiny_config, name):
+def test_resume_equals_uninterrupted(tiny_config, full_run, name):
     settings = [f"method.name={name}", *_settings(name), "train.max_steps=4"]
-    full = train(tiny_config(*settings, "train.save_every=2", out="full"))
+    full = full_run(name)[1]
     resumed = train(tiny_config(*settings, f"train.resume_from={full / 'checkpoints' / 'step-000002'}", out="resumed"))
     wf, wr = final_weights(full), final_weights(resumed)
     for key in wf:
