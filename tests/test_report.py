@@ -1,4 +1,5 @@
-"""The report on hand-written evaluations: normalisation to the base, per-seed values, Welch marks."""
+"""The report on hand-written evaluations: normalisation to the base, per-seed values, marks that survive a paired
+test and Holm's correction, intervals and wording."""
 
 import json
 import math
@@ -92,3 +93,47 @@ def test_runs_that_are_not_comparable_are_refused_unless_asked(tmp_path):
     (d / "config.yaml").write_text(yaml.safe_dump({"method": {"name": "spider"}, "eval": {"limit": 5}}))
     with pytest.raises(ValueError, match="their eval differ \\(limit: None vs 5\\)"):
         build_report([a, d])
+
+
+def test_holm_by_hand():
+    from mmtune.report import holm
+
+    # sorted 0.01, 0.03, 0.04: × 3, × 2, × 1, made monotone → 0.03, 0.06, 0.06
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5]) == [0.5] and holm([0.4, 0.4]) == pytest.approx([0.8, 0.8])
+
+
+def test_pairing_by_seed_sees_a_consistent_gain_that_seed_noise_hides(tmp_path):
+    """Seeds move both methods together (50, 60, 70); the method is 2 ± 0.5 above vanilla on each seed: Welch's test
+    across seeds can't see it, the paired test does, and the interval is the t-interval of the differences."""
+    from mmtune.report import difference_interval
+
+    gains = [2.0, 2.5, 1.5]
+    runs = [_run(tmp_path, "vanilla", s, {"cap": 500.0, "mc": 50.0 + 10 * s, "vqa": 80.0}) for s in range(3)]
+    runs += [_run(tmp_path, "steady", s, {"cap": 500.0, "mc": 50.0 + 10 * s + gains[s], "vqa": 80.0})
+             for s in range(3)]
+    report = build_report(runs)
+    mc = next(r for r in report["rows"] if r["method"] == "steady")["values"]["mc"]["vs_vanilla"]
+    assert welch_p([50 + 10 * s + gains[s] for s in range(3)], [50 + 10 * s for s in range(3)]) > 0.5
+    assert mc["test"] == "paired" and mc["p"] == pytest.approx(0.0202, abs=1e-3)  # t = 6.93, df 2
+    # t(0.975, 2) = 4.303: 2 ± 4.303 · 0.5 / √3
+    assert mc["interval"] == pytest.approx((2 - 1.2421, 2 + 1.2421), abs=1e-3)
+    assert difference_interval([1.0, 2.0], [1.0, 2.0], paired=True) == (0.0, 0.0)
+
+
+def test_holm_correction_removes_marks_that_many_comparisons_would_give_by_chance(tmp_path):
+    """Three columns each at raw p ≈ 0.02 (paired): alone each would be marked; corrected over the table, none is,
+    and the wording says "not detectable at this power" with the interval."""
+    gains = [2.0, 2.5, 1.5]
+    runs = [_run(tmp_path, "vanilla", s, {"cap": 400.0 + s, "mc": 50.0 + 10 * s, "vqa": 70.0 + 3 * s})
+            for s in range(3)]
+    runs += [_run(tmp_path, "lucky", s, {"cap": 400.0 + s + gains[s], "mc": 50.0 + 10 * s + gains[s],
+                                         "vqa": 70.0 + 3 * s + gains[s]}) for s in range(3)]
+    report = build_report(runs)
+    values = next(r for r in report["rows"] if r["method"] == "lucky")["values"]
+    assert all(values[k]["vs_vanilla"]["p"] < 0.05 for k in ("cap", "mc", "vqa"))
+    assert all(values[k]["vs_vanilla"]["p_holm"] >= 0.05 for k in ("cap", "mc", "vqa"))
+    text = to_markdown(report)
+    lucky = [line for line in text.splitlines() if line.startswith("| lucky")]
+    assert not any("▲" in line or "▼" in line for line in lucky)
+    assert "lucky G/base: not detectable at this power" in text and "not the same as no effect" in text

@@ -11,8 +11,11 @@ Two aggregates of the same per-task scores:
   these means and named in the report.
 
 Runs of the same method (several seeds) are averaged (mean ± sample std); ``report.json`` keeps every
-seed's values. A method's mean is marked where it differs from vanilla's by more than seed noise:
-Welch's t-test (unequal variances) over the seeds, p < 0.05, when both have at least two seeds.
+seed's values. Each method is compared with vanilla on every column: paired by seed where both ran the same seeds (a
+seed fixes the data order and the initial noise for every method, so pairing removes that shared part of the noise),
+Welch's t-test otherwise; the difference comes with its 95% interval, and the p-values of the whole table are
+corrected together for multiple comparisons (Holm). A mean is marked ▲ / ▼ only where the Holm-adjusted p < 0.05;
+"not detectable" is written with the interval, never as "no effect".
 """
 
 from __future__ import annotations
@@ -163,6 +166,62 @@ def welch_p(a: list[float], b: list[float]) -> float | None:
     return float(ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def paired_p(a: list[float], b: list[float]) -> float | None:
+    """Two-sided p-value of the paired t-test on ``a[i] − b[i]`` (the same seeds); None under two pairs. Constant
+    differences are beyond any noise when non-zero (p = 0) and none when zero (p = 1)."""
+    if len(a) < 2 or len(a) != len(b):
+        return None
+    differences = [x - y for x, y in zip(a, b, strict=True)]
+    if statistics.pstdev(differences) == 0:
+        return 0.0 if differences[0] != 0 else 1.0
+    from scipy.stats import ttest_rel
+
+    return float(ttest_rel(a, b).pvalue)
+
+
+def difference_interval(a: list[float], b: list[float], paired: bool, level: float = 0.95) -> tuple[float, float]:
+    """The ``level`` t-interval of mean(a) − mean(b): on the differences when paired, Welch–Satterthwaite otherwise."""
+    from scipy.stats import t
+
+    if paired:
+        differences = [x - y for x, y in zip(a, b, strict=True)]
+        mean, n = statistics.mean(differences), len(differences)
+        half = t.ppf((1 + level) / 2, n - 1) * statistics.stdev(differences) / math.sqrt(n)
+        return mean - half, mean + half
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    mean = statistics.mean(a) - statistics.mean(b)
+    if va + vb == 0:
+        return mean, mean
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = t.ppf((1 + level) / 2, df) * math.sqrt(va + vb)
+    return mean - half, mean + half
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment of ``pvalues`` (one family): reject where the adjusted value is below alpha."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def against_vanilla(mine: dict[int, float], vanilla: dict[int, float]) -> dict | None:
+    """The comparison of one column with vanilla's (values by seed): test, p, difference and its 95% interval."""
+    shared = sorted(set(mine) & set(vanilla))
+    if len(shared) >= 2 and len(shared) == len(mine) == len(vanilla):
+        a, b = [mine[s] for s in shared], [vanilla[s] for s in shared]
+        test, p = "paired", paired_p(a, b)
+    else:
+        a, b = list(mine.values()), list(vanilla.values())
+        test, p = "welch", welch_p(a, b)
+    if p is None:
+        return None
+    return {"test": test, "p": p, "difference": statistics.mean(a) - statistics.mean(b),
+            "interval": difference_interval(a, b, test == "paired")}
+
+
 def _value(summary: dict, key: str, columns: list[str]) -> float | None:
     value = summary["tasks"].get(key) if key in columns else summary.get(key)
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
@@ -200,6 +259,8 @@ def build_report(run_dirs: list[str | Path], allow_mixed: bool = False) -> dict:
     keys = [*columns, *SUMMARY_KEYS]
     per_method = {method: {key: [v for r in group if (v := _value(r["final"], key, columns)) is not None]
                            for key in keys} for method, group in by_method.items()}
+    by_seed = {method: {key: {r["seed"]: v for r in group if (v := _value(r["final"], key, columns)) is not None}
+                        for key in keys} for method, group in by_method.items()}
     vanilla = per_method.get("vanilla")
     rows = []
     for method, group in by_method.items():
@@ -212,23 +273,48 @@ def build_report(run_dirs: list[str | Path], allow_mixed: bool = False) -> dict:
                 continue
             mean, std = _mean_std(values)
             reference = _value(base, key, columns) if base else None
-            p = welch_p(values, vanilla[key]) if vanilla is not None and method != "vanilla" else None
+            compared = against_vanilla(by_seed[method][key], by_seed["vanilla"][key]) \
+                if vanilla is not None and method != "vanilla" else None
             row["values"][key] = {"mean": mean, "std": std, "delta": None if reference is None else mean - reference,
-                                  "p_vs_vanilla": p}
+                                  "p_vs_vanilla": compared["p"] if compared else None, "vs_vanilla": compared}
         rows.append(row)
+    family = [v["vs_vanilla"] for row in rows for v in row["values"].values() if v["vs_vanilla"]]
+    for compared, adjusted in zip(family, holm([c["p"] for c in family]), strict=True):
+        compared["p_holm"] = adjusted
     unnormalised = sorted(c for c in columns if base and not base["tasks"].get(c))
     return {"columns": columns, "sides": sides, "base": base, "rows": rows, "runs": [r["run"] for r in runs],
             "settings": runs[0]["settings"],
-            "not_normalised": unnormalised, "significance": {"test": "welch", "alpha": SIGNIFICANCE}}
+            "not_normalised": unnormalised,
+            "significance": {"test": "paired t-test over shared seeds, Welch otherwise", "correction": "holm",
+                             "comparisons": len(family), "alpha": SIGNIFICANCE}}
 
 
 def _mark(value: dict | None, vanilla: dict | None) -> str:
-    """▲ / ▼: above / below vanilla beyond seed noise (Welch, p < 0.05)."""
-    if value is None or vanilla is None or value.get("p_vs_vanilla") is None:
-        return ""
-    if value["p_vs_vanilla"] >= SIGNIFICANCE:
+    """▲ / ▼: above / below vanilla beyond seed noise, after the table's Holm correction."""
+    compared = (value or {}).get("vs_vanilla")
+    if vanilla is None or not compared or compared["p_holm"] >= SIGNIFICANCE:
         return ""
     return " ▲" if value["mean"] > vanilla["mean"] else " ▼"
+
+
+def verdicts(report: dict, keys: tuple[str, ...] = ("S/base", "G/base", "H/base")) -> list[str]:
+    """One sentence per method and summary column, generated from the numbers: detected or not, and the interval."""
+    lines = []
+    for row in report["rows"]:
+        for key in keys:
+            compared = (row["values"].get(key) or {}).get("vs_vanilla")
+            if not compared:
+                continue
+            low, high = compared["interval"]
+            span = f"difference {compared['difference']:+.1f}, 95% interval {low:+.1f} to {high:+.1f}"
+            if compared["p_holm"] < SIGNIFICANCE:
+                word = "above" if compared["difference"] > 0 else "below"
+                lines.append(f"- {row['method']} {key}: {word} vanilla ({span}; {compared['test']}, Holm p = "
+                             f"{compared['p_holm']:.3g})")
+            else:
+                lines.append(f"- {row['method']} {key}: not detectable at this power ({span}; {compared['test']}, "
+                             f"Holm p = {compared['p_holm']:.3g}) — not the same as no effect")
+    return lines
 
 
 def _format(value: dict | None, seeds: int, vanilla: dict | None, delta: bool = True) -> str:
@@ -268,7 +354,13 @@ def to_markdown(report: dict) -> str:
               "H = 2SG/(S+G). Raw: the mean of the scores as they are (CIDEr and accuracies mixed). /base %: the mean "
               "of each task's score divided by the base model's, ×100 (scale-free; the base is 100). "
               "In parentheses: change against the base model; ± is the sample std over seeds. "
-              "▲ / ▼: above / below vanilla beyond seed noise (Welch's t-test over seeds, p < 0.05)."]
+              "▲ / ▼: above / below vanilla beyond seed noise — a paired t-test over the seeds both ran (Welch's "
+              "otherwise), Holm-corrected over the table's "
+              f"{report.get('significance', {}).get('comparisons', 0)} comparisons, p < 0.05. The ± and the tests "
+              "cover training seeds only: one base and one fixed set of test records."]
+    found = verdicts(report)
+    if found:
+        legend += ["", "Against vanilla (from the numbers above):", "", *found]
     if report.get("not_normalised"):
         legend.append(f"Left out of the /base means (base score 0): {', '.join(report['not_normalised'])}.")
     return "\n".join(lines + legend) + "\n"
