@@ -136,4 +136,33 @@ def test_holm_correction_removes_marks_that_many_comparisons_would_give_by_chanc
     text = to_markdown(report)
     lucky = [line for line in text.splitlines() if line.startswith("| lucky")]
     assert not any("▲" in line or "▼" in line for line in lucky)
-    assert "lucky G/base: not detectable at this power" in text and "not the same as no effect" in text
+    assert "lucky G/adj: not detectable at this power" in text and "not the same as no effect" in text
+
+
+def test_chance_adjusted_means_leave_out_bases_near_chance():
+    """(score − chance) / (base − chance): a 4-way choice task whose base sits below chance (18.5 vs 25, as world
+    v2's attribute MC) would make /base say "+270%" for a model at 50; the adjusted mean leaves it out and names it."""
+    base = {"tasks": {"mc": {"score": 60.0, "side": "downstream", "chance": 25.0},
+                      "attr": {"score": 18.5, "side": "downstream", "chance": 25.0},
+                      "cap": {"score": 200.0, "side": "heldout", "chance": 0.0}}}
+    model = {"tasks": {"mc": {"score": 70.0, "side": "downstream"}, "attr": {"score": 50.0, "side": "downstream"},
+                       "cap": {"score": 150.0, "side": "heldout"}}}
+    out = summarize(model, base)
+    assert out["adjusted"]["mc"] == pytest.approx(100 * 45 / 35) and "attr" not in out["adjusted"]
+    assert out["S/adj"] == pytest.approx(100 * 45 / 35)
+    assert out["S/base"] == pytest.approx((100 * 70 / 60 + 100 * 50 / 18.5) / 2)  # dominated by the near-chance task
+    assert out["G/adj"] == pytest.approx(75.0)
+    below = summarize({"tasks": {**model["tasks"], "mc": {"score": 20.0, "side": "downstream"}}}, base)
+    assert below["S/adj"] < 0 and below["H/adj"] == 0.0  # below chance: no skill left, H is 0
+
+
+def test_the_score_of_a_random_guess():
+    from mmtune.data.records import Record
+    from mmtune.evaluate import chance_score
+
+    def record(choices):
+        return Record(id="x", task="t", kind="choice" if choices else "open", image=None, prompt="?", answers=["a"],
+                      choices=choices, answer_index=0 if choices else None)
+
+    assert chance_score([record(["a", "b", "c", "d"]), record(["a", "b"])]) == pytest.approx(37.5)
+    assert chance_score([record(None)]) == 0.0

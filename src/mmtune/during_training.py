@@ -128,7 +128,8 @@ def evaluate_during_training(run: Run, name: str) -> dict | None:
             # with each task's validation loss (teacher-forced, on the same records): which task overfits when
             losses = {task: result["target_loss"] for task, result in scores["tasks"].items()}
             row = {"step": run.ctx.step,
-                   "eval": {**{k: v for k, v in summary.items() if k != "normalised"}, "val_loss": losses}}
+                   "eval": {**{k: v for k, v in summary.items() if k not in ("normalised", "adjusted")},
+                            "val_loss": losses}}
     run.peers.wait_for_main(run.accelerator)
     return row
 

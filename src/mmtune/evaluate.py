@@ -84,6 +84,14 @@ def target_confidence(model, processor, records: list[Record], batch_size: int =
     return teacher_forced(model, processor, records, batch_size, max_length)["confidence"]
 
 
+def chance_score(records: list[Record]) -> float:
+    """The score a random guess gets, in the task's units: 100 / (number of choices) for multiple choice, averaged
+    over the records; 0 for free-form answers (a guess that matches a free answer is rare; yes/no questions are the
+    exception this leaves out)."""
+    choices = [len(r.choices) for r in records if r.choices]
+    return 100 * sum(1 / n for n in choices) / len(records) if choices and len(choices) == len(records) else 0.0
+
+
 def evaluate(model, processor, sides: dict[str, list[Path]], out_dir: str | Path, batch_size: int = 16,
              max_new_tokens: int = 128, limit: int | None = None, progress: bool = True,
              overwrite: bool = False) -> dict:
@@ -111,6 +119,6 @@ def evaluate(model, processor, sides: dict[str, list[Path]], out_dir: str | Path
                      for record, item, value in zip(records, items, result.per_sample, strict=True)]
             atomic_write(out / "predictions" / f"{safe_file_name(task)}.jsonl", "".join(lines))
             results["tasks"][task] = {**result.as_dict(), "side": side, "target_confidence": forced["confidence"],
-                                      "target_loss": forced["loss"]}
+                                      "target_loss": forced["loss"], "chance": chance_score(records)}
     atomic_write(out / "scores.json", json.dumps(results, indent=2) + "\n")
     return results

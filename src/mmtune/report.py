@@ -30,14 +30,17 @@ import yaml
 
 from mmtune.files import atomic_write
 
-SUMMARY_KEYS = ("S", "G", "H", "S/base", "G/base", "H/base")
+SUMMARY_KEYS = ("S", "G", "H", "S/base", "G/base", "H/base", "S/adj", "G/adj", "H/adj")
+# A task whose base is within this many points of chance can't be chance-adjusted (the ratio would explode or flip).
+CHANCE_MARGIN = 5.0
 SIGNIFICANCE = 0.05
 
 
 def harmonic(s: float, g: float) -> float:
+    """2SG/(S+G); 0 when either side is at or below 0 (chance-adjusted scores can be negative: no skill left)."""
     if math.isnan(s) or math.isnan(g):
         return float("nan")
-    return 0.0 if s + g == 0 else 2 * s * g / (s + g)
+    return 0.0 if s <= 0 or g <= 0 else 2 * s * g / (s + g)
 
 
 def _mean(values: list[float]) -> float:
@@ -60,6 +63,15 @@ def summarize(scores: dict, base: dict | None = None) -> dict:
         out["S/base"] = _mean([norm[k] for k in down if k in norm])
         out["G/base"] = _mean([norm[k] for k in held if k in norm])
         out["H/base"] = harmonic(out["S/base"], out["G/base"])
+        # Chance-adjusted: (score − chance) / (base − chance), the share of the base's above-chance skill a model
+        # has; a base at or near chance has no skill to share and is left out (named in the report).
+        chance = {k: v.get("chance", 0.0) for k, v in base["tasks"].items()}
+        adjusted = {k: 100 * (values[k] - chance[k]) / (ref[k] - chance[k]) for k in values
+                    if k in ref and ref[k] - chance[k] >= CHANCE_MARGIN}
+        out["adjusted"] = adjusted
+        out["S/adj"] = _mean([adjusted[k] for k in down if k in adjusted])
+        out["G/adj"] = _mean([adjusted[k] for k in held if k in adjusted])
+        out["H/adj"] = harmonic(out["S/adj"], out["G/adj"])
     return out
 
 
@@ -282,9 +294,10 @@ def build_report(run_dirs: list[str | Path], allow_mixed: bool = False) -> dict:
     for compared, adjusted in zip(family, holm([c["p"] for c in family]), strict=True):
         compared["p_holm"] = adjusted
     unnormalised = sorted(c for c in columns if base and not base["tasks"].get(c))
+    near_chance = sorted(c for c in columns if base and c not in base.get("adjusted", {}))
     return {"columns": columns, "sides": sides, "base": base, "rows": rows, "runs": [r["run"] for r in runs],
             "settings": runs[0]["settings"],
-            "not_normalised": unnormalised,
+            "not_normalised": unnormalised, "near_chance": near_chance,
             "significance": {"test": "paired t-test over shared seeds, Welch otherwise", "correction": "holm",
                              "comparisons": len(family), "alpha": SIGNIFICANCE}}
 
@@ -297,7 +310,7 @@ def _mark(value: dict | None, vanilla: dict | None) -> str:
     return " ▲" if value["mean"] > vanilla["mean"] else " ▼"
 
 
-def verdicts(report: dict, keys: tuple[str, ...] = ("S/base", "G/base", "H/base")) -> list[str]:
+def verdicts(report: dict, keys: tuple[str, ...] = ("S/adj", "G/adj", "H/adj")) -> list[str]:
     """One sentence per method and summary column, generated from the numbers: detected or not, and the interval."""
     lines = []
     for row in report["rows"]:
@@ -346,13 +359,16 @@ def to_markdown(report: dict) -> str:
     task_head = [f"{c} ({'down' if sides[c] == 'downstream' else 'held'})" for c in columns]
     base_tasks = [f"{base['tasks'].get(c, float('nan')):.1f}" for c in columns] if base else []
     lines = ["Per-task scores (accuracy in %, CIDEr ×100):", "", *table(columns, task_head, base_tasks, True)]
-    summary_head = ["S (raw)", "G (raw)", "H (raw)", "S/base %", "G/base %", "H/base %"]
+    summary_head = ["S (raw)", "G (raw)", "H (raw)", "S/base %", "G/base %", "H/base %", "S/adj %", "G/adj %",
+                    "H/adj %"]
     keys = list(SUMMARY_KEYS) if base else ["S", "G", "H"]
     base_summary = [f"{base[k]:.1f}" for k in keys] if base else []
     lines += ["", "Summary:", "", *table(keys, summary_head[:len(keys)], base_summary, True)]
     legend = ["", "S = mean over downstream tasks (specialization), G = mean over held-out tasks (generalization), "
               "H = 2SG/(S+G). Raw: the mean of the scores as they are (CIDEr and accuracies mixed). /base %: the mean "
-              "of each task's score divided by the base model's, ×100 (scale-free; the base is 100). "
+              "of each task's score divided by the base model's, ×100 (scale-free; the base is 100). /adj % (the primary "
+              "columns): chance-adjusted, (score − chance) / (base − chance) ×100 — the share of the base's skill "
+              "above chance; a base near chance can't inflate it (such tasks are left out and named). "
               "In parentheses: change against the base model; ± is the sample std over seeds. "
               "▲ / ▼: above / below vanilla beyond seed noise — a paired t-test over the seeds both ran (Welch's "
               "otherwise), Holm-corrected over the table's "
@@ -363,6 +379,9 @@ def to_markdown(report: dict) -> str:
         legend += ["", "Against vanilla (from the numbers above):", "", *found]
     if report.get("not_normalised"):
         legend.append(f"Left out of the /base means (base score 0): {', '.join(report['not_normalised'])}.")
+    if report.get("near_chance"):
+        legend.append(f"Left out of the /adj means (base within {CHANCE_MARGIN:g} points of chance): "
+                      f"{', '.join(report['near_chance'])}.")
     return "\n".join(lines + legend) + "\n"
 
 
