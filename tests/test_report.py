@@ -166,3 +166,33 @@ def test_the_score_of_a_random_guess():
 
     assert chance_score([record(["a", "b", "c", "d"]), record(["a", "b"])]) == pytest.approx(37.5)
     assert chance_score([record(None)]) == 0.0
+
+
+def _curve(run, points: list[tuple[int, dict, dict]]) -> None:
+    rows = [{"step": step, "eval": {"tasks": scores, "val_loss": loss}} for step, scores, loss in points]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_a_task_that_overfits_during_training_is_flagged_beyond_seed_noise(tmp_path):
+    """The caption score peaks at step 20 and falls back while its validation loss rises; the choice task keeps
+    improving. The report names the caption (score and loss), not the choice task; a fall seen in one seed of
+    three while the others rise is noise, not a flag."""
+    runs = []
+    for seed in range(3):
+        run = _run(tmp_path, "vanilla", seed, {"cap": 200.0, "mc": 70.0, "vqa": 60.0})
+        _curve(run, [(step, {"cap": cap + seed, "mc": mc + seed, "vqa": 60.0}, {"cap": loss + 0.01 * seed, "mc": 1.0,
+                                                                                  "vqa": 1.0})
+                     for step, cap, mc, loss in ((10, 220, 50, 2.0), (20, 260, 60, 1.6), (30, 230, 65, 1.8),
+                                                 (40, 205, 70, 2.1))])
+        runs.append(run)
+    for seed, fall in enumerate((-30.0, 10.0, 12.0)):  # one seed falls after step 20, two keep rising
+        run = _run(tmp_path, "noisy", seed, {"cap": 200.0, "mc": 70.0, "vqa": 60.0})
+        _curve(run, [(step, {"cap": 200.0 + value, "mc": 70.0, "vqa": 60.0}, {"cap": 1.0, "mc": 1.0, "vqa": 1.0})
+                     for step, value in ((10, 0.0), (20, 20.0), (30, 20.0 + fall / 2), (40, 20.0 + fall))])
+        runs.append(run)
+    report = write_report(runs, tmp_path / "rep")
+    flagged = {(f["method"], f["task"], f["what"]) for f in report["overfitting"]}
+    assert flagged == {("vanilla", "cap", "score"), ("vanilla", "cap", "validation loss")}
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "- vanilla: cap overfits after step 20 (score 261.00 there, 206.00 at the end" in text
+    assert (tmp_path / "rep" / "tasks_over_steps.png").exists()

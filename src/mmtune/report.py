@@ -111,7 +111,8 @@ def load_run(run_dir: str | Path) -> dict:
         for line in (run / "metrics.jsonl").read_text().splitlines():
             row = json.loads(line) if line.strip() else {}
             if "eval" in row:
-                curve.append({"step": row["step"], **{k: row["eval"].get(k) for k in SUMMARY_KEYS}})
+                curve.append({"step": row["step"], **{k: row["eval"].get(k) for k in SUMMARY_KEYS},
+                              "tasks": row["eval"].get("tasks", {}), "val_loss": row["eval"].get("val_loss", {})})
     return report_row(run, method_label(config.get("method", {})), config, scores, base_scores, curve)
 
 
@@ -234,6 +235,36 @@ def against_vanilla(mine: dict[int, float], vanilla: dict[int, float]) -> dict |
             "interval": difference_interval(a, b, test == "paired")}
 
 
+def overfitting(method: str, curves: list[list[dict]], tasks: list[str]) -> list[dict]:
+    """Tasks whose score fell from its peak, or whose validation loss rose from its minimum, by more than seed noise,
+    over evaluations during training (``eval.every_steps``): the peak (minimum) is the step where the mean over seeds
+    is best; each seed's fall from its value at that step to its last one is tested against 0 (one-sided t-test,
+    p < 0.05; two or more seeds)."""
+    from scipy.stats import ttest_1samp
+
+    steps = sorted(set.intersection(*[{p["step"] for p in c} for c in curves])) if curves else []
+    if len(curves) < 2 or len(steps) < 3:
+        return []
+    found = []
+    for task in tasks:
+        for what, key, sign in (("score", "tasks", 1), ("validation loss", "val_loss", -1)):
+            series = [{p["step"]: p.get(key, {}).get(task) for p in c} for c in curves]
+            if any(s.get(step) is None for s in series for step in steps):
+                continue
+            means = [statistics.mean(s[step] for s in series) for step in steps]
+            best = max(range(len(steps)), key=lambda i: sign * means[i])
+            if best == len(steps) - 1:
+                continue
+            falls = [sign * (s[steps[best]] - s[steps[-1]]) for s in series]
+            if statistics.mean(falls) <= 0:
+                continue
+            p = 0.0 if statistics.pstdev(falls) == 0 else float(ttest_1samp(falls, 0.0, alternative="greater").pvalue)
+            if p < SIGNIFICANCE:
+                found.append({"method": method, "task": task, "what": what, "step": steps[best], "p": p,
+                              "best": means[best], "last": means[-1], "fall": statistics.mean(falls)})
+    return found
+
+
 def _value(summary: dict, key: str, columns: list[str]) -> float | None:
     value = summary["tasks"].get(key) if key in columns else summary.get(key)
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
@@ -293,11 +324,12 @@ def build_report(run_dirs: list[str | Path], allow_mixed: bool = False) -> dict:
     family = [v["vs_vanilla"] for row in rows for v in row["values"].values() if v["vs_vanilla"]]
     for compared, adjusted in zip(family, holm([c["p"] for c in family]), strict=True):
         compared["p_holm"] = adjusted
+    flags = [flag for row in rows for flag in overfitting(row["method"], row["curves"], columns)]
     unnormalised = sorted(c for c in columns if base and not base["tasks"].get(c))
     near_chance = sorted(c for c in columns if base and c not in base.get("adjusted", {}))
     return {"columns": columns, "sides": sides, "base": base, "rows": rows, "runs": [r["run"] for r in runs],
             "settings": runs[0]["settings"],
-            "not_normalised": unnormalised, "near_chance": near_chance,
+            "not_normalised": unnormalised, "near_chance": near_chance, "overfitting": flags,
             "significance": {"test": "paired t-test over shared seeds, Welch otherwise", "correction": "holm",
                              "comparisons": len(family), "alpha": SIGNIFICANCE}}
 
@@ -374,6 +406,14 @@ def to_markdown(report: dict) -> str:
               "otherwise), Holm-corrected over the table's "
               f"{report.get('significance', {}).get('comparisons', 0)} comparisons, p < 0.05. The ± and the tests "
               "cover training seeds only: one base and one fixed set of test records."]
+    if report.get("overfitting"):
+        legend += ["", "Overfitting during training (a task's score past its peak, or its validation loss past its "
+                       "minimum, beyond seed noise: one-sided t-test over seeds, p < 0.05):", ""]
+        for flag in report["overfitting"]:
+            direction = "fell" if flag["what"] == "score" else "rose"
+            legend.append(f"- {flag['method']}: {flag['task']} overfits after step {flag['step']} ({flag['what']} "
+                          f"{flag['best']:.2f} there, {flag['last']:.2f} at the end: {direction} by {flag['fall']:.2f}; "
+                          f"p = {flag['p']:.3g})")
     found = verdicts(report)
     if found:
         legend += ["", "Against vanilla (from the numbers above):", "", *found]
@@ -481,6 +521,23 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
         ax.set_title("specialization and generalization during training")
         ax.legend(fontsize=7)
         paths.append(_save(fig, out_dir / "s_g_over_steps.png"))
+        # every task's score and validation loss over the steps, per method (mean over seeds): where each overfits
+        fig, axes = plt.subplots(2, len(columns), figsize=(3.2 * len(columns), 5.5), squeeze=False)
+        for row in rows:
+            color, marker = method_style(row["method"])
+            for j, task in enumerate(columns):
+                for i, key in enumerate(("tasks", "val_loss")):
+                    points = defaultdict(list)
+                    for curve in row.get("curves", []):
+                        for point in curve:
+                            if finite(point.get(key, {}).get(task)):
+                                points[point["step"]].append(point[key][task])
+                    steps = sorted(points)
+                    axes[i][j].plot(steps, [statistics.mean(points[s]) for s in steps], marker=marker, color=color,
+                                    label=row["method"] if (i, j) == (0, 0) else None)
+                    axes[i][j].set_title(f"{task}: {'score' if key == 'tasks' else 'validation loss'}", fontsize=8)
+        axes[0][0].legend(fontsize=7)
+        paths.append(_save(fig, out_dir / "tasks_over_steps.png"))
     return paths
 
 
