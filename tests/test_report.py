@@ -196,3 +196,35 @@ def test_a_task_that_overfits_during_training_is_flagged_beyond_seed_noise(tmp_p
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "- vanilla: cap overfits after step 20 (score 261.00 there, 206.00 at the end" in text
     assert (tmp_path / "rep" / "tasks_over_steps.png").exists()
+
+
+def _predictions(run, task: str, scores: list[float]) -> None:
+    folder = run / "eval" / "final" / "predictions"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{task}.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "score": s}) + "\n"
+                                                  for i, s in enumerate(scores)))
+
+
+def test_differences_come_with_test_record_sampling_error_beside_seed_noise(tmp_path):
+    """Per-record scores resampled together with the seeds: a gain of exactly 5 on every record and seed has the
+    interval [5, 5]; a gain carried by a few records has a wide one, even though its seeds agree perfectly (the
+    seed-only t-interval is a point there)."""
+    from mmtune.report import bootstrap_difference
+
+    records = [0.0, 100.0, 100.0, 0.0, 100.0, 0.0, 0.0, 100.0, 100.0, 0.0]
+    lucky = [100.0, 100.0, 100.0, 0.0, 100.0, 0.0, 0.0, 100.0, 100.0, 0.0]  # one record flipped: +10 points
+    runs = []
+    for seed in range(2):
+        for method, scores in (("vanilla", records), ("lucky", lucky)):
+            run = _run(tmp_path, method, seed, {"cap": 500.0, "mc": sum(scores) / len(scores), "vqa": 80.0})
+            _predictions(run, "mc", scores)
+            runs.append(run)
+    report = build_report(runs)
+    mc = next(r for r in report["rows"] if r["method"] == "lucky")["values"]["mc"]["vs_vanilla"]
+    assert mc["interval"] == (10.0, 10.0)  # seeds alone: no noise at all
+    low, high = mc["bootstrap_interval"]
+    assert low == 0.0 and high >= 20.0  # one record of ten: the test set can't tell
+    steady = {s: {f"r{i}": v + 5 for i, v in enumerate(records)} for s in range(3)}
+    base = {s: {f"r{i}": v for i, v in enumerate(records)} for s in range(3)}
+    assert bootstrap_difference(steady, base) == pytest.approx((5.0, 5.0))
+    assert "lucky mc: +10.0 (seeds +10.0 to +10.0; seeds and records +0.0 to" in to_markdown(report)

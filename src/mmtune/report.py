@@ -265,6 +265,41 @@ def overfitting(method: str, curves: list[list[dict]], tasks: list[str]) -> list
     return found
 
 
+def per_sample_scores(folder: str | Path, task: str) -> dict[str, float] | None:
+    """A run's per-record scores on ``task`` (its predictions file), by record id; None when not kept."""
+    from mmtune.files import safe_file_name
+
+    folder = Path(folder)
+    for where in (folder / "eval" / "final" / "predictions", folder / "predictions"):
+        path = where / f"{safe_file_name(task)}.jsonl"
+        if path.is_file():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            return {str(row["id"]): float(row["score"]) for row in rows if "score" in row}
+    return None
+
+
+def bootstrap_difference(mine: dict, vanilla: dict, draws: int = 2000, level: float = 0.95,
+                         seed: int = 0) -> tuple[float, float] | None:
+    """The ``level`` interval of a task's mean score difference from vanilla with both sources of noise: seeds (the
+    shared seeds resampled as pairs) and the test records (resampled with the same draw for every run, so a record
+    hard for one model is hard for the other). ``mine`` / ``vanilla``: seed → {record id: score}."""
+    import numpy as np
+
+    seeds = sorted(set(mine) & set(vanilla))
+    if not seeds:
+        return None
+    ids = sorted(set.intersection(*[set(mine[s]) & set(vanilla[s]) for s in seeds]))
+    if len(ids) < 2:
+        return None
+    differences = np.array([[mine[s][i] - vanilla[s][i] for i in ids] for s in seeds])
+    rng = np.random.default_rng(seed)
+    pick_seeds = rng.integers(0, len(seeds), size=(draws, len(seeds)))
+    pick_records = rng.integers(0, len(ids), size=(draws, len(ids)))
+    means = np.array([differences[pick_seeds[b]][:, pick_records[b]].mean() for b in range(draws)])
+    low, high = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+    return float(low), float(high)
+
+
 def _value(summary: dict, key: str, columns: list[str]) -> float | None:
     value = summary["tasks"].get(key) if key in columns else summary.get(key)
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
@@ -321,6 +356,16 @@ def build_report(run_dirs: list[str | Path], allow_mixed: bool = False) -> dict:
             row["values"][key] = {"mean": mean, "std": std, "delta": None if reference is None else mean - reference,
                                   "p_vs_vanilla": compared["p"] if compared else None, "vs_vanilla": compared}
         rows.append(row)
+    if "vanilla" in by_method:  # test-set sampling error beside seed noise, per task, from the kept predictions
+        for row in rows:
+            if row["method"] == "vanilla":
+                continue
+            for task in columns:
+                compared = (row["values"].get(task) or {}).get("vs_vanilla")
+                samples = {side: {r["seed"]: per_sample_scores(r["run"], task) for r in by_method[side]}
+                           for side in (row["method"], "vanilla")}
+                if compared and all(v is not None for side in samples.values() for v in side.values()):
+                    compared["bootstrap_interval"] = bootstrap_difference(samples[row["method"]], samples["vanilla"])
     family = [v["vs_vanilla"] for row in rows for v in row["values"].values() if v["vs_vanilla"]]
     for compared, adjusted in zip(family, holm([c["p"] for c in family]), strict=True):
         compared["p_holm"] = adjusted
@@ -414,6 +459,16 @@ def to_markdown(report: dict) -> str:
             legend.append(f"- {flag['method']}: {flag['task']} overfits after step {flag['step']} ({flag['what']} "
                           f"{flag['best']:.2f} there, {flag['last']:.2f} at the end: {direction} by {flag['fall']:.2f}; "
                           f"p = {flag['p']:.3g})")
+    intervals = [(row["method"], task, compared) for row in report["rows"] for task in columns
+                 if (compared := (row["values"].get(task) or {}).get("vs_vanilla"))
+                 and compared.get("bootstrap_interval")]
+    if intervals:
+        legend += ["", "Per task, the difference from vanilla with its 95% interval — over seeds only (t), and over "
+                       "seeds and test records resampled together (bootstrap, 2,000 draws):", ""]
+        for method, task, compared in intervals:
+            (tl, th), (bl, bh) = compared["interval"], compared["bootstrap_interval"]
+            legend.append(f"- {method} {task}: {compared['difference']:+.1f} (seeds {tl:+.1f} to {th:+.1f}; seeds and "
+                          f"records {bl:+.1f} to {bh:+.1f})")
     found = verdicts(report)
     if found:
         legend += ["", "Against vanilla (from the numbers above):", "", *found]
