@@ -134,6 +134,24 @@ def test_validation_loss_is_the_mean_of_each_records_own_loss(tmp_path, world):
     assert forced["confidence"] >= math.exp(-forced["loss"])
 
 
+def test_nrcas_diagnostic_measures_confidence_under_a_noised_image(tmp_path, world, monkeypatch):
+    """Evaluation records, per task, the target confidence with each image replaced by NRCA's noised view and the
+    clean − noised gap; with a 'noise' that leaves the image as it is, the gap is exactly 0 (so the gap measured
+    is the noised forward's, not an artefact)."""
+    import mmtune.methods.nrca
+    from mmtune.data.records import read_records
+    from mmtune.evaluate import teacher_forced
+    from mmtune.models.load import load_model
+
+    model, processor = load_model(save_tiny(tmp_path / "m", "llava", words=vocabulary()))
+    records = read_records(world / "detailed_caption_test.jsonl")[:4]
+    forced = teacher_forced(model, processor, records, batch_size=4)
+    assert forced["confidence_gap"] == pytest.approx(forced["confidence"] - forced["noised_confidence"])
+    assert forced["confidence_gap"] != 0.0
+    monkeypatch.setattr(mmtune.methods.nrca, "noisy_view", lambda pixels, *args, **kwargs: pixels)
+    assert teacher_forced(model, processor, records, batch_size=4)["confidence_gap"] == 0.0
+
+
 def test_train_with_eval_writes_report_and_report_command(tiny_config, tmp_path, capsys):
     runs = [train(tiny_config(f"method.name={m}", "train.seed=0", "eval.limit=4", "eval.max_new_tokens=4",
                               "eval.downstream=['synthetic:detailed_caption', 'synthetic:count_mc']",

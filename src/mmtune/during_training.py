@@ -127,9 +127,12 @@ def evaluate_during_training(run: Run, name: str) -> dict | None:
             summary = summarize(scores, base)
             # with each task's validation loss (teacher-forced, on the same records): which task overfits when
             losses = {task: result["target_loss"] for task, result in scores["tasks"].items()}
+            # and NRCA's diagnostic: how much each task's target confidence still depends on the image
+            gaps = {task: result["confidence_gap"] for task, result in scores["tasks"].items()
+                    if "confidence_gap" in result}
             row = {"step": run.ctx.step,
                    "eval": {**{k: v for k, v in summary.items() if k not in ("normalised", "adjusted")},
-                            "val_loss": losses}}
+                            "val_loss": losses, "confidence_gap": gaps}}
     run.peers.wait_for_main(run.accelerator)
     return row
 

@@ -65,18 +65,40 @@ def teacher_forced(model, processor, records: list[Record], batch_size: int = 16
     Why both: NRCA divides by the confidence — a base that gives the downstream targets almost no probability (a
     format it never saw) makes its relative gap explode, so the benchmark reports it; the loss is what a user watches
     per task during training (is one task overfitting while the others still learn?).
+
+    NRCA's diagnostic beside them: ``noised_confidence``, the same confidence with every image replaced by NRCA's
+    noised view (``(1 − δ)X + δε``, δ = 0.5, a fixed seed), and ``confidence_gap`` = clean − noised over the records
+    with an image — how much the image still carries the answer. A gap shrinking over training while the score falls
+    is the paper's open-response overfitting (the model answers from language priors).
     """
+    from mmtune.methods.nrca import noisy_view
+
     model.eval()
     loader = DataLoader(RecordDataset(records), batch_size=batch_size, collate_fn=TrainCollator(processor, max_length))
     device = next(model.parameters()).device
-    confidence = loss = 0.0
+    generator = torch.Generator(device=device).manual_seed(0)
+    confidence = loss = clean_pictured = noised = 0.0
+    pictured = 0
     for batch in loader:
         inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
         labels = batch["labels"].to(device)
         log_probs, index = target_log_probs(model(**inputs).logits, labels)
-        confidence += per_sample_mean(log_probs.exp(), index, labels.shape[0]).sum().item()
+        per_record = per_sample_mean(log_probs.exp(), index, labels.shape[0])
+        confidence += per_record.sum().item()
         loss += per_sample_mean(-log_probs, index, labels.shape[0]).sum().item()
-    return {"confidence": confidence / len(records), "loss": loss / len(records)}
+        if "pixel_values" in inputs:
+            rows = batch["image_mask"].to(device) if "image_mask" in batch else torch.ones_like(per_record, dtype=bool)
+            noisy = {**inputs, "pixel_values": noisy_view(inputs["pixel_values"], 0.5, generator)}
+            noisy_log_probs, noisy_index = target_log_probs(model(**noisy).logits, labels)
+            noisy_record = per_sample_mean(noisy_log_probs.exp(), noisy_index, labels.shape[0])
+            clean_pictured += per_record[rows].sum().item()
+            noised += noisy_record[rows].sum().item()
+            pictured += int(rows.sum())
+    result = {"confidence": confidence / len(records), "loss": loss / len(records)}
+    if pictured:
+        result["noised_confidence"] = noised / pictured
+        result["confidence_gap"] = (clean_pictured - noised) / pictured
+    return result
 
 
 def target_confidence(model, processor, records: list[Record], batch_size: int = 16, max_length: int = 2048) -> float:
@@ -119,6 +141,7 @@ def evaluate(model, processor, sides: dict[str, list[Path]], out_dir: str | Path
                      for record, item, value in zip(records, items, result.per_sample, strict=True)]
             atomic_write(out / "predictions" / f"{safe_file_name(task)}.jsonl", "".join(lines))
             results["tasks"][task] = {**result.as_dict(), "side": side, "target_confidence": forced["confidence"],
-                                      "target_loss": forced["loss"], "chance": chance_score(records)}
+                                      "target_loss": forced["loss"], "chance": chance_score(records),
+                                      **{k: forced[k] for k in ("noised_confidence", "confidence_gap") if k in forced}}
     atomic_write(out / "scores.json", json.dumps(results, indent=2) + "\n")
     return results

@@ -112,7 +112,8 @@ def load_run(run_dir: str | Path) -> dict:
             row = json.loads(line) if line.strip() else {}
             if "eval" in row:
                 curve.append({"step": row["step"], **{k: row["eval"].get(k) for k in SUMMARY_KEYS},
-                              "tasks": row["eval"].get("tasks", {}), "val_loss": row["eval"].get("val_loss", {})})
+                              "tasks": row["eval"].get("tasks", {}), "val_loss": row["eval"].get("val_loss", {}),
+                              "confidence_gap": row["eval"].get("confidence_gap", {})})
     return report_row(run, method_label(config.get("method", {})), config, scores, base_scores, curve)
 
 
@@ -577,11 +578,11 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
         ax.legend(fontsize=7)
         paths.append(_save(fig, out_dir / "s_g_over_steps.png"))
         # every task's score and validation loss over the steps, per method (mean over seeds): where each overfits
-        fig, axes = plt.subplots(2, len(columns), figsize=(3.2 * len(columns), 5.5), squeeze=False)
+        fig, axes = plt.subplots(3, len(columns), figsize=(3.2 * len(columns), 8), squeeze=False)
         for row in rows:
             color, marker = method_style(row["method"])
             for j, task in enumerate(columns):
-                for i, key in enumerate(("tasks", "val_loss")):
+                for i, key in enumerate(("tasks", "val_loss", "confidence_gap")):
                     points = defaultdict(list)
                     for curve in row.get("curves", []):
                         for point in curve:
@@ -590,7 +591,8 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
                     steps = sorted(points)
                     axes[i][j].plot(steps, [statistics.mean(points[s]) for s in steps], marker=marker, color=color,
                                     label=row["method"] if (i, j) == (0, 0) else None)
-                    axes[i][j].set_title(f"{task}: {'score' if key == 'tasks' else 'validation loss'}", fontsize=8)
+                    what = {"tasks": "score", "val_loss": "validation loss", "confidence_gap": "clean − noised conf."}
+                    axes[i][j].set_title(f"{task}: {what[key]}", fontsize=8)
         axes[0][0].legend(fontsize=7)
         paths.append(_save(fig, out_dir / "tasks_over_steps.png"))
     return paths
