@@ -140,20 +140,24 @@ def activation_bytes(model: nn.Module, layout, batch: int, sequence: int, dtype:
     return sum(seen.values())
 
 
-def method_state_ratio(config) -> float:
+def method_state_ratio(config) -> tuple[float, list[str]]:
     """Bytes of method state per trainable parameter, measured by running each method's ``setup`` on a small fp32
-    tensor (the state follows the masters' dtype)."""
+    tensor (the state follows the masters' dtype); and the methods whose ``setup`` needs more than that (their state
+    is then not counted, and the estimate says so)."""
     from mmtune.methods.base import TrainContext, build_methods
 
     weight = nn.Parameter(torch.randn(64, 64))
-    total = 0
+    total, unmeasured = 0, []
     for method in build_methods(config.method):
         ctx = TrainContext(model=None, unwrapped=None, trainable={"w": weight}, generator=torch.Generator(),
                            total_steps=100, tasks=[t.path for t in config.data.tasks] or ["task"])
-        with contextlib.suppress(Exception):
+        try:
             method.setup(ctx)
+        except Exception:  # noqa: BLE001  (reported in the estimate's notes)
+            unmeasured.append(method.name)
+            continue
         total += sum(t.numel() * t.element_size() for t in _tensors(method.state_dict()) if t.dim() > 1)
-    return total / weight.numel()
+    return total / weight.numel(), unmeasured
 
 
 def _tensors(state) -> list[torch.Tensor]:
@@ -205,7 +209,10 @@ def estimate(config, engine: str = "ddp", devices: int = 1, sequence: int | None
         parts["one gathered block"] = largest * width
         parts["gradients (partitioned)"] = trainable * masters / n
         parts["optimizer state (partitioned)"] = trainable * optimizer / n
-    ratio = method_state_ratio(config)
+    ratio, unmeasured = method_state_ratio(config)
+    if unmeasured:
+        result.notes.append(f"method state of {', '.join(unmeasured)} not counted: its setup could not run on a "
+                            "stand-alone tensor")
     parts["method state"] = trainable * ratio / (n if engine == "fsdp2" else 1)
     batch = config.train.batch_size
     methods = build_methods(config.method)

@@ -7,6 +7,7 @@ blocks found by the names transformers gives them), with an error naming what co
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from torch import nn
@@ -149,6 +150,7 @@ def scope_summary(model: nn.Module, layout: Layout) -> str:
     return "\n".join(lines)
 
 
+@functools.lru_cache(maxsize=4)
 def reference_scopes(last_n_blocks: int = 2) -> list[dict]:
     """For every architecture mmtune knows (``LAYOUTS``) or discovers (``DISCOVERED``): its layout and the scope of
     its reference config (transformers' default config of the type, e.g. LLaVA-1.5-7B), built on the meta device."""
