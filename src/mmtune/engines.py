@@ -42,10 +42,6 @@ def is_deepspeed(accelerator) -> bool:
     return "DEEPSPEED" in str(getattr(accelerator, "distributed_type", ""))
 
 
-def _hooks(methods: list[Method], hook: str) -> list[str]:
-    return [m.name for m in methods if getattr(type(m), hook) is not getattr(Method, hook)]
-
-
 def configure_deepspeed(accelerator, config, methods: list[Method]) -> None:
     """Check a DeepSpeed launch against what is tested, and set the engine's config so that it agrees with the run's
     (call before ``accelerator.prepare``). Refuses, naming the setting, anything that would silently differ."""
@@ -166,7 +162,7 @@ def deepspeed_step(ctx: TrainContext, methods: list[Method], max_grad_norm: floa
             if full[name].grad is not None:
                 safe_set_full_grad(param, full[name].grad)
     engine.step()
-    if _hooks(methods, "after_optimizer_step"):
+    if any(m.overrides("after_optimizer_step") for m in methods):
         with _full_tensors(ctx, with_masters=True, with_grads=False) as full:
             for method in methods:
                 method.after_optimizer_step(ctx)
