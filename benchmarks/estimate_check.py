@@ -31,7 +31,7 @@ def measure(size: dict, workdir: str) -> dict:
 
     from mmtune.config import load_config
     from mmtune.data.synthetic import ensure_world
-    from mmtune.estimate import activation_bytes, estimate
+    from mmtune.estimate import activation_bytes, estimate, tensors_in
     from mmtune.run_folder import release_lock
     from mmtune.step import train_step
     from mmtune.train import build_model, open_run, prepare_training
@@ -59,11 +59,7 @@ def measure(size: dict, workdir: str) -> dict:
         model = run.ctx.unwrapped
 
         def nbytes(state) -> int:
-            if isinstance(state, torch.Tensor):
-                return state.numel() * state.element_size() if state.dim() else 0
-            if isinstance(state, dict):
-                return sum(nbytes(v) for v in state.values())
-            return sum(nbytes(v) for v in state) if isinstance(state, list | tuple) else 0
+            return sum(t.numel() * t.element_size() for t in tensors_in(state) if t.dim() > 0)
 
         from mmtune.models.scope import layout_of
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from mmtune.estimate import tensors_in
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS_SMALL = ["vanilla", "nrca", "spider", "nrca+spider", "l2_reg", "random_mask", "pcgrad", "cagrad", "sam",
                  "task_sam", "uncertainty", "famo"]
@@ -109,16 +111,6 @@ def one_method(method: str, steps: int, world: str, out: str, hidden: int) -> di
     trainable_bytes = sum(p.numel() * p.element_size() for p in parameters)
     return {"method": method, "hidden": hidden, "step_seconds": step_seconds, "hook_ms": hook_seconds[0] / steps * 1e3,
             "peak_rss_mb": peak_mb, "trainable": trainable, "state_x": state_bytes[0] / trainable_bytes}
-
-
-def tensors_in(state) -> list[torch.Tensor]:
-    if isinstance(state, torch.Tensor):
-        return [state]
-    if isinstance(state, dict):
-        return [t for value in state.values() for t in tensors_in(value)]
-    if isinstance(state, (list, tuple)):
-        return [t for value in state for t in tensors_in(value)]
-    return []
 
 
 def trainable_parameters(config):

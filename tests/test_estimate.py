@@ -6,7 +6,7 @@ import torch
 
 from helpers import assembled, nth_micro
 from mmtune.cli import main
-from mmtune.estimate import activation_bytes, estimate, meta_model, model_config
+from mmtune.estimate import activation_bytes, estimate, meta_model, model_config, tensors_in
 from mmtune.models.scope import apply_scope
 from mmtune.step import train_step
 from mmtune.train import load_base
@@ -15,11 +15,7 @@ PAPERS = "configs/papers/spider_llava15_coco_iconqa.yaml"
 
 
 def _state_bytes(state) -> int:
-    if isinstance(state, torch.Tensor):
-        return state.numel() * state.element_size() if state.dim() > 0 else 0
-    if isinstance(state, dict):
-        return sum(_state_bytes(v) for v in state.values())
-    return sum(_state_bytes(v) for v in state) if isinstance(state, list | tuple) else 0
+    return sum(t.numel() * t.element_size() for t in tensors_in(state) if t.dim() > 0)
 
 
 @pytest.mark.parametrize("method", ["spider", "lora"])

@@ -156,17 +156,18 @@ def method_state_ratio(config) -> tuple[float, list[str]]:
         except Exception:  # noqa: BLE001  (reported in the estimate's notes)
             unmeasured.append(method.name)
             continue
-        total += sum(t.numel() * t.element_size() for t in _tensors(method.state_dict()) if t.dim() > 1)
+        total += sum(t.numel() * t.element_size() for t in tensors_in(method.state_dict()) if t.dim() > 1)
     return total / weight.numel(), unmeasured
 
 
-def _tensors(state) -> list[torch.Tensor]:
+def tensors_in(state) -> list[torch.Tensor]:
+    """Every tensor in a (nested) state dict: a method's or an optimizer's."""
     if isinstance(state, torch.Tensor):
         return [state]
     if isinstance(state, dict):
-        return [t for v in state.values() for t in _tensors(v)]
+        return [t for v in state.values() for t in tensors_in(v)]
     if isinstance(state, list | tuple):
-        return [t for v in state for t in _tensors(v)]
+        return [t for v in state for t in tensors_in(v)]
     return []
 
 
