@@ -27,7 +27,7 @@ from mmtune.estimate import tensors_in
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS_SMALL = ["vanilla", "nrca", "spider", "nrca+spider", "l2_reg", "random_mask", "pcgrad", "cagrad", "sam",
-                 "task_sam", "uncertainty", "famo"]
+                 "task_sam", "uncertainty", "famo", "dft", "asft", "eaft", "ewc", "lora", "lora_sculpt"]
 METHODS_LARGE = ["vanilla", "nrca", "spider"]
 
 

@@ -45,6 +45,22 @@ def target_token_counts(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
 
 
+def target_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The logits that predict the target tokens, ``[N, V]`` in ``target_log_probs``' order (for token losses that
+    need the whole distribution: an entropy, a KL divergence)."""
+    return logits[:, :-1][labels[:, 1:] != IGNORE_INDEX]
+
+
+def reduce_token_values(values: torch.Tensor, index: torch.Tensor, batch_size: int, reduction: str,
+                        tokens: float | torch.Tensor | None) -> torch.Tensor:
+    """One number from per-target-token values, reduced as the cross-entropy is (``train.loss_reduction``): the
+    mean over samples of each sample's token mean (``sample``), or the sum over ``tokens`` (``token``)."""
+    if reduction == "sample":
+        return per_sample_mean(values, index, batch_size).mean()
+    if reduction == "token":
+        return values.sum() / (tokens if tokens is not None else max(1, values.numel()))
+    raise ValueError(f"unknown loss reduction {reduction!r}; choose one of {LOSS_REDUCTIONS}")
+
 
 
 def task_rows(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
@@ -73,8 +89,21 @@ def task_mean_losses(batch: dict, sample_loss: torch.Tensor) -> dict[str, torch.
     return {task: sample_loss[rows].mean() for task, rows in task_rows(batch, sample_loss.device).items()}
 
 
+def task_loss_totals(batch: dict, sample_loss: torch.Tensor, tasks: list[str]) -> torch.Tensor:
+    """``[2, T]``: per task of ``tasks``, the sum of its samples' losses in the batch and their count (detached; summed
+    over micro-batches and processes, then divided, they give each task's mean training loss: what the step log
+    writes as ``loss/<task>``)."""
+    totals = torch.zeros(2, len(tasks), device=sample_loss.device, dtype=torch.float64)
+    for task, rows in task_rows(batch, sample_loss.device).items():
+        if task in tasks:
+            column = tasks.index(task)
+            totals[0, column] = sample_loss.detach()[rows].double().sum()
+            totals[1, column] = rows.sum()
+    return totals
+
+
 def compute_losses(ctx, methods, batch: dict, reduction: str = "sample", tokens: float | torch.Tensor | None = None,
-                   shares: dict | None = None):
+                   shares: dict | None = None, task_totals: list | None = None):
     """Cross-entropy plus every method's named extra terms; returns ``(terms, outputs)`` (terms named, outputs of
     the clean forward).
 
@@ -83,20 +112,29 @@ def compute_losses(ctx, methods, batch: dict, reduction: str = "sample", tokens:
     gradient accumulation and several processes give the batch's exact token mean); ``sample`` — the plain
     mean over samples of each sample's mean token loss (NRCA's released code: a long caption and a one-letter
     answer weigh the same). Methods always receive the per-sample losses. ``shares``: a dict to fill with each task's
-    share of the cross-entropy (for multi-task optimisation).
+    share of the cross-entropy (for multi-task optimisation). ``task_totals``: a list to append the batch's per-task
+    loss sums and counts to (``task_loss_totals``, over ``ctx.tasks``: the per-task training loss in the log).
+
+    A method with ``token_loss`` (DFT, EAFT, ASFT) replaces each target token's ``−log p`` with its own loss, reduced
+    the same way: its term is ``reduced − ce``, so ``ce`` stays the plain cross-entropy in the log (comparable across
+    methods) and the sum of the terms is the method's loss.
     """
     outputs = ctx.model(**model_inputs(batch))
     log_probs, index = target_log_probs(outputs.logits, batch["labels"])
-    sample_loss = per_sample_mean(-log_probs, index, batch["labels"].shape[0])
-    if reduction == "sample":
-        ce = sample_loss.mean()
-    elif reduction == "token":
-        ce = -log_probs.sum() / (tokens if tokens is not None else max(1, log_probs.numel()))
-    else:
-        raise ValueError(f"unknown loss reduction {reduction!r}; choose one of {LOSS_REDUCTIONS}")
+    batch_size = batch["labels"].shape[0]
+    sample_loss = per_sample_mean(-log_probs, index, batch_size)
+    ce = sample_loss.mean() if reduction == "sample" else \
+        reduce_token_values(-log_probs, index, batch_size, reduction, tokens)
     if shares is not None:
         shares.update(task_shares(batch, log_probs, index, sample_loss, reduction, tokens))
+    if task_totals is not None and ctx.tasks:
+        task_totals.append(task_loss_totals(batch, sample_loss, ctx.tasks))
     terms = {"ce": ce}
+    for method in methods:
+        if method.replaces_token_loss:
+            token_loss = method.token_loss(ctx, batch, outputs, log_probs, index)
+            if token_loss is not None:  # None: the plain cross-entropy (the method at its null setting)
+                terms[method.name] = reduce_token_values(token_loss, index, batch_size, reduction, tokens) - ce
     for method in methods:
         if method.balances_task_losses:
             # The balanced loss replaces the cross-entropy: ce + (balanced − ce), so ``ce`` stays logged as the

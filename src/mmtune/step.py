@@ -41,6 +41,7 @@ class Step:
     loss_reduction: str = "token"
     tokens: torch.Tensor | None = None  # target tokens per micro-batch (token reduction), over all processes
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # each loss term's step mean, detached (logged)
+    task_totals: list[torch.Tensor] = field(default_factory=list)  # per micro-batch: per-task loss sums, counts [2, T]
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -59,7 +60,8 @@ class Step:
             last = index == accum - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(self.ctx.model):
                 with accelerator.autocast():
-                    terms, _ = compute_losses(self.ctx, self.methods, piece, self.loss_reduction, self.tokens)
+                    terms, _ = compute_losses(self.ctx, self.methods, piece, self.loss_reduction, self.tokens,
+                                              task_totals=self.task_totals if log else None)
                 backward(accelerator, sum(terms.values()) / accum, last)
             if log:
                 self._log(terms)
@@ -88,7 +90,8 @@ class Step:
         for piece in self.micro:
             with accelerator.no_sync(ctx.model), accelerator.autocast():  # DDP's own all-reduce is not used here
                 shares: dict[str, torch.Tensor] = {}
-                terms, _ = compute_losses(ctx, self.methods, piece, self.loss_reduction, self.tokens, shares)
+                terms, _ = compute_losses(ctx, self.methods, piece, self.loss_reduction, self.tokens, shares,
+                                          self.task_totals if log else None)
             if only is not None:
                 shares = {only: shares[only]} if only in shares else {}
             extra = [v for k, v in terms.items() if k != "ce" and v.requires_grad] if only is None else []
@@ -198,6 +201,7 @@ def train_step(ctx: TrainContext, methods: list[Method], micro: list[dict], opti
         return numbers[-1]
 
     grad_norm = optimizer_step(ctx, methods, optimizer, train.max_grad_norm, check)
+    ctx.step_task_losses = torch.stack(step.task_totals).sum(0) if step.task_totals else None
     with warnings.catch_warnings():  # under DeepSpeed the step is the engine's, which torch can't see
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
         scheduler.step()

@@ -86,16 +86,23 @@ class StepLog:
         start_trackers(accelerator, config, paths.root)
         self.started = time.time()
 
-    def step(self, step: int, epoch: float, terms: dict[str, float], lr: float, grad_norm: float) -> None:
+    def step(self, step: int, epoch: float, terms: dict[str, float], lr: float, grad_norm: float,
+             task_losses: torch.Tensor | None = None, tasks: list[str] | None = None) -> None:
+        """``task_losses``: the step's per-task loss sums and counts ``[2, T]`` over ``tasks`` (this process's),
+        written as ``loss/<task>``: each task's mean training loss over the step's samples on every process."""
         self.progress.update(1)
         if step % self.every == 0 or step == self.total_steps:
             accelerator = self.accelerator
             logged = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
                       for k, v in terms.items()}
-            row = {"step": step, "epoch": epoch, "loss": sum(logged.values()), **logged, "lr": lr,
-                   "grad_norm": grad_norm, "elapsed_s": round(time.time() - self.started, 4)}
+            row = {"step": step, "epoch": epoch, "loss": sum(logged.values()), **logged}
+            if task_losses is not None and tasks:
+                sums, counts = accelerator.reduce(task_losses.to(accelerator.device), "sum").tolist()
+                row.update({f"loss/{task}": total / count for task, total, count in zip(tasks, sums, counts,
+                                                                                         strict=True) if count})
+            row.update({"lr": lr, "grad_norm": grad_norm, "elapsed_s": round(time.time() - self.started, 4)})
             self.write(row)
-            accelerator.log({f"train/{k}": v for k, v in row.items() if isinstance(v, float) and k != "epoch"},
+            accelerator.log({f"train/{tracker_name(k)}": v for k, v in row.items() if isinstance(v, float) and k != "epoch"},
                             step=step)
             self.progress.set_postfix(loss=f"{row['loss']:.4f}")
         if self.status_every and (step % self.status_every == 0 or step == self.total_steps):

@@ -250,7 +250,8 @@ def prepare_training(run: Run) -> None:
     generator = torch.Generator(device=run.accelerator.device).manual_seed(config.train.seed)
     run.ctx = TrainContext(model=run.model, unwrapped=unwrapped, trainable=trainable, generator=generator,
                            accelerator=run.accelerator, optimizer=run.optimizer, total_steps=total_steps,
-                           output_dir=run.paths.root, tasks=sorted({r.task for r in run.records}))
+                           output_dir=run.paths.root, tasks=sorted({r.task for r in run.records}),
+                           batches=lambda: run.loader)
     with on_masters(run.ctx, write_back=False):  # W0 and the like from the fp32 masters, on every engine
         for method in run.methods:
             method.setup(run.ctx)
@@ -270,7 +271,7 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
         for epoch, step_in_epoch, micro in steps:
             terms, grad_norm = train_step(ctx, run.methods, micro, run.optimizer, run.scheduler, config.train)
             log.step(ctx.step, epoch + step_in_epoch / run.steps_per_epoch, terms, run.scheduler.get_last_lr()[0],
-                     grad_norm)
+                     grad_norm, ctx.step_task_losses, ctx.tasks)
             done_epoch = step_in_epoch >= run.steps_per_epoch
             position = {"step": ctx.step, "epoch": epoch + int(done_epoch),
                         "step_in_epoch": 0 if done_epoch else step_in_epoch}

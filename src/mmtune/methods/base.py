@@ -6,6 +6,7 @@ never name a method. A method overrides only what it needs:
 * ``prepare_model``   before the optimizer exists (LoRA wraps the model here);
 * ``setup``           after model and optimizer exist (snapshot W0, build masks);
 * ``extra_losses``    named loss terms added to the cross-entropy, each one logged;
+* ``token_loss``      (loss-level remedies: DFT, EAFT, ASFT) each target token's loss in place of ``−log p``;
 * ``balance_task_losses``  (loss balancing) each task's mean loss in → the loss that replaces the cross-entropy;
 * ``build_step``      (methods that change the step) form the step's gradient from its micro-batches with the
   building blocks of ``mmtune.step.Step``: per-task gradients (PCGrad, CAGrad), a second gradient at moved
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -55,11 +57,15 @@ class TrainContext:
     final_model: nn.Module | None = None  # what gets saved at the end (on_train_end may replace it)
     tasks: list[str] = field(default_factory=list)  # the training records' tasks, sorted (per-task methods index them)
     output_dir: Path | None = None  # the run's folder (for methods that write files of their own, e.g. an adapter)
+    # The training batches (on the device, in the run's order), for methods that estimate something from the data
+    # before training (EWC's Fisher information): ``for batch in ctx.batches()``. None where the host has no loader.
+    batches: Callable[[], Iterable[dict]] | None = None
+    step_task_losses: torch.Tensor | None = None  # the last step's per-task loss sums and counts [2, T] (logged)
 
 
 # Every hook a method may override, in the order a run calls them.
-HOOKS = ("prepare_model", "setup", "extra_losses", "balance_task_losses", "build_step", "before_optimizer_step",
-         "after_optimizer_step", "on_train_end", "state_dict", "load_state_dict")
+HOOKS = ("prepare_model", "setup", "extra_losses", "token_loss", "balance_task_losses", "build_step",
+         "before_optimizer_step", "after_optimizer_step", "on_train_end", "state_dict", "load_state_dict")
 
 
 class Method:
@@ -111,6 +117,10 @@ class Method:
         return self.overrides("balance_task_losses")
 
     @property
+    def replaces_token_loss(self) -> bool:
+        return self.overrides("token_loss")
+
+    @property
     def builds_own_step(self) -> bool:
         """Whether the method forms the step's gradient or loss itself (a step of its own, or loss balancing)."""
         return self.builds_step or self.balances_task_losses
@@ -123,6 +133,13 @@ class Method:
 
     def extra_losses(self, ctx: TrainContext, batch: dict, outputs, sample_loss: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}
+
+    def token_loss(self, ctx: TrainContext, batch: dict, outputs, log_probs: torch.Tensor,
+                   index: torch.Tensor) -> torch.Tensor | None:
+        """Each target token's loss ``[N]`` in place of ``−log_probs`` (``log_probs``: the target tokens' log
+        probabilities, with gradient; ``index``: each token's row), reduced like the cross-entropy; None keeps the
+        plain cross-entropy."""
+        return None
 
     def balance_task_losses(self, ctx: TrainContext, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError(f"{self.name} does not balance task losses")
@@ -206,7 +223,7 @@ def _flag_built_step(method: Method, step) -> None:
 
 
 # What each host runs, beyond the hooks every host runs. A host refuses a method that overrides any other hook.
-ALWAYS = {"prepare_model", "setup", "extra_losses", "before_optimizer_step", "after_optimizer_step", "on_train_end",
+ALWAYS = {"prepare_model", "setup", "extra_losses", "token_loss", "before_optimizer_step", "after_optimizer_step", "on_train_end",
           "state_dict", "load_state_dict"}
 
 
@@ -341,7 +358,14 @@ def check_method_combination(methods: list[Method]) -> None:
     balancers = [m.name for m in methods if m.balances_task_losses]
     if len(balancers) > 1:
         raise ValueError(f"{' + '.join(balancers)}: only one method may balance the tasks' losses")
+    reweighting = [m.name for m in methods if m.replaces_token_loss]
+    if len(reweighting) > 1:
+        raise ValueError(f"{' + '.join(reweighting)}: only one method may replace the tokens' loss (each defines the "
+                         "whole per-token loss); choose one")
     builders = [m.name for m in methods if m.builds_own_step]
+    if reweighting and builders:
+        raise ValueError(f"{reweighting[0]} + {builders[0]}: {builders[0]} forms the step from the tasks' plain "
+                         f"cross-entropy, which would drop {reweighting[0]}'s token loss; they are not combined")
     if len(builders) > 1:
         raise ValueError(f"{' + '.join(builders)}: only one method may combine the tasks' gradients, take a second "
                          "gradient or balance the losses — they are not tested together; choose one of them (loss "

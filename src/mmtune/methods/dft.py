@@ -1,0 +1,81 @@
+"""dft and asft — the loss-level remedies LLaMA-Factory and ms-swift ship (``use_dft_loss``, ``enable_dft_loss``;
+``use_asft_loss``).
+
+DFT — Wu et al., "On the Generalization of SFT: A Reinforcement Learning Perspective with Reward Rectification"
+(arXiv 2508.05629). The SFT gradient is a policy gradient whose implicit reward is ``1 / p`` of the target token:
+rare tokens get huge updates. DFT rescales each token's loss by its own (stopped-gradient) probability:
+
+    L_DFT = − Σ_t sg(p_t) · log p_t        (p_t = π_θ(y_t | y_<t, x))
+
+ASFT — Zhu et al., "Anchored Supervised Fine-Tuning" (arXiv 2509.23753, ICLR 2026). DFT drifts away from the base
+distribution; ASFT anchors it with the token-level KL divergence from the base model:
+
+    L_ASFT = L_DFT + λ · Σ_t KL(π_base(· | y_<t, x) ‖ π_θ(· | y_<t, x))        λ = 0.1 (the paper's default)
+
+The base distribution comes from a forward pass at the pre-trained values of the trainable tensors (W0, kept by
+the method; the frozen rest is shared), not from a second copy of the model: only the tuned tensors are stored
+twice. Both terms are reduced over target tokens like the cross-entropy (``train.loss_reduction``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call
+
+from mmtune.data.collate import model_inputs
+from mmtune.losses import target_logits
+from mmtune.methods.base import Method, MethodConfig, PretrainedSnapshotMethod, register
+
+
+def dft_token_loss(log_probs: torch.Tensor) -> torch.Tensor:
+    """``−sg(p)·log p`` per target token."""
+    return -log_probs.detach().exp() * log_probs
+
+
+def base_kl(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(base ‖ model)`` per row of ``[N, V]`` logits (gradient through ``logits`` only)."""
+    log_model = torch.log_softmax(logits.float(), dim=-1)
+    log_base = torch.log_softmax(base_logits.detach().float(), dim=-1)
+    return (log_base.exp() * (log_base - log_model)).sum(-1)
+
+
+@torch.no_grad()
+def base_logits(ctx, batch: dict, pretrained: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The base model's logits on ``batch``: one forward of the plain model with W0 in place of the trainable tensors."""
+    return functional_call(ctx.unwrapped, pretrained, args=(), kwargs=model_inputs(batch)).logits
+
+
+@register
+class DFT(Method):
+    name = "dft"
+    description = "dynamic fine-tuning: each token's loss scaled by its own probability (Wu et al., 2025)"
+    supports_sharding = True
+
+    def token_loss(self, ctx, batch, outputs, log_probs, index):
+        return dft_token_loss(log_probs)
+
+
+@dataclass
+class ASFTConfig(MethodConfig):
+    lam: float = 0.1  # λ, the KL anchor's weight (the paper's and LLaMA-Factory's default)
+
+    def __post_init__(self):
+        if not self.lam >= 0:
+            raise ValueError(f"method.asft.lam={self.lam} must be ≥ 0")
+
+
+@register
+class ASFT(PretrainedSnapshotMethod):
+    name = "asft"
+    description = "DFT anchored to the base model by a token-level KL divergence (Zhu et al., ICLR 2026)"
+    config_class = ASFTConfig
+
+    def token_loss(self, ctx, batch, outputs, log_probs, index):
+        loss = dft_token_loss(log_probs)
+        if self.config.lam == 0:
+            return loss
+        anchor = base_kl(target_logits(outputs.logits, batch["labels"]),
+                         target_logits(base_logits(ctx, batch, self.pretrained), batch["labels"]))
+        return loss + self.config.lam * anchor

@@ -1,0 +1,99 @@
+"""lora_sculpt — LoRA with sparse updates and a penalty where the base's knowledge is (SPIDER's LoRA counterpart).
+
+Liang et al., "LoRASculpt: Sculpting LoRA for Harmonizing General and Specialized Knowledge in Multimodal Large
+Language Models", CVPR 2025 (the NRCA / SPIDER authors' group). Two parts, as in the authors' released trainer:
+
+1. **Sculpting.** LoRA's update is redundant: after ``sculpt_step`` optimizer steps, each adapter matrix (A and B)
+   keeps only its ``keep_ratio`` largest-magnitude entries; the others are zeroed and stay zero to the end (re-zeroed
+   after every optimizer step: AdamW's momentum would move them again).
+2. **Conflict Mitigation Regularization (CMR).** The update ``B·A`` of a module is penalised where the base weight
+   W carries knowledge, measured from W's normalised magnitude:
+
+       M = tanh(ω · |1 / log(|W| / ‖W‖_F + ε)|),     loss += λ · mean over modules ‖M ⊙ (B·A)‖_F
+
+   (larger |W| → log closer to 0 → larger M). On the modules named in ``cmr_modules`` (q, k, v projections, as
+   the authors; their projector also carries LoRA, mmtune's projector trains fully as in ``lora``, so CMR is on
+   the LLM's adapters only).
+
+Defaults from the authors' training script: ``r`` 32, ``alpha`` 64, ``keep_ratio`` 0.1, ``sculpt_step`` 100,
+``cmr_lam`` 1e-3, ``omega`` 1. Everything else (targets, merge at the end, ``<run>/adapter``) is ``lora``'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mmtune.merging import top_magnitude
+from mmtune.methods.base import register
+from mmtune.methods.lora import Lora, LoraMethodConfig
+
+
+def conflict_weights(weight: torch.Tensor, omega: float, eps: float = 1e-15) -> torch.Tensor:
+    """CMR's ``M = tanh(ω·|1 / log(|W| / ‖W‖_F + ε)|)``, from a frozen base weight (no gradient)."""
+    w = weight.detach().float()
+    return torch.tanh(omega * (1.0 / torch.log(w.abs() / torch.linalg.norm(w) + eps)).abs())
+
+
+def conflict_penalty(pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Mean over ``(A, B, M)`` of ``‖M ⊙ (B·A)‖_F``."""
+    return torch.stack([torch.linalg.norm(m * (b.float() @ a.float())) for a, b, m in pairs]).mean()
+
+
+def adapter_names(trainable) -> list[str]:
+    return [name for name in trainable if ".lora_A." in name or ".lora_B." in name]
+
+
+@dataclass
+class LoraSculptConfig(LoraMethodConfig):
+    r: int = 32
+    alpha: float = 64.0
+    keep_ratio: float = 0.1  # share of each adapter matrix's entries kept after sculpting
+    sculpt_step: int = 100  # optimizer steps before sculpting
+    cmr_lam: float = 1e-3  # λ of the conflict mitigation regularization (0: none)
+    omega: float = 1.0  # ω, the steepness of M
+    cmr_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.keep_ratio <= 1:
+            raise ValueError(f"method.lora_sculpt.keep_ratio={self.keep_ratio} must be in (0, 1]")
+        if self.sculpt_step < 0:
+            raise ValueError(f"method.lora_sculpt.sculpt_step={self.sculpt_step} must be ≥ 0")
+        if not self.cmr_lam >= 0:
+            raise ValueError(f"method.lora_sculpt.cmr_lam={self.cmr_lam} must be ≥ 0")
+        if not self.omega > 0:
+            raise ValueError(f"method.lora_sculpt.omega={self.omega} must be > 0")
+
+
+@register
+class LoraSculpt(Lora):
+    name = "lora_sculpt"
+    description = "LoRA sculpted to its largest entries + a penalty where the base's weights are large (Liang et al., CVPR 2025)"
+    config_class = LoraSculptConfig
+    persistent = ("masks",)
+
+    def setup(self, ctx):
+        self.masks: dict[str, torch.Tensor] = {}
+        # (A, B, M) per adapted module named in cmr_modules; M from the frozen base weight, computed once.
+        self.modules = [(module, conflict_weights(module.base_layer.weight, self.config.omega))
+                        for name, module in ctx.unwrapped.named_modules()
+                        if hasattr(module, "lora_A") and hasattr(module, "base_layer")
+                        and name.rsplit(".", 1)[-1] in self.config.cmr_modules]
+        if self.config.cmr_lam and not self.modules:
+            raise ValueError(f"lora_sculpt: no adapted module is named in cmr_modules={self.config.cmr_modules}")
+
+    def extra_losses(self, ctx, batch, outputs, sample_loss):
+        if self.config.cmr_lam == 0:
+            return {}
+        pairs = [(m.lora_A["default"].weight, m.lora_B["default"].weight, weight) for m, weight in self.modules]
+        return {"cmr": self.config.cmr_lam * conflict_penalty(pairs)}
+
+    @torch.no_grad()
+    def after_optimizer_step(self, ctx):
+        if not self.masks and ctx.step + 1 >= self.config.sculpt_step:  # ctx.step: steps done before this one
+            self.masks = {name: top_magnitude(ctx.trainable[name], self.config.keep_ratio)
+                          for name in adapter_names(ctx.trainable)}
+        for name, mask in self.masks.items():
+            ctx.trainable[name].mul_(mask)
