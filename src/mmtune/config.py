@@ -80,11 +80,20 @@ class ScopeConfig:
     lr_blocks: float = 2e-4  # learning rate of the LLM blocks (the papers, LLaVA: 2e-4)
     lr_projector: float = 2e-5  # learning rate of the projector (the papers, LLaVA: 2e-5)
     full: bool = False  # train every parameter (pre-training a model from scratch, e.g. the demo's base)
+    layers: str | int | None = None  # LLM blocks to train by index, e.g. "28-31" or "0-3,30,31" (replaces last_n_blocks)
+    modules: list[str] = field(default_factory=list)  # only these parts of those blocks: attention | mlp | norm | submodule names (q_proj, ...); empty: whole blocks
+    train_vision: bool = False  # also train the vision tower (ms-swift's freeze_vit: false)
+    lr_vision: float | None = None  # the vision tower's learning rate (null: lr_projector; ms-swift's vit_lr)
 
     def __post_init__(self):
         _check(self.last_n_blocks >= 0, f"scope.last_n_blocks={self.last_n_blocks} must be ≥ 0")
         for key in ("lr_blocks", "lr_projector"):
             _check(getattr(self, key) > 0, f"scope.{key}={getattr(self, key)} must be > 0")
+        _check(self.lr_vision is None or self.lr_vision > 0, f"scope.lr_vision={self.lr_vision} must be > 0")
+        if self.layers is not None:
+            self.layers = str(self.layers)
+            _check(bool(self.layers.strip()), "scope.layers is empty: name blocks like 28-31, or leave it null for "
+                   "scope.last_n_blocks")
 
 
 @dataclass
@@ -431,9 +440,40 @@ def describe_keys() -> list[tuple[str, str, str, str]]:
     return rows
 
 
+# Other toolkits' names (LLaMA-Factory, ms-swift, TRL / transformers) → mmtune's: the hint an unknown key gets.
+FOREIGN_KEYS = {
+    "freeze_vit": "scope.train_vision (ms-swift's freeze_vit: false is scope.train_vision: true)",
+    "freeze_vision_tower": "scope.train_vision (LLaMA-Factory's freeze_vision_tower: false is scope.train_vision: true)",
+    "freeze_aligner": "scope.train_projector (ms-swift's freeze_aligner: false is scope.train_projector: true)",
+    "freeze_multi_modal_projector": "scope.train_projector (LLaMA-Factory's freeze_multi_modal_projector: false is "
+                                    "scope.train_projector: true)",
+    "freeze_llm": "scope.last_n_blocks: 0 (ms-swift's freeze_llm: true)",
+    "freeze_language_model": "scope.last_n_blocks: 0 (LLaMA-Factory's freeze_language_model: true)",
+    "freeze_trainable_layers": "scope.last_n_blocks (LLaMA-Factory's positive N) or scope.layers: '0-3' (its "
+                               "negative N: the first blocks)",
+    "freeze_trainable_modules": "scope.modules (attention, mlp, norm or submodule names like q_proj)",
+    "vit_lr": "scope.lr_vision (with scope.train_vision: true)",
+    "aligner_lr": "scope.lr_projector",
+    "finetuning_type": "method.name: lora (LoRA) or scope.full: true (full)",
+    "train_type": "method.name: lora (LoRA) or scope.full: true (full)",
+    "lora_rank": "method.lora.r", "lora_alpha": "method.lora.alpha", "lora_dropout": "method.lora.dropout",
+    "lora_target": "method.lora.target_modules", "target_modules": "method.lora.target_modules",
+    "use_dft_loss": "method.name: dft", "enable_dft_loss": "method.name: dft", "use_asft_loss": "method.name: asft",
+    "use_eaft_loss": "method.name: eaft",
+    "num_train_epochs": "train.epochs", "per_device_train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum", "learning_rate": "train.learning_rate",
+    "lr_scheduler_type": "train.scheduler", "cutoff_len": "data.max_length", "max_length": "data.max_length",
+    "dataset": "data.tasks (a list of task files or registry names)", "max_samples": "data.tasks[].n",
+    "interleave_probs": "data.tasks[].probability", "mix_strategy": "data.tasks[].probability or data.temperature",
+    "dataset_dir": "data.registry (a dataset_info.json-style file)",
+}
+
+
 def suggest(key: str, valid: list[str]) -> str:
-    """' (did you mean x?)' for a mistyped key, else ''."""
+    """' (did you mean x?)' for a mistyped key or another toolkit's name for an mmtune key, else ''."""
     import difflib
 
+    if key in FOREIGN_KEYS and key not in valid:
+        return f" (did you mean {FOREIGN_KEYS[key]}? {key} is another toolkit's name)"
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else ""

@@ -79,11 +79,11 @@ def meta_model(config, model_config) -> tuple[nn.Module, object]:
 
     from mmtune.methods.base import build_methods
     from mmtune.models.load import DTYPES
-    from mmtune.models.scope import apply_scope
+    from mmtune.models.scope import apply_scope_config
 
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(model_config, dtype=DTYPES[config.model.dtype])
-    layout = apply_scope(model, config.scope.train_projector, config.scope.last_n_blocks, config.scope.full)
+    layout = apply_scope_config(model, config.scope)
     for method in build_methods(config.method):
         model = method.prepare_model(model, layout)
     return model, layout

@@ -59,7 +59,7 @@ from mmtune.errors import NonFiniteError, Preempted, RunInUseError  # noqa: F401
 from mmtune.liveness import Peers
 from mmtune.methods.base import TrainContext, build_methods, refusal, shards_parameters
 from mmtune.models.load import DTYPES, check_model_folder, load_model, save_processor, set_pixel_budget
-from mmtune.models.scope import apply_scope, parameter_groups, scope_summary
+from mmtune.models.scope import apply_scope_config, parameter_groups, scope_summary
 from mmtune.models.tiny import build_tiny
 from mmtune.precision import (
     compute_precision,
@@ -206,7 +206,7 @@ def build_model(run: Run) -> None:
     config = run.config
     model, run.processor = load_base(config)
     model.train()  # from_pretrained returns eval mode, where activation checkpointing (and dropout) would not act
-    layout = apply_scope(model, config.scope.train_projector, config.scope.last_n_blocks, config.scope.full)
+    layout = apply_scope_config(model, config.scope)
     for method in run.methods:
         model = method.prepare_model(model, layout)
     if config.train.fp32_masters and low_precision_dtype(config.model.dtype) and not is_deepspeed(run.accelerator):
@@ -221,7 +221,8 @@ def build_model(run: Run) -> None:
     run.model = model
     run.optimizer = build_optimizer(config, parameter_groups(
         model, layout, config.train.learning_rate or config.scope.lr_blocks,
-        config.train.learning_rate or config.scope.lr_projector, config.train.weight_decay), run.sharded)
+        config.train.learning_rate or config.scope.lr_projector, config.train.weight_decay,
+        config.train.learning_rate or config.scope.lr_vision), run.sharded)
 
 
 def prepare_training(run: Run) -> None:

@@ -81,17 +81,73 @@ def block_names(model: nn.Module, layout: Layout, last_n: int) -> list[str]:
     return [f"{layout.blocks}.{i}" for i in range(len(blocks) - last_n, len(blocks))]
 
 
-def apply_scope(model: nn.Module, train_projector: bool = True, last_n_blocks: int = 2, full: bool = False) -> Layout:
-    """Freeze everything, then unfreeze the projector and the last N LLM blocks (``full``: train everything)."""
+def apply_scope(model: nn.Module, train_projector: bool = True, last_n_blocks: int = 2, full: bool = False,
+                layers: str | None = None, modules: list[str] | tuple[str, ...] = (),
+                train_vision: bool = False) -> Layout:
+    """Freeze everything, then unfreeze the projector and the chosen LLM blocks — the last ``last_n_blocks``, or the
+    blocks ``layers`` names (``"28-31"``, ``"0-3,30,31"``) — and, if ``modules`` names some (``attention``, ``mlp``,
+    ``norm`` or submodule names like ``q_proj``), only those parts of them; ``train_vision`` also unfreezes the vision
+    tower (``full``: train everything)."""
     layout = layout_of(model)
     model.requires_grad_(full)
     if full:
         return layout
     if train_projector:
         _unfreeze(model.get_submodule(layout.projector))
-    for name in block_names(model, layout, last_n_blocks):
-        _unfreeze(model.get_submodule(name))
+    if train_vision:
+        _unfreeze(model.get_submodule(layout.vision))
+    names = block_names(model, layout, last_n_blocks) if layers is None else \
+        [f"{layout.blocks}.{i}" for i in block_indices(layers, len(model.get_submodule(layout.blocks)))]
+    for name in names:
+        block = model.get_submodule(name)
+        if not modules:
+            _unfreeze(block)
+            continue
+        chosen = [child for child_name, child in block.named_modules() if child_name and module_matches(child_name, modules)]
+        if not chosen:
+            available = sorted({n.rsplit(".", 1)[-1] for n, _ in block.named_modules() if n})
+            raise ValueError(f"scope.modules={list(modules)} matches nothing in {name}; its submodules: "
+                             f"{', '.join(available)} (or the groups {', '.join(MODULE_GROUPS)})")
+        for child in chosen:
+            _unfreeze(child)
     return layout
+
+
+def apply_scope_config(model: nn.Module, scope) -> Layout:
+    """``apply_scope`` with a run's ``scope`` config section."""
+    return apply_scope(model, scope.train_projector, scope.last_n_blocks, scope.full, scope.layers, scope.modules,
+                       scope.train_vision)
+
+
+# scope.modules' groups: a block's submodule is in a group if one part of its path is one of these names.
+MODULE_GROUPS = {
+    "attention": ("self_attn", "attn", "attention", "self_attention"),
+    "mlp": ("mlp", "feed_forward", "ffn"),
+    "norm": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
+             "norm", "ln_1", "ln_2", "layer_norm1", "layer_norm2"),
+}
+
+
+def module_matches(path: str, wanted) -> bool:
+    """Whether a block's submodule path (``self_attn.q_proj``) is one of ``wanted``: a group of ``MODULE_GROUPS``
+    or the name of a submodule on its path."""
+    parts = path.split(".")
+    return any(part in MODULE_GROUPS.get(name, (name,)) for name in wanted for part in parts)
+
+
+def block_indices(spec: str, count: int) -> list[int]:
+    """``"28-31"`` / ``"0-3,30,31"`` → sorted block indices, each checked against the ``count`` blocks."""
+    indices: set[int] = set()
+    for piece in str(spec).replace(" ", "").split(","):
+        try:
+            first, _, last = piece.partition("-")
+            low, high = int(first), int(last) if last else int(first)
+        except ValueError:
+            raise ValueError(f"scope.layers={spec!r}: {piece!r} is not a block index or a range like 28-31") from None
+        if not 0 <= low <= high < count:
+            raise ValueError(f"scope.layers={spec!r}: {piece!r} is outside the LLM's blocks 0-{count - 1}")
+        indices.update(range(low, high + 1))
+    return sorted(indices)
 
 
 def _unfreeze(module: nn.Module) -> None:
@@ -115,17 +171,22 @@ def part_of(name: str, layout: Layout) -> str:
 
 
 def parameter_groups(model: nn.Module, layout: Layout, lr_blocks: float, lr_projector: float,
-                     weight_decay: float = 0.0) -> list[dict]:
-    """Optimizer groups: the projector at its own learning rate, everything else trainable at ``lr_blocks``."""
-    projector, rest = [], []
+                     weight_decay: float = 0.0, lr_vision: float | None = None) -> list[dict]:
+    """Optimizer groups: the projector and the vision tower at their own learning rates (the vision tower's defaults
+    to the projector's), everything else trainable at ``lr_blocks``."""
+    projector, vision, rest = [], [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (projector if part_of(name, layout) == "projector" else rest).append(param)
+            part = part_of(name, layout)
+            (projector if part == "projector" else vision if part == "vision" else rest).append(param)
     groups = []
     if rest:
         groups.append({"params": rest, "lr": lr_blocks, "weight_decay": weight_decay, "name": "llm_blocks"})
     if projector:
         groups.append({"params": projector, "lr": lr_projector, "weight_decay": weight_decay, "name": "projector"})
+    if vision:
+        groups.append({"params": vision, "lr": lr_vision if lr_vision is not None else lr_projector,
+                       "weight_decay": weight_decay, "name": "vision"})
     if not groups:
         raise ValueError("nothing to train: the scope leaves no trainable parameter")
     return groups
