@@ -104,11 +104,14 @@ class TaskSpec:
     columns: dict = field(default_factory=dict)  # HF dataset / Parquet source: record field → column, e.g. {prompt: question}
     defaults: dict = field(default_factory=dict)  # HF dataset / Parquet source: values of fields it lacks, e.g. {task: okvqa, kind: open}
     split: str | None = None  # HF dataset saved as a DatasetDict: the split to read
+    probability: float | None = None  # sampled mixture: the chance each training slot is drawn from this task (set on every task, or none)
 
     def __post_init__(self):
         _check(bool(self.path.strip()), "a task's path is empty")
         _check(self.n is None or self.n >= 1, f"task {self.path}: n={self.n} must be ≥ 1 (or null: all records)")
         _check(self.weight > 0, f"task {self.path}: weight={self.weight} must be > 0")
+        _check(self.probability is None or self.probability > 0,
+               f"task {self.path}: probability={self.probability} must be > 0 (or null)")
 
 
 @dataclass
@@ -133,10 +136,29 @@ class DataConfig:
     skip_bad_records: bool = False  # skip bad records and count them in train_summary.json instead of stopping
     num_workers: int = 0  # DataLoader worker processes
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    temperature: float | None = None  # sampled mixture: each slot's task drawn with p ∝ size^(1/T) (1: by size; large: uniform)
+    resample_each_epoch: bool = False  # draw each task's n records afresh every epoch (not once per run)
+    replay: list[TaskSpec] = field(default_factory=list)  # general (replay) data mixed into every batch, e.g. the base's instruction data
+    replay_share: float = 0.0  # the share of every batch taken from data.replay (e.g. 0.25: 4 of 16)
 
     def __post_init__(self):
         _check(self.max_length >= 1, f"data.max_length={self.max_length} must be ≥ 1")
         _check(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be ≥ 0")
+        given = [t.probability is not None for t in self.tasks]
+        _check(all(given) or not any(given), "data.tasks: a probability is set on some tasks but not on all; set it "
+               "on every task (they are normalised to sum to 1) or on none")
+        _check(not (any(given) and self.temperature is not None),
+               "data.temperature and tasks' probabilities both set: choose one way to weigh the tasks")
+        _check(self.temperature is None or self.temperature > 0, f"data.temperature={self.temperature} must be > 0")
+        _check(0 <= self.replay_share < 1, f"data.replay_share={self.replay_share} must be in [0, 1)")
+        _check(bool(self.replay) == (self.replay_share > 0), "data.replay and data.replay_share go together: name "
+               "the replay sources and the share of every batch they fill")
+
+    @property
+    def sampled(self) -> bool:
+        """Whether epochs are drawn by the sampled mixture (``mmtune.data.mixture``) instead of the fixed one."""
+        return any(t.probability is not None for t in self.tasks) or self.temperature is not None or \
+            bool(self.replay) or self.resample_each_epoch
 
 
 OPTIMIZERS = ("adamw", "sgd", "adafactor")

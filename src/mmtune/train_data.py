@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from mmtune.config import RunConfig
 from mmtune.data.collate import RecordDataset, TrainCollator
-from mmtune.data.mixture import build_mixture, mixture_summary
+from mmtune.data.mixture import (MixturePlan, MixtureSampler, build_mixture, mixture_summary, read_task,
+                                  temperature_probabilities)
 from mmtune.data.records import RecordError
 from mmtune.data.synthetic import SYNTHETIC_PREFIX, ensure_world, resolve_task_path
 
@@ -33,7 +34,7 @@ class EpochSampler(Sampler):
 
 
 def world_dir(config: RunConfig) -> Path | None:
-    paths = [t.path for t in config.data.tasks] + config.eval.downstream + config.eval.heldout
+    paths = [t.path for t in [*config.data.tasks, *config.data.replay]] + config.eval.downstream + config.eval.heldout
     if not any(p.startswith(SYNTHETIC_PREFIX) for p in paths):
         return None
     synth = config.data.synthetic
@@ -51,10 +52,17 @@ def load_records(config: RunConfig, accelerator, say) -> tuple[Path | None, list
     if not config.data.tasks:
         raise ValueError("data.tasks is empty: name at least one task file")
     skipped: list[str] = []
-    records = build_mixture(config.data.tasks, config.train.seed,
-                            resolve=lambda p: resolve_task_path(p, world, "train"),
-                            skip_bad_records=config.data.skip_bad_records, skipped=skipped)
-    say(f"mixture: {len(records)} records — {mixture_summary(records)}")
+    resolve = lambda p: resolve_task_path(p, world, "train")  # noqa: E731
+    if config.data.sampled:  # every source kept whole, each record tagged with its source (MixturePlan's pools)
+        records = []
+        for source, spec in enumerate([*config.data.tasks, *config.data.replay]):
+            for record in read_task(spec, resolve, config.data.skip_bad_records, skipped):
+                record.pool = source
+                records.append(record)
+    else:
+        records = build_mixture(config.data.tasks, config.train.seed, resolve=resolve,
+                                skip_bad_records=config.data.skip_bad_records, skipped=skipped)
+    say(f"{'task sources' if config.data.sampled else 'mixture'}: {len(records)} records — {mixture_summary(records)}")
     if skipped:
         say(f"skipped {len(skipped)} bad records (data.skip_bad_records=true); first: {skipped[0]}")
     return world, records, skipped
@@ -72,10 +80,41 @@ def build_loader(config: RunConfig, records: list, processor, skipped: list[str]
         dropped = {id(record) for record, _ in too_long}
         records = [r for r in records if id(r) not in dropped]
         say(f"skipped {len(too_long)} records longer than data.max_length")
-    loader = DataLoader(RecordDataset(records), batch_size=config.train.batch_size, drop_last=True,
-                        sampler=EpochSampler(len(records), config.train.seed), collate_fn=collator,
-                        num_workers=config.data.num_workers)
+    if config.data.sampled:
+        plan = mixture_plan(config, records)
+        say(plan.describe([t.path for t in config.data.tasks]))
+        sampler = MixtureSampler(plan)
+    else:
+        sampler = EpochSampler(len(records), config.train.seed)
+    loader = DataLoader(RecordDataset(records), batch_size=config.train.batch_size, drop_last=True, sampler=sampler,
+                        collate_fn=collator, num_workers=config.data.num_workers)
     return loader, records
+
+
+def mixture_plan(config: RunConfig, records: list) -> MixturePlan:
+    """The sampled mixture's plan over ``records`` (tagged with their source by ``load_records``)."""
+    data, tasks = config.data, config.data.tasks
+    pools = [[i for i, r in enumerate(records) if r.pool == source] for source in range(len(tasks) + len(data.replay))]
+    for source, pool in enumerate(pools):
+        if not pool:
+            spec = [*tasks, *data.replay][source]
+            raise ValueError(f"{spec.path}: no record left to train on (all were skipped)")
+    counts = [min(spec.n or len(pool), len(pool)) for spec, pool in zip(tasks, pools, strict=False)]
+    probabilities = None
+    if tasks[0].probability is not None:
+        total = sum(t.probability for t in tasks)
+        probabilities = [t.probability / total for t in tasks]
+    elif data.temperature is not None:
+        probabilities = temperature_probabilities(counts, data.temperature)
+    replay_per_batch = round(data.replay_share * config.train.batch_size)
+    if data.replay and not 1 <= replay_per_batch < config.train.batch_size:
+        raise ValueError(f"data.replay_share={data.replay_share} of train.batch_size={config.train.batch_size} is "
+                         f"{data.replay_share * config.train.batch_size:g} records: it must round to 1 … "
+                         f"{config.train.batch_size - 1}")
+    replay = [i for pool in pools[len(tasks):] for i in pool]
+    return MixturePlan(pools=pools[:len(tasks)], counts=counts, weights=[t.weight for t in tasks],
+                       probabilities=probabilities, replay=replay, replay_per_batch=replay_per_batch,
+                       batch_size=config.train.batch_size, resample=data.resample_each_epoch, seed=config.train.seed)
 
 
 def optimizer_steps(loader, skip_first_batches, accum: int, steps_per_epoch: int, epoch: int, step_in_epoch: int,

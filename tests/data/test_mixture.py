@@ -1,0 +1,88 @@
+"""The sampled mixture: each setting delivers the proportions it promises."""
+
+import json
+import math
+
+import pytest
+
+from mmtune.data.mixture import MixturePlan, epoch_indices, temperature_probabilities
+
+
+def plan(**changes) -> MixturePlan:
+    settings = dict(pools=[list(range(0, 300)), list(range(300, 400))], counts=[300, 100], weights=[1.0, 1.0],
+                    probabilities=None, replay=list(range(400, 450)), replay_per_batch=0, batch_size=16,
+                    resample=False, seed=0)
+    return MixturePlan(**{**settings, **changes})
+
+
+def test_temperature_by_hand():
+    assert temperature_probabilities([100, 25], 2.0) == pytest.approx([2 / 3, 1 / 3])  # ∝ √size
+    assert temperature_probabilities([100, 25], 1.0) == pytest.approx([0.8, 0.2])
+    assert temperature_probabilities([100, 25], 1e9) == pytest.approx([0.5, 0.5], abs=1e-6)
+
+
+def test_probabilities_are_the_share_of_slots():
+    mixture = plan(probabilities=[0.25, 0.75])
+    indices = epoch_indices(mixture, 0)
+    slots = len(indices)
+    second = sum(i >= 300 for i in indices)  # the smaller task, drawn 3 times in 4 (cycled through its 100 records)
+    assert abs(second - 0.75 * slots) < 4 * math.sqrt(slots * 0.25 * 0.75)
+    assert len(set(i for i in indices if i >= 300)) == 100  # drawn without replacement until the pool is used up
+    assert epoch_indices(mixture, 0) == indices and epoch_indices(mixture, 1) != indices
+
+
+def test_replay_fills_its_share_of_every_batch():
+    mixture = plan(replay_per_batch=4)
+    indices = epoch_indices(mixture, 0)
+    assert len(indices) == mixture.batches_per_epoch * 16 and mixture.batches_per_epoch == 400 // 12
+    for start in range(0, len(indices), 16):
+        batch = indices[start:start + 16]
+        assert sum(i >= 400 for i in batch) == 4, batch
+
+
+def test_resampling_draws_new_records_each_epoch_only_when_asked():
+    def chosen(resample: bool, epoch: int) -> set[int]:
+        return set(epoch_indices(plan(counts=[48, 16], resample=resample), epoch))
+
+    assert chosen(False, 0) == chosen(False, 1)  # the same 64 records, in a new order
+    assert chosen(True, 0) != chosen(True, 1)
+    assert len(chosen(True, 1)) == 64 and sum(i >= 300 for i in chosen(True, 1)) == 16  # still 48 + 16
+
+
+def test_a_run_with_replay_and_probabilities_logs_each_tasks_training_loss(tiny_config):
+    from mmtune.train import train
+
+    run = train(tiny_config(
+        "data.tasks=[{path: 'synthetic:detailed_caption', probability: 0.5}, {path: 'synthetic:count_mc', "
+        "probability: 0.5}]", "data.replay=[{path: 'synthetic:color_vqa', n: 8}]", "data.replay_share=0.25",
+        "train.loss_reduction=sample", "train.max_steps=2"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        per_task = {k: v for k, v in row.items() if k.startswith("loss/")}
+        assert "loss/color_vqa" in per_task  # one replay record in every batch of 4
+        assert len(per_task) >= 2
+
+
+def test_per_task_losses_average_to_the_cross_entropy(tiny_config):
+    """With the sample reduction, the step's cross-entropy is the mean of its samples' losses: the per-task means
+    logged, weighted by their sample counts, give it back (a per-task log that read the wrong rows would not)."""
+    from mmtune.step import train_step
+    from helpers import assembled, nth_micro
+
+    with assembled(tiny_config("train.loss_reduction=sample")) as run:
+        micro = nth_micro(run)
+        terms, _ = train_step(run.ctx, run.methods, micro, run.optimizer, run.scheduler, run.config.train)
+        sums, counts = run.ctx.step_task_losses.tolist()
+        assert sum(counts) == 4 and sorted(run.ctx.tasks) == run.ctx.tasks
+        tasks = micro[0]["tasks"]
+        assert [counts[run.ctx.tasks.index(t)] for t in sorted(set(tasks))] == [tasks.count(t) for t in sorted(set(tasks))]
+        assert sum(sums) / sum(counts) == pytest.approx(terms["ce"], rel=1e-6)
+
+
+def test_mixed_probability_settings_are_refused(tiny_config):
+    from mmtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="set on some tasks but not on all"):
+        tiny_config("data.tasks=[{path: 'synthetic:detailed_caption', probability: 0.5}, 'synthetic:count_mc']")
+    with pytest.raises(ConfigError, match="go together"):
+        tiny_config("data.replay_share=0.25")
