@@ -98,7 +98,7 @@ class ScopeConfig:
 
 @dataclass
 class TaskSpec:
-    path: str  # a task file (JSONL records) or synthetic:<family>
+    path: str  # a task file (JSONL records or conversations), a HF dataset / Parquet, dataset:<name> (data.registry) or synthetic:<family>
     n: int | None = None  # draw this many records at random with the run's seed (None: all)
     weight: float = 1.0  # each drawn record appears `weight` times per epoch (fractions drawn at random)
     columns: dict = field(default_factory=dict)  # HF dataset / Parquet source: record field → column, e.g. {prompt: question}
@@ -140,6 +140,7 @@ class DataConfig:
     resample_each_epoch: bool = False  # draw each task's n records afresh every epoch (not once per run)
     replay: list[TaskSpec] = field(default_factory=list)  # general (replay) data mixed into every batch, e.g. the base's instruction data
     replay_share: float = 0.0  # the share of every batch taken from data.replay (e.g. 0.25: 4 of 16)
+    registry: str | None = None  # a dataset registry (LLaMA-Factory dataset_info.json style): tasks then name dataset:<name>
 
     def __post_init__(self):
         _check(self.max_length >= 1, f"data.max_length={self.max_length} must be ≥ 1")

@@ -13,6 +13,7 @@ from mmtune.data.collate import RecordDataset, TrainCollator
 from mmtune.data.mixture import (MixturePlan, MixtureSampler, build_mixture, mixture_summary, read_task,
                                   temperature_probabilities)
 from mmtune.data.records import RecordError
+from mmtune.data.registry import load_registry
 from mmtune.data.synthetic import SYNTHETIC_PREFIX, ensure_world, resolve_task_path
 
 
@@ -53,15 +54,16 @@ def load_records(config: RunConfig, accelerator, say) -> tuple[Path | None, list
         raise ValueError("data.tasks is empty: name at least one task file")
     skipped: list[str] = []
     resolve = lambda p: resolve_task_path(p, world, "train")  # noqa: E731
+    registry = load_registry(config.data.registry) if config.data.registry else None
     if config.data.sampled:  # every source kept whole, each record tagged with its source (MixturePlan's pools)
         records = []
         for source, spec in enumerate([*config.data.tasks, *config.data.replay]):
-            for record in read_task(spec, resolve, config.data.skip_bad_records, skipped):
+            for record in read_task(spec, resolve, config.data.skip_bad_records, skipped, registry):
                 record.pool = source
                 records.append(record)
     else:
         records = build_mixture(config.data.tasks, config.train.seed, resolve=resolve,
-                                skip_bad_records=config.data.skip_bad_records, skipped=skipped)
+                                skip_bad_records=config.data.skip_bad_records, skipped=skipped, registry=registry)
     say(f"{'task sources' if config.data.sampled else 'mixture'}: {len(records)} records — {mixture_summary(records)}")
     if skipped:
         say(f"skipped {len(skipped)} bad records (data.skip_bad_records=true); first: {skipped[0]}")

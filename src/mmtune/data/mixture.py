@@ -20,7 +20,9 @@ import torch
 from torch.utils.data import Sampler
 
 from mmtune.data.hf_datasets import is_hf_source, read_hf_records
+from mmtune.data.messages import format_tags, iter_conversation_file
 from mmtune.data.records import Record, read_records
+from mmtune.data.registry import DATASET_PREFIX, lookup
 
 
 def draw(records: list[Record], n: int | None, seed: int, weight: float = 1.0) -> list[Record]:
@@ -40,8 +42,11 @@ def draw(records: list[Record], n: int | None, seed: int, weight: float = 1.0) -
 
 
 def read_task(spec, resolve=lambda p: Path(p), skip_bad_records: bool = False,
-              skipped: list[str] | None = None) -> list[Record]:
-    """Every record of one task source (a JSONL task file, a Hugging Face dataset or Parquet files)."""
+              skipped: list[str] | None = None, registry: dict | None = None) -> list[Record]:
+    """Every record of one task source: a JSONL task file, a JSON / JSONL file of conversations, a Hugging Face dataset
+    or Parquet files — or a ``dataset:<name>`` of ``registry`` (``mmtune.data.registry``)."""
+    if spec.path.startswith(DATASET_PREFIX):
+        return read_registered(lookup(registry, spec.path), spec, skip_bad_records, skipped)
     path = resolve(spec.path)
     if is_hf_source(path):
         records = read_hf_records(path, spec.columns, spec.split, spec.defaults, skip_bad_records, skipped)
@@ -55,12 +60,36 @@ def read_task(spec, resolve=lambda p: Path(p), skip_bad_records: bool = False,
     return records
 
 
+def read_registered(entry, spec, skip_bad_records: bool, skipped: list[str] | None) -> list[Record]:
+    """A registry entry's records, the task spec's own columns / defaults / split taking precedence."""
+    columns, defaults = {**entry.columns, **spec.columns}, {**entry.defaults, **spec.defaults}
+    split = spec.split or entry.split
+    where = f"dataset {entry.name!r} ({entry.path})"
+    if not entry.path.exists():
+        raise FileNotFoundError(f"{where}: file_name not found")
+    if is_hf_source(entry.path):
+        records = read_hf_records(entry.path, columns, split, defaults, skip_bad_records, skipped,
+                                  None if entry.formatting == "records" else entry.formatting, entry.tags)
+    elif entry.formatting == "records":
+        if columns or defaults:
+            raise ValueError(f"{where}: columns / task / kind apply to datasets and conversations, not to mmtune "
+                             "task files (their records name their task and kind)")
+        records = read_records(entry.path, skip_bad_records=skip_bad_records, skipped=skipped)
+    else:
+        tags = format_tags(entry.formatting, columns, entry.tags)
+        records = list(iter_conversation_file(entry.path, tags, defaults, skip_bad_records, skipped))
+    if not records:
+        raise ValueError(f"{where} has no usable records")
+    return records
+
+
 def build_mixture(task_specs, seed: int, resolve=lambda p: Path(p), skip_bad_records: bool = False,
-                  skipped: list[str] | None = None) -> list[Record]:
+                  skipped: list[str] | None = None, registry: dict | None = None) -> list[Record]:
     """Load every task of a run, draw its share, and shuffle the union with ``seed`` (the fixed mode)."""
     mixture: list[Record] = []
     for index, spec in enumerate(task_specs):
-        mixture += draw(read_task(spec, resolve, skip_bad_records, skipped), spec.n, seed + index, spec.weight)
+        records = read_task(spec, resolve, skip_bad_records, skipped, registry)
+        mixture += draw(records, spec.n, seed + index, spec.weight)
     random.Random(seed).shuffle(mixture)
     return mixture
 

@@ -203,12 +203,38 @@ def _undecodable(error: UnicodeDecodeError) -> Record:
     raise ValueError(f"not UTF-8 text ({error})")
 
 
+def first_item(path: Path) -> object:
+    """The first JSON value of a JSONL file or the first item of a JSON list (None if unreadable): what decides
+    whether a file holds mmtune records or conversations."""
+    with path.open("rb") as handle:
+        head = handle.read(1 << 16).decode("utf-8", errors="replace").lstrip()
+    if head.startswith("["):
+        try:
+            items = json.loads(path.read_text(encoding="utf-8"))
+            return items[0] if isinstance(items, list) and items else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+    try:
+        return json.loads(head.splitlines()[0]) if head else None
+    except (json.JSONDecodeError, IndexError):
+        return None
+
+
 def iter_records(path: str | Path, skip_bad_records: bool = False, check_images: bool = True,
                  skipped: list[str] | None = None) -> Iterator[Record]:
-    """Stream records from a JSONL task file; bad lines raise ``RecordError`` or, if skipping, are noted."""
+    """Stream records from a JSONL task file — or a JSON / JSONL file of conversations (``messages`` + ``images``,
+    ``mmtune.data.messages``); bad lines raise ``RecordError`` or, if skipping, are noted."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"task file not found: {path}")
+    from mmtune.data.messages import format_tags, is_conversation, iter_conversation_file
+
+    first = first_item(path)
+    if isinstance(first, dict) and is_conversation(first):
+        formatting = "messages" if "messages" in first else "sharegpt"
+        yield from iter_conversation_file(path, format_tags(formatting), {}, skip_bad_records, skipped,
+                                          check_images)
+        return
 
     def candidates() -> Iterator[tuple[str, Callable[[], Record]]]:
         with path.open("rb") as handle:

@@ -1,0 +1,123 @@
+"""Conversation data as LLaMA-Factory / ms-swift / TRL users have it, and the dataset registry."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from mmtune.config import TaskSpec
+from mmtune.data.mixture import build_mixture, read_task
+from mmtune.data.records import RecordError, read_records
+from mmtune.data.registry import load_registry
+
+
+@pytest.fixture
+def folder(tmp_path):
+    (tmp_path / "img").mkdir()
+    for name, color in (("a", "red"), ("b", "blue")):
+        Image.new("RGB", (8, 8), color).save(tmp_path / "img" / f"{name}.png")
+    return tmp_path
+
+
+def write_jsonl(path, items):
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return path
+
+
+def test_messages_with_placeholders_and_parts(folder):
+    path = write_jsonl(folder / "chart.jsonl", [
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "<image>What colour?"}, {"role": "assistant", "content": "Red."},
+                      {"role": "user", "content": "And the shape?"}, {"role": "assistant", "content": "A square."}],
+         "images": ["img/a.png"]},
+        {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}],
+         "images": ["img/b.png"], "id": "b", "kind": "open", "task": "colours"},
+        {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]},
+    ])
+    first, second, text_only = read_records(path)
+    assert first.task == "chart" and first.kind == "open" and first.id == "0"
+    assert first.prompt == "And the shape?" and first.target == "A square."
+    assert first.history == [{"prompt": "Be brief.\nWhat colour?", "answer": "Red."}]
+    assert first.image == str(folder / "img" / "a.png")
+    assert (second.id, second.task, second.prompt, second.target) == ("b", "colours", "Colour?", "Blue.")
+    assert text_only.image is None
+
+
+@pytest.mark.parametrize("item, message", [
+    ({"messages": [{"role": "user", "content": "<image><image>Compare."}, {"role": "assistant", "content": "Same."}],
+      "images": ["img/a.png"]}, "2 image placeholder.*but 1 image"),
+    ({"messages": [{"role": "user", "content": "<image><image>Compare."}, {"role": "assistant", "content": "Same."}],
+      "images": ["img/a.png", "img/b.png"]}, "multi-image records are not supported yet"),
+    ({"messages": [{"role": "user", "content": "Hi"}]}, "must end with an 'assistant' turn"),
+    ({"messages": [{"role": "assistant", "content": "Hi"}]}, "role 'assistant' out of place"),
+    ({"messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "Yo"}],
+      "images": ["img/missing.png"]}, "image not found"),
+])
+def test_bad_conversations_are_named_by_file_and_line(folder, item, message):
+    path = write_jsonl(folder / "bad.jsonl", [
+        {"messages": [{"role": "user", "content": "Fine."}, {"role": "assistant", "content": "Yes."}]}, item])
+    with pytest.raises(RecordError, match=f"bad.jsonl:2: .*{message}"):
+        read_records(path)
+    skipped = []
+    assert len(read_records(path, skip_bad_records=True, skipped=skipped)) == 1 and len(skipped) == 1
+
+
+def test_a_hugging_face_dataset_with_decoded_images(folder, monkeypatch):
+    """TRL's llava-instruct-mix-vsft layout: messages with content parts, and an images column of decoded images."""
+    import datasets
+
+    monkeypatch.setenv("MMTUNE_CACHE", str(folder / "cache"))
+    rows = {"messages": [[{"role": "user", "content": [{"type": "image", "text": None},
+                                                        {"type": "text", "text": "Colour?"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": colour}]}]
+                         for colour in ("red", "blue")],
+            "images": [[Image.open(folder / "img" / "a.png")], [Image.open(folder / "img" / "b.png")]]}
+    features = datasets.Features({
+        "messages": [{"role": datasets.Value("string"),
+                      "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
+        "images": datasets.Sequence(datasets.Image())})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(folder / "vsft")
+    spec = TaskSpec(path=str(folder / "vsft"), defaults={"task": "vsft"})
+    records = read_task(spec)
+    assert [r.target for r in records] == ["red", "blue"] and records[0].task == "vsft"
+    written = [r.image for r in records]
+    assert all(str(folder / "cache") in p for p in written)
+    assert Image.open(written[1]).getpixel((0, 0)) == (0, 0, 255)
+    stamp = [p for p in (folder / "cache").rglob("*.png")][0].stat().st_mtime_ns
+    assert [r.image for r in read_task(spec)] == written  # the second read reuses the files
+    assert [p for p in (folder / "cache").rglob("*.png")][0].stat().st_mtime_ns == stamp
+
+
+def test_registry_names_datasets(folder):
+    (folder / "mix.json").write_text(json.dumps([
+        {"conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "Red."}],
+         "images": ["img/a.png"]}]))
+    write_jsonl(folder / "turns.jsonl", [
+        {"dialog": [{"speaker": "q", "text": "<image>Colour?"}, {"speaker": "a", "text": "Blue."}],
+         "pics": ["img/b.png"]}])
+    (folder / "registry.json").write_text(json.dumps({
+        "llava_mix": {"file_name": "mix.json", "formatting": "sharegpt", "task": "mix", "kind": "open"},
+        "custom": {"file_name": "turns.jsonl", "formatting": "messages", "columns": {"messages": "dialog",
+                   "images": "pics"}, "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "q",
+                                               "assistant_tag": "a"}}}))
+    registry = load_registry(folder / "registry.json")
+    mixed = build_mixture([TaskSpec(path="dataset:llava_mix"), TaskSpec(path="dataset:custom")], seed=0,
+                          registry=registry)
+    assert sorted((r.task, r.target) for r in mixed) == [("mix", "Red."), ("turns", "Blue.")]
+    with pytest.raises(ValueError, match="no dataset 'nope' in data.registry; it has: custom, llava_mix"):
+        read_task(TaskSpec(path="dataset:nope"), registry=registry)
+    with pytest.raises(ValueError, match="data.registry is not set"):
+        read_task(TaskSpec(path="dataset:custom"))
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"hf_hub_url": "lmms-lab/x"}, "not downloaded at run time"),
+    ({"file_name": "x.json", "formatting": "alpaca"}, "text-only"),
+    ({"file_name": "x.json", "ranking": True}, "unknown key"),
+    ({"formatting": "messages"}, "'file_name'"),
+])
+def test_bad_registry_entries_are_named(tmp_path, entry, message):
+    (tmp_path / "r.json").write_text(json.dumps({"mine": entry}))
+    with pytest.raises(ValueError, match=f"r.json: dataset 'mine': .*{message}"):
+        load_registry(tmp_path / "r.json")
