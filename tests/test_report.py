@@ -228,3 +228,34 @@ def test_differences_come_with_test_record_sampling_error_beside_seed_noise(tmp_
     base = {s: {f"r{i}": v for i, v in enumerate(records)} for s in range(3)}
     assert bootstrap_difference(steady, base) == pytest.approx((5.0, 5.0))
     assert "lucky mc: +10.0 (seeds +10.0 to +10.0; seeds and records +0.0 to" in to_markdown(report)
+
+
+def _lmms_results(path, model, mme: float, pope: float):
+    path.write_text(json.dumps({
+        "results": {"mme": {"alias": "mme", "mme_percetion_score,none": mme, "mme_cognition_score,none": mme / 4},
+                    "pope": {"alias": "pope", "pope_accuracy,none": pope, "pope_accuracy_stderr,none": 0.01}},
+        "config": {"model": "llava_hf", "model_args": f"pretrained={model},dtype=bfloat16"},
+        "higher_is_better": {"pope": {"pope_accuracy": True}}}))
+    return path
+
+
+def test_lmms_eval_results_join_the_held_out_side(tmp_path):
+    runs = [_run(tmp_path, "vanilla", 0, {"cap": 400.0, "mc": 60.0, "vqa": 60.0})]
+    base = tmp_path / "base-model"
+    for run in runs:
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        (run / "config.yaml").write_text(yaml.safe_dump({**config, "model": {"path": str(base)}}))
+    files = [_lmms_results(tmp_path / "base.json", base, 1400.0, 0.80),
+             _lmms_results(tmp_path / "final.json", runs[0] / "final", 700.0, 0.80)]
+    report = build_report(runs, lmms_eval=files)
+    assert report["sides"]["mme/mme_percetion_score"] == "heldout" and report["sides"]["pope"] == "heldout"
+    row = report["rows"][0]["per_seed"][0]
+    # G/base: cap 80%, vqa 75%, MME perception and cognition 50% each, POPE 100%
+    assert row["G/base"] == pytest.approx((80 + 75 + 50 + 50 + 100) / 5)
+    with pytest.raises(ValueError, match="no lmms-eval results for its base model"):
+        build_report(runs, lmms_eval=files[1:])
+    with pytest.raises(ValueError, match="no lmms-eval results for its final/"):
+        build_report(runs, lmms_eval=files[:1])
+    (tmp_path / "bad.json").write_text(json.dumps({"results": {"mme": {"x,none": 1}}, "config": {"model_args": ""}}))
+    with pytest.raises(ValueError, match="names no pretrained"):
+        build_report(runs, lmms_eval=[tmp_path / "bad.json"])

@@ -181,7 +181,7 @@ def cmd_report(args) -> int:
     from mmtune.report import to_markdown, write_report
 
     out = Path(args.out or "report")
-    report = write_report(args.runs, out, allow_mixed=args.allow_mixed)
+    report = write_report(args.runs, out, allow_mixed=args.allow_mixed, lmms_eval=args.lmms_eval)
     print(to_markdown(report))
     print(f"wrote {out}/report.md, report.json, tasks.png, s_vs_g.png")
     return 0
@@ -572,6 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", help="output folder (default: ./report)")
     rp.add_argument("--allow-mixed", action="store_true",
                     help="put runs with different bases, tasks or evaluation settings in one table anyway")
+    rp.add_argument("--lmms-eval", nargs="+", metavar="RESULTS_JSON",
+                    help="lmms-eval results files of the runs' final/ models and of their base model: each metric "
+                         "becomes a held-out column (docs/eval.md)")
     rp.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="the papers' experiment in miniature on the synthetic world (CPU, minutes)")

@@ -93,8 +93,28 @@ def comparable_settings(config: dict, scores: dict, base_scores: dict | None) ->
     }
 
 
-def load_run(run_dir: str | Path) -> dict:
-    """A training run's folder, or a folder written by ``mmtune eval`` (``scores.json`` + ``eval_info.json``)."""
+def with_lmms_eval(run: Path, config: dict, scores: dict, base_scores: dict | None, external: dict) -> tuple[dict, dict]:
+    """The run's final and base scores with the lmms-eval results of its ``final/`` (or ``best/``) and of its base
+    model added as held-out tasks (``mmtune.lmms_eval``); an error names what is missing."""
+    from mmtune.lmms_eval import add_heldout
+
+    mine = next((external[str((run / name).resolve())] for name in ("final", "best")
+                 if str((run / name).resolve()) in external), None)
+    if mine is None:
+        raise ValueError(f"{run}: no lmms-eval results for its final/ among --lmms-eval (their models: "
+                         f"{', '.join(sorted(external))})")
+    base_path = str(Path(config.get("model", {}).get("path") or "?").expanduser().resolve())
+    if base_path not in external:
+        raise ValueError(f"{run}: no lmms-eval results for its base model {base_path}: run lmms-eval on the base too "
+                         "(G/base divides by the base's score)")
+    if base_scores is None:
+        raise ValueError(f"{run}: no eval/base/scores.json to add the base's lmms-eval results to")
+    return add_heldout(scores, mine["tasks"]), add_heldout(base_scores, external[base_path]["tasks"])
+
+
+def load_run(run_dir: str | Path, lmms_eval: dict | None = None) -> dict:
+    """A training run's folder, or a folder written by ``mmtune eval`` (``scores.json`` + ``eval_info.json``);
+    ``lmms_eval``: lmms-eval results by model folder (``mmtune.lmms_eval.by_model``), added as held-out tasks."""
     run = Path(run_dir)
     if (run / "eval_info.json").exists() and (run / "scores.json").exists():
         return load_evaluation(run)
@@ -106,6 +126,8 @@ def load_run(run_dir: str | Path) -> dict:
     base_file = run / "eval" / "base" / "scores.json"
     scores = json.loads(final.read_text())
     base_scores = json.loads(base_file.read_text()) if base_file.exists() else None
+    if lmms_eval:
+        scores, base_scores = with_lmms_eval(run, config, scores, base_scores, lmms_eval)
     curve = []  # S / G as training went (eval.every_steps): rows of metrics.jsonl with an "eval" entry
     if (run / "metrics.jsonl").exists():
         for line in (run / "metrics.jsonl").read_text().splitlines():
@@ -321,8 +343,14 @@ def check_comparable(runs: list[dict]) -> None:
                                  "(allow_mixed=True) to put them in one table anyway.")
 
 
-def build_report(run_dirs: list[str | Path], allow_mixed: bool = False) -> dict:
-    runs = [load_run(r) for r in run_dirs]
+def build_report(run_dirs: list[str | Path], allow_mixed: bool = False,
+                 lmms_eval: list[str | Path] | None = None) -> dict:
+    """The table over ``run_dirs``; ``lmms_eval``: lmms-eval results files of the runs' final models and of their
+    base, added as held-out tasks (``mmtune.lmms_eval``)."""
+    from mmtune.lmms_eval import by_model
+
+    external = by_model(lmms_eval) if lmms_eval else None
+    runs = [load_run(r, external) for r in run_dirs]
     if not runs:
         raise ValueError("no runs to report")
     if not allow_mixed:
@@ -598,8 +626,9 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
-def write_report(run_dirs: list[str | Path], out_dir: str | Path, allow_mixed: bool = False) -> dict:
-    report = build_report(run_dirs, allow_mixed)
+def write_report(run_dirs: list[str | Path], out_dir: str | Path, allow_mixed: bool = False,
+                 lmms_eval: list[str | Path] | None = None) -> dict:
+    report = build_report(run_dirs, allow_mixed, lmms_eval)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "report.json", json.dumps(report, indent=2) + "\n")

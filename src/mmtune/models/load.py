@@ -45,14 +45,27 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
 
 
 def save_processor(processor: ProcessorMixin, out_dir: str | Path) -> None:
-    """``save_pretrained`` that records the upstream class name for mmtune's stand-in processors."""
+    """``save_pretrained`` that records the upstream class name for mmtune's stand-in processors, and also writes what
+    tools on transformers 4 read (lmms-eval, VLMEvalKit, vLLM): the image processor's ``preprocessor_config.json`` and
+    the chat template inside ``tokenizer_config.json`` (transformers 5 keeps both in other files)."""
+    out_dir = Path(out_dir)
     processor.save_pretrained(out_dir)
     upstream = getattr(processor, "upstream_class", None)
-    config_file = Path(out_dir) / "processor_config.json"
+    config_file = out_dir / "processor_config.json"
     if upstream and config_file.exists():
         config = json.loads(config_file.read_text())
         config["processor_class"] = upstream
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is not None and not (out_dir / "preprocessor_config.json").exists():
+        image_processor.save_pretrained(out_dir)
+    template = getattr(processor, "chat_template", None)
+    tokenizer_config = out_dir / "tokenizer_config.json"
+    if isinstance(template, str) and tokenizer_config.exists():
+        config = json.loads(tokenizer_config.read_text())
+        if not config.get("chat_template"):
+            config["chat_template"] = template
+            tokenizer_config.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def load_processor(path: str | Path) -> ProcessorMixin:
