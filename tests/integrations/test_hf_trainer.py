@@ -8,6 +8,7 @@ from mmtune.data.collate import RecordDataset, TrainCollator
 from mmtune.data.records import read_records
 from mmtune.data.synthetic import vocabulary
 from mmtune.integrations.hf_trainer import MethodTrainer
+from mmtune.methods.ewc import EWC, EWCConfig
 from mmtune.methods.nrca import NRCA
 from mmtune.methods.spider import Spider, allocation_coefficients, importance
 from mmtune.models.scope import apply_scope
@@ -99,10 +100,12 @@ def test_method_trainer_logs_loss_terms(world, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3,
                              report_to=[], use_cpu=True, remove_unused_columns=False, save_strategy="no",
                              logging_steps=1, disable_tqdm=True)
+    ewc = EWC(EWCConfig(lam=100.0, samples=4))  # its Fisher from the Trainer's own data loader (ctx.batches)
     trainer = MethodTrainer(model=model, args=args, train_dataset=RecordDataset(records),
-                            data_collator=TrainCollator(processor), methods=[NRCA()])
+                            data_collator=TrainCollator(processor), methods=[NRCA(), ewc])
     trainer.train()
-    assert all("nrca_gap" in row for row in trainer.state.log_history if "loss" in row)
+    assert all("nrca_gap" in row and "ewc" in row for row in trainer.state.log_history if "loss" in row)
+    assert sum(float(v.sum()) for v in ewc.fisher.values()) > 0
 
 
 def test_lora_inside_the_trainer_trains_adapters_and_merges(world, tmp_path):

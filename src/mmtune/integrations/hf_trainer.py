@@ -37,13 +37,14 @@ class MethodCallback(TrainerCallback):
     def __init__(self, methods: list[Method], trainer: MethodTrainer):
         self.methods, self.trainer = methods, trainer
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
         self.trainer.ctx = TrainContext(model=self.trainer.model_wrapped, unwrapped=model, trainable=trainable,
                                         generator=generator, accelerator=self.trainer.accelerator,
                                         optimizer=optimizer, total_steps=state.max_steps,
-                                        output_dir=Path(args.output_dir) if args.output_dir else None)
+                                        output_dir=Path(args.output_dir) if args.output_dir else None,
+                                        batches=(lambda: train_dataloader) if train_dataloader is not None else None)
         for method in self.methods:
             method.setup(self.trainer.ctx)
         if self.trainer.resumed_from:  # the Trainer restored weights and its state; the methods follow
