@@ -156,14 +156,15 @@ def find_too_long(records, collator: TrainCollator) -> list[tuple]:
     if pictured is not None:
         first_prompt = prompt_text(processor, pictured.prompt)
         text_only = len(tokenizer(first_prompt, add_special_tokens=False)["input_ids"])
-        with_image = processor(text=[first_prompt], images=[RecordDataset([pictured])[0]["image"]],
+        image = RecordDataset([pictured])[0]["image"]
+        with_image = processor(text=[first_prompt], images=[image[0] if isinstance(image, list) else image],
                                return_tensors="pt")["input_ids"].shape[1]
         image_tokens = with_image - text_only
     found = []
     for record in records:
         prompt_tokens = len(tokenizer(prompt_text(processor, record), add_special_tokens=False)["input_ids"])
         # (a conversation's earlier answers are in its rendered prompt already)
-        length = prompt_tokens + (image_tokens if record.image is not None else 0) + \
+        length = prompt_tokens + image_tokens * len(record.images) + \
             len(collator.answer_ids(record.target))
         if length > collator.max_length:
             where = f"{record.source}: " if record.source else ""

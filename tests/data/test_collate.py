@@ -41,11 +41,14 @@ def _conversation_records(world, tmp_path):
     from mmtune.data.records import Record, write_records
 
     caption, count = read_records(world / "detailed_caption_train.jsonl")[0], read_records(world / "count_vqa_train.jsonl")[0]
+    other = read_records(world / "detailed_caption_train.jsonl")[1]
     records = [
         Record(id="talk", task="chat", kind="open", image=caption.image, prompt=count.prompt, answers=count.answers,
                history=[{"prompt": caption.prompt, "answer": caption.target}]),
         Record(id="text", task="chat", kind="open", image=None, prompt=caption.prompt, answers=[caption.target]),
         caption,
+        Record(id="pair", task="chat", kind="open", image=[caption.image, other.image], prompt=caption.prompt,
+               answers=[other.target]),  # two images in one record
     ]
     path = tmp_path / "chat.jsonl"
     write_records(records, path)
@@ -54,10 +57,16 @@ def _conversation_records(world, tmp_path):
 
 @pytest.mark.parametrize("architecture", ["llava", "qwen2_vl", "idefics3"])
 def test_conversations_learn_every_answer_and_text_only_records_batch_with_images(world, tmp_path, architecture):
+    """Conversations, a text-only record and a two-image record in one batch, on each tiny architecture."""
+    import torch
+
+    from mmtune.data.collate import subset_batch
+
     model, processor = build_tiny(architecture, words=vocabulary())
     records, (last_answer, first_answer) = _conversation_records(world, tmp_path)
     assert records[1].image is None and records[0].history  # both survive the JSONL round trip
-    samples = [RecordDataset(records)[i] for i in range(3)]
+    assert len(records[3].images) == 2
+    samples = [RecordDataset(records)[i] for i in range(4)]
     batch = TrainCollator(processor)(samples)
     tokenizer = processor.tokenizer
     learned = batch["input_ids"][0][batch["labels"][0] != IGNORE_INDEX]
@@ -65,11 +74,19 @@ def test_conversations_learn_every_answer_and_text_only_records_batch_with_image
     assert text == (first_answer + last_answer).lower().replace(" ", "")  # both assistant turns, nothing else
     text_only = tokenizer.decode(batch["input_ids"][1][batch["labels"][1] != IGNORE_INDEX], skip_special_tokens=True)
     assert text_only.replace(" ", "") == first_answer.lower().replace(" ", "")
-    assert batch["image_mask"].tolist() == [True, False, True]
+    assert batch["image_mask"].tolist() == [True, False, True, True]
+    assert batch["image_counts"].tolist() == [1, 0, 1, 2]
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    tokens = (batch["input_ids"] == image_token).sum(1).tolist()
+    assert tokens[1] == 0 and tokens[3] == 2 * tokens[2] > 0  # the second image is shown too
     out = model(**model_inputs(batch))
     assert out.logits.shape[:2] == batch["input_ids"].shape
+    for rows in ([3], [1, 3], [2]):  # a sub-batch carries exactly its rows' images (what NRCA, EWC, per-task use)
+        part = subset_batch(batch, torch.tensor(rows))
+        logits = model(**model_inputs(part)).logits
+        torch.testing.assert_close(logits, out.logits[rows], rtol=1e-4, atol=1e-4)
     generation = GenerationCollator(processor)(samples)  # the conversation's history is in its prompt
-    assert model.generate(**model_inputs(generation), max_new_tokens=2).shape[0] == 3
+    assert model.generate(**model_inputs(generation), max_new_tokens=2).shape[0] == 4
 
 
 def test_bad_history_names_file_and_line(tmp_path):

@@ -47,8 +47,6 @@ def test_messages_with_placeholders_and_parts(folder):
 @pytest.mark.parametrize("item, message", [
     ({"messages": [{"role": "user", "content": "<image><image>Compare."}, {"role": "assistant", "content": "Same."}],
       "images": ["img/a.png"]}, "2 image placeholder.*but 1 image"),
-    ({"messages": [{"role": "user", "content": "<image><image>Compare."}, {"role": "assistant", "content": "Same."}],
-      "images": ["img/a.png", "img/b.png"]}, "multi-image records are not supported yet"),
     ({"messages": [{"role": "user", "content": "Hi"}]}, "must end with an 'assistant' turn"),
     ({"messages": [{"role": "assistant", "content": "Hi"}]}, "role 'assistant' out of place"),
     ({"messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "Yo"}],
@@ -61,6 +59,14 @@ def test_bad_conversations_are_named_by_file_and_line(folder, item, message):
         read_records(path)
     skipped = []
     assert len(read_records(path, skip_bad_records=True, skipped=skipped)) == 1 and len(skipped) == 1
+
+
+def test_several_images_in_one_conversation(folder):
+    path = write_jsonl(folder / "pairs.jsonl", [
+        {"messages": [{"role": "user", "content": "<image><image>Same colour?"}, {"role": "assistant", "content": "No."}],
+         "images": ["img/a.png", "img/b.png"]}])
+    record, = read_records(path)
+    assert record.images == [str(folder / "img" / "a.png"), str(folder / "img" / "b.png")]
 
 
 def test_a_hugging_face_dataset_with_decoded_images(folder, monkeypatch):

@@ -19,8 +19,9 @@ IGNORE_INDEX = -100
 _MARKER = "MMTUNEANSWERMARKER"
 
 
-def user_message(prompt: str, image: bool = True) -> list[dict]:
-    content = [{"type": "image"}] if image else []
+def user_message(prompt: str, image: bool | int = True) -> list[dict]:
+    """A user turn: ``image`` images (``True``: one) before the text."""
+    content = [{"type": "image"}] * int(image)
     return [{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}]
 
 
@@ -30,12 +31,12 @@ def assistant_message(answer: str) -> list[dict]:
 
 def conversation(record: Record, upto: int | None = None) -> list[dict]:
     """The chat messages of ``record`` up to the user turn of exchange ``upto`` (default: the last, the record's
-    own prompt), with the image (if any) in the first user turn."""
+    own prompt), with the record's images (if any) in the first user turn."""
     exchanges = [(turn["prompt"], turn["answer"]) for turn in record.history] + [(record.prompt, None)]
     upto = len(exchanges) - 1 if upto is None else upto
     messages: list[dict] = []
     for index, (prompt, answer) in enumerate(exchanges[:upto + 1]):
-        messages += user_message(prompt, image=index == 0 and record.image is not None)
+        messages += user_message(prompt, image=len(record.images) if index == 0 else 0)
         if index < upto:
             messages += assistant_message(answer)
     return messages
@@ -82,14 +83,18 @@ def answer_affixes(processor) -> tuple[str, str]:
     return rest[:start], rest[start + len(_MARKER):].rstrip()
 
 
-def load_image(record: Record) -> Image.Image | None:
-    if record.image is None:
-        return None  # a text-only record
-    try:
-        with Image.open(record.image) as image:
-            return image.convert("RGB")
-    except Exception as error:
-        raise RecordError(f"record {record.id!r}: cannot read image {record.image}: {error}") from error
+def load_image(record: Record) -> Image.Image | list[Image.Image] | None:
+    """The record's image (None for a text-only record; a list for a record with several)."""
+    images = []
+    for path in record.images:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except Exception as error:
+            raise RecordError(f"record {record.id!r}: cannot read image {path}: {error}") from error
+    if isinstance(record.image, list):
+        return images
+    return images[0] if images else None
 
 
 def record_from_row(row: dict) -> Record:
@@ -183,6 +188,7 @@ class TrainCollator:
             batch[key] = padded(seqs, 0)
         batch["open_mask"] = torch.tensor([r.kind == "open" for r in records])
         batch["image_mask"] = torch.tensor([r.image is not None for r in records])
+        batch["image_counts"] = torch.tensor([len(r.images) for r in records])
         batch["tasks"] = [r.task for r in records]  # for methods that need each task's loss (multi-task optimisation)
         return batch
 
@@ -195,14 +201,14 @@ def processor_prompt(processor, record: Record) -> str:
 
 
 def batch_images(samples: list[dict]):
-    """The images of a batch for the processor: one per record; with text-only records in the batch, one list per
-    record (empty for text-only), which the processors flatten in order; None when no record has an image."""
+    """The images of a batch for the processor: one per record; with text-only or several-image records in the batch,
+    one list per record (empty for text-only), which the processors flatten in order; None when no record has one."""
     images = [s["image"] for s in samples]
-    if all(image is not None for image in images):
+    if all(image is not None and not isinstance(image, list) for image in images):
         return images
     if all(image is None for image in images):
         return None
-    return [[image] if image is not None else [] for image in images]
+    return [image if isinstance(image, list) else [image] if image is not None else [] for image in images]
 
 
 @dataclass
@@ -221,7 +227,7 @@ class GenerationCollator:
         return batch
 
 
-MODEL_INPUT_EXCLUDE = ("labels", "open_mask", "image_mask", "records", "tasks")
+MODEL_INPUT_EXCLUDE = ("labels", "open_mask", "image_mask", "image_counts", "records", "tasks")
 
 
 def model_inputs(batch: dict) -> dict:
@@ -233,18 +239,20 @@ def subset_batch(batch: dict, rows: torch.Tensor) -> dict:
     """The batch restricted to ``rows`` (a 1-D index tensor), for every processor layout.
 
     Per-sample tensors are indexed on their first dimension. Qwen2-VL style processors flatten all
-    images' patches into one ``pixel_values`` tensor; those are sliced with ``image_grid_thw``. With text-only
-    records in the batch (``image_mask``), per-image tensors (one entry per image, not per row) follow the rows'
-    images.
+    images' patches into one ``pixel_values`` tensor; those are sliced with ``image_grid_thw``. With text-only or
+    several-image records in the batch (``image_counts``), per-image tensors (one entry per image, not per row) follow
+    the rows' images.
     """
     size = batch["input_ids"].shape[0]
     out = {}
     grid = batch.get("image_grid_thw")
-    image_mask = batch.get("image_mask")
+    counts = batch.get("image_counts")
+    if counts is None and batch.get("image_mask") is not None:
+        counts = batch["image_mask"].long()
     row_list = rows.tolist()
-    if image_mask is not None and not bool(image_mask.all()):
-        image_of_row = (torch.cumsum(image_mask.long(), 0) - 1).tolist()
-        images = torch.tensor([image_of_row[i] for i in row_list if bool(image_mask[i])], dtype=torch.long)
+    if counts is not None and not bool((counts == 1).all()):
+        starts = [0, *torch.cumsum(counts.long(), 0).tolist()]
+        images = torch.tensor([image for i in row_list for image in range(starts[i], starts[i + 1])], dtype=torch.long)
     else:
         images = rows
     per_image = ("pixel_values", "image_grid_thw", "image_sizes")
@@ -255,7 +263,9 @@ def subset_batch(batch: dict, rows: torch.Tensor) -> dict:
             for count in counts:
                 starts.append(starts[-1] + count)
             out[key] = torch.cat([value[starts[i]:starts[i + 1]] for i in images.tolist()])
-        elif key in per_image and torch.is_tensor(value) and images is not rows and value.shape[0] != size:
+        elif key in per_image and torch.is_tensor(value) and images is not rows and \
+                (value.shape[0] != size or key != "pixel_values" or value.dim() == 4):
+            # one entry per image (LLaVA's [images, C, H, W]); Idefics3's [rows, images, C, H, W] is per row
             out[key] = value[images.to(value.device)]
         elif key == "image_grid_thw" and torch.is_tensor(value):
             out[key] = value[images.to(value.device)]

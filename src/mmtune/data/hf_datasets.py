@@ -30,8 +30,13 @@ def is_hf_source(path: str | Path) -> bool:
 def to_hf_dataset(records: list[Record]):
     import datasets
 
-    # Every row carries every field (None where a record has none): the columns are taken from all rows alike.
-    return datasets.Dataset.from_list([{field: r.to_json().get(field) for field in FIELDS} for r in records])
+    # Every row carries every field (None where a record has none): the columns are taken from all rows alike; with
+    # any several-image record, every image is a list (one column type).
+    rows = [{field: r.to_json().get(field) for field in FIELDS} for r in records]
+    if any(isinstance(row["image"], list) for row in rows):
+        for row in rows:
+            row["image"] = [row["image"]] if isinstance(row["image"], str) else row["image"]
+    return datasets.Dataset.from_list(rows)
 
 
 def image_cache_dir() -> Path:

@@ -13,7 +13,8 @@
 are paths relative to the file (or, in a Hugging Face dataset, decoded images, written once as PNG files under an
 image cache). The number of ``<image>`` placeholders must equal the number of images. One record per conversation:
 its last exchange is the target, the earlier ones its history (trained on too, as in the LLaVA format); a system
-message is put before the first user turn's text; the image goes with the first user turn. Optional ``id``,
+message is put before the first user turn's text; the images go with the first user turn, in order (several
+images: a record whose ``image`` is a list). Optional ``id``,
 ``task``, ``kind`` keys override the source's defaults (task: the file's name; kind: open).
 """
 
@@ -112,9 +113,6 @@ def conversation_record(item: dict, index: int, tags: dict, defaults: dict,
     if placeholders != len(images):
         raise ValueError(f"{placeholders} image placeholder(s) ({IMAGE_TOKEN} or image parts) but {len(images)} "
                          f"image(s) in '{tags['images']}'")
-    if len(images) > 1:
-        raise ValueError(f"{len(images)} images in one record: multi-image records are not supported yet "
-                         "(mmtune trains one image per record); split the conversation or keep one image")
     if system:
         exchanges[0]["prompt"] = "\n".join([*system, exchanges[0]["prompt"]]).strip()
     for number, exchange in enumerate(exchanges):
@@ -125,7 +123,8 @@ def conversation_record(item: dict, index: int, tags: dict, defaults: dict,
     record_id = item.get("id", index)
     record = Record(id=str(record_id) if isinstance(record_id, int | str) else record_id,
                     task=item.get("task", defaults.get("task")), kind=item.get("kind", defaults.get("kind", "open")),
-                    image=image_path(images[0], 0) if images else None, prompt=last["prompt"],
+                    image=([image_path(image, k) for k, image in enumerate(images)] if len(images) > 1 else
+                           image_path(images[0], 0) if images else None), prompt=last["prompt"],
                     answers=[last["answer"]], history=exchanges[:-1])
     record.validate()
     return record

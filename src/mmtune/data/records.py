@@ -5,7 +5,8 @@ open-response (captions, free-form answers: what NRCA protects) or fixed-choice 
 ``answers[0]`` is the training target; all of ``answers`` are the references for evaluation.
 Instruction data also holds conversations and text-only samples (the LLaVA-1.5 mix has both): ``history``
 lists a conversation's earlier exchanges (``{"prompt", "answer"}``, trained on like the last one: loss on
-every assistant turn), and ``image`` is null for a text-only record.
+every assistant turn), and ``image`` is null for a text-only record — or a list of paths for a record with several
+images (all shown in its first user turn, in order; for processors that take several images per sample).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class Record:
     id: str
     task: str
     kind: str
-    image: str | None  # None: a text-only record
+    image: str | list[str] | None  # None: a text-only record; a list: several images
     prompt: str
     answers: list[str]
     choices: list[str] | None = None
@@ -47,6 +48,13 @@ class Record:
     extra: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)  # earlier exchanges of a conversation: {"prompt", "answer"}
     source: ClassVar[str] = ""  # "file:line" it was read from (set by iter_records; not a field)
+
+    @property
+    def images(self) -> list[str]:
+        """The record's image paths: none, one, or several."""
+        if self.image is None:
+            return []
+        return list(self.image) if isinstance(self.image, list) else [self.image]
 
     @property
     def target(self) -> str:
@@ -60,8 +68,12 @@ class Record:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"'{name}' must be a non-empty string, got {value!r}"[:200])
-        if self.image is not None and (not isinstance(self.image, str) or not self.image.strip()):
-            raise ValueError(f"'image' must be a path string (or null for a text-only record), got {self.image!r}"[:200])
+        if isinstance(self.image, list):
+            if not self.image or not all(isinstance(i, str) and i.strip() for i in self.image):
+                raise ValueError(f"'image' as a list must hold one or more path strings, got {self.image!r}"[:200])
+        elif self.image is not None and (not isinstance(self.image, str) or not self.image.strip()):
+            raise ValueError(f"'image' must be a path string (or null for a text-only record, or a list of paths), "
+                             f"got {self.image!r}"[:200])
         if not isinstance(self.history, list):
             raise ValueError(f"'history' must be a list of {{\"prompt\", \"answer\"}} exchanges, got {self.history!r}"[:200])
         for number, turn in enumerate(self.history):
@@ -104,7 +116,8 @@ class Record:
             del data["history"]
         if base_dir is not None and self.image is not None:
             try:
-                data["image"] = os.path.relpath(Path(self.image).resolve(), base_dir)
+                relative = [os.path.relpath(Path(i).resolve(), base_dir) for i in self.images]
+                data["image"] = relative if isinstance(self.image, list) else relative[0]
             except ValueError:  # another drive on Windows
                 pass
         return data
@@ -154,10 +167,12 @@ def _parse_line(line: str, base_dir: Path) -> Record:
     if isinstance(data["id"], int) and not isinstance(data["id"], bool):
         data["id"] = str(data["id"])
     if data["image"] is not None:
-        if not isinstance(data["image"], str):
-            raise ValueError(f"'image' must be a path string (or null: text-only), got {data['image']!r}"[:200])
-        image = Path(data["image"])
-        data["image"] = os.path.normpath(image if image.is_absolute() else (base_dir / image))
+        paths = data["image"] if isinstance(data["image"], list) and data["image"] else [data["image"]]
+        if not all(isinstance(path, str) for path in paths):
+            raise ValueError(f"'image' must be a path string, a list of them, or null (text-only), got "
+                             f"{data['image']!r}"[:200])
+        resolved = [os.path.normpath(Path(path) if Path(path).is_absolute() else (base_dir / path)) for path in paths]
+        data["image"] = resolved if isinstance(data["image"], list) else resolved[0]
     record = Record(**data)
     record.validate()
     return record
@@ -186,8 +201,9 @@ def checked_records(candidates: Iterable[tuple[str, Callable[[], Record]]], skip
             record.source = where
             if record.id in seen:
                 raise ValueError(f"duplicate id {record.id!r}")
-            if check_images and record.image is not None:
-                check_image(record.image)
+            if check_images:
+                for image in record.images:
+                    check_image(image)
         except (ValueError, TypeError) as error:  # json.JSONDecodeError is a ValueError
             message = f"{where}: {error}"
             if not skip_bad_records:

@@ -43,8 +43,11 @@ def base_kl(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def base_logits(ctx, batch: dict, pretrained: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The base model's logits on ``batch``: one forward of the plain model with W0 in place of the trainable tensors."""
-    return functional_call(ctx.unwrapped, pretrained, args=(), kwargs=model_inputs(batch)).logits
+    """The base model's logits on ``batch``: one forward of the plain model with W0 in place of the trainable tensors
+    (each in its parameter's dtype: under DeepSpeed bf16 the weights are bf16 and W0 is kept from the fp32 masters)."""
+    dtypes = {name: param.dtype for name, param in ctx.unwrapped.named_parameters() if name in pretrained}
+    swapped = {name: value.to(dtypes.get(name, value.dtype)) for name, value in pretrained.items()}
+    return functional_call(ctx.unwrapped, swapped, args=(), kwargs=model_inputs(batch)).logits
 
 
 @register

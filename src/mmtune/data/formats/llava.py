@@ -71,11 +71,12 @@ def item(record: Record, base: Path) -> dict:
     exchanges = [(t["prompt"], t["answer"]) for t in record.history] + [(record.prompt, record.target)]
     turns = []
     for index, (prompt, answer) in enumerate(exchanges):
-        image = index == 0 and record.image is not None
-        turns += [{"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}" if image else prompt},
+        images = len(record.images) if index == 0 else 0
+        turns += [{"from": "human", "value": f"{IMAGE_TOKEN}\n" * images + prompt},
                   {"from": "gpt", "value": answer}]
     out = {"id": record.id}
-    if record.image is not None:
-        out["image"] = os.path.relpath(Path(record.image).resolve(), base.resolve())
+    if record.image is not None:  # several images: a list, as LLaVA-NeXT / OneVision data has them
+        paths = [os.path.relpath(Path(image).resolve(), base.resolve()) for image in record.images]
+        out["image"] = paths if isinstance(record.image, list) else paths[0]
     out["conversations"] = turns
     return out
