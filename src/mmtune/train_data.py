@@ -10,8 +10,14 @@ from torch.utils.data import DataLoader, Sampler
 
 from mmtune.config import RunConfig
 from mmtune.data.collate import RecordDataset, TrainCollator
-from mmtune.data.mixture import (MixturePlan, MixtureSampler, build_mixture, mixture_summary, read_task,
-                                  temperature_probabilities)
+from mmtune.data.mixture import (
+    MixturePlan,
+    MixtureSampler,
+    build_mixture,
+    mixture_summary,
+    read_task,
+    temperature_probabilities,
+)
 from mmtune.data.records import RecordError
 from mmtune.data.registry import load_registry
 from mmtune.data.synthetic import SYNTHETIC_PREFIX, ensure_world, resolve_task_path

@@ -66,8 +66,8 @@ def test_a_run_with_replay_and_probabilities_logs_each_tasks_training_loss(tiny_
 def test_per_task_losses_average_to_the_cross_entropy(tiny_config):
     """With the sample reduction, the step's cross-entropy is the mean of its samples' losses: the per-task means
     logged, weighted by their sample counts, give it back (a per-task log that read the wrong rows would not)."""
-    from mmtune.step import train_step
     from helpers import assembled, nth_micro
+    from mmtune.step import train_step
 
     with assembled(tiny_config("train.loss_reduction=sample")) as run:
         micro = nth_micro(run)

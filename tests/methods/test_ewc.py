@@ -46,8 +46,8 @@ def test_fisher_is_the_mean_of_per_record_squared_gradients(tiny_config):
 
 
 def test_ewc_logs_its_term_and_holds_weights_closer_than_vanilla(tiny_config):
-    from mmtune.train import train
     from helpers import base_weights, final_weights
+    from mmtune.train import train
 
     options = {"vanilla": [], "ewc": ["method.ewc.lam=1000"]}
     runs = {name: train(tiny_config(f"method.name={name}", *extra, "train.max_steps=3", out=name))

@@ -57,8 +57,6 @@ def read_hf_records(path: str | Path, columns: dict[str, str] | None = None, spl
     A dataset of conversations (a ``messages`` column, or ``formatting: messages | sharegpt``; TRL's
     ``llava-instruct-mix-vsft``) is read by ``mmtune.data.messages``: ``columns`` then maps ``messages`` / ``images``,
     ``tags`` the role and content names, and decoded images are written once as PNG files under ``image_cache_dir``."""
-    import datasets
-
     path = Path(path)
     data, base = _load(path, split)
     if formatting is not None or "messages" in data.column_names or columns and "messages" in columns:
