@@ -259,3 +259,12 @@ def test_lmms_eval_results_join_the_held_out_side(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"results": {"mme": {"x,none": 1}}, "config": {"model_args": ""}}))
     with pytest.raises(ValueError, match="names no pretrained"):
         build_report(runs, lmms_eval=[tmp_path / "bad.json"])
+
+
+def test_runs_with_replay_are_their_own_row(tmp_path):
+    plain = _run(tmp_path, "vanilla", 0, {"cap": 400.0, "mc": 60.0, "vqa": 60.0})
+    replayed = _run(tmp_path / "r", "vanilla", 0, {"cap": 450.0, "mc": 55.0, "vqa": 70.0})
+    config = yaml.safe_load((replayed / "config.yaml").read_text())
+    (replayed / "config.yaml").write_text(yaml.safe_dump({**config, "data": {"replay_share": 0.25}}))
+    report = build_report([plain, replayed])
+    assert [r["method"] for r in report["rows"]] == ["vanilla", "vanilla + replay 0.25"]

@@ -136,7 +136,15 @@ def load_run(run_dir: str | Path, lmms_eval: dict | None = None) -> dict:
                 curve.append({"step": row["step"], **{k: row["eval"].get(k) for k in SUMMARY_KEYS},
                               "tasks": row["eval"].get("tasks", {}), "val_loss": row["eval"].get("val_loss", {}),
                               "confidence_gap": row["eval"].get("confidence_gap", {})})
-    return report_row(run, method_label(config.get("method", {})), config, scores, base_scores, curve)
+    return report_row(run, run_label(config), config, scores, base_scores, curve)
+
+
+def run_label(config: dict) -> str:
+    """A run's row: its method (``method_label``), and its data mixture when that is not the plain one (replay), so runs
+    that trained on different data are never averaged together."""
+    label = method_label(config.get("method", {}))
+    share = (config.get("data") or {}).get("replay_share") or 0
+    return f"{label} + replay {share:g}" if share else label
 
 
 def report_row(folder: Path, label: str, config: dict, scores: dict, base_scores: dict | None,
