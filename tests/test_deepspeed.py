@@ -42,9 +42,9 @@ BF16 = ["model.dtype=bf16", "train.mixed_precision=bf16", "train.learning_rate=1
 BF16_DDP = ["vanilla", "spider", "l2_reg"]  # also DeepSpeed with 2 processes against DDP with 2, in bf16
 # Methods that run the very code of another in this list (l1_reg = l2_reg with power 1, magnitude_mask = random_mask
 # with another mask, wise_ft = the post-training surgery path of dare and grafting, dft and eaft = the token-loss path
-# of asft) are compared with one process in fp32 only; the 2-process and bf16 comparisons take the others, one per code path
+# of asft, lora = lora_sculpt without its masks) are compared with one process in fp32 only; the 2-process and bf16 comparisons take the others, one per code path
 # (keeps `make test` within 10 min).
-SAME_CODE_AS_ANOTHER = {"l1_reg", "magnitude_mask", "wise_ft", "dft", "eaft"}
+SAME_CODE_AS_ANOTHER = {"l1_reg", "magnitude_mask", "wise_ft", "dft", "eaft", "lora"}
 EVERY_PATH = [n for n in METHOD_NAMES if n not in SAME_CODE_AS_ANOTHER]
 
 
