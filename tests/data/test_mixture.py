@@ -86,3 +86,22 @@ def test_mixed_probability_settings_are_refused(tiny_config):
         tiny_config("data.tasks=[{path: 'synthetic:detailed_caption', probability: 0.5}, 'synthetic:count_mc']")
     with pytest.raises(ConfigError, match="go together"):
         tiny_config("data.replay_share=0.25")
+
+
+def test_a_sampled_mixture_resumes_exactly_across_an_epoch(tiny_config):
+    """The sampled epoch is a function of (plan, epoch): a run resumed mid-epoch trains on the very batches the
+    uninterrupted one did, into the next epoch (5 batches of 3 task + 1 replay records per epoch, 8 steps)."""
+    import torch
+
+    from helpers import final_weights, losses
+    from mmtune.train import train
+
+    settings = ["data.tasks=[{path: 'synthetic:detailed_caption', n: 8, probability: 0.7}, "
+                "{path: 'synthetic:count_mc', n: 8, probability: 0.3}]", "data.resample_each_epoch=true",
+                "data.replay=[{path: 'synthetic:color_vqa', n: 8}]", "data.replay_share=0.25", "train.max_steps=8"]
+    full = train(tiny_config(*settings, "train.save_every=3", out="full"))
+    resumed = train(tiny_config(*settings, f"train.resume_from={full / 'checkpoints' / 'step-000003'}", out="resumed"))
+    assert losses(resumed) == losses(full)[3:]
+    again = final_weights(resumed)
+    for key, value in final_weights(full).items():
+        assert torch.equal(value, again[key]), key
