@@ -119,9 +119,9 @@ def _read_conversations(data, path: Path, base: Path, split, formatting: str, co
     from mmtune.data.messages import conversation_record, decoded_image_writer, format_tags
 
     tags = format_tags(formatting, columns, tags)
-    missing = [tags[key] for key in ("messages",) if tags[key] not in data.column_names]
-    if missing:
-        raise ValueError(f"{path}: no column {missing[0]!r} (the conversations); columns: {', '.join(data.column_names)}")
+    if tags["messages"] not in data.column_names:
+        raise ValueError(f"{path}: no column {tags['messages']!r} (the conversations); columns: "
+                         f"{', '.join(data.column_names)}")
     defaults = {"task": path.stem if path.suffix else path.name, **(defaults or {})}
     # Decoded images are written once per dataset version (its fingerprint: a changed dataset gets new files).
     write = decoded_image_writer(image_cache_dir(), f"{path.resolve()}|{split}|{getattr(data, '_fingerprint', '')}")

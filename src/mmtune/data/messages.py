@@ -138,16 +138,20 @@ def relative_image(base: Path) -> Callable[[object, int], str]:
     return path
 
 
-def iter_conversation_file(path: Path, tags: dict, defaults: dict, skip_bad_records: bool = False,
+def iter_conversation_file(path: Path, tags: dict | None, defaults: dict, skip_bad_records: bool = False,
                            skipped: list[str] | None = None, check_images: bool = True) -> Iterator[Record]:
-    """Records from a JSON list or a JSONL file of conversations, each bad item named by file and line / item."""
+    """Records from a JSON list or a JSONL file of conversations, each bad item named by file and line / item.
+    ``tags`` None: ``messages`` or ``sharegpt`` names, as the first item has them."""
     defaults = {"task": path.stem, **defaults}
     image = relative_image(path.parent)
 
     def build(raw, index: int) -> Record:
+        nonlocal tags
         item = json.loads(raw) if isinstance(raw, str) else raw
         if not isinstance(item, dict):
             raise ValueError("a conversation must be a JSON object")
+        if tags is None:
+            tags = format_tags("messages" if "messages" in item else "sharegpt")
         return conversation_record(item, index, tags, defaults, image)
 
     def candidates():

@@ -219,21 +219,21 @@ def _undecodable(error: UnicodeDecodeError) -> Record:
     raise ValueError(f"not UTF-8 text ({error})")
 
 
-def first_item(path: Path) -> object:
-    """The first JSON value of a JSONL file or the first item of a JSON list (None if unreadable): what decides
-    whether a file holds mmtune records or conversations."""
+def holds_conversations(path: Path) -> bool:
+    """Whether a file holds conversations (``mmtune.data.messages``) rather than mmtune records: a JSON list (task files
+    are JSONL), or JSONL whose first line is a conversation. Reads the first line only."""
+    from mmtune.data.messages import is_conversation
+
     with path.open("rb") as handle:
-        head = handle.read(1 << 16).decode("utf-8", errors="replace").lstrip()
-    if head.startswith("["):
-        try:
-            items = json.loads(path.read_text(encoding="utf-8"))
-            return items[0] if isinstance(items, list) and items else None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
+        first = handle.readline().decode("utf-8", errors="replace").strip()
+        while not first and handle.peek(1):
+            first = handle.readline().decode("utf-8", errors="replace").strip()
+    if first.startswith("["):
+        return True
     try:
-        return json.loads(head.splitlines()[0]) if head else None
-    except (json.JSONDecodeError, IndexError):
-        return None
+        return is_conversation(json.loads(first))
+    except json.JSONDecodeError:
+        return False
 
 
 def iter_records(path: str | Path, skip_bad_records: bool = False, check_images: bool = True,
@@ -243,13 +243,10 @@ def iter_records(path: str | Path, skip_bad_records: bool = False, check_images:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"task file not found: {path}")
-    from mmtune.data.messages import format_tags, is_conversation, iter_conversation_file
+    if holds_conversations(path):
+        from mmtune.data.messages import iter_conversation_file
 
-    first = first_item(path)
-    if isinstance(first, dict) and is_conversation(first):
-        formatting = "messages" if "messages" in first else "sharegpt"
-        yield from iter_conversation_file(path, format_tags(formatting), {}, skip_bad_records, skipped,
-                                          check_images)
+        yield from iter_conversation_file(path, None, {}, skip_bad_records, skipped, check_images)
         return
 
     def candidates() -> Iterator[tuple[str, Callable[[], Record]]]:
