@@ -12,7 +12,7 @@ import functools
 import os
 from pathlib import Path
 
-from mmtune.data.records import Record, checked_records
+from mmtune.data.records import Record, checked_records, image_path
 
 FIELDS = ("id", "task", "kind", "image", "prompt", "answers", "choices", "answer_index", "metric", "history")
 
@@ -84,7 +84,7 @@ def read_hf_records(path: str | Path, columns: dict[str, str] | None = None, spl
             raise ValueError(f"missing field(s) {missing_fields} (map a column with columns:, or set defaults:)")
         image = values.get("image")
         if isinstance(image, str):
-            values["image"] = os.path.normpath(image if os.path.isabs(image) else base / image)
+            values["image"] = image_path(image, base)
         elif image is not None:
             raise ValueError(f"'image' must be a path (decoded image columns are not supported), got "
                              f"{type(image).__name__}")

@@ -27,7 +27,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from mmtune.data.records import Record, RecordError, checked_records
+from mmtune.data.records import Record, RecordError, checked_records, image_path
 
 IMAGE_TOKEN = "<image>"
 FORMATS = ("messages", "sharegpt")
@@ -134,7 +134,7 @@ def relative_image(base: Path) -> Callable[[object, int], str]:
     def path(image, _k: int) -> str:
         if not isinstance(image, str):
             raise ValueError(f"an image must be a path here, got {type(image).__name__}")
-        return os.path.normpath(image if os.path.isabs(image) else base / image)
+        return image_path(image, base)
     return path
 
 

@@ -152,6 +152,11 @@ def infer_metric(records: list[Record]) -> str:
     return "cider" if mean_words > 3 else "exact"
 
 
+def image_path(path: str, base_dir: str | Path) -> str:
+    """An image path as records hold it: relative paths taken from ``base_dir`` (the task file's or dataset's folder)."""
+    return os.path.normpath(path if os.path.isabs(path) else Path(base_dir) / path)
+
+
 def _parse_line(line: str, base_dir: Path) -> Record:
     data = json.loads(line)
     if not isinstance(data, dict):
@@ -171,7 +176,7 @@ def _parse_line(line: str, base_dir: Path) -> Record:
         if not all(isinstance(path, str) for path in paths):
             raise ValueError(f"'image' must be a path string, a list of them, or null (text-only), got "
                              f"{data['image']!r}"[:200])
-        resolved = [os.path.normpath(Path(path) if Path(path).is_absolute() else (base_dir / path)) for path in paths]
+        resolved = [image_path(path, base_dir) for path in paths]
         data["image"] = resolved if isinstance(data["image"], list) else resolved[0]
     record = Record(**data)
     record.validate()
