@@ -497,7 +497,7 @@ def cmd_ls(args) -> int:
         for row in reference_scopes():
             layout = row["layout"]
             print(f"{row['name']:<16} {row['source']:<10} {row['parameters'] / 1e9:>8.2f}B  "
-                  f"{row['trainable'] / 1e6:>9.1f}M  {layout.vision} / {layout.projector} / {layout.blocks} "
+                  f"{row['trainable'] / 1e6:>9.1f}M  {layout.vision} / {' + '.join(layout.projectors)} / {layout.blocks} "
                   f"({row['blocks']})")
     return 0
 

@@ -28,7 +28,7 @@ def _check(ok: bool, message: str) -> None:
 
 
 DTYPES = ("fp32", "bf16", "fp16")
-TINY_ARCHITECTURES = ("llava", "qwen2_vl", "idefics3")
+TINY_ARCHITECTURES = ("llava", "qwen2_vl", "idefics3", "qwen3_vl", "gemma3", "internvl", "llava_onevision")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")
 
@@ -36,7 +36,7 @@ PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")
 @dataclass
 class ModelConfig:
     path: str = ""  # local Hugging Face checkpoint folder
-    tiny: str | None = None  # or build a tiny random model of this architecture: llava | qwen2_vl | idefics3
+    tiny: str | None = None  # or build a tiny random model of this architecture (TINY_ARCHITECTURES)
     tiny_hidden_size: int = 64  # tiny model: hidden size of the language model
     tiny_layers: int = 4  # tiny model: number of language-model blocks
     tiny_image_size: int = 32  # tiny model: input image side in pixels

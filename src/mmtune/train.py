@@ -44,7 +44,7 @@ from transformers.optimization import Adafactor
 
 from mmtune.best import BestState
 from mmtune.checkpoint import newest_complete, removed_unless_whole
-from mmtune.config import SCHEDULERS, RunConfig, save_config
+from mmtune.config import SCHEDULERS, TINY_ARCHITECTURES, RunConfig, save_config
 from mmtune.data.synthetic import vocabulary
 from mmtune.during_training import (
     base_needs_evaluation,
@@ -135,7 +135,8 @@ def check_model_source(config: RunConfig) -> None:
     if config.model.tiny:
         return
     if not config.model.path:
-        raise ValueError("set model.path (a local checkpoint folder) or model.tiny (llava | qwen2_vl | idefics3)")
+        raise ValueError("set model.path (a local checkpoint folder) or model.tiny (one of "
+                         f"{', '.join(TINY_ARCHITECTURES)})")
     check_model_folder(config.model.path)
 
 

@@ -55,7 +55,12 @@ def _conversation_records(world, tmp_path):
     return read_records(path), [count.target, caption.target]
 
 
-@pytest.mark.parametrize("architecture", ["llava", "qwen2_vl", "idefics3"])
+# The tiny architectures; InternVL and LLaVA-OneVision size an image's tokens by its shape and count (tiles, anyres).
+ARCHITECTURES = ["llava", "qwen2_vl", "idefics3", "qwen3_vl", "gemma3", "internvl", "llava_onevision"]
+FIXED_TOKENS_PER_IMAGE = ["llava", "qwen2_vl", "idefics3", "qwen3_vl", "gemma3"]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_conversations_learn_every_answer_and_text_only_records_batch_with_images(world, tmp_path, architecture):
     """Conversations, a text-only record and a two-image record in one batch, on each tiny architecture."""
     import torch
@@ -76,9 +81,10 @@ def test_conversations_learn_every_answer_and_text_only_records_batch_with_image
     assert text_only.replace(" ", "") == first_answer.lower().replace(" ", "")
     assert batch["image_mask"].tolist() == [True, False, True, True]
     assert batch["image_counts"].tolist() == [1, 0, 1, 2]
-    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    tokens = (batch["input_ids"] == image_token).sum(1).tolist()
-    assert tokens[1] == 0 and tokens[3] == 2 * tokens[2] > 0  # the second image is shown too
+    tokens = (batch["input_ids"] == processor.image_token_id).sum(1).tolist()
+    assert tokens[1] == 0 and tokens[2] > 0
+    if architecture in FIXED_TOKENS_PER_IMAGE:
+        assert tokens[3] == 2 * tokens[2]  # the second image is shown too
     out = model(**model_inputs(batch))
     assert out.logits.shape[:2] == batch["input_ids"].shape
     for rows in ([3], [1, 3], [2]):  # a sub-batch carries exactly its rows' images (what NRCA, EWC, per-task use)
@@ -110,6 +116,38 @@ def test_subset_batch_follows_images_past_text_only_rows():
             "pixel_values": torch.tensor([[0.0], [1.0], [2.0]])}  # Qwen2-VL: patches of all images, flattened
     out = subset_batch(grid, torch.tensor([1, 2]))
     assert out["pixel_values"].tolist() == [[2.0]] and out["image_grid_thw"].tolist() == [[1, 1, 1]]
+
+
+@pytest.mark.parametrize("architecture", ["internvl", "llava_onevision"])
+def test_images_of_varying_size_follow_their_record(world, tmp_path, architecture):
+    """A wide image takes more pixel_values rows than a square one (InternVL: 2 tiles + a thumbnail; LLaVA-OneVision:
+    more anyres views); a sub-batch still carries exactly its records' and gives their rows' logits."""
+    import torch
+    from PIL import Image
+
+    from mmtune.data.collate import subset_batch
+    from mmtune.data.records import Record
+
+    model, processor = build_tiny(architecture, words=vocabulary())
+    caption = read_records(world / "detailed_caption_train.jsonl")[0]
+    with Image.open(caption.image) as square:
+        wide = tmp_path / "wide.png"
+        square.convert("RGB").resize((2 * square.width, square.height)).save(wide)
+    records = [caption, Record(id="wide", task="t", kind="open", image=str(wide), prompt=caption.prompt,
+                               answers=caption.answers),
+               Record(id="two", task="t", kind="open", image=[str(wide), caption.image], prompt=caption.prompt,
+                      answers=caption.answers)]
+    batch = TrainCollator(processor)([RecordDataset(records)[i] for i in range(3)])
+    if architecture == "internvl":
+        assert batch["pixel_counts"].tolist() == [1, 3, 4]  # square: 1 tile; wide: 2 tiles + thumbnail
+    full = model(**model_inputs(batch)).logits
+    for rows in ([1], [2], [0, 2], [1, 2]):
+        part = subset_batch(batch, torch.tensor(rows))
+        width = part["input_ids"].shape[1]
+        logits = model(**model_inputs(part)).logits
+        for index, row in enumerate(rows):
+            real = part["attention_mask"][index].bool()
+            torch.testing.assert_close(logits[index][real], full[row, :width][real], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("architecture", ["llava", "qwen2_vl"])

@@ -189,8 +189,29 @@ class TrainCollator:
         batch["open_mask"] = torch.tensor([r.kind == "open" for r in records])
         batch["image_mask"] = torch.tensor([r.image is not None for r in records])
         batch["image_counts"] = torch.tensor([len(r.images) for r in records])
+        tiles = pixel_counts(self.processor, batch)
+        if tiles is not None:
+            batch["pixel_counts"] = tiles
         batch["tasks"] = [r.task for r in records]  # for methods that need each task's loss (multi-task optimisation)
         return batch
+
+
+def pixel_counts(processor, batch: dict) -> torch.Tensor | None:
+    """Rows of ``pixel_values`` per record where an image takes a varying number of them (InternVL's tiles: a wide
+    image is cut into several, plus a thumbnail), from the image tokens of each row; None for the other layouts (one
+    entry per image or per record, or Qwen-VL's patches that ``image_grid_thw`` describes)."""
+    pixels = batch.get("pixel_values")
+    if pixels is None or "image_grid_thw" in batch or pixels.shape[0] == int(batch["image_counts"].sum()):
+        return None
+    if pixels.dim() == 5 and "pixel_attention_mask" in batch:  # Idefics3: [records, images, C, H, W]
+        return None
+    image_token = getattr(processor, "image_token_id", None)
+    tokens = (batch["input_ids"] == image_token).sum(dim=1) if image_token is not None else None
+    if tokens is None or int(tokens.sum()) % pixels.shape[0]:
+        raise ValueError(f"{type(processor).__name__}: {pixels.shape[0]} pixel_values entries for "
+                         f"{int(batch['image_counts'].sum())} images, and the image tokens do not say which belong "
+                         "to which record; mmtune cannot split this batch per record")
+    return tokens // (int(tokens.sum()) // pixels.shape[0])
 
 
 def processor_prompt(processor, record: Record) -> str:
@@ -201,11 +222,9 @@ def processor_prompt(processor, record: Record) -> str:
 
 
 def batch_images(samples: list[dict]):
-    """The images of a batch for the processor: one per record; with text-only or several-image records in the batch,
-    one list per record (empty for text-only), which the processors flatten in order; None when no record has one."""
+    """The images of a batch for the processor: one list per record (empty for text-only; what every processor takes,
+    and Gemma 3's requires), which the processors flatten in order; None when no record has one."""
     images = [s["image"] for s in samples]
-    if all(image is not None and not isinstance(image, list) for image in images):
-        return images
     if all(image is None for image in images):
         return None
     return [image if isinstance(image, list) else [image] if image is not None else [] for image in images]
@@ -227,7 +246,7 @@ class GenerationCollator:
         return batch
 
 
-MODEL_INPUT_EXCLUDE = ("labels", "open_mask", "image_mask", "image_counts", "records", "tasks")
+MODEL_INPUT_EXCLUDE = ("labels", "open_mask", "image_mask", "image_counts", "pixel_counts", "records", "tasks")
 
 
 def model_inputs(batch: dict) -> dict:
@@ -251,24 +270,27 @@ def subset_batch(batch: dict, rows: torch.Tensor) -> dict:
         counts = batch["image_mask"].long()
     row_list = rows.tolist()
     if counts is not None and not bool((counts == 1).all()):
-        starts = [0, *torch.cumsum(counts.long(), 0).tolist()]
-        images = torch.tensor([image for i in row_list for image in range(starts[i], starts[i + 1])], dtype=torch.long)
+        images = _entries(counts.tolist(), row_list)
     else:
         images = rows
+    tiles = batch.get("pixel_counts")
+    tile_rows = _entries(tiles.tolist(), row_list) if tiles is not None else None
     per_image = ("pixel_values", "image_grid_thw", "image_sizes")
     for key, value in batch.items():
         if key == "pixel_values" and grid is not None:
-            counts = grid.prod(dim=-1).tolist()
-            starts = [0]
-            for count in counts:
-                starts.append(starts[-1] + count)
-            out[key] = torch.cat([value[starts[i]:starts[i + 1]] for i in images.tolist()])
+            out[key] = value[_entries(grid.prod(dim=-1).tolist(), images.tolist()).to(value.device)]
+        elif key == "pixel_values" and tile_rows is not None:  # InternVL's tiles, per record
+            out[key] = value[tile_rows.to(value.device)]
         elif key in per_image and torch.is_tensor(value) and images is not rows and \
-                (value.shape[0] != size or key != "pixel_values" or value.dim() == 4):
-            # one entry per image (LLaVA's [images, C, H, W]); Idefics3's [rows, images, C, H, W] is per row
+                (value.shape[0] != size or key != "pixel_values" or value.dim() == 4 or "batch_num_images" in batch):
+            # one entry per image (LLaVA's [images, C, H, W], LLaVA-OneVision's [images, views, C, H, W]);
+            # Idefics3's [rows, images, C, H, W] is per row
             out[key] = value[images.to(value.device)]
         elif key == "image_grid_thw" and torch.is_tensor(value):
             out[key] = value[images.to(value.device)]
+        elif key == "batch_num_images" and counts is not None:  # LLaVA-OneVision: images of each record that has any
+            chosen = counts.to(value.device)[rows.to(value.device)]
+            out[key] = chosen[chosen > 0].to(value.dtype)
         elif torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == size:
             out[key] = value[rows.to(value.device)]
         elif key in ("records", "tasks"):
@@ -276,3 +298,11 @@ def subset_batch(batch: dict, rows: torch.Tensor) -> dict:
         else:
             out[key] = value
     return out
+
+
+def _entries(counts: list[int], chosen: list[int]) -> torch.Tensor:
+    """Indices of the entries of the ``chosen`` groups, where group ``i`` holds ``counts[i]`` consecutive entries."""
+    starts = [0]
+    for count in counts:
+        starts.append(starts[-1] + count)
+    return torch.tensor([entry for i in chosen for entry in range(starts[i], starts[i + 1])], dtype=torch.long)

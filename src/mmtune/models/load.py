@@ -11,10 +11,8 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoImageProcessor,
     AutoModelForImageTextToText,
     AutoProcessor,
-    AutoTokenizer,
     PreTrainedModel,
     ProcessorMixin,
     Qwen2VLProcessor,
@@ -26,22 +24,29 @@ from mmtune.config import DTYPES as DTYPE_NAMES
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16), strict=True))
 
 
-class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-    """Qwen2-VL / Qwen2.5-VL processor without the video processor.
+def image_only(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
+    """``processor_class`` without its video processor.
 
-    The upstream processor insists on a video processor, which needs torchvision; mmtune tunes on
-    images only, so where torchvision is missing we build the processor from its image processor
-    and tokenizer. It saves itself as the upstream class so other tools load the folder normally.
+    Qwen2-VL, Qwen3-VL, InternVL and LLaVA-OneVision processors insist on a video processor, which needs
+    torchvision; mmtune tunes on images, so where torchvision is missing it builds them from their image processor and
+    tokenizer alone (``from_pretrained`` included). They save themselves as the upstream class, so other tools load
+    the folder normally.
     """
 
-    upstream_class = "Qwen2VLProcessor"
+    class ImageOnly(processor_class):
+        upstream_class = processor_class.__name__
+        video_processor = None
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+        @classmethod
+        def get_attributes(cls) -> list[str]:  # what ProcessorMixin builds, checks, saves and loads
+            return [name for name in super().get_attributes() if name != "video_processor"]
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = f"ImageOnly{processor_class.__name__}"
+    return ImageOnly
+
+
+# Deprecated name (mmtune ≤ 0.8): the Qwen2-VL stand-in, now one of image_only's.
+ImageOnlyQwen2VLProcessor = image_only(Qwen2VLProcessor)
 
 
 def save_processor(processor: ProcessorMixin, out_dir: str | Path) -> None:
@@ -69,28 +74,37 @@ def save_processor(processor: ProcessorMixin, out_dir: str | Path) -> None:
 
 
 def load_processor(path: str | Path) -> ProcessorMixin:
-    """AutoProcessor, or the image-only stand-in when the video processor cannot be built."""
+    """AutoProcessor, or the image-only stand-in (``image_only``) when its video processor cannot be built."""
     path = Path(path)
-    config = json.loads((path / "config.json").read_text())
-    needs_image_only = config.get("model_type") in ("qwen2_vl", "qwen2_5_vl")
-    if not needs_image_only:
+    try:
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    else:
-        try:
-            processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        except (ImportError, AttributeError, ValueError, OSError):
-            processor = None  # torchvision missing: the video processor cannot be built
-        if not isinstance(processor, ProcessorMixin) or getattr(processor, "image_processor", None) is None:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True, backend="pil")
-            chat_template = getattr(tokenizer, "chat_template", None)
-            template_file = path / "chat_template.jinja"
-            if template_file.exists():
-                chat_template = template_file.read_text()
-            processor = ImageOnlyQwen2VLProcessor(image_processor, tokenizer, chat_template=chat_template)
+        error = None
+    except (ImportError, AttributeError, ValueError, OSError, TypeError) as raised:
+        processor, error = None, raised  # e.g. torchvision missing: the video processor cannot be built
+    if getattr(processor, "image_processor", None) is None:
+        processor_class = _processor_class(path)
+        if processor_class is not None and "video_processor" in processor_class.get_attributes():
+            processor = image_only(processor_class).from_pretrained(path, local_files_only=True)
+        elif error is not None:
+            raise error
     if not isinstance(processor, ProcessorMixin) or getattr(processor, "image_processor", None) is None:
         raise ValueError(f"{path}: no image-text processor could be loaded (got {type(processor).__name__})")
     return processor
+
+
+def _processor_class(path: Path) -> type[ProcessorMixin] | None:
+    """The processor class a model folder names (``processor_config.json``), else its model type's."""
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    name = None
+    config_file = path / "processor_config.json"
+    if config_file.is_file():
+        name = json.loads(config_file.read_text()).get("processor_class")
+    if name is None:
+        name = PROCESSOR_MAPPING_NAMES.get(json.loads((path / "config.json").read_text()).get("model_type"))
+    found = getattr(transformers, name, None) if isinstance(name, str) else None
+    return found if isinstance(found, type) and issubclass(found, ProcessorMixin) else None
 
 
 def set_pixel_budget(processor: ProcessorMixin, min_pixels: int | None, max_pixels: int | None) -> None:
@@ -139,7 +153,7 @@ def quantization_config(path: Path, quantization: str, dtype: str):
     model_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
     # As LLaVA's own QLoRA: only the language model is quantized; vision tower and projector stay in ``dtype``.
     layout = LAYOUTS.get(model_type)
-    keep = [layout.vision, layout.projector, "lm_head"] if layout else ["lm_head"]
+    keep = [layout.vision, *layout.projectors, "lm_head"] if layout else ["lm_head"]
     if quantization == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=DTYPES[dtype], llm_int8_skip_modules=keep)

@@ -18,6 +18,13 @@ class Layout:
     vision: str  # module path of the vision encoder
     projector: str  # module path of the connector / projector
     blocks: str  # module path of the LLM's list of transformer blocks
+    # More connector modules, trained and counted with the projector (Qwen3-VL's DeepStack mergers, which project
+    # intermediate vision features into the LLM as its merger projects the last ones)
+    more_projectors: tuple[str, ...] = ()
+
+    @property
+    def projectors(self) -> tuple[str, ...]:
+        return (self.projector, *self.more_projectors)
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -33,10 +40,12 @@ LAYOUTS: dict[str, Layout] = {
 # Names transformers gives the parts of a vision-language model, under its inner ``model``.
 VISION_NAMES = ("vision_tower", "visual", "vision_model")
 CONNECTOR_NAMES = ("multi_modal_projector", "connector", "visual.merger", "mlp1")
+MORE_CONNECTOR_NAMES = ("visual.deepstack_merger_list",)
 LANGUAGE_NAMES = ("language_model", "text_model")
 
 # Architectures read by discovery and checked on their reference configs (built on the meta device): `mmtune ls
-# architectures` prints their scope; the tiny models of three of LAYOUTS' run the pipeline end to end in the tests.
+# architectures` prints their scope. Tiny models of LLaVA, Qwen2-VL, Idefics3 and of the first four here run the
+# pipeline end to end in the tests.
 DISCOVERED = ("qwen3_vl", "gemma3", "internvl", "llava_onevision", "mistral3", "lfm2_vl", "glm4v")
 
 
@@ -47,13 +56,7 @@ def discover_layout(model: nn.Module) -> Layout:
     prefix = f"{inner}." if inner else ""
 
     def first(names) -> str | None:
-        for name in names:
-            try:
-                base.get_submodule(name)
-            except AttributeError:
-                continue
-            return prefix + name
-        return None
+        return next((prefix + name for name in names if _has(base, name)), None)
 
     vision, connector, language = first(VISION_NAMES), first(CONNECTOR_NAMES), first(LANGUAGE_NAMES)
     blocks = f"{language}.layers" if language and isinstance(
@@ -65,7 +68,16 @@ def discover_layout(model: nn.Module) -> Layout:
         raise ValueError(f"{model_type}: could not find its {', '.join(missing)} (looked for {prefix}"
                          f"{' | '.join(VISION_NAMES)}, {' | '.join(CONNECTOR_NAMES)}, <{' | '.join(LANGUAGE_NAMES)}>"
                          ".layers); add its layout to mmtune.models.scope.LAYOUTS")
-    return Layout(vision, connector, blocks)
+    more = tuple(prefix + name for name in MORE_CONNECTOR_NAMES if _has(base, name))
+    return Layout(vision, connector, blocks, more)
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def layout_of(model: nn.Module) -> Layout:
@@ -93,7 +105,8 @@ def apply_scope(model: nn.Module, train_projector: bool = True, last_n_blocks: i
     if full:
         return layout
     if train_projector:
-        _unfreeze(model.get_submodule(layout.projector))
+        for projector in layout.projectors:
+            _unfreeze(model.get_submodule(projector))
     if train_vision:
         _unfreeze(model.get_submodule(layout.vision))
     names = block_names(model, layout, last_n_blocks) if layers is None else \
@@ -161,7 +174,7 @@ def _unfreeze(module: nn.Module) -> None:
 def part_of(name: str, layout: Layout) -> str:
     """Which part a parameter name belongs to (works on PEFT-wrapped names too)."""
     dotted = "." + name
-    if "." + layout.projector + "." in dotted:
+    if any("." + projector + "." in dotted for projector in layout.projectors):
         return "projector"
     if "." + layout.vision + "." in dotted:
         return "vision"

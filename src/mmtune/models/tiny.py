@@ -1,7 +1,7 @@
 """Tiny random vision-language models built from config, with an offline tokenizer and processor.
 
 Tests and the demo cannot download weights, so they build small models of the real architectures
-(LLaVA, Qwen2-VL, Idefics3 = SmolVLM) here, save them with ``save_pretrained`` and load them back through
+(LLaVA, Qwen2-VL, Idefics3 = SmolVLM; Qwen3-VL, Gemma 3, InternVL, LLaVA-OneVision) here, save them with ``save_pretrained`` and load them back through
 :func:`mmtune.models.load.load_model` — the same public path a real checkpoint takes.
 """
 
@@ -17,20 +17,36 @@ from transformers import (
     AutoModelForImageTextToText,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ImageProcessorPil,
+    Gemma3Processor,
+    Gemma3TextConfig,
+    GotOcr2ImageProcessorPil,
     Idefics3Config,
     Idefics3ImageProcessorPil,
     Idefics3Processor,
     Idefics3VisionConfig,
+    InternVLConfig,
+    InternVLProcessor,
+    InternVLVisionConfig,
     LlamaConfig,
     LlavaConfig,
+    LlavaOnevisionConfig,
+    LlavaOnevisionImageProcessorPil,
+    LlavaOnevisionProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLProcessor,
+    SiglipVisionConfig,
 )
 
 from mmtune.config import TINY_ARCHITECTURES
-from mmtune.models.load import ImageOnlyQwen2VLProcessor, save_processor
+from mmtune.models.load import image_only, save_processor
 
 # Words every tiny tokenizer knows, so prompts of the converters and metrics tests tokenize too.
 BASE_WORDS = (
@@ -69,14 +85,47 @@ IDEFICS3_CHAT_TEMPLATE = (  # SmolVLM's layout: "User:<image>question<end_of_utt
     "{% endfor %}<end_of_utterance>\n{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
+GEMMA3_CHAT_TEMPLATE = (  # Gemma 3's turns; the processor expands <start_of_image> into the image's soft tokens
+    "{% for message in messages %}<start_of_turn>{{ 'user' if message['role'] == 'user' else 'model' }}\n"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<start_of_image>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+INTERNVL_CHAT_TEMPLATE = (  # InternVL 3's: ChatML with <IMG_CONTEXT> per image (expanded to <img>…</img> per tile)
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<IMG_CONTEXT>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+ONEVISION_CHAT_TEMPLATE = (  # LLaVA-OneVision's (Qwen2 ChatML, <image> before the text)
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHATML = ["<pad>", "<unk>", "<s>", "<|im_end|>", "<|im_start|>"]
+QWEN_VISION = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
 SPECIAL_TOKENS = {
     "llava": ["<pad>", "<unk>", "<s>", "</s>", "<image>"],
     "idefics3": ["<pad>", "<unk>", "<s>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
                  "<global-img>"],
-    "qwen2_vl": [
-        "<pad>", "<unk>", "<s>", "<|im_end|>", "<|im_start|>", "<|image_pad|>", "<|video_pad|>",
-        "<|vision_start|>", "<|vision_end|>",
-    ],
+    "qwen2_vl": [*CHATML, *QWEN_VISION],
+    "qwen3_vl": [*CHATML, *QWEN_VISION],
+    "gemma3": ["<pad>", "<unk>", "<s>", "<end_of_turn>", "<start_of_turn>", "<start_of_image>", "<end_of_image>",
+               "<image_soft_token>"],
+    "internvl": [*CHATML, "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
+    "llava_onevision": [*CHATML, "<image>", "<video>"],
+}
+EOS = {"llava": "</s>", "idefics3": "<end_of_utterance>", "gemma3": "<end_of_turn>"}  # the others: <|im_end|>
+# Tokens processors read as tokenizer attributes (transformers' extra_special_tokens)
+NAMED_TOKENS = {
+    "gemma3": {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+    "internvl": {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                 "video_token": "<video>"},
+    "llava_onevision": {"image_token": "<image>", "video_token": "<video>"},
 }
 WORD_PATTERN = re.compile(r"\w+|[^\w\s]")
 
@@ -100,10 +149,10 @@ def build_tokenizer(architecture: str, words: Iterable[str] = ()) -> PreTrainedT
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    eos = {"llava": "</s>", "qwen2_vl": "<|im_end|>", "idefics3": "<end_of_utterance>"}[architecture]
+    eos = EOS.get(architecture, "<|im_end|>")
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token=eos,
-        extra_special_tokens={},
+        extra_special_tokens=NAMED_TOKENS.get(architecture, {}),
     )
     tokenizer.add_special_tokens({"additional_special_tokens": [t for t in specials if t not in
                                                                 ("<pad>", "<unk>", "<s>", eos)]})
@@ -131,12 +180,12 @@ def build_tiny(
     vision_sizes = {"hidden_size": vision_hidden_size, "intermediate_size": vision_hidden_size * 2,
                     "num_hidden_layers": vision_layers, "num_attention_heads": max(1, vision_hidden_size // 16),
                     "image_size": image_size, "patch_size": patch_size}
-    text = LlamaConfig(  # the language model of LLaVA and Idefics3 (Qwen2-VL brings its own)
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=heads,
-        max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
+    text_sizes = {"vocab_size": vocab_size, "hidden_size": hidden_size, "intermediate_size": hidden_size * 2,
+                  "num_hidden_layers": num_layers, "num_attention_heads": heads, "num_key_value_heads": heads,
+                  "max_position_embeddings": 512, "pad_token_id": tokenizer.pad_token_id,
+                  "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    text = LlamaConfig(**text_sizes)  # the language model of LLaVA and Idefics3
+    token_id = tokenizer.convert_tokens_to_ids
     if architecture == "llava":
         vision = CLIPVisionConfig(**vision_sizes, projection_dim=vision_hidden_size)
         config = LlavaConfig(
@@ -166,34 +215,72 @@ def build_tiny(
             image_processor=image_processor, tokenizer=tokenizer, chat_template=IDEFICS3_CHAT_TEMPLATE,
             image_seq_len=(image_size // patch_size) ** 2 // scale_factor**2,
         )
-    else:
-        token_id = tokenizer.convert_tokens_to_ids
-        config = Qwen2VLConfig(
-            vision_config={
-                "depth": vision_layers, "embed_dim": vision_hidden_size, "hidden_size": hidden_size,
-                "num_heads": max(1, vision_hidden_size // 16), "patch_size": patch_size,
-                "spatial_merge_size": 2, "temporal_patch_size": 2,
-            },
-            text_config={
-                "vocab_size": vocab_size, "hidden_size": hidden_size, "intermediate_size": hidden_size * 2,
-                "num_hidden_layers": num_layers, "num_attention_heads": heads, "num_key_value_heads": heads,
-                "max_position_embeddings": 512, "rope_parameters": {
-                    "rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(hidden_size // heads)},
-                "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-                "bos_token_id": tokenizer.bos_token_id,
-            },
-            image_token_id=token_id("<|image_pad|>"), video_token_id=token_id("<|video_pad|>"),
-            vision_start_token_id=token_id("<|vision_start|>"), vision_end_token_id=token_id("<|vision_end|>"),
-        )
+    elif architecture in ("qwen2_vl", "qwen3_vl"):
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(hidden_size // heads)}
+        vision = {"depth": vision_layers, "hidden_size": hidden_size, "num_heads": max(1, vision_hidden_size // 16),
+                  "patch_size": patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2}
+        qwen_ids = {"image_token_id": token_id("<|image_pad|>"), "video_token_id": token_id("<|video_pad|>"),
+                    "vision_start_token_id": token_id("<|vision_start|>"),
+                    "vision_end_token_id": token_id("<|vision_end|>")}
+        if architecture == "qwen2_vl":
+            config = Qwen2VLConfig(vision_config={**vision, "embed_dim": vision_hidden_size},
+                                   text_config={**text_sizes, "rope_parameters": rope}, **qwen_ids)
+        else:  # Qwen3-VL: its vision tower's own width, learned position embeddings, DeepStack mergers
+            vision = {**vision, "hidden_size": vision_hidden_size, "intermediate_size": vision_hidden_size * 2,
+                      "out_hidden_size": hidden_size, "num_position_embeddings": (image_size // patch_size) ** 2,
+                      "deepstack_visual_indexes": [0]}
+            config = Qwen3VLConfig(vision_config=vision, **qwen_ids, text_config={
+                **text_sizes, "head_dim": hidden_size // heads, "rope_parameters": {**rope, "mrope_interleaved": True}})
         pixels = image_size * image_size
         image_processor = Qwen2VLImageProcessorPil(
             size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=patch_size,
             merge_size=2, temporal_patch_size=2,
         )
-        processor = ImageOnlyQwen2VLProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE,
+        processor_class = Qwen2VLProcessor if architecture == "qwen2_vl" else Qwen3VLProcessor
+        processor = image_only(processor_class)(image_processor=image_processor, tokenizer=tokenizer,
+                                                chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    elif architecture == "gemma3":
+        tokens_per_image = (image_size // patch_size // 2) ** 2  # Gemma 3 pools the patches 2 × 2
+        config = Gemma3Config(
+            text_config=Gemma3TextConfig(**text_sizes, head_dim=hidden_size // heads, sliding_window=64),
+            vision_config=SiglipVisionConfig(**vision_sizes), mm_tokens_per_image=tokens_per_image,
+            boi_token_index=token_id("<start_of_image>"), eoi_token_index=token_id("<end_of_image>"),
+            image_token_index=token_id("<image_soft_token>"),
         )
+        image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size},
+                                                  do_pan_and_scan=False)
+        processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                    chat_template=GEMMA3_CHAT_TEMPLATE, image_seq_length=tokens_per_image)
+    elif architecture == "internvl":
+        tokens_per_tile = (image_size // patch_size // 2) ** 2  # pixel shuffle with downsample_ratio 0.5
+        vision = InternVLVisionConfig(hidden_size=vision_hidden_size, intermediate_size=vision_hidden_size * 2,
+                                      num_hidden_layers=vision_layers,
+                                      num_attention_heads=max(1, vision_hidden_size // 16),
+                                      image_size=[image_size, image_size], patch_size=[patch_size, patch_size])
+        config = InternVLConfig(text_config=Qwen2Config(**text_sizes), vision_config=vision,
+                                image_token_id=token_id("<IMG_CONTEXT>"), image_seq_length=tokens_per_tile,
+                                downsample_ratio=0.5)
+        # Dynamic tiling as InternVL's: a wide image becomes up to 4 tiles plus a thumbnail, a square one 1 tile.
+        image_processor = GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size},
+                                                   crop_to_patches=True, max_patches=4)
+        processor = image_only(InternVLProcessor)(image_processor=image_processor, tokenizer=tokenizer,
+                                                  chat_template=INTERNVL_CHAT_TEMPLATE,
+                                                  image_seq_length=tokens_per_tile)
+    else:  # llava_onevision: SigLIP, anyres tiles of the image beside its base view
+        pinpoints = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
+        config = LlavaOnevisionConfig(
+            text_config=Qwen2Config(**text_sizes), vision_config=SiglipVisionConfig(**vision_sizes),
+            image_token_index=token_id("<image>"), video_token_index=token_id("<video>"),
+            image_grid_pinpoints=pinpoints, vision_feature_select_strategy="full",
+        )
+        image_processor = LlavaOnevisionImageProcessorPil(size={"height": image_size, "width": image_size},
+                                                          image_grid_pinpoints=pinpoints)
+        processor = image_only(LlavaOnevisionProcessor)(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=ONEVISION_CHAT_TEMPLATE,
+            num_image_tokens=(image_size // patch_size) ** 2, vision_feature_select_strategy="full")
     model = AutoModelForImageTextToText.from_config(config)
+    if architecture == "gemma3":  # transformers starts Gemma 3's projection at zero: a model blind to its images
+        torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.02)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, processor
