@@ -121,6 +121,7 @@ class UncertaintyWeighting(LearnedTaskVector):
     """``self.values``: the log-variances ``s_i``, learned through the loss's own gradient."""
 
     name = "uncertainty"
+    supports_sharding = True  # tested on FSDP2 shards: tests/methods/test_methods_sharded.py
     description = "uncertainty weighting of the tasks' losses, Σ exp(-s_i)·L_i + s_i/2 (Kendall et al., CVPR 2018)"
     config_class = UncertaintyConfig
 
@@ -154,6 +155,7 @@ class FAMO(LearnedTaskVector):
     """``self.values``: the task logits ``ξ``, learned from how each task's loss moved over a step."""
 
     name = "famo"
+    supports_sharding = True  # tested on FSDP2 shards: tests/methods/test_methods_sharded.py
     description = "fast adaptive multitask optimisation: balanced decrease of the tasks' log losses (Liu et al., 2023)"
     config_class = FAMOConfig
 

@@ -72,9 +72,11 @@ class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
-    # Tested with parameters sharded over processes (FSDP2): DTensor parameters, per-process state. A method
-    # that is not refuses to start under FSDP / ZeRO-3 instead of doing something wrong there.
+    # Tested with parameters sharded over processes (FSDP2): DTensor parameters, per-process state
+    # (tests/methods/test_methods_sharded.py). A method that is not refuses to start under FSDP / ZeRO-3 instead of
+    # doing something wrong there, saying why in ``sharding_refusal`` (one sentence, "it …").
     supports_sharding: ClassVar[bool] = False
+    sharding_refusal: ClassVar[str] = ""
     # ``build_step`` reads or writes ``param.grad`` between backward passes (per-task gradients, a second gradient):
     # DeepSpeed keeps gradients in its own partitioned buffers, so it refuses such a method.
     sets_gradients: ClassVar[bool] = False
@@ -244,8 +246,9 @@ def refusal(methods: list[Method], host: str) -> str | None:
                     "process")
         if host == "sharded" and not method.supports_sharding:
             ready = ", ".join(n for n, cls in sorted(METHODS.items()) if cls.supports_sharding)
-            return (f"{method.name}: not tested with parameters sharded over processes (FSDP / ZeRO-3); methods "
-                    f"that are: {ready}. Use DDP or DeepSpeed ZeRO-2 for the others.")
+            why = method.sharding_refusal or "it is not tested with parameters sharded over processes"
+            return (f"{method.name} can't run with parameters sharded over processes (FSDP / ZeRO-3): {why}. "
+                    f"Use DDP or DeepSpeed ZeRO-2 for it; sharded runs take {ready}.")
     return None
 
 
@@ -324,6 +327,46 @@ def describe_config(cls: type[Method]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "—"
 
 
+try:  # FSDP2's sharded parameters are DTensors
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = ()
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's (FSDP2's) local shard — a view, so in-place updates reach the parameter; else the tensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor's (an FSDP2 shard's) value gathered from every process, else the tensor itself.
+    For what needs the whole tensor (a top-k selection, a random draw over its shape), one tensor at a time."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def laid_out_as(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor, the same on every process) laid out as ``param``: for a sharded parameter, this
+    process's piece of it as a DTensor (no communication), else ``value`` itself."""
+    if not isinstance(param, DTensor):
+        return value
+    return distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+
+
+def sum_over_shards(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A sum computed on this process's shard of ``param`` (``local``, with its gradient) plus the other shards'
+    sums (their values only): the whole tensor's sum on every process, whose gradient reaches this process's shard
+    once — an all-reduce inside autograd would count it once per process."""
+    if not isinstance(param, DTensor):
+        return local
+    import torch.distributed as dist
+
+    total = local.detach().clone()
+    for dim, placement in enumerate(param.placements):
+        if placement.is_shard():
+            dist.all_reduce(total, group=param.device_mesh.get_group(dim))
+    return local + (total - local.detach())
+
+
 def snapshot(trainable: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     """A detached copy of the trainable tensors: W0, the values fine-tuning starts from."""
     return {name: param.detach().clone() for name, param in trainable.items()}
@@ -346,10 +389,14 @@ class PretrainedSnapshotMethod(Method):
 
     @torch.no_grad()
     def on_train_end(self, ctx: TrainContext) -> None:
+        if type(self).merge is PretrainedSnapshotMethod.merge:
+            return
         for name, param in ctx.trainable.items():
-            merged = self.merge(self.pretrained[name], param, ctx)
+            # On shards: the merge of the whole tensors (equal on every process: the same W, W0 and generator), of
+            # which each process keeps its piece — a top-k or a random draw as on one process.
+            merged = self.merge(whole(self.pretrained[name]), whole(param), ctx)
             if merged is not None:
-                param.copy_(merged)
+                param.copy_(laid_out_as(merged, param))
 
 
 def check_method_combination(methods: list[Method]) -> None:

@@ -35,6 +35,7 @@ class DareConfig(MethodConfig):
 @register
 class Dare(PretrainedSnapshotMethod):
     name = "dare"
+    supports_sharding = True  # tested on FSDP2 shards: tests/methods/test_methods_sharded.py
     description = "after training, drop a fraction p of W−W0 at random, rescale the rest by 1/(1−p) (Yu et al., 2024)"
     config_class = DareConfig
     null_options = {"p": 0}

@@ -72,6 +72,9 @@ class ASFTConfig(MethodConfig):
 @register
 class ASFT(PretrainedSnapshotMethod):
     name = "asft"
+    sharding_refusal = (
+        "its base-model logits come from calling the model with W0 in place of the trainable weights "
+        "(torch.func.functional_call), which FSDP's sharded parameters do not allow")
     description = "DFT anchored to the base model by a token-level KL divergence (Zhu et al., ICLR 2026)"
     config_class = ASFTConfig
 

@@ -92,6 +92,9 @@ class EWCConfig(MethodConfig):
 @register
 class EWC(PretrainedSnapshotMethod):
     name = "ewc"
+    sharding_refusal = (
+        "its Fisher information squares each record's gradient, and FSDP averages every gradient over the "
+        "processes before a method sees it (the square of a mean is not the mean of squares)")
     description = "elastic weight consolidation: pull to W0 weighted by the base's Fisher information (Kirkpatrick et al., 2017)"
     config_class = EWCConfig
     persistent = ("pretrained", "fisher")

@@ -33,6 +33,7 @@ class GraftingConfig(MethodConfig):
 @register
 class Grafting(PretrainedSnapshotMethod):
     name = "grafting"
+    supports_sharding = True  # tested on FSDP2 shards: tests/methods/test_methods_sharded.py
     description = "after training, keep the top-k% |W−W0| update entries, reset the rest (Panigrahi et al., 2023)"
     config_class = GraftingConfig
     null_options = {"keep_ratio": 1}

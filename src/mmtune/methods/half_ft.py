@@ -36,6 +36,7 @@ class HalfFTConfig(MethodConfig):
 @register
 class HalfFT(PretrainedSnapshotMethod):
     name = "half_ft"
+    supports_sharding = True  # tested on FSDP2 shards: tests/methods/test_methods_sharded.py
     description = "each round, a random half of the trainable tensors is reset to and held at W0 (Hui et al., 2024)"
     config_class = HalfFTConfig
     null_options = {"frozen_fraction": 0}

@@ -10,12 +10,15 @@ from dataclasses import dataclass
 
 import torch
 
-from mmtune.methods.base import MethodConfig, PretrainedSnapshotMethod, register
+from mmtune.methods.base import MethodConfig, PretrainedSnapshotMethod, local_shard, register, sum_over_shards
 
 
 def distance_penalty(trainable: dict[str, torch.Tensor], pretrained: dict[str, torch.Tensor], power: int) -> torch.Tensor:
     """Mean over tensors of the per-tensor mean ``|W − W0|^power`` (MSE for 2, L1 for 1)."""
-    terms = [(param - pretrained[name]).abs().pow(power).mean() for name, param in trainable.items()]
+    terms = []
+    for name, param in trainable.items():  # on FSDP2 shards: each shard's sum, the whole tensor's mean
+        local = (local_shard(param) - local_shard(pretrained[name])).abs().pow(power).sum()
+        terms.append(sum_over_shards(local, param) / param.numel())
     return torch.stack(terms).mean()
 
 
@@ -31,6 +34,7 @@ class L2RegConfig(MethodConfig):
 @register
 class L2Reg(PretrainedSnapshotMethod):
     name = "l2_reg"
+    supports_sharding = True  # tested on FSDP2 shards: tests/methods/test_methods_sharded.py
     description = "loss += λ·mean MSE(W, W0) over trainable tensors (papers' baseline)"
     config_class = L2RegConfig
     null_options = {"lam": 0}

@@ -42,6 +42,9 @@ class LoraMethodConfig(MethodConfig):
 @register
 class Lora(Method):
     name = "lora"
+    sharding_refusal = (
+        "PEFT's adapters under FSDP2 (wrapping, merging the adapter into sharded weights at the end) are not "
+        "tested yet")
     description = "LoRA adapters (peft) on the scope's LLM blocks, merged at the end (Hu et al., 2022)"
     config_class = LoraMethodConfig
 

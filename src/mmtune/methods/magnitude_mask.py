@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from mmtune.merging import top_magnitude
-from mmtune.methods.base import register
+from mmtune.methods.base import register, whole
 from mmtune.methods.random_mask import RandomMask
 
 
@@ -24,4 +24,4 @@ class MagnitudeMask(RandomMask):
     description = "the top-50% |W0| entries frozen at W0 (papers' baseline)"
 
     def make_mask(self, name, param, ctx):
-        return magnitude_frozen_mask(param, self.config.ratio)
+        return magnitude_frozen_mask(whole(param), self.config.ratio)

@@ -78,6 +78,9 @@ class PCGradConfig(MethodConfig):
 @register
 class PCGrad(Method):
     name = "pcgrad"
+    sharding_refusal = (
+        "it combines the tasks' gradients as whole flat vectors (dot products over every parameter), which on"
+        " shards would need reductions over the processes mmtune does not do yet")
     description = "project away conflicting task-gradient components (Yu et al., NeurIPS 2020)"
     config_class = PCGradConfig
     sets_gradients = True
@@ -98,6 +101,7 @@ class CAGradConfig(MethodConfig):
 @register
 class CAGrad(Method):
     name = "cagrad"
+    sharding_refusal = PCGrad.sharding_refusal
     description = "conflict-averse gradient descent over the tasks' gradients (Liu et al., NeurIPS 2021)"
     config_class = CAGradConfig
     null_options = {"c": 0}

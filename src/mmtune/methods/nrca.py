@@ -98,6 +98,7 @@ class NRCAConfig(MethodConfig):
 @register
 class NRCA(Method):
     name = "nrca"
+    supports_sharding = True  # tested on FSDP2 shards: tests/methods/test_methods_sharded.py
     description = "noise-resilient confidence alignment for open-response tasks (Huang et al., ICML 2025)"
     config_class = NRCAConfig
     extra_forwards = 1  # the noised view of the open-response samples, kept for the gap term's gradient

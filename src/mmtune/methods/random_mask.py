@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmtune.methods.base import Method, MethodConfig, register
+from mmtune.methods.base import Method, MethodConfig, laid_out_as, register
 
 
 def random_frozen_mask(shape: torch.Size, ratio: float, generator: torch.Generator) -> torch.Tensor:
@@ -40,6 +40,7 @@ class MaskConfig(MethodConfig):
 @register
 class RandomMask(Method):
     name = "random_mask"
+    supports_sharding = True  # tested on FSDP2 shards: tests/methods/test_methods_sharded.py
     description = "a fixed random 50% of entries frozen at W0 (papers' baseline)"
     config_class = MaskConfig
     null_options = {"ratio": 0}
@@ -49,7 +50,8 @@ class RandomMask(Method):
         return random_frozen_mask(param.shape, self.config.ratio, ctx.generator).to(param.device)
 
     def setup(self, ctx):
-        self.masks = {n: self.make_mask(n, p, ctx) for n, p in ctx.trainable.items()}
+        # Drawn over the whole tensor (the same on every process), kept as this process's piece on FSDP2 shards.
+        self.masks = {n: laid_out_as(self.make_mask(n, p, ctx), p) for n, p in ctx.trainable.items()}
         # Only the frozen entries' W0 is needed; keeping it dense costs one copy and keeps the code plain.
         self.pretrained = {n: p.detach().clone() for n, p in ctx.trainable.items()}
 

@@ -44,6 +44,9 @@ class SAMConfig(MethodConfig):
 @register
 class SAM(Method):
     name = "sam"
+    sharding_refusal = (
+        "it takes a second gradient at weights moved along the whole gradient's direction (a norm and a move "
+        "over every parameter), which mmtune's step does not do on shards yet")
     description = "sharpness-aware minimisation: the gradient at W + ρ·g/‖g‖ (Foret et al., ICLR 2021)"
     config_class = SAMConfig
     null_options = {"rho": 0}
@@ -96,6 +99,8 @@ class TaskSAMConfig(MethodConfig):
 @register
 class TaskSAM(Method):
     name = "task_sam"
+    sharding_refusal = ("it takes a second gradient per task at weights moved along that task's whole gradient, and combines "
+                        "them as flat vectors, neither of which mmtune's step does on shards yet")
     description = "task-based SAM: a perturbation per task, loss and flatness parts combined by surgery (Phan et al.)"
     config_class = TaskSAMConfig
     null_options = {"rho": 0, "combine": "sum"}

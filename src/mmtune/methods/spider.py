@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mmtune.methods.base import Method, MethodConfig, register, shards_parameters
+from mmtune.methods.base import Method, MethodConfig, local_shard, register, shards_parameters  # noqa: F401
 
 try:
     from torch.distributed.tensor import DTensor
@@ -171,11 +171,6 @@ def allocate_(weight: torch.Tensor, pretrained: torch.Tensor, grad_sum: torch.Te
         torch.lerp(pretrained, weight, c, out=weight)
     else:
         weight.copy_(torch.lerp(pretrained.float(), weight.float(), c))
-
-
-def local_shard(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor's (FSDP2's) local shard — a view, so in-place updates reach the parameter; else the tensor."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def shard_groups(tensor: torch.Tensor) -> tuple:

@@ -30,6 +30,7 @@ class WiseFTConfig(MethodConfig):
 @register
 class WiseFT(PretrainedSnapshotMethod):
     name = "wise_ft"
+    supports_sharding = True  # tested on FSDP2 shards: tests/methods/test_methods_sharded.py
     description = "after training, W = (1−α)·W0 + α·W (Wortsman et al., 2022)"
     config_class = WiseFTConfig
     null_options = {"alpha": 1}

@@ -1,0 +1,138 @@
+"""Run by test_methods_sharded.py under `torch.distributed.run --nproc-per-node 2` (gloo, CPU).
+
+For each method named on the command line: 3 optimizer steps of mmtune's own step (``mmtune.step.train_step``, the
+method's hooks, its ``on_train_end``) on a tiny LLaVA, once with whole tensors and once with the model sharded by
+FSDP2 (``fully_shard`` per decoder block and at the root, as Accelerate's FSDP2 does: every parameter a DTensor, the
+methods' state built from them). Both ranks see the same batch, so FSDP's averaged gradient is the whole batch's:
+what differs is only where each number lives. Rank 0 writes, per method, the largest difference per trainable tensor
+between the two runs' final weights, and how far each moved, to the JSON file named first.
+
+Accelerate enables FSDP on GPUs only, so this drives the step with a stand-in for the accelerator (what the step
+calls: backward, no_sync, autocast, clip_grad_norm_, reduce) — the loop around it is tested on one process elsewhere.
+"""
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from mmtune.config import TrainConfig
+from mmtune.data.collate import RecordDataset, TrainCollator
+from mmtune.data.records import read_records
+from mmtune.data.synthetic import vocabulary
+from mmtune.methods import METHODS
+from mmtune.methods.base import TrainContext
+from mmtune.models.scope import apply_scope
+from mmtune.models.tiny import build_tiny
+from mmtune.step import train_step
+
+# What makes each method act within 3 tiny steps (as tests/test_deepspeed.py's ACTIVE).
+OPTIONS = {"half_ft": {"round_steps": 2}, "l2_reg": {"lam": 1e3}, "l1_reg": {"lam": 1.0},
+           "wise_ft": {"alpha": 0.5}}
+
+
+class Stand_inAccelerator:
+    """The accelerator calls mmtune's step makes, for a model sharded by hand (or not at all)."""
+
+    def __init__(self, sharded: bool):
+        self.num_processes = dist.get_world_size() if sharded else 1
+        self.process_index = dist.get_rank() if sharded else 0
+        self.is_main_process = self.process_index == 0
+        self.distributed_type = "DistributedType.FSDP" if sharded else "DistributedType.NO"
+        self.mixed_precision = "no"
+        self.device = torch.device("cpu")
+        self.state = SimpleNamespace(deepspeed_plugin=None)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def no_sync(self, model):
+        return contextlib.nullcontext()
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def clip_grad_norm_(self, params, limit):
+        return torch.nn.utils.clip_grad_norm_(params, limit)
+
+    def reduce(self, tensor, reduction="sum"):
+        tensor = tensor.clone()
+        if self.num_processes > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def gather(self, tensor):
+        if self.num_processes == 1:
+            return tensor
+        pieces = [torch.empty_like(tensor) for _ in range(self.num_processes)]
+        dist.all_gather(pieces, tensor.contiguous())
+        return torch.cat(pieces) if tensor.dim() else torch.stack(pieces)
+
+    def unwrap_model(self, model):
+        return model
+
+
+def build(sharded: bool):
+    model, processor = build_tiny("llava", words=vocabulary(), seed=0)
+    apply_scope(model, train_projector=True, last_n_blocks=2)
+    if sharded:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for block in model.model.language_model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model, processor
+
+
+def run(name: str, sharded: bool, batch: dict) -> dict[str, torch.Tensor]:
+    model, _ = build(sharded)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    method = METHODS[name](METHODS[name].config_class(**OPTIONS.get(name, {})))
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    accelerator = Stand_inAccelerator(sharded)
+    ctx = TrainContext(model=model, unwrapped=model, trainable=trainable, generator=torch.Generator().manual_seed(0),
+                       accelerator=accelerator, optimizer=optimizer, total_steps=3, tasks=sorted(set(batch["tasks"])),
+                       batches=lambda: [batch])
+    method.setup(ctx)
+    for _ in range(3):
+        train_step(ctx, [method], [batch], optimizer, scheduler, TrainConfig(max_grad_norm=1.0))
+    method.on_train_end(ctx)
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in trainable.items()}
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    out, world, names = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+    torch.manual_seed(0)
+    records = read_records(world / "detailed_caption_train.jsonl")[:4] + read_records(world / "count_mc_train.jsonl")[:4]
+    _, processor = build_tiny("llava", words=vocabulary(), seed=0)
+    batch = TrainCollator(processor)([RecordDataset(records)[i] for i in range(len(records))])
+    start = {n: p.detach().clone() for n, p in build(False)[0].named_parameters() if p.requires_grad}
+    result = {}
+    for name in names:
+        whole = run(name, False, batch)
+        try:
+            sharded = run(name, True, batch)
+        except Exception as error:  # a refusal, or a method that breaks on shards: the test says which
+            result[name] = {"error": f"{type(error).__name__}: {error}"}
+            continue
+        result[name] = {"difference": {n: (sharded[n] - whole[n]).abs().max().item() for n in whole},
+                        "moved": {n: (whole[n] - start[n]).abs().max().item() for n in whole}}
+    if dist.get_rank() == 0:
+        out.write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as spider_fsdp2_worker.py: skip finalization, where gloo's threads can abort the process
+
+
+if __name__ == "__main__":
+    main()

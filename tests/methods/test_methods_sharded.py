@@ -1,0 +1,53 @@
+"""Every method that declares ``supports_sharding`` ends at the same weights on FSDP2 shards (2 CPU processes, gloo)
+as on whole tensors, through mmtune's own step; every other method refuses sharding with its reason."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmtune.methods import METHODS
+from mmtune.methods.base import refusal
+
+pytestmark = pytest.mark.multiprocess
+
+WORKER = Path(__file__).with_name("methods_fsdp2_worker.py")
+SHARDED = sorted(name for name, cls in METHODS.items() if cls.supports_sharding)
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2") / "result.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER),
+               str(out), str(world), *SHARDED]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("name", SHARDED)
+def test_method_on_fsdp2_shards_equals_whole_tensors(sharded_runs, name):
+    found = sharded_runs[name]
+    assert "error" not in found, found.get("error")
+    for tensor, difference in found["difference"].items():
+        assert difference < 1e-5, f"{name}: {tensor} differs on shards by {difference}"
+    moved = [value for value in found["moved"].values() if value > 1e-4]
+    assert len(moved) >= len(found["moved"]) // 2, f"{name}: too few tensors moved, the comparison says little"
+
+
+def test_sharded_methods_cover_the_papers_and_every_family():
+    """Loss terms (NRCA, DFT, EAFT, L1/L2), masks (random, magnitude, Half FT), post-training merges (DARE,
+    grafting, WiSE-FT), loss balancing (uncertainty, FAMO) and SPIDER's step hooks."""
+    assert {"vanilla", "nrca", "spider", "l2_reg", "l1_reg", "dft", "eaft", "random_mask", "magnitude_mask", "half_ft",
+            "dare", "grafting", "wise_ft", "uncertainty", "famo"} <= set(SHARDED)
+
+
+@pytest.mark.parametrize("name", sorted(set(METHODS) - set(SHARDED)))
+def test_the_others_refuse_sharding_saying_why(name):
+    method = METHODS[name]
+    assert method.sharding_refusal, f"{name}: refuses sharding without saying why"
+    assert f"{name} can't run with parameters sharded over processes" in refusal([method()], "sharded")
