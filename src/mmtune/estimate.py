@@ -236,7 +236,7 @@ def estimate(config, engine: str = "ddp", devices: int = 1, sequence: int | None
 
         refused = [m for m in config.method.names or ["vanilla"] if not METHODS[m].supports_sharding]
         if refused:
-            result.notes.append(f"{', '.join(refused)}: refused under FSDP2 today (not tested sharded)")
+            result.notes.append(f"{', '.join(refused)}: refused under FSDP2 (docs/methods.md says why): use zero2")
     return result
 
 
@@ -283,6 +283,7 @@ def suggestions(result: Estimate) -> list[str]:
     if result.engine == "ddp":
         ideas.append("--engine zero2 (partitions masters, gradients and optimizer state over the devices)")
     if result.engine in ("ddp", "zero2"):
-        ideas.append("--engine fsdp2 (partitions the weights too; vanilla and spider only)")
+        ideas.append("--engine fsdp2 (partitions the weights too; not for asft, ewc, LoRA or the gradient-surgery "
+                     "methods)")
     ideas.append("method.name=lora (adapters instead of full blocks) or fewer scope.last_n_blocks")
     return ideas
