@@ -156,9 +156,9 @@ def test_sharded_engine_bookkeeping(tiny_config, monkeypatch):
 
 
 def test_spider_refuses_shards_it_cannot_see(tiny_config, monkeypatch):
-    # FSDP1 flat parameters / ZeRO-3 partitions are plain tensors: SPIDER can't find the rest of each tensor.
+    # FSDP1's flat parameters are plain tensors: SPIDER can't find the rest of each tensor.
     monkeypatch.setattr("mmtune.train.shards_parameters", lambda accelerator: True)
-    monkeypatch.setattr("mmtune.methods.spider.shards_parameters", lambda accelerator: True)
+    monkeypatch.setattr("mmtune.methods.spider.is_fsdp", lambda accelerator: True)
     with pytest.raises(ValueError, match="Use FSDP2"):
         train(tiny_config("method.name=spider", out="refused"))
 

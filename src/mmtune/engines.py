@@ -20,10 +20,14 @@ overwritten one step later. So under DeepSpeed mmtune drives the engine itself:
    (``safe_set_full_fp32_param``) and into the model's weights.
 
 Cost: step 2 all-reduces the trainable gradients once per step (on top of DeepSpeed's reduce-scatter), and the
-masters when a method has a step hook. Supported here: ZeRO stages 1 and 2, in fp32 and in bf16 (tested against
+masters when a method has a step hook. Supported here: ZeRO stages 1, 2 and 3, in fp32 and in bf16 (tested against
 one process / DDP in the same precision). In bf16 DeepSpeed's bf16 optimizer keeps the fp32 masters and the model's
-weights are their bf16 copies; the hooks see the masters. ZeRO-3 shards the weights themselves and is refused with a
-clear error until tested the same way; fp16 (loss scaling inside the engine) likewise.
+weights are their bf16 copies; the hooks see the masters. ZeRO-3 also partitions the model's weights (a parameter
+holds an empty tensor outside DeepSpeed's gather): there every hook — ``setup`` and ``on_train_end`` included — sees
+the full fp32 masters, and what a method writes goes into the masters and into this process's partition of the
+weights. A method whose loss term reads the trainable weights in the forward pass (L1/L2, EWC, LoRASculpt's CMR,
+ASFT's forward at W0) would read the empty tensors there: those refuse ZeRO-3 (``zero3_refusal``). fp16 (loss
+scaling inside the engine) is refused.
 """
 
 from __future__ import annotations
@@ -50,10 +54,14 @@ def configure_deepspeed(accelerator, config, methods: list[Method]) -> None:
     plugin = accelerator.state.deepspeed_plugin
     ds = plugin.deepspeed_config
     stage = plugin.zero_stage
-    if stage not in (0, 1, 2):
-        raise ValueError(f"DeepSpeed ZeRO-{stage}: mmtune is tested under ZeRO stages 1 and 2; ZeRO-3 shards the "
-                         "weights the methods read and write, and is not tested yet. Use --zero_stage 2, or FSDP2 "
-                         "(accelerate launch --use_fsdp --fsdp_version 2) for sharded weights.")
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"DeepSpeed ZeRO-{stage}: mmtune takes ZeRO stages 1, 2 and 3")
+    if stage == 3:
+        refused = zero3_refusal(methods)
+        if refused:
+            raise ValueError(refused)
+        # final/ is one Hugging Face folder: the weights are gathered to save it (Accelerate's default is false)
+        ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
     precision = str(accelerator.mixed_precision)
     if precision == "fp16" or ds.get("fp16", {}).get("enabled") is True:
         raise ValueError("DeepSpeed with fp16: mmtune is tested under DeepSpeed in fp32 and bf16 (fp16's loss scaling "
@@ -75,6 +83,27 @@ def configure_deepspeed(accelerator, config, methods: list[Method]) -> None:
         raise ValueError(f"DeepSpeed config gradient_clipping={given} but train.max_grad_norm={wanted}: mmtune clips "
                          "(before the methods see the gradient); set the DeepSpeed value to 'auto'")
     ds["gradient_clipping"] = 0.0  # mmtune clips (step 3 above); DeepSpeed must not clip a second time
+
+
+def zero3_refusal(methods: list[Method]) -> str | None:
+    """Why ZeRO-3 can't run ``methods`` (one sentence), or None: a loss term that reads the trainable weights in the
+    forward pass reads ZeRO-3's empty partitions."""
+    for method in methods:
+        if method.overrides("prepare_model"):
+            return (f"{method.name} can't run under DeepSpeed ZeRO-3: it wraps the model with PEFT's adapters and "
+                    "merges them into the weights at the end, which is not tested on ZeRO-3's partitioned weights; "
+                    "use ZeRO-2")
+        if method.reads_weights_in_loss:
+            return (f"{method.name} can't run under DeepSpeed ZeRO-3: its loss term reads the trainable weights in the "
+                    "forward pass, where ZeRO-3 leaves each parameter an empty partition; use ZeRO-2 or FSDP2")
+    return None
+
+
+def zero_stage(accelerator) -> int | None:
+    """The DeepSpeed ZeRO stage of a run (None: not DeepSpeed)."""
+    if not is_deepspeed(accelerator):
+        return None
+    return accelerator.state.deepspeed_plugin.zero_stage
 
 
 def engine_of(accelerator):
@@ -119,18 +148,36 @@ def _write_back_masters(params: dict[str, nn.Parameter], full: dict[str, nn.Para
 
     for name, param in params.items():
         safe_set_full_fp32_param(param, full[name].detach())
-        param.data.copy_(full[name].detach().to(param.dtype))
+        _write_weight(param, full[name].detach())
+
+
+def _write_weight(param: nn.Parameter, value: torch.Tensor) -> None:
+    """The model's copy of a weight ← ``value`` (the whole tensor): all of it, or under ZeRO-3 this process's
+    partition (DeepSpeed copies the masters into the partitions only at its next step)."""
+    partition = getattr(param, "ds_tensor", None)
+    if partition is None:
+        param.data.copy_(value.to(param.dtype))
+        return
+    import deepspeed.comm as ds_comm
+
+    size = partition.numel()
+    start = size * ds_comm.get_rank(group=param.ds_process_group)
+    piece = value.flatten()[start:start + size].to(partition.dtype)
+    partition.data.view(-1)[:piece.numel()].copy_(piece)
+    if param.data.numel() == value.numel():  # gathered now (a small parameter DeepSpeed keeps whole: ds_persist)
+        param.data.copy_(value.view_as(param.data).to(param.dtype))
 
 
 def _low_precision(params: dict[str, nn.Parameter]) -> bool:
-    """Whether the model's trainable weights are a low-precision copy of DeepSpeed's fp32 masters (bf16 runs)."""
-    return any(p.dtype != torch.float32 for p in params.values())
+    """Whether the model's trainable weights are not DeepSpeed's fp32 masters themselves: a low-precision copy (bf16
+    runs), or ZeRO-3's partitions (a parameter's own tensor is empty outside DeepSpeed's gather)."""
+    return any(p.dtype != torch.float32 or hasattr(p, "ds_tensor") for p in params.values())
 
 
 @contextlib.contextmanager
 def on_masters(ctx: TrainContext, write_back: bool) -> Iterator[None]:
     """Run what is inside (the methods' ``setup``, ``on_train_end``) on the fp32 masters: under DeepSpeed with
-    low-precision weights ``ctx.trainable`` holds DeepSpeed's full fp32 masters there (written back into the masters
+    low-precision or partitioned (ZeRO-3) weights ``ctx.trainable`` holds DeepSpeed's full fp32 masters there (written back into the masters
     and the weights on exit when ``write_back``), so W0 snapshots and post-training surgery (DARE's 1/(1 − p)
     rescaling of W − W0) never see bf16 rounding. Elsewhere ``ctx.trainable`` already is the masters."""
     params = ctx.trainable
@@ -146,13 +193,13 @@ def on_masters(ctx: TrainContext, write_back: bool) -> Iterator[None]:
 
 def deepspeed_step(ctx: TrainContext, methods: list[Method], max_grad_norm: float,
                    check: Callable[[torch.Tensor], float]) -> float:
-    """One optimizer step under DeepSpeed ZeRO-1/2 (see the module docstring); returns the gradient norm."""
+    """One optimizer step under DeepSpeed ZeRO-1/2/3 (see the module docstring); returns the gradient norm."""
     from deepspeed.utils import safe_set_full_grad
 
     engine = engine_of(ctx.accelerator)
     params = ctx.trainable
     # Before the step, fp32 model weights are the masters (DeepSpeed copied them in after the last step); bf16 ones
-    # are their rounding, so the hooks are given DeepSpeed's fp32 masters instead.
+    # are their rounding and ZeRO-3's are partitions, so the hooks are given DeepSpeed's full fp32 masters instead.
     with _full_tensors(ctx, with_masters=_low_precision(params), with_grads=True) as full:
         grads = [p for p in full.values() if p.grad is not None]
         grad_norm = check(torch.nn.utils.clip_grad_norm_(grads, max_grad_norm))

@@ -20,6 +20,7 @@ A lost process of a multi-process run is named (``mmtune.liveness``); a full dis
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -116,11 +117,13 @@ def load_base(config: RunConfig):
     """The model a run starts from: a local checkpoint, or a tiny random model (tests, demos); its processor with
     the run's pixel budget (``model.min_pixels`` / ``model.max_pixels``)."""
     if config.model.tiny:
-        model, processor = build_tiny(config.model.tiny, words=vocabulary(), image_size=config.model.tiny_image_size,
-                                      hidden_size=config.model.tiny_hidden_size, num_layers=config.model.tiny_layers,
-                                      vision_hidden_size=config.model.tiny_vision_hidden_size,
-                                      vision_layers=config.model.tiny_vision_layers,
-                                      patch_size=config.model.tiny_patch_size, seed=config.train.seed)
+        with whole_init():
+            model, processor = build_tiny(config.model.tiny, words=vocabulary(), image_size=config.model.tiny_image_size,
+                                          hidden_size=config.model.tiny_hidden_size,
+                                          num_layers=config.model.tiny_layers,
+                                          vision_hidden_size=config.model.tiny_vision_hidden_size,
+                                          vision_layers=config.model.tiny_vision_layers,
+                                          patch_size=config.model.tiny_patch_size, seed=config.train.seed)
         model = model.to(DTYPES[config.model.dtype])
     else:
         check_model_source(config)
@@ -128,6 +131,26 @@ def load_base(config: RunConfig):
                                       config.model.quantization)
     set_pixel_budget(processor, config.model.min_pixels, config.model.max_pixels)
     return model, processor
+
+
+@contextlib.contextmanager
+def whole_init():
+    """Transformers as if DeepSpeed ZeRO-3 were off, inside. Under ZeRO-3 it builds a model partitioned
+    (``deepspeed.zero.Init``), which draws other random weights than a whole build — a tiny random model is built
+    whole so that it is the same model on every engine (a checkpoint loads the same either way, and is loaded
+    partitioned, as a large model must be) — and its ``generate`` waits for the other processes at every token,
+    which one process evaluating alone must not."""
+    plugin = AcceleratorState().deepspeed_plugin if AcceleratorState._shared_state else None
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # what transformers reads to build under zero.Init
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def check_model_source(config: RunConfig) -> None:
@@ -173,7 +196,9 @@ def open_run(config: RunConfig) -> Run:
     if config.model.quantization and (accelerator.num_processes > 1 or is_deepspeed(accelerator)):
         raise ValueError("model.quantization (QLoRA) is tested in one process only; launch it without DDP / DeepSpeed")
     sharded = shards_parameters(accelerator)
-    refused = refusal(methods, "sharded") if sharded else None
+    # FSDP's shards are DTensors the methods work on; under DeepSpeed ZeRO-3 the hooks see whole fp32 tensors and
+    # configure_deepspeed says what it refuses.
+    refused = refusal(methods, "sharded") if sharded and not is_deepspeed(accelerator) else None
     if refused:
         raise ValueError(refused)
     configure_deepspeed(accelerator, config, methods)
@@ -232,8 +257,14 @@ def prepare_training(run: Run) -> None:
     config = run.config
     loader, run.records = build_loader(config, run.records, run.processor, run.skipped, run.say)
     if run.sharded and base_needs_evaluation(run):
-        # A sharded model can't be evaluated by one process: evaluate the base before sharding it.
-        run_evaluation(run.model.to(run.accelerator.device), run.processor, config, run.world, run.paths.base_eval)
+        # A sharded model can't be evaluated by one process: evaluate the base before sharding it (under ZeRO-3 a
+        # checkpoint is loaded already partitioned, so the main process loads it whole for this).
+        with whole_init():  # also: transformers' generate would wait for the other processes under ZeRO-3
+            base = run.model
+            if any(hasattr(p, "ds_tensor") for p in base.parameters()):
+                base = load_base(config)[0]
+            run_evaluation(base.to(run.accelerator.device), run.processor, config, run.world, run.paths.base_eval)
+        del base
     run.peers.wait_for_main(run.accelerator)
     run.model, run.optimizer, run.loader = run.accelerator.prepare(run.model, run.optimizer, loader)
     run.steps_per_epoch = len(run.loader) // config.train.grad_accum
@@ -336,9 +367,13 @@ def finish(run: Run, seconds: float) -> None:
                                "folder": str(paths.root / "best"), "stopped_early": run.stopped_early}
         paths.summary.write_text(json.dumps(summary, indent=2) + "\n")
         # A sharded model can't be evaluated by one process: evaluate the saved model instead.
-        final_model = load_model(paths.final, config.model.dtype)[0].to(accelerator.device) if run.sharded \
-            else ctx.final_model
-        if run_evaluation(final_model, run.processor, config, run.world, paths.root / "eval" / "final"):
+        # Under ZeRO-3 transformers would load the model partitioned and generate in step with the other processes
+        # (collectives only this process enters): whole_init switches both off.
+        with whole_init():
+            final_model = load_model(paths.final, config.model.dtype)[0].to(accelerator.device) if run.sharded \
+                else ctx.final_model
+            evaluated = run_evaluation(final_model, run.processor, config, run.world, paths.root / "eval" / "final")
+        if evaluated:
             report = write_report([paths.root], paths.root / "report")
             run.say(to_markdown(report))
     run.peers.wait_for_main(accelerator)

@@ -77,6 +77,9 @@ class Method:
     # doing something wrong there, saying why in ``sharding_refusal`` (one sentence, "it …").
     supports_sharding: ClassVar[bool] = False
     sharding_refusal: ClassVar[str] = ""
+    # A loss term (``extra_losses``, ``token_loss``) reads the trainable weights themselves (a distance to W0, a
+    # forward at W0): DeepSpeed ZeRO-3, which leaves each parameter an empty partition outside its gather, refuses it.
+    reads_weights_in_loss: ClassVar[bool] = False
     # ``build_step`` reads or writes ``param.grad`` between backward passes (per-task gradients, a second gradient):
     # DeepSpeed keeps gradients in its own partitioned buffers, so it refuses such a method.
     sets_gradients: ClassVar[bool] = False
@@ -255,12 +258,16 @@ def refusal(methods: list[Method], host: str) -> str | None:
 METHODS: dict[str, type[Method]] = {}
 
 
+def is_fsdp(accelerator) -> bool:
+    return str(getattr(accelerator, "distributed_type", "")).endswith("FSDP")
+
+
 def shards_parameters(accelerator) -> bool:
     """Whether the engine splits parameters over processes (FSDP, DeepSpeed ZeRO-3): method state that
     follows the parameters is then per process."""
     if accelerator is None:
         return False
-    if str(getattr(accelerator, "distributed_type", "")).endswith("FSDP"):
+    if is_fsdp(accelerator):
         return True
     plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
     return plugin is not None and plugin.zero_stage == 3

@@ -72,6 +72,7 @@ class ASFTConfig(MethodConfig):
 @register
 class ASFT(PretrainedSnapshotMethod):
     name = "asft"
+    reads_weights_in_loss = True  # refused under ZeRO-3 (mmtune.engines.zero3_refusal)
     sharding_refusal = (
         "its base-model logits come from calling the model with W0 in place of the trainable weights "
         "(torch.func.functional_call), which FSDP's sharded parameters do not allow")

@@ -92,6 +92,7 @@ class EWCConfig(MethodConfig):
 @register
 class EWC(PretrainedSnapshotMethod):
     name = "ewc"
+    reads_weights_in_loss = True  # refused under ZeRO-3 (mmtune.engines.zero3_refusal)
     sharding_refusal = (
         "its Fisher information squares each record's gradient, and FSDP averages every gradient over the "
         "processes before a method sees it (the square of a mean is not the mean of squares)")

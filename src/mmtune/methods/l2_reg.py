@@ -34,6 +34,7 @@ class L2RegConfig(MethodConfig):
 @register
 class L2Reg(PretrainedSnapshotMethod):
     name = "l2_reg"
+    reads_weights_in_loss = True  # refused under ZeRO-3 (mmtune.engines.zero3_refusal)
     supports_sharding = True  # tested on FSDP2 shards: tests/methods/test_methods_sharded.py
     description = "loss += λ·mean MSE(W, W0) over trainable tensors (papers' baseline)"
     config_class = L2RegConfig

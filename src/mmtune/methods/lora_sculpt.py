@@ -70,6 +70,7 @@ class LoraSculptConfig(LoraMethodConfig):
 @register
 class LoraSculpt(Lora):
     name = "lora_sculpt"
+    reads_weights_in_loss = True  # refused under ZeRO-3 (mmtune.engines.zero3_refusal)
     description = "LoRA sculpted to its largest entries + a penalty where the base's weights are large (Liang et al., CVPR 2025)"
     config_class = LoraSculptConfig
     persistent = ("masks",)

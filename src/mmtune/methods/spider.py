@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mmtune.methods.base import Method, MethodConfig, local_shard, register, shards_parameters  # noqa: F401
+from mmtune.methods.base import Method, MethodConfig, is_fsdp, local_shard, register  # noqa: F401
 
 try:
     from torch.distributed.tensor import DTensor
@@ -216,10 +216,12 @@ class Spider(Method):
         if lora:
             raise ValueError("spider cannot run on LoRA adapters: a zero-initialised adapter has no pre-trained "
                              f"importance (e.g. {lora[0]}). Use full tuning of the scope (drop 'lora').")
-        if shards_parameters(ctx.accelerator) and not all(isinstance(p, DTensor) for p in ctx.trainable.values()):
+        # Under DeepSpeed (ZeRO-3 included) the hooks see whole fp32 tensors (mmtune.engines); under FSDP the shards
+        # must be DTensors (FSDP2) for the per-tensor statistics.
+        if is_fsdp(ctx.accelerator) and not all(isinstance(p, DTensor) for p in ctx.trainable.values()):
             raise ValueError("spider needs each tensor's shards as DTensors to compute its mean/std across them; "
-                             "FSDP1 flat parameters and DeepSpeed ZeRO-3 partitions hide them. Use FSDP2 "
-                             "(accelerate launch --use_fsdp --fsdp_version 2), DDP, or DeepSpeed ZeRO-2.")
+                             "FSDP1 flat parameters hide them. Use FSDP2 (accelerate launch --use_fsdp "
+                             "--fsdp_version 2), DDP, or DeepSpeed ZeRO-2 / ZeRO-3.")
         self.groups = {name: shard_groups(param) for name, param in ctx.trainable.items()}
         for name, param in ctx.trainable.items():
             self.pretrained[name] = local_shard(param).detach().clone()

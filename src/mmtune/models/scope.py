@@ -210,9 +210,10 @@ def scope_summary(model: nn.Module, layout: Layout) -> str:
     counts: dict[str, list[int]] = {}
     for name, param in model.named_parameters():
         row = counts.setdefault(part_of(name, layout), [0, 0])
-        row[1] += param.numel()
+        size = getattr(param, "ds_numel", param.numel())  # DeepSpeed ZeRO-3 loads a parameter partitioned
+        row[1] += size
         if param.requires_grad:
-            row[0] += param.numel()
+            row[0] += size
     lines = [f"{'part':<12}{'trainable':>14}{'total':>14}"]
     for part in ("vision", "projector", "llm_blocks", "other"):
         if part in counts:
