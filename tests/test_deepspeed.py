@@ -1,4 +1,4 @@
-"""Every method under DeepSpeed ZeRO-2 (1 and 2 CPU processes) ends at the same weights as under DDP.
+"""Every method under DeepSpeed ZeRO-2 and ZeRO-3 (1 and 2 CPU processes) ends at the same weights as under DDP.
 
 Under DeepSpeed the optimizer step runs on partitioned fp32 masters, gradients live in partitioned buffers, and a
 weight written into the model is overwritten from the masters at the next step (see mmtune.engines). A method whose
@@ -18,7 +18,7 @@ import torch
 
 from helpers import base_weights, final_weights, losses
 from mmtune.config import save_config
-from mmtune.engines import configure_deepspeed
+from mmtune.engines import configure_deepspeed, zero3_refusal
 from mmtune.methods import METHODS, build_methods
 from mmtune.methods.base import refusal
 from mmtune.train import train
@@ -46,17 +46,25 @@ BF16_DDP = ["vanilla", "spider", "l2_reg"]  # also DeepSpeed with 2 processes ag
 # (keeps `make test` within 10 min).
 SAME_CODE_AS_ANOTHER = {"l1_reg", "magnitude_mask", "wise_ft", "dft", "eaft", "lora"}
 EVERY_PATH = [n for n in METHOD_NAMES if n not in SAME_CODE_AS_ANOTHER]
+# ZeRO-3 takes every method DeepSpeed takes but those whose loss term reads the weights and LoRA (zero3_refusal). It
+# is compared with one process for each of its code paths (magnitude_mask, wise_ft, eaft: the code of random_mask,
+# dare, dft); ZeRO-2 with one process then takes the others (and vanilla, the runs' sanity check).
+ZERO3_NAMES = [n for n in METHOD_NAMES if zero3_refusal([METHODS[n]()]) is None]
+ZERO3_PATH = [n for n in ZERO3_NAMES if n not in ("magnitude_mask", "wise_ft", "eaft")]
+ZERO2_ONE_PROCESS = [n for n in METHOD_NAMES if n not in ZERO3_PATH or n == "vanilla"]
+ZERO3_DDP = ["vanilla", "spider", "random_mask", "nrca", "dare"]  # also 2 processes against DDP with 2
+ZERO3_BF16 = ["vanilla", "spider", "dare"]  # also bf16 with one process
 
 
-def _launch(configs: list[Path], cwd: Path, processes: int, deepspeed: bool) -> None:
-    # Two DeepSpeed processes launch from the shipped accelerate config (the README's command), one from flags.
+def _launch(configs: list, cwd: Path, processes: int, deepspeed: bool, stage: int = 2) -> None:
+    # Two ZeRO-2 processes launch from the shipped accelerate config (the README's command), the others from flags.
     flags = ["--num_machines", "1", "--mixed_precision", "no"]
     if not deepspeed:
         engine = ["--multi_gpu", *flags]
-    elif processes > 1:
+    elif processes > 1 and stage == 2:
         engine = ["--config_file", str(SHIPPED_ZERO2)]
     else:
-        engine = ["--use_deepspeed", "--zero_stage", "2", *flags]
+        engine = ["--use_deepspeed", "--zero_stage", str(stage), *flags]
     command = [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes", str(processes),
                "--dynamo_backend", "no", str(WORKER), *map(str, configs)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(WORKER.parent)}
@@ -83,36 +91,54 @@ def runs(world, tmp_path_factory):
         save_config(loaded, path)
         return loaded, path
 
-    paths: dict[str, list[Path]] = {"ds1": [], "ddp2": [], "ds2": []}
+    paths: dict[str, list] = {"ds1": [], "ddp2": [], "ds2": [], "ds3": [], "ds3-2": []}
     for name in METHOD_NAMES:
         train(config(name, "single", "train.batch_size=8")[0])
+    for name in ZERO2_ONE_PROCESS:
         paths["ds1"].append(config(name, "ds1", "train.batch_size=8")[1])
+    for name in ZERO3_PATH:
+        paths["ds3"].append(config(name, "ds3", "train.batch_size=8")[1])
     for name in EVERY_PATH:
         paths["ddp2"].append(config(name, "ddp2", "train.batch_size=4")[1])
         paths["ds2"].append(config(name, "ds2", "train.batch_size=4")[1])
+    for name in ZERO3_DDP:
+        paths["ds3-2"].append(config(name, "ds3-2", "train.batch_size=4")[1])
     for name in ACCUMULATED:
         train(config(name, "single-accum", "train.batch_size=4", "train.grad_accum=2")[0])
         paths["ds1"].append(config(name, "ds1-accum", "train.batch_size=4", "train.grad_accum=2")[1])
     for name in EVERY_PATH:
         train(config(name, "single-bf16", "train.batch_size=8", *BF16)[0])
         paths["ds1"].append(config(name, "ds1-bf16", "train.batch_size=8", *BF16)[1])
+    for name in ZERO3_BF16:
+        paths["ds3"].append(config(name, "ds3-bf16", "train.batch_size=8", *BF16)[1])
     # fp32 weights, bf16 under DeepSpeed: the engine casts the model to bf16 and keeps the fp32 originals as masters
     paths["ds1"].append(config("dare", "ds1-bf16-fp32-weights", "train.batch_size=8", "train.mixed_precision=bf16",
                                "train.save_every=2")[1])
     for name in BF16_DDP:
         paths["ddp2"].append(config(name, "ddp2-bf16", "train.batch_size=4", *BF16)[1])
         paths["ds2"].append(config(name, "ds2-bf16", "train.batch_size=4", *BF16)[1])
-    paths["ds1"].append(config("spider", "ds1-saved", "train.batch_size=8", "train.max_steps=4",
-                               "train.save_every=2")[1])
+    # Resume: each saved run's folder as a run killed after its step-2 checkpoint, resumed in the same launch.
+    saved = ["train.batch_size=8", "train.max_steps=4", "train.save_every=2"]
+    for way, engine in (("ds1", "ds1"), ("ds3", "ds3")):
+        paths[engine].append(config("spider", f"{way}-saved", *saved)[1])
+        resumed = config("spider", f"{way}-resumed", *saved, "train.resume_from=latest")[1]
+        paths[engine].append(f"resume:{root / f'{way}-saved' / 'spider'}:{resumed}")
+    # ZeRO-3 loading a checkpoint partitioned (deepspeed.zero.Init, as a large model must be) and evaluating the
+    # base and final models on the main process alone.
+    from mmtune.models.load import save_processor
+    from mmtune.train import load_base
+
+    model, processor = load_base(load_config(TINY_CONFIG))
+    model.save_pretrained(root / "base")
+    save_processor(processor, root / "base")
+    paths["ds3-2"].append(config("spider", "ds3-2-checkpoint", "train.batch_size=4", "model.tiny=null",
+                                 f"model.path={root / 'base'}", "eval.downstream=['synthetic:detailed_caption']",
+                                 "eval.limit=4", "eval.max_new_tokens=4")[1])
     _launch(paths["ds1"], root, 1, deepspeed=True)
+    _launch(paths["ds3"], root, 1, deepspeed=True, stage=3)
     _launch(paths["ddp2"], root, 2, deepspeed=False)
     _launch(paths["ds2"], root, 2, deepspeed=True)
-    # Resume under DeepSpeed: the saved run's folder as a run killed after its step-2 checkpoint.
-    shutil.copytree(root / "ds1-saved" / "spider", root / "ds1-resumed" / "spider")
-    shutil.rmtree(root / "ds1-resumed" / "spider" / "final")
-    (root / "ds1-resumed" / "spider" / "train_summary.json").unlink()
-    _launch([config("spider", "ds1-resumed", "train.batch_size=8", "train.max_steps=4", "train.save_every=2",
-                    "train.resume_from=latest")[1]], root, 1, deepspeed=True)
+    _launch(paths["ds3-2"], root, 2, deepspeed=True, stage=3)
     return root
 
 
@@ -148,9 +174,36 @@ def _assert_same_bf16_run(reference: Path, other: Path, selects_near_ties: bool 
     assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) >= (0.95 if selects_near_ties else 0.99)
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("name", ZERO2_ONE_PROCESS)
 def test_deepspeed_one_process_matches_one_process(runs, name):
     _assert_same_run(runs / "single" / name, runs / "ds1" / name)
+
+
+@pytest.mark.parametrize("name", ZERO3_PATH)
+def test_deepspeed_zero3_one_process_matches_one_process(runs, name):
+    """ZeRO-3 partitions the weights themselves: the hooks see full fp32 masters, writes reach each partition."""
+    _assert_same_run(runs / "single" / name, runs / "ds3" / name)
+
+
+@pytest.mark.parametrize("name", ZERO3_DDP)
+def test_deepspeed_zero3_two_processes_match_ddp(runs, name):
+    _assert_same_run(runs / "ddp2" / name, runs / "ds3-2" / name)
+
+
+@pytest.mark.parametrize("name", ZERO3_BF16)
+def test_deepspeed_zero3_bf16_one_process_matches_one_process_bf16(runs, name):
+    _assert_same_bf16_run(runs / "single-bf16" / name, runs / "ds3-bf16" / name)
+
+
+def test_deepspeed_zero3_loads_a_checkpoint_partitioned_and_evaluates(runs):
+    """From a checkpoint folder (loaded under deepspeed.zero.Init), with the base and final evaluations on the main
+    process alone (transformers' ZeRO-3 generate would wait for the other process): the same training as DDP."""
+    import json
+
+    run = runs / "ds3-2-checkpoint" / "spider"
+    assert (run / "eval" / "base" / "scores.json").is_file() and (run / "eval" / "final" / "scores.json").is_file()
+    assert json.loads((run / "train_summary.json").read_text())["zero_stage"] == 3
+    _assert_same_run(runs / "ddp2" / "spider", run)
 
 
 @pytest.mark.parametrize("name", ["vanilla", "spider"])
@@ -204,23 +257,25 @@ def test_the_runs_used_deepspeed(runs):
     """A launch that fell back to DDP (as `Accelerator(cpu=True)` used to make it) would pass the tests above."""
     import json
 
-    for way, processes in (("ds1", 1), ("ds2", 2)):
+    for way, processes, stage in (("ds1", 1, 2), ("ds2", 2, 2), ("ds3", 1, 3), ("ds3-2", 2, 3)):
         summary = json.loads((runs / way / "vanilla" / "train_summary.json").read_text())
-        assert (summary["engine"], summary["processes"], summary["zero_stage"]) == ("DEEPSPEED", processes, 2)
+        assert (summary["engine"], summary["processes"], summary["zero_stage"]) == ("DEEPSPEED", processes, stage)
         assert summary["zero_precision"] == "fp32"
-        summary = json.loads((runs / f"{way}-bf16" / "vanilla" / "train_summary.json").read_text())
-        assert (summary["engine"], summary["zero_stage"], summary["zero_precision"]) == ("DEEPSPEED", 2, "bf16")
+        if way != "ds3-2":
+            summary = json.loads((runs / f"{way}-bf16" / "vanilla" / "train_summary.json").read_text())
+            assert (summary["engine"], summary["zero_stage"], summary["zero_precision"]) == ("DEEPSPEED", stage, "bf16")
 
 
-def test_deepspeed_resume_continues_the_same_run(runs):
+@pytest.mark.parametrize("way", ["ds1", "ds3"])
+def test_deepspeed_resume_continues_the_same_run(runs, way):
     import json
 
-    saved, resumed = ([json.loads(line) for line in (runs / "ds1-saved" / "spider" / "metrics.jsonl").open()],
-                      [json.loads(line) for line in (runs / "ds1-resumed" / "spider" / "metrics.jsonl").open()])
+    saved, resumed = ([json.loads(line) for line in (runs / f"{way}-saved" / "spider" / "metrics.jsonl").open()],
+                      [json.loads(line) for line in (runs / f"{way}-resumed" / "spider" / "metrics.jsonl").open()])
     assert [row["step"] for row in resumed] == [1, 2, 3, 4]
     assert resumed[:2] == saved[:2]  # steps 1-2 were not trained again: their rows (timings included) are kept
     assert resumed[2]["elapsed_s"] != saved[2]["elapsed_s"]  # steps 3-4 were trained by the resumed launch
-    _assert_same_run(runs / "ds1-saved" / "spider", runs / "ds1-resumed" / "spider")
+    _assert_same_run(runs / f"{way}-saved" / "spider", runs / f"{way}-resumed" / "spider")
 
 
 class Planted:
@@ -233,8 +288,8 @@ def test_deepspeed_checkpoint_files_are_read_safely_before_deepspeed_unpickles_t
     from mmtune.checkpoint import check_engine_files
     from mmtune.errors import CheckpointError
 
-    checkpoint = runs / "ds1-saved" / "spider" / "checkpoints" / "step-000002"
-    check_engine_files(checkpoint)  # a real ZeRO-2 checkpoint passes
+    checkpoint = runs / "ds3-saved" / "spider" / "checkpoints" / "step-000002"
+    check_engine_files(checkpoint)  # a real ZeRO-3 checkpoint passes (ZeRO-2's: the resume test)
     planted = tmp_path / "step-000002"
     shutil.copytree(checkpoint, planted)
     victim = next(p for p in planted.rglob("*optim_states.pt"))
@@ -251,7 +306,7 @@ def _fake_accelerator(stage=2, mixed_precision="no", **ds_config):
 
 
 @pytest.mark.parametrize("case, message", [
-    (dict(stage=3), "ZeRO-3"),
+    (dict(stage=4), "ZeRO stages 1, 2 and 3"),
     (dict(mixed_precision="fp16"), "fp16"),
     (dict(fp16={"enabled": True}), "fp16"),
     (dict(optimizer={"type": "Adam"}), "optimizer or scheduler"),
@@ -262,6 +317,21 @@ def test_untested_deepspeed_settings_are_refused(tiny_config, case, message):
     config = tiny_config()
     with pytest.raises(ValueError, match=message):
         configure_deepspeed(_fake_accelerator(**case), config, build_methods(config.method))
+
+
+@pytest.mark.parametrize("name", sorted(set(METHOD_NAMES) - set(ZERO3_NAMES)))
+def test_methods_that_read_the_weights_in_their_loss_refuse_zero3(tiny_config, name):
+    config = tiny_config(f"method.name={name}")
+    with pytest.raises(ValueError, match=f"{name} can't run under DeepSpeed ZeRO-3: it"):
+        configure_deepspeed(_fake_accelerator(stage=3), config, build_methods(config.method))
+
+
+def test_zero3_gathers_the_weights_to_save_final(tiny_config):
+    config = tiny_config()
+    accelerator = _fake_accelerator(stage=3)
+    configure_deepspeed(accelerator, config, build_methods(config.method))
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True
 
 
 @pytest.mark.parametrize("name", ["pcgrad", "cagrad", "sam", "task_sam"])
