@@ -28,7 +28,8 @@ pytestmark = pytest.mark.multiprocess
 pytest.importorskip("deepspeed")
 
 WORKER = Path(__file__).with_name("train_many_worker.py")
-SHIPPED_ZERO2 = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "deepspeed_zero2.yaml"
+SHIPPED = {stage: Path(__file__).resolve().parents[1] / "configs" / "accelerate" / f"deepspeed_zero{stage}.yaml"
+           for stage in (2, 3)}
 # What makes each method act within 3 tiny steps (the defaults of L1/L2 would change nothing visible).
 ACTIVE = {"half_ft": ["method.half_ft.round_steps=2"], "l2_reg": ["method.l2_reg.lam=1.0"],
           "l1_reg": ["method.l1_reg.lam=0.01"]}
@@ -57,12 +58,12 @@ ZERO3_BF16 = ["vanilla", "spider", "dare"]  # also bf16 with one process
 
 
 def _launch(configs: list, cwd: Path, processes: int, deepspeed: bool, stage: int = 2) -> None:
-    # Two ZeRO-2 processes launch from the shipped accelerate config (the README's command), the others from flags.
+    # Two processes launch from the shipped accelerate configs (the README's command), one from flags.
     flags = ["--num_machines", "1", "--mixed_precision", "no"]
     if not deepspeed:
         engine = ["--multi_gpu", *flags]
-    elif processes > 1 and stage == 2:
-        engine = ["--config_file", str(SHIPPED_ZERO2)]
+    elif processes > 1:
+        engine = ["--config_file", str(SHIPPED[stage])]
     else:
         engine = ["--use_deepspeed", "--zero_stage", str(stage), *flags]
     command = [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes", str(processes),

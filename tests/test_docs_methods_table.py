@@ -16,31 +16,41 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
 # The methods whose code another tested method runs (test_deepspeed.SAME_CODE_AS_ANOTHER), and that other method.
 TWIN = {"l1_reg": "l2_reg", "magnitude_mask": "random_mask", "wise_ft": "dare", "dft": "asft", "eaft": "asft",
         "lora": "lora_sculpt", "cagrad": "pcgrad"}
+ZERO3_TWIN = {"magnitude_mask": "random_mask", "wise_ft": "dare", "eaft": "dft"}  # test_deepspeed's ZERO3_PATH
 ORDER = ["vanilla", "nrca", "spider", "l2_reg", "l1_reg", "dft", "eaft", "asft", "ewc", "random_mask", "magnitude_mask",
          "half_ft", "grafting", "dare", "wise_ft", "lora", "lora_sculpt", "uncertainty", "famo", "pcgrad", "cagrad",
          "sam", "task_sam"]
 HEADER = ("| method | 1 process fp32 · bf16 | DDP 2 proc. | ZeRO-2 fp32: 1 · 2 proc. | ZeRO-2 bf16: 1 · 2 proc. "
-          "| FSDP2 shards (fp32) | ZeRO-3 |")
+          "| ZeRO-3 fp32: 1 · 2 proc. | ZeRO-3 bf16 | FSDP2 shards (fp32) |")
 
 
 def table() -> str:
     every_path, accepted = set(deepspeed_tests.EVERY_PATH), set(deepspeed_tests.METHOD_NAMES)
     ddp = every_path | set(ddp_tests.METHODS) | {"vanilla", "spider"}
+    zero2_one = set(deepspeed_tests.ZERO2_ONE_PROCESS)
+    zero3, zero3_names = set(deepspeed_tests.ZERO3_PATH), set(deepspeed_tests.ZERO3_NAMES)
 
-    def tested(name: str, where: set[str], note: str = "") -> str:
-        return f"✓{note}" if name in where else f"≡ {TWIN[name]}" if TWIN.get(name) in where else "–"
+    def tested(name: str, where: set[str], note: str = "", twins: dict = TWIN) -> str:
+        return f"✓{note}" if name in where else f"≡ {twins[name]}" if twins.get(name) in where else "–"
 
-    rows = [HEADER, "|---|---|---|---|---|---|---|"]
+    rows = [HEADER, "|---|---|---|---|---|---|---|---|"]
     for name in ORDER:
         refused = "✗ own gradient"
-        zero2 = f"{tested(name, accepted)} · {tested(name, every_path)}" if name in accepted else refused
+        zero2 = f"{tested(name, zero2_one)} · {tested(name, every_path)}" if name in accepted else refused
         whole_model = " (whole model)" if name == "grafting" else ""
         zero2_bf16 = (f"{tested(name, every_path, whole_model)} · {tested(name, set(deepspeed_tests.BF16_DDP))}"
                       if name in accepted else refused)
+        if name in zero3_names:
+            zero3_fp32 = (f"{tested(name, zero3, twins=ZERO3_TWIN)} · "
+                          f"{tested(name, set(deepspeed_tests.ZERO3_DDP), twins=ZERO3_TWIN)}")
+            zero3_bf16 = tested(name, set(deepspeed_tests.ZERO3_BF16), twins=ZERO3_TWIN)
+        else:
+            zero3_fp32 = zero3_bf16 = "✗ own gradient" if name not in accepted else "✗ reads weights" \
+                if METHODS[name].reads_weights_in_loss else "✗ PEFT"
         fsdp2 = "✗" if not METHODS[name].supports_sharding else "✓" if name in fsdp2_tests.RUN else \
             f"≡ {fsdp2_tests.SAME_CODE_AS_ANOTHER[name]}"
         rows.append(f"| {name} | ✓ · {tested(name, every_path)} | {tested(name, ddp)} | {zero2} | {zero2_bf16} "
-                    f"| {fsdp2} | ✗ |")
+                    f"| {zero3_fp32} | {zero3_bf16} | {fsdp2} |")
     return "\n".join(rows)
 
 

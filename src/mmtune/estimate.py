@@ -230,7 +230,13 @@ def estimate(config, engine: str = "ddp", devices: int = 1, sequence: int | None
                         "--seq-len), an upper bound: attention's s×s weights counted as PyTorch's math path keeps them"
                         + (f"; × {forwards} forwards kept per micro-batch (NRCA's noised view)" if forwards > 1 else ""))
     if engine == "zero3":
-        result.notes.append("mmtune refuses ZeRO-3 today (not tested yet): use zero2 or fsdp2")
+        from mmtune.engines import zero3_refusal
+        from mmtune.methods.base import METHODS
+
+        refused = [m for m in config.method.names or ["vanilla"] if zero3_refusal([METHODS[m]()])]
+        if refused:
+            result.notes.append(f"{', '.join(refused)}: refused under ZeRO-3 (its loss reads the weights, or LoRA; "
+                                "docs/methods.md): use zero2 or fsdp2")
     if engine == "fsdp2":
         from mmtune.methods.base import METHODS
 
