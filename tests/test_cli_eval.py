@@ -202,3 +202,37 @@ def test_eval_output_rescored_by_score_and_read_by_report(tmp_path, world, capsy
         assert rescored["score"] == pytest.approx(scores["tasks"][task]["score"])
     assert main(["report", str(tmp_path / "ev"), "--out", str(tmp_path / "rep")]) == 0
     assert "| tiny-random |" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_the_diagnostic_splits_image_words_from_template(tmp_path, world):
+    """Where the records name their image words (the synthetic captions do: colours, shapes, sizes, places, count,
+    background), the confidence and its gap are also measured over those tokens and over the template tokens — each
+    the per-record mean of exactly those tokens' probabilities, computed here by hand from the logits."""
+    import torch
+
+    from mmtune.data.collate import IGNORE_INDEX, RecordDataset, TrainCollator, model_inputs
+    from mmtune.data.records import read_records
+    from mmtune.evaluate import teacher_forced
+    from mmtune.models.load import load_model
+
+    model, processor = load_model(save_tiny(tmp_path / "m", "llava", words=vocabulary()))
+    records = read_records(world / "detailed_caption_test.jsonl")[:3]
+    assert all(r.extra["image_words"] for r in records)
+    forced = teacher_forced(model, processor, records, batch_size=2)
+    by_hand = {"image": [], "template": []}
+    with torch.no_grad():
+        for record in records:
+            batch = TrainCollator(processor)([RecordDataset([record])[0]])
+            probs = model(**model_inputs(batch)).logits[0, :-1].softmax(-1)
+            labels = batch["labels"][0, 1:]
+            kept = labels != IGNORE_INDEX
+            target = probs[kept].gather(-1, labels[kept].unsqueeze(-1)).squeeze(-1)
+            words = processor.tokenizer.convert_ids_to_tokens(labels[kept].tolist())
+            image = torch.tensor([word in record.extra["image_words"] for word in words])
+            by_hand["image"].append(float(target[image].mean()))
+            by_hand["template"].append(float(target[~image].mean()))
+    for part, values in by_hand.items():
+        assert forced[f"confidence_{part}"] == pytest.approx(sum(values) / len(values), rel=1e-5)
+        assert forced[f"confidence_gap_{part}"] == pytest.approx(
+            forced[f"confidence_{part}"] - forced[f"noised_confidence_{part}"])
+    assert "confidence_image" not in teacher_forced(model, processor, read_records(world / "count_mc_test.jsonl")[:2])

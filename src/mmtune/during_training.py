@@ -23,6 +23,7 @@ from mmtune.evaluate import evaluate
 from mmtune.models.load import save_processor
 from mmtune.precision import saved_dtype, to_saved_dtype
 from mmtune.preemption import EvaluationInterrupted
+from mmtune.report import GAP_KEYS
 
 if TYPE_CHECKING:
     from mmtune.step_log import StepLog
@@ -128,11 +129,11 @@ def evaluate_during_training(run: Run, name: str) -> dict | None:
             # with each task's validation loss (teacher-forced, on the same records): which task overfits when
             losses = {task: result["target_loss"] for task, result in scores["tasks"].items()}
             # and NRCA's diagnostic: how much each task's target confidence still depends on the image
-            gaps = {task: result["confidence_gap"] for task, result in scores["tasks"].items()
-                    if "confidence_gap" in result}
+            gaps = {key: {task: result[key] for task, result in scores["tasks"].items() if key in result}
+                    for key in GAP_KEYS}
             row = {"step": run.ctx.step,
                    "eval": {**{k: v for k, v in summary.items() if k not in ("normalised", "adjusted")},
-                            "val_loss": losses, "confidence_gap": gaps}}
+                            "val_loss": losses, **{key: value for key, value in gaps.items() if value}}}
     run.peers.wait_for_main(run.accelerator)
     return row
 

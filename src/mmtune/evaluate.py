@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mmtune.data.collate import GenerationCollator, RecordDataset, TrainCollator, model_inputs
+from mmtune.data.collate import IGNORE_INDEX, GenerationCollator, RecordDataset, TrainCollator, model_inputs
 from mmtune.data.records import Record, infer_metric, read_records
 from mmtune.files import atomic_write, safe_file_name
 from mmtune.losses import per_sample_mean, target_log_probs
@@ -70,6 +70,11 @@ def teacher_forced(model, processor, records: list[Record], batch_size: int = 16
     noised view (``(1 − δ)X + δε``, δ = 0.5, a fixed seed), and ``confidence_gap`` = clean − noised over the records
     with an image — how much the image still carries the answer. A gap shrinking over training while the score falls
     is the paper's open-response overfitting (the model answers from language priors).
+
+    Where the records say which answer words depend on the image (``extra.image_words``), the same split by token:
+    ``confidence_image`` / ``noised_confidence_image`` / ``confidence_gap_image`` over those tokens, ``…_template``
+    over the others (per record, then over the records that have such tokens). A caption is mostly template ("there
+    is … on a … background"), which the image can't change: the whole-answer gap dilutes the part that can.
     """
     from mmtune.methods.nrca import noisy_view
 
@@ -79,6 +84,8 @@ def teacher_forced(model, processor, records: list[Record], batch_size: int = 16
     generator = torch.Generator(device=device).manual_seed(0)
     confidence = loss = clean_pictured = noised = 0.0
     pictured = 0
+    split = {f"{what}_{part}": 0.0 for what in ("clean", "noised") for part in ("image", "template")}
+    split_records = {"image": 0, "template": 0}
     for batch in loader:
         inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
         labels = batch["labels"].to(device)
@@ -94,11 +101,32 @@ def teacher_forced(model, processor, records: list[Record], batch_size: int = 16
             clean_pictured += per_record[rows].sum().item()
             noised += noisy_record[rows].sum().item()
             pictured += int(rows.sum())
+            if "image_tokens" in batch:
+                is_image = batch["image_tokens"].to(device)[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+                for part, chosen in (("image", is_image), ("template", ~is_image)):
+                    counts = torch.zeros_like(per_record).index_add(0, index[chosen], torch.ones_like(
+                        log_probs[chosen]))
+                    having = rows & (counts > 0)
+                    for what, values in (("clean", log_probs), ("noised", noisy_log_probs)):
+                        means = per_sample_mean(values[chosen].exp(), index[chosen], labels.shape[0])
+                        split[f"{what}_{part}"] += means[having].sum().item()
+                    split_records[part] += int(having.sum())
     result = {"confidence": confidence / len(records), "loss": loss / len(records)}
     if pictured:
         result["noised_confidence"] = noised / pictured
         result["confidence_gap"] = (clean_pictured - noised) / pictured
+    for part, count in split_records.items():
+        if count:
+            result[f"confidence_{part}"] = split[f"clean_{part}"] / count
+            result[f"noised_confidence_{part}"] = split[f"noised_{part}"] / count
+            result[f"confidence_gap_{part}"] = (split[f"clean_{part}"] - split[f"noised_{part}"]) / count
     return result
+
+
+# What teacher_forced's diagnostic adds to a task's scores (the split: where the records name their image words).
+DIAGNOSTIC_KEYS = ("noised_confidence", "confidence_gap",
+                   *(f"{what}_{part}" for part in ("image", "template")
+                     for what in ("confidence", "noised_confidence", "confidence_gap")))
 
 
 def target_confidence(model, processor, records: list[Record], batch_size: int = 16, max_length: int = 2048) -> float:
@@ -142,6 +170,6 @@ def evaluate(model, processor, sides: dict[str, list[Path]], out_dir: str | Path
             atomic_write(out / "predictions" / f"{safe_file_name(task)}.jsonl", "".join(lines))
             results["tasks"][task] = {**result.as_dict(), "side": side, "target_confidence": forced["confidence"],
                                       "target_loss": forced["loss"], "chance": chance_score(records),
-                                      **{k: forced[k] for k in ("noised_confidence", "confidence_gap") if k in forced}}
+                                      **{k: forced[k] for k in DIAGNOSTIC_KEYS if k in forced}}
     atomic_write(out / "scores.json", json.dumps(results, indent=2) + "\n")
     return results

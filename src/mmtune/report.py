@@ -30,6 +30,10 @@ import yaml
 
 from mmtune.files import atomic_write
 
+# NRCA's diagnostic logged per task at each evaluation during training: the gap over the whole answer, and over its
+# image-dependent and template tokens where the records say which is which (mmtune.evaluate.teacher_forced)
+GAP_KEYS = ("confidence_gap", "confidence_gap_image", "confidence_gap_template")
+
 SUMMARY_KEYS = ("S", "G", "H", "S/base", "G/base", "H/base", "S/adj", "G/adj", "H/adj")
 # A task whose base is within this many points of chance can't be chance-adjusted (the ratio would explode or flip).
 CHANCE_MARGIN = 5.0
@@ -135,7 +139,7 @@ def load_run(run_dir: str | Path, lmms_eval: dict | None = None) -> dict:
             if "eval" in row:
                 curve.append({"step": row["step"], **{k: row["eval"].get(k) for k in SUMMARY_KEYS},
                               "tasks": row["eval"].get("tasks", {}), "val_loss": row["eval"].get("val_loss", {}),
-                              "confidence_gap": row["eval"].get("confidence_gap", {})})
+                              **{key: row["eval"].get(key, {}) for key in GAP_KEYS}})
     return report_row(run, run_label(config), config, scores, base_scores, curve)
 
 
@@ -618,16 +622,23 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
         for row in rows:
             color, marker = method_style(row["method"])
             for j, task in enumerate(columns):
-                for i, key in enumerate(("tasks", "val_loss", "confidence_gap")):
+                # the gap over the whole answer (solid), its image-dependent tokens (dashed) and template (dotted)
+                panels = [(0, "tasks", "-"), (1, "val_loss", "-"), *((2, key, style) for key, style in
+                                                                    zip(GAP_KEYS, ("-", "--", ":"), strict=True))]
+                for i, key, style in panels:
                     points = defaultdict(list)
                     for curve in row.get("curves", []):
                         for point in curve:
-                            if finite(point.get(key, {}).get(task)):
+                            if finite((point.get(key) or {}).get(task)):
                                 points[point["step"]].append(point[key][task])
                     steps = sorted(points)
-                    axes[i][j].plot(steps, [statistics.mean(points[s]) for s in steps], marker=marker, color=color,
-                                    label=row["method"] if (i, j) == (0, 0) else None)
-                    what = {"tasks": "score", "val_loss": "validation loss", "confidence_gap": "clean − noised conf."}
+                    if not steps and i == 2:
+                        continue
+                    axes[i][j].plot(steps, [statistics.mean(points[s]) for s in steps], style, marker=marker,
+                                    color=color, label=row["method"] if (i, j) == (0, 0) else None)
+                    key = "confidence_gap" if i == 2 else key
+                    what = {"tasks": "score", "val_loss": "validation loss",
+                            "confidence_gap": "clean − noised conf. (-- image words, : template)"}
                     axes[i][j].set_title(f"{task}: {what[key]}", fontsize=8)
         axes[0][0].legend(fontsize=7)
         paths.append(_save(fig, out_dir / "tasks_over_steps.png"))

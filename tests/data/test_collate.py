@@ -160,3 +160,25 @@ def test_training_on_conversations_and_text_only_records(world, tmp_path, tiny_c
                             f"data.tasks=[{{path: '{tmp_path / 'chat.jsonl'}', weight: 2}}, "
                             "{path: 'synthetic:detailed_caption', n: 4}]"))
     assert (run / "final" / "config.json").exists()
+
+
+def test_image_tokens_mark_exactly_the_image_words_of_the_answer(world):
+    """extra.image_words → a mask over the answer tokens (by character offsets, so any fast tokenizer's pieces of a
+    word count); absent when no record names any."""
+    from mmtune.data.records import Record
+
+    _, processor = build_tiny("qwen2_vl", words=vocabulary())
+    caption = read_records(world / "detailed_caption_train.jsonl")[0]
+    other = Record(id="x", task="t", kind="open", image=caption.image, prompt=caption.prompt,
+                   answers=["a red circle"], extra={"image_words": ["Red"]})  # matched whole-word, any case
+    batch = TrainCollator(processor)([RecordDataset([caption, other])[i] for i in range(2)])
+    tokenizer = processor.tokenizer
+    for row, record in enumerate([caption, other]):
+        marked = tokenizer.convert_ids_to_tokens(batch["input_ids"][row][batch["image_tokens"][row]].tolist())
+        answer = [t for t in tokenizer.tokenize(record.target)]
+        expected = [t for t in answer if t in {w.lower() for w in record.extra["image_words"]}]
+        assert marked == expected and marked
+        assert not (batch["image_tokens"][row] & (batch["labels"][row] == IGNORE_INDEX)).any()
+    plain = TrainCollator(processor)([RecordDataset(read_records(world / "count_mc_train.jsonl")[:2])[i]
+                                      for i in range(2)])
+    assert "image_tokens" not in plain

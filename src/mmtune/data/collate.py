@@ -7,6 +7,7 @@ so the boundary between what is masked and what is learned is exact for every to
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -143,6 +144,20 @@ class TrainCollator:
     def answer_ids(self, answer: str) -> list[int]:
         return self.tokenizer(self.answer_prefix + answer + self.answer_suffix, add_special_tokens=False)["input_ids"]
 
+    def image_token_flags(self, record: Record) -> list[bool] | None:
+        """For each token of the record's answer (``answer_ids``): whether it is part of one of the words the record
+        names as depending on the image (``extra.image_words``: in a caption, the colours, shapes, counts; the rest
+        is template). None where the record names none, has a history, or the tokenizer gives no offsets."""
+        words = record.extra.get("image_words") if isinstance(record.extra, dict) else None
+        if not words or record.history or not getattr(self.tokenizer, "is_fast", False):
+            return None
+        answer = record.target
+        spans = [(m.start() + len(self.answer_prefix), m.end() + len(self.answer_prefix))
+                 for word in words for m in re.finditer(rf"(?<!\w){re.escape(word)}(?!\w)", answer, re.IGNORECASE)]
+        offsets = self.tokenizer(self.answer_prefix + answer + self.answer_suffix, add_special_tokens=False,
+                                 return_offsets_mapping=True)["offset_mapping"]
+        return [any(start < end_span and end > start_span for start_span, end_span in spans) for start, end in offsets]
+
     def __call__(self, samples: list[dict]) -> dict:
         samples = [as_sample(s) for s in samples]
         records: list[Record] = [s["record"] for s in samples]
@@ -155,6 +170,7 @@ class TrainCollator:
         per_token = {k: encoded.pop(k) for k in list(encoded) if torch.is_tensor(encoded[k])
                      and encoded[k].shape[:2] == prompt_ids.shape}
         rows, labels, extras = [], [], {k: [] for k in per_token}
+        flags = [self.image_token_flags(r) for r in records]
         for i, record in enumerate(records):
             n = int(prompt_mask[i].sum())
             row, label = prompt_ids[i, :n].tolist(), [IGNORE_INDEX] * n
@@ -186,6 +202,10 @@ class TrainCollator:
         batch["labels"] = padded(labels, IGNORE_INDEX)
         for key, seqs in extras.items():
             batch[key] = padded(seqs, 0)
+        if any(f is not None for f in flags):  # where the task says which answer tokens depend on the image
+            batch["image_tokens"] = torch.tensor(
+                [[False] * (len(row) - len(f or [])) + (f or []) + [False] * (width - len(row))
+                 for row, f in zip(rows, flags, strict=True)], dtype=torch.bool)
         batch["open_mask"] = torch.tensor([r.kind == "open" for r in records])
         batch["image_mask"] = torch.tensor([r.image is not None for r in records])
         batch["image_counts"] = torch.tensor([len(r.images) for r in records])
@@ -246,7 +266,8 @@ class GenerationCollator:
         return batch
 
 
-MODEL_INPUT_EXCLUDE = ("labels", "open_mask", "image_mask", "image_counts", "pixel_counts", "records", "tasks")
+MODEL_INPUT_EXCLUDE = ("labels", "open_mask", "image_mask", "image_counts", "pixel_counts", "image_tokens", "records",
+                       "tasks")
 
 
 def model_inputs(batch: dict) -> dict:

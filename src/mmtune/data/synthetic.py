@@ -279,6 +279,18 @@ def vocabulary() -> list[str]:
     return words
 
 
+CAPTION_FAMILIES = ("brief_caption", "detailed_caption")
+
+
+def image_words(scene: Scene) -> list[str]:
+    """The words of a caption that depend on the image — its objects' colours, shapes, sizes, places and count, and the
+    background — for NRCA's diagnostic split (``extra.image_words``); the rest of a caption is template."""
+    words = {scene.background, {1: "one", 2: "two", 3: "three"}[len(scene.things)]}
+    for thing in scene.things:
+        words |= {thing.color, thing.shape, thing.size, *CELLS[thing.cell].split()}
+    return sorted(words)
+
+
 def make_records(scenes: list[tuple[str, Scene]], family: str, split: str, seed: int) -> list[Record]:
     rng = random.Random(f"{seed}-{family}-{split}")
     records = []
@@ -292,6 +304,7 @@ def make_records(scenes: list[tuple[str, Scene]], family: str, split: str, seed:
             id=f"{family}-{split}-{Path(image_path).stem}", task=family, kind=kind, image=image_path,
             prompt=prompt, answers=answers, choices=choices, answer_index=answer_index,
             metric=METRIC.get(family, "exact"),
+            extra={"image_words": image_words(scene)} if family in CAPTION_FAMILIES else {},
         ))
     return records
 
