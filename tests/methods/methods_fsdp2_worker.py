@@ -2,7 +2,7 @@
 
 For each method named on the command line: 3 optimizer steps of mmtune's own step (``mmtune.step.train_step``, the
 method's hooks, its ``on_train_end``) on a tiny LLaVA, once with whole tensors and once with the model sharded by
-FSDP2 (``fully_shard`` per decoder block and at the root, as Accelerate's FSDP2 does: every parameter a DTensor, the
+FSDP2 — there with the method's state saved after step 2 and a fresh instance resumed from the file — (``fully_shard`` per decoder block and at the root, as Accelerate's FSDP2 does: every parameter a DTensor, the
 methods' state built from them). Both ranks see the same batch, so FSDP's averaged gradient is the whole batch's:
 what differs is only where each number lives. Rank 0 writes, per method, the largest difference per trainable tensor
 between the two runs' final weights, and how far each moved, to the JSON file named first.
@@ -28,7 +28,7 @@ from mmtune.data.collate import RecordDataset, TrainCollator
 from mmtune.data.records import read_records
 from mmtune.data.synthetic import vocabulary
 from mmtune.methods import METHODS
-from mmtune.methods.base import TrainContext
+from mmtune.methods.base import TrainContext, load_method_states, save_method_states
 from mmtune.models.scope import apply_scope
 from mmtune.models.tiny import build_tiny
 from mmtune.step import train_step
@@ -90,7 +90,9 @@ def build(sharded: bool):
     return model, processor
 
 
-def run(name: str, sharded: bool, batch: dict) -> dict[str, torch.Tensor]:
+def run(name: str, sharded: bool, batch: dict, resume_dir: Path | None = None) -> dict[str, torch.Tensor]:
+    """3 steps of ``name``; with ``resume_dir``, the method is saved after step 2 (one file per process, as the loop
+    does on a sharding engine), replaced by a fresh instance set up and loaded from the file, as a resumed run's."""
     model, _ = build(sharded)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     method = METHODS[name](METHODS[name].config_class(**OPTIONS.get(name, {})))
@@ -101,7 +103,14 @@ def run(name: str, sharded: bool, batch: dict) -> dict[str, torch.Tensor]:
                        accelerator=accelerator, optimizer=optimizer, total_steps=3, tasks=sorted(set(batch["tasks"])),
                        batches=lambda: [batch])
     method.setup(ctx)
-    for _ in range(3):
+    for step in range(3):
+        if resume_dir is not None and step == 2:
+            resume_dir.mkdir(parents=True, exist_ok=True)
+            save_method_states([method], resume_dir, accelerator)
+            dist.barrier()
+            method = METHODS[name](METHODS[name].config_class(**OPTIONS.get(name, {})))
+            method.setup(ctx)
+            load_method_states([method], resume_dir, accelerator)
         train_step(ctx, [method], [batch], optimizer, scheduler, TrainConfig(max_grad_norm=1.0))
     method.on_train_end(ctx)
     return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in trainable.items()}
@@ -119,7 +128,7 @@ def main() -> None:
     for name in names:
         whole = run(name, False, batch)
         try:
-            sharded = run(name, True, batch)
+            sharded = run(name, True, batch, out.parent / f"resume-{name}")
         except Exception as error:  # a refusal, or a method that breaks on shards: the test says which
             result[name] = {"error": f"{type(error).__name__}: {error}"}
             continue

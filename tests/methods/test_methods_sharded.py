@@ -1,5 +1,6 @@
 """Every method that declares ``supports_sharding`` ends at the same weights on FSDP2 shards (2 CPU processes, gloo)
-as on whole tensors, through mmtune's own step; every other method refuses sharding with its reason."""
+as on whole tensors, through mmtune's own step — resumed from its per-process state file after step 2 on the shards;
+every other method refuses sharding with its reason."""
 
 import json
 import os
