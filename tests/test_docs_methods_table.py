@@ -21,7 +21,7 @@ ORDER = ["vanilla", "nrca", "spider", "l2_reg", "l1_reg", "dft", "eaft", "asft",
          "half_ft", "grafting", "dare", "wise_ft", "lora", "lora_sculpt", "uncertainty", "famo", "pcgrad", "cagrad",
          "sam", "task_sam"]
 HEADER = ("| method | 1 process fp32 · bf16 | DDP 2 proc. | ZeRO-2 fp32: 1 · 2 proc. | ZeRO-2 bf16: 1 · 2 proc. "
-          "| ZeRO-3 fp32: 1 · 2 proc. | ZeRO-3 bf16 | FSDP2 shards (fp32) |")
+          "| ZeRO-3 fp32: 1 · 2 proc. | ZeRO-3 bf16 | FSDP2 shards: fp32 · bf16 |")
 
 
 def table() -> str:
@@ -47,8 +47,9 @@ def table() -> str:
         else:
             zero3_fp32 = zero3_bf16 = "✗ own gradient" if name not in accepted else "✗ reads weights" \
                 if METHODS[name].reads_weights_in_loss else "✗ PEFT"
-        fsdp2 = "✗" if not METHODS[name].supports_sharding else "✓" if name in fsdp2_tests.RUN else \
-            f"≡ {fsdp2_tests.SAME_CODE_AS_ANOTHER[name]}"
+        fsdp2 = "✗" if not METHODS[name].supports_sharding else \
+            f"{tested(name, set(fsdp2_tests.RUN), twins=fsdp2_tests.SAME_CODE_AS_ANOTHER)} · " \
+            f"{tested(name, set(fsdp2_tests.BF16), twins=fsdp2_tests.SAME_CODE_AS_ANOTHER)}"
         rows.append(f"| {name} | ✓ · {tested(name, every_path)} | {tested(name, ddp)} | {zero2} | {zero2_bf16} "
                     f"| {zero3_fp32} | {zero3_bf16} | {fsdp2} |")
     return "\n".join(rows)

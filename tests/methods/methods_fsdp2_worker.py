@@ -7,6 +7,9 @@ methods' state built from them). Both ranks see the same batch, so FSDP's averag
 what differs is only where each number lives. Rank 0 writes, per method, the largest difference per trainable tensor
 between the two runs' final weights, and how far each moved, to the JSON file named first.
 
+An entry ``bf16:<name>`` runs both in bf16 with fp32 masters of what trains (whole: autocast; sharded: FSDP2's
+MixedPrecisionPolicy computing in bf16 and reducing in fp32, on fp32 shards — what Accelerate's FSDP2 sets up).
+
 Accelerate enables FSDP on GPUs only, so this drives the step with a stand-in for the accelerator (what the step
 calls: backward, no_sync, autocast, clip_grad_norm_, reduce) — the loop around it is tested on one process elsewhere.
 """
@@ -31,6 +34,7 @@ from mmtune.methods import METHODS
 from mmtune.methods.base import TrainContext, load_method_states, save_method_states
 from mmtune.models.scope import apply_scope
 from mmtune.models.tiny import build_tiny
+from mmtune.precision import keep_fp32_masters
 from mmtune.step import train_step
 
 # What makes each method act within 3 tiny steps (as tests/test_deepspeed.py's ACTIVE).
@@ -41,12 +45,13 @@ OPTIONS = {"half_ft": {"round_steps": 2}, "l2_reg": {"lam": 1e3}, "l1_reg": {"la
 class Stand_inAccelerator:
     """The accelerator calls mmtune's step makes, for a model sharded by hand (or not at all)."""
 
-    def __init__(self, sharded: bool):
+    def __init__(self, sharded: bool, bf16: bool = False):
+        self.bf16 = bf16
         self.num_processes = dist.get_world_size() if sharded else 1
         self.process_index = dist.get_rank() if sharded else 0
         self.is_main_process = self.process_index == 0
         self.distributed_type = "DistributedType.FSDP" if sharded else "DistributedType.NO"
-        self.mixed_precision = "no"
+        self.mixed_precision = "bf16" if bf16 else "no"
         self.device = torch.device("cpu")
         self.state = SimpleNamespace(deepspeed_plugin=None)
 
@@ -57,7 +62,7 @@ class Stand_inAccelerator:
         return contextlib.nullcontext()
 
     def autocast(self):
-        return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def clip_grad_norm_(self, params, limit):
         return torch.nn.utils.clip_grad_norm_(params, limit)
@@ -79,26 +84,36 @@ class Stand_inAccelerator:
         return model
 
 
-def build(sharded: bool):
+def build(sharded: bool, bf16: bool = False):
     model, processor = build_tiny("llava", words=vocabulary(), seed=0)
+    if bf16:  # the weights in bf16, fp32 masters of what trains (mmtune.precision; Accelerate's FSDP2 does the same)
+        model.to(torch.bfloat16)
     apply_scope(model, train_projector=True, last_n_blocks=2)
+    if bf16:
+        keep_fp32_masters(model)
     if sharded:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+            MixedPrecisionPolicy()
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
         for block in model.model.language_model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
     return model, processor
 
 
-def run(name: str, sharded: bool, batch: dict, resume_dir: Path | None = None) -> dict[str, torch.Tensor]:
+def run(name: str, sharded: bool, batch: dict, resume_dir: Path | None = None, bf16: bool = False) -> dict[str, torch.Tensor]:
     """3 steps of ``name``; with ``resume_dir``, the method is saved after step 2 (one file per process, as the loop
     does on a sharding engine), replaced by a fresh instance set up and loaded from the file, as a resumed run's."""
-    model, _ = build(sharded)
+    model, _ = build(sharded, bf16)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     method = METHODS[name](METHODS[name].config_class(**OPTIONS.get(name, {})))
-    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2, weight_decay=0.0)
+    # bf16: the papers' projector rate, where an update is below half a bf16 step of most weights (what fp32 masters
+    # exist for: without them such updates vanish)
+    optimizer = torch.optim.AdamW(trainable.values(), lr=2e-5 if bf16 else 1e-2, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    accelerator = Stand_inAccelerator(sharded)
+    accelerator = Stand_inAccelerator(sharded, bf16)
     ctx = TrainContext(model=model, unwrapped=model, trainable=trainable, generator=torch.Generator().manual_seed(0),
                        accelerator=accelerator, optimizer=optimizer, total_steps=3, tasks=sorted(set(batch["tasks"])),
                        batches=lambda: [batch])
@@ -123,17 +138,24 @@ def main() -> None:
     records = read_records(world / "detailed_caption_train.jsonl")[:4] + read_records(world / "count_mc_train.jsonl")[:4]
     _, processor = build_tiny("llava", words=vocabulary(), seed=0)
     batch = TrainCollator(processor)([RecordDataset(records)[i] for i in range(len(records))])
-    start = {n: p.detach().clone() for n, p in build(False)[0].named_parameters() if p.requires_grad}
     result = {}
-    for name in names:
-        whole = run(name, False, batch)
+    for entry in names:
+        bf16 = entry.startswith("bf16:")
+        name = entry.removeprefix("bf16:")
+        start = {n: p.detach().clone() for n, p in build(False, bf16)[0].named_parameters() if p.requires_grad}
+        whole = run(name, False, batch, bf16=bf16)
         try:
-            sharded = run(name, True, batch, out.parent / f"resume-{name}")
+            sharded = run(name, True, batch, out.parent / f"resume-{entry.replace(':', '-')}", bf16)
         except Exception as error:  # a refusal, or a method that breaks on shards: the test says which
-            result[name] = {"error": f"{type(error).__name__}: {error}"}
+            result[entry] = {"error": f"{type(error).__name__}: {error}"}
             continue
-        result[name] = {"difference": {n: (sharded[n] - whole[n]).abs().max().item() for n in whole},
-                        "moved": {n: (whole[n] - start[n]).abs().max().item() for n in whole}}
+        updates = {n: ((sharded[n] - start[n]).flatten().float(), (whole[n] - start[n]).flatten().float())
+                   for n in whole}
+        result[entry] = {"difference": {n: (sharded[n] - whole[n]).abs().max().item() for n in whole},
+                         "cosine": {n: torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+                                    for n, (a, b) in updates.items()},
+                         "size": {n: whole[n].numel() for n in whole},
+                         "moved": {n: (whole[n] - start[n]).abs().max().item() for n in whole}}
     if dist.get_rank() == 0:
         out.write_text(json.dumps(result))
     dist.barrier()
