@@ -99,13 +99,6 @@ def zero3_refusal(methods: list[Method]) -> str | None:
     return None
 
 
-def zero_stage(accelerator) -> int | None:
-    """The DeepSpeed ZeRO stage of a run (None: not DeepSpeed)."""
-    if not is_deepspeed(accelerator):
-        return None
-    return accelerator.state.deepspeed_plugin.zero_stage
-
-
 def engine_of(accelerator):
     return accelerator.deepspeed_engine_wrapped.engine
 
@@ -177,8 +170,8 @@ def _low_precision(params: dict[str, nn.Parameter]) -> bool:
 @contextlib.contextmanager
 def on_masters(ctx: TrainContext, write_back: bool) -> Iterator[None]:
     """Run what is inside (the methods' ``setup``, ``on_train_end``) on the fp32 masters: under DeepSpeed with
-    low-precision or partitioned (ZeRO-3) weights ``ctx.trainable`` holds DeepSpeed's full fp32 masters there (written back into the masters
-    and the weights on exit when ``write_back``), so W0 snapshots and post-training surgery (DARE's 1/(1 − p)
+    low-precision or partitioned (ZeRO-3) weights ``ctx.trainable`` holds DeepSpeed's full fp32 masters there
+    (written back into the masters and the weights on exit when ``write_back``), so W0 snapshots and post-training surgery (DARE's 1/(1 − p)
     rescaling of W − W0) never see bf16 rounding. Elsewhere ``ctx.trainable`` already is the masters."""
     params = ctx.trainable
     if not is_deepspeed(ctx.accelerator) or not _low_precision(params):

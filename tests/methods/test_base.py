@@ -18,13 +18,13 @@ def test_refusals_follow_the_hooks_and_declarations():
     assert refusal([SAM()], "deepspeed").startswith("sam: builds the step's gradient itself")
     assert refusal([Spider()], "sharded") is None
     assert refusal([L2Reg()], "sharded") is None  # tested on FSDP2 shards (test_methods_sharded.py)
-    assert refusal([SAM()], "sharded").startswith("sam can't run with parameters sharded over processes (FSDP / "
-                                                  "ZeRO-3): it takes a second gradient")
+    assert refusal([SAM()], "sharded").startswith("sam can't run with parameters sharded over processes (FSDP): it "
+                                                  "takes a second gradient")
 
     class Untested(Method):
         name = "untested"
 
-    assert "untested can't run with parameters sharded over processes (FSDP / ZeRO-3): it is not tested" in \
+    assert "untested can't run with parameters sharded over processes (FSDP): it is not tested" in \
         refusal([Untested()], "sharded")
 
     class OwnStep(Method):

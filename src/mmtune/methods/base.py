@@ -73,8 +73,9 @@ class Method:
     description: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     # Tested with parameters sharded over processes (FSDP2): DTensor parameters, per-process state
-    # (tests/methods/test_methods_sharded.py). A method that is not refuses to start under FSDP / ZeRO-3 instead of
-    # doing something wrong there, saying why in ``sharding_refusal`` (one sentence, "it …").
+    # (tests/methods/test_methods_sharded.py). A method that is not refuses to start under FSDP instead of doing
+    # something wrong there, saying why in ``sharding_refusal`` (one sentence, "it …"). DeepSpeed ZeRO-3 hands the
+    # hooks whole tensors and refuses by its own rule (``mmtune.engines.zero3_refusal``).
     supports_sharding: ClassVar[bool] = False
     sharding_refusal: ClassVar[str] = ""
     # A loss term (``extra_losses``, ``token_loss``) reads the trainable weights themselves (a distance to W0, a
@@ -235,7 +236,7 @@ ALWAYS = {"prepare_model", "setup", "extra_losses", "token_loss", "before_optimi
 def refusal(methods: list[Method], host: str) -> str | None:
     """Why ``host`` can't run ``methods`` (one sentence naming method and hook), or None. Hosts: ``"loop"``
     (mmtune's training loop, one process / DDP), ``"trainer"`` (a Hugging Face Trainer), ``"deepspeed"``,
-    ``"sharded"`` (parameters sharded over processes: FSDP, ZeRO-3)."""
+    ``"sharded"`` (parameters sharded over processes as FSDP's DTensors; ZeRO-3: ``engines.zero3_refusal``)."""
     for method in methods:
         if host == "trainer":
             extra = [h for h in HOOKS if h not in ALWAYS and method.overrides(h)]
@@ -250,7 +251,7 @@ def refusal(methods: list[Method], host: str) -> str | None:
         if host == "sharded" and not method.supports_sharding:
             ready = ", ".join(n for n, cls in sorted(METHODS.items()) if cls.supports_sharding)
             why = method.sharding_refusal or "it is not tested with parameters sharded over processes"
-            return (f"{method.name} can't run with parameters sharded over processes (FSDP / ZeRO-3): {why}. "
+            return (f"{method.name} can't run with parameters sharded over processes (FSDP): {why}. "
                     f"Use DDP or DeepSpeed ZeRO-2 for it; sharded runs take {ready}.")
     return None
 
