@@ -8,6 +8,15 @@ Reads the base model's evaluation and the vanilla runs of a demo folder (``mmtun
 3. the base is at least chance + 20 points on every held-out accuracy task, and CIDEr ≥ 50 on captions;
 4. the base's mean target-token probability on the downstream open-response targets is ≥ 0.05.
 
+World v3 (read from the runs' config) changes target 1 to the fixed-choice downstream tasks and adds, on the
+evaluations during training (``eval.every_steps``):
+
+5. the open-response task overfits: ``mmtune report``'s flag (its score falls from the peak of the mean curve to the
+   last evaluation, one-sided t-test over seeds p < 0.05), by at least ``MIN_FALL`` CIDEr;
+6. it improved first: the mean curve's peak is above the base's score on the same records;
+7. the fixed-choice tasks keep improving: each one's mean at the last evaluation is above its mean at the caption's
+   peak, and its score is not flagged.
+
 Run: ``python benchmarks/world_calibration.py runs/v2`` (exit code 1 when a target fails).
 """
 
@@ -23,6 +32,7 @@ CHANCE = {"color_vqa": 100 / 6, "shape_vqa": 100 / 4, "position_vqa": 100 / 9, "
           "ocr_vqa": 100 / 18, "background_mc": 100 / 4, "shape_mc": 100 / 4, "count_mc": 100 / 4,
           "attribute_mc": 100 / 4, "count_vqa": 100 / 3}
 CAPTION_FLOOR = 50.0
+MIN_FALL = 10.0  # world v3: the smallest peak-to-end fall of the open-response CIDEr that counts as overfitting
 
 
 def load(out: Path) -> tuple[dict, list[dict]]:
@@ -33,11 +43,20 @@ def load(out: Path) -> tuple[dict, list[dict]]:
     return base, [json.loads(r.read_text()) for r in runs]
 
 
+def world_version(out: Path) -> int:
+    import yaml
+
+    config = yaml.safe_load(next(iter(sorted(out.glob("vanilla-seed*/config.yaml")))).read_text())
+    return int(((config.get("data") or {}).get("synthetic") or {}).get("version", 2))
+
+
 def check(out: Path) -> tuple[list[str], bool]:
     base, vanilla = load(out)
     tasks = base["tasks"]
+    version = world_version(out)
     down = [t for t, v in tasks.items() if v["side"] == "downstream"]
     held = [t for t, v in tasks.items() if v["side"] == "heldout"]
+    choice = [t for t in down if tasks[t]["metric"] != "cider"]
     lines, ok = [f"Base and vanilla ({len(vanilla)} seeds), `{out}`:", "",
                  "| target | task | base | vanilla (mean ± std over seeds) | holds |", "|---|---|---|---|---|"], True
 
@@ -46,7 +65,7 @@ def check(out: Path) -> tuple[list[str], bool]:
         ok &= holds
         lines.append(f"| {target} | {task} | {base_value} | {vanilla_value} | {'yes' if holds else '**no**'} |")
 
-    for task in down:
+    for task in choice if version >= 3 else down:
         values = [v["tasks"][task]["score"] for v in vanilla]
         mean, std = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
         b = tasks[task]["score"]
@@ -67,7 +86,45 @@ def check(out: Path) -> tuple[list[str], bool]:
         if tasks[task]["metric"] == "cider":
             confidence = tasks[task].get("target_confidence", float("nan"))
             row("4: base target-token probability ≥ 0.05", task, f"{confidence:.3f}", "–", confidence >= 0.05)
+    if version >= 3:
+        for line in during_training_targets(out, down, choice):
+            row(*line)
     return lines, ok
+
+
+def during_training_targets(out: Path, down: list[str], choice: list[str]) -> list[tuple]:
+    """World v3's targets 5–7 on the vanilla runs' evaluations during training (rows of their metrics.jsonl)."""
+    from mmtune.report import load_run, overfitting
+
+    runs = [load_run(r.parents[2]) for r in sorted(out.glob("vanilla-seed*/eval/final/scores.json"))]
+    curves = [r["curve"] for r in runs]
+    if not all(curves):
+        return [("5–7: evaluations during training", "–", "–", "none in metrics.jsonl (eval.every_steps)", False)]
+    steps = sorted(set.intersection(*[{p["step"] for p in c} for c in curves]))
+
+    def mean_at(task: str, step: int) -> float:
+        return statistics.mean(next(p["tasks"][task] for p in c if p["step"] == step) for c in curves)
+
+    rows = []
+    base_during = json.loads(sorted(out.glob("vanilla-seed*/eval/during/base/scores.json"))[0].read_text())["tasks"]
+    for task in (t for t in down if t not in choice):
+        flags = [f for f in overfitting("vanilla", curves, [task]) if f["what"] == "score"]
+        peak = max(steps, key=lambda s: mean_at(task, s))
+        fall = mean_at(task, peak) - mean_at(task, steps[-1])
+        p = f", p = {flags[0]['p']:.3g}" if flags else ""
+        rows.append((f"5: overfits (flagged, fall ≥ {MIN_FALL:g})", task, "–",
+                     f"peak {mean_at(task, peak):.1f} at step {peak}, last {mean_at(task, steps[-1]):.1f} "
+                     f"(fall {fall:.1f}{p})", bool(flags) and fall >= MIN_FALL))
+        b = base_during[task]["score"]
+        rows.append(("6: its peak is above the base (same records)", task, f"{b:.1f}", f"{mean_at(task, peak):.1f}",
+                     mean_at(task, peak) > b))
+        for other in choice:
+            flagged = any(f["what"] == "score" for f in overfitting("vanilla", curves, [other]))
+            at_peak, last = mean_at(other, peak), mean_at(other, steps[-1])
+            rows.append((f"7: keeps improving after {task}'s peak", other, f"{base_during[other]['score']:.1f}",
+                         f"{at_peak:.1f} at step {peak} → {last:.1f}{' (flagged)' if flagged else ''}",
+                         last > at_peak and not flagged))
+    return rows
 
 
 def main(argv: list[str]) -> int:

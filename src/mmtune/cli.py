@@ -199,6 +199,10 @@ CONFIGS = _shipped("configs")
 SHIPPED_BASE = ASSETS / "tiny-llava-base"
 
 
+# `mmtune demo --world N`: the fine-tuning recipe of each synthetic world version (docs/results.md)
+WORLD_RECIPES = {2: "demo.yaml", 3: "demo_v3.yaml"}
+
+
 def cmd_demo(args) -> int:
     """``mmtune demo``: fine-tune the tiny base with each method and seed, report S vs G.
 
@@ -228,6 +232,7 @@ def cmd_demo(args) -> int:
     else:
         base = Path(args.base) if args.base else (out / "base" / "final" if reuse else SHIPPED_BASE)
     print(f"== base model: {base}")
+    recipe = CONFIGS / WORLD_RECIPES[args.world]
     methods = sorted(m for m in METHODS if not m.startswith("test_")) if args.methods == "all" \
         else args.methods.split(",")
     runs: list[Path] = []
@@ -235,7 +240,7 @@ def cmd_demo(args) -> int:
     # in another one over the same OUT, get a copy of its scores.
     base_scores = base_scores_in(out, base)
     for method in methods:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             run = out / f"{method.replace('+', '_')}-seed{seed}"
             if (run / "eval" / "final" / "scores.json").exists():
                 print(f"== {run.name}: already done, reusing")
@@ -244,7 +249,7 @@ def cmd_demo(args) -> int:
                 extra = ["train.max_steps=6"] if args.quick else []
                 if base_scores is not None:
                     extra.append("eval.before=false")
-                train(load_config(CONFIGS / "demo.yaml", [*common, f"model.path={base}", f"method.name={method}",
+                train(load_config(recipe, [*common, f"model.path={base}", f"method.name={method}",
                                                           f"train.seed={seed}", f"train.output_dir={run}",
                                                           "train.overwrite=true", *extra]))
                 if base_scores is not None:
@@ -276,13 +281,14 @@ def demo_merges(out: Path, base: Path, common: list[str], args) -> list[Path]:
     from mmtune.models.load import load_model
     from mmtune.train import train
 
-    demo = load_config(CONFIGS / "demo.yaml", [*common, f"model.path={base}"])
+    demo = load_config(CONFIGS / WORLD_RECIPES[args.world], [*common, f"model.path={base}"])
     world = Path(demo.data.synthetic.dir)
     ensure_world(world, seed=demo.data.synthetic.seed, n_train=demo.data.synthetic.n_train,
-                 n_test=demo.data.synthetic.n_test, image_size=demo.data.synthetic.image_size, progress=False)
+                 n_test=demo.data.synthetic.n_test, image_size=demo.data.synthetic.image_size, progress=False,
+                 version=demo.data.synthetic.version)
     base_scores = base_scores_in(out, base)
     folder, evaluations = out / "merge", []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         single_runs = []
         for task in demo.data.tasks:
             name = task.path.split(":")[-1]
@@ -293,7 +299,7 @@ def demo_merges(out: Path, base: Path, common: list[str], args) -> list[Path]:
                 continue
             print(f"== merge, stage 1: {name} alone, seed {seed}")
             extra = ["train.max_steps=6"] if args.quick else []
-            train(load_config(CONFIGS / "demo.yaml", [
+            train(load_config(CONFIGS / WORLD_RECIPES[args.world], [
                 *common, f"model.path={base}", f"data.tasks=[{{path: '{task.path}', n: {task.n}}}]",
                 f"train.seed={seed}", f"train.output_dir={run}", "train.overwrite=true", "eval.downstream=[]",
                 "eval.heldout=[]", *extra]))
@@ -377,7 +383,7 @@ def cmd_data(args) -> int:
         from mmtune.data.synthetic import generate_world
 
         files = generate_world(Path(args.out), args.seed, args.n_train, args.n_test, args.image_size,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, version=args.version)
         print(f"wrote {len(files)} families x (train, test) to {args.out}")
         return 0
     raise AssertionError(args.data_command)
@@ -482,9 +488,11 @@ def cmd_ls(args) -> int:
             HELDOUT_FAMILIES,
             PRETRAIN_ONLY,
             WORLD_VERSION,
+            WORLD_VERSIONS,
         )
 
-        print(f"synthetic world, version {WORLD_VERSION}")
+        print(f"synthetic world, version {WORLD_VERSION} by default (data.synthetic.version: "
+              f"{' | '.join(map(str, WORLD_VERSIONS))}; v3 changes only detailed_caption's training captions)")
         print("pre-training and held-out:", ", ".join(HELDOUT_FAMILIES))
         print("pre-training only (a small share):", ", ".join(PRETRAIN_ONLY), "(+ a little detailed_caption)")
         print("downstream open-response:", ", ".join(DOWNSTREAM_OPEN))
@@ -584,6 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also train one run per downstream task, merge them with each rule (task arithmetic, "
                            "TIES, Breadcrumbs, DARE) and report the merged models beside the joint runs")
     demo.add_argument("--seeds", type=int, default=1, help="repeats per method (report shows mean ± std)")
+    demo.add_argument("--first-seed", type=int, default=0,
+                      help="seeds run are FIRST_SEED … FIRST_SEED+SEEDS-1 (split one sweep over several processes)")
+    demo.add_argument("--world", type=int, choices=sorted(WORLD_RECIPES), default=2,
+                      help="synthetic world version: 2 (configs/demo.yaml) or 3 (configs/demo_v3.yaml: a small, "
+                           "partly wrong caption set where open-response overfitting shows)")
     demo.add_argument("--base", help="start from this model folder (default: the shipped assets/tiny-llava-base)")
     demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tests)")
     demo.add_argument("overrides", nargs="*",
@@ -626,6 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--n-train", type=int, default=1000)
     synth.add_argument("--n-test", type=int, default=200)
     synth.add_argument("--image-size", type=int, default=48)
+    synth.add_argument("--version", type=int, default=2, help="world version: 2 (the demo's) or 3 (one partly "
+                                                               "wrong caption per training image; docs/results.md)")
     synth.add_argument("--overwrite", action="store_true")
     data.set_defaults(func=cmd_data)
 

@@ -123,10 +123,12 @@ class SyntheticConfig:
     n_train: int = 1000  # training images
     n_test: int = 200  # test images
     image_size: int = 48  # image side in pixels
+    version: int = 2  # 2: the demo's world; 3: one partly wrong caption per training image (docs/results.md)
 
     def __post_init__(self):
         for key, least in (("n_train", 1), ("n_test", 1), ("image_size", 8)):
             _check(getattr(self, key) >= least, f"data.synthetic.{key}={getattr(self, key)} must be ≥ {least}")
+        _check(self.version in (2, 3), f"data.synthetic.version={self.version}: choose 2 or 3")
 
 
 @dataclass

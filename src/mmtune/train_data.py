@@ -54,7 +54,8 @@ def load_records(config: RunConfig, accelerator, say) -> tuple[Path | None, list
     world = world_dir(config)
     if world is not None and accelerator.is_main_process:
         synth = config.data.synthetic
-        ensure_world(world, synth.seed, synth.n_train, synth.n_test, synth.image_size, config.train.progress)
+        ensure_world(world, synth.seed, synth.n_train, synth.n_test, synth.image_size, config.train.progress,
+                     version=synth.version)
     accelerator.wait_for_everyone()
     if not config.data.tasks:
         raise ValueError("data.tasks is empty: name at least one task file")

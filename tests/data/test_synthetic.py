@@ -62,3 +62,66 @@ def test_a_world_of_another_version_is_not_reused(tmp_path):
     marker.write_text(json.dumps(old))
     with pytest.raises(FileExistsError, match="different synthetic world"):
         ensure_world(tmp_path / "w", seed=0, n_train=4, n_test=2, image_size=32, progress=False)
+
+
+def test_world_v3_changes_only_the_training_captions_towards_real_caption_data(tmp_path):
+    """v3: one partly wrong caption per training image, five correct references per test image, no blind-spot words
+    (shapes, sizes); every other family and every image as in v2."""
+    import json
+    import random
+
+    import pytest
+
+    from mmtune.data.synthetic import (
+        COLORS,
+        SHAPES,
+        SIZES,
+        V3_CAPTION_NOISE,
+        ensure_world,
+        misdescribed,
+        sample_scene,
+    )
+
+    generate_world(tmp_path / "v2", seed=1, n_train=60, n_test=6, image_size=32, progress=False)
+    generate_world(tmp_path / "v3", seed=1, n_train=60, n_test=6, image_size=32, progress=False, version=3)
+    v2, v3 = tmp_path / "v2", tmp_path / "v3"
+    assert json.loads((v3 / "world.json").read_text())["version"] == 3
+    for path in v2.rglob("*"):
+        if path.is_file() and "detailed_caption" not in path.name and path.name != "world.json":
+            assert path.read_bytes() == (v3 / path.relative_to(v2)).read_bytes(), path.name
+    train, test = read_records(v3 / "detailed_caption_train.jsonl"), read_records(v3 / "detailed_caption_test.jsonl")
+    assert all(len(r.answers) == 1 for r in train) and all(len(r.answers) == 5 for r in test)
+    blind = set(SHAPES) | set(SIZES)
+    for record in train + test:
+        words = set(" ".join(record.answers).replace(",", " ").split())
+        assert not words & blind, record.id
+        assert set(record.extra["image_words"]) & words  # the diagnostic's split names words the caption has
+    # a training caption describes what an annotator saw: the same scene's test references would differ in places
+    v2_train = {r.id: r for r in read_records(v2 / "detailed_caption_train.jsonl")}
+    assert all(r.id in v2_train for r in train)
+    # the noise rate: each described value is wrong with probability V3_CAPTION_NOISE
+    rng, wrong, total = random.Random(0), 0, 0
+    for _ in range(2000):
+        scene = sample_scene(rng)
+        seen, _ = misdescribed(scene, rng, V3_CAPTION_NOISE)
+        wrong += sum(a.color != b.color for a, b in zip(scene.things, seen.things, strict=True))
+        total += len(scene.things)
+        assert all(t.color in COLORS for t in seen.things)
+    assert abs(wrong / total - V3_CAPTION_NOISE) < 0.03
+    with pytest.raises(FileExistsError, match="different synthetic world"):
+        ensure_world(v3, seed=1, n_train=60, n_test=6, image_size=32, progress=False)  # a v2 is wanted
+    with pytest.raises(ValueError, match="version 4 is unknown"):
+        generate_world(tmp_path / "v4", seed=1, n_train=2, n_test=2, progress=False, version=4)
+
+
+def test_the_world_version_is_a_config_key(tmp_path):
+    import pytest
+
+    from mmtune.cli import CONFIGS, WORLD_RECIPES
+    from mmtune.config import load_config
+
+    v3 = load_config(CONFIGS / WORLD_RECIPES[3], [])
+    assert v3.data.synthetic.version == 3 and v3.eval.every_steps
+    assert load_config(CONFIGS / WORLD_RECIPES[2], []).data.synthetic.version == 2
+    with pytest.raises(ValueError, match="data.synthetic.version=5"):
+        load_config(CONFIGS / WORLD_RECIPES[2], ["data.synthetic.version=5"])

@@ -16,7 +16,13 @@ with a rendered letter. Task families mirror the papers' datasets (world version
   (like ScienceQA / IconQA).
 
 Version 1 (commit b6ccf67 and before) had one templated brief caption per image and no lettered or
-counting family in pre-training; ``world.json`` records the version, so a v1 folder is never reused.
+counting family in pre-training; ``world.json`` records the version, so a folder of another version is never reused.
+
+Version 3 (``data.synthetic.version: 3``; docs/results.md, pre-registered) keeps v2's images and every other family
+and changes only the open-response task, towards real caption data: a detailed caption describes what the v2 base
+can see (colours, places, count, background — not shapes or sizes, which its vision tower does not carry), and each
+*training* image has one human-like caption — one of the paraphrases, with each image word wrong with probability
+``V3_CAPTION_NOISE`` — while test images keep five correct references.
 """
 
 from __future__ import annotations
@@ -48,7 +54,9 @@ CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left
 BACKGROUNDS = {"black": (15, 15, 15), "gray": (110, 110, 110), "brown": (100, 70, 40), "navy": (20, 25, 80)}
 CHARACTERS = "ABCDEFGHKMNPRSTXYZ"
 
-WORLD_VERSION = 2
+WORLD_VERSION = 2  # the default; ``WORLD_VERSIONS`` lists what ``data.synthetic.version`` accepts
+WORLD_VERSIONS = (2, 3)
+V3_CAPTION_NOISE = 0.3  # world v3: the chance that each image word of a training caption is wrong
 HELDOUT_FAMILIES = ("brief_caption", "color_vqa", "shape_vqa", "position_vqa", "exists_vqa", "ocr_vqa",
                     "background_mc", "shape_mc")
 PRETRAIN_ONLY = ("count_vqa",)
@@ -163,6 +171,41 @@ def detailed_caption(scene: Scene, rng: random.Random):
         f"a picture of {count_word} , {_join(placed)} .",
     ]
     return CAPTION_PROMPT, references, None, None
+
+
+def detailed_caption_v3(scene: Scene, rng: random.Random):
+    """World v3's five correct references: colour, place, count and background — only what the base can see."""
+    return CAPTION_PROMPT, _v3_references(scene), None, None
+
+
+def _v3_references(scene: Scene, count: int | None = None) -> list[str]:
+    placed = [f"a {t.color} object {_at(t.cell)}" for t in scene.things]
+    count_word = f"{COUNT_WORDS[count or len(scene.things)]} object{'s' if (count or len(scene.things)) > 1 else ''}"
+    return [
+        f"there is {_join(placed)} on a {scene.background} background .",
+        f"the image shows {count_word} : {_join(placed)} .",
+        f"{_join(placed)} , drawn on a {scene.background} background .",
+        f"on a {scene.background} background there is {_join(placed)} .",
+        f"a picture of {count_word} , {_join(placed)} .",
+    ]
+
+
+def misdescribed(scene: Scene, rng: random.Random, noise: float) -> tuple[Scene, int]:
+    """The scene as a careless annotator saw it: each object's colour and place, the background and the count are
+    each wrong with probability ``noise`` (a wrong value drawn uniformly from the others)."""
+    def other(value, pool):
+        return rng.choice([v for v in pool if v != value]) if rng.random() < noise else value
+
+    things = tuple(Thing(t.shape, other(t.color, list(COLORS)), t.size, other(t.cell, range(9)))
+                   for t in scene.things)
+    count = other(len(scene.things), (1, 2, 3))
+    return Scene(things, other(scene.background, list(BACKGROUNDS)), scene.character), count
+
+
+def human_caption(scene: Scene, rng: random.Random, noise: float = V3_CAPTION_NOISE) -> tuple[str, Scene, int]:
+    """World v3's training caption: one paraphrase at random, of the scene as misdescribed; also returns what it says."""
+    seen, count = misdescribed(scene, rng, noise)
+    return rng.choice(_v3_references(seen, count)), seen, count
 
 
 def _unique_thing(scene: Scene, rng: random.Random) -> Thing:
@@ -282,21 +325,30 @@ def vocabulary() -> list[str]:
 CAPTION_FAMILIES = ("brief_caption", "detailed_caption")
 
 
-def image_words(scene: Scene) -> list[str]:
+def image_words(scene: Scene, count: int | None = None) -> list[str]:
     """The words of a caption that depend on the image — its objects' colours, shapes, sizes, places and count, and the
     background — for NRCA's diagnostic split (``extra.image_words``); the rest of a caption is template."""
-    words = {scene.background, {1: "one", 2: "two", 3: "three"}[len(scene.things)]}
+    words = {scene.background, COUNT_WORDS[count or len(scene.things)]}
     for thing in scene.things:
         words |= {thing.color, thing.shape, thing.size, *CELLS[thing.cell].split()}
     return sorted(words)
 
 
-def make_records(scenes: list[tuple[str, Scene]], family: str, split: str, seed: int) -> list[Record]:
+def make_records(scenes: list[tuple[str, Scene]], family: str, split: str, seed: int,
+                 version: int = WORLD_VERSION) -> list[Record]:
     rng = random.Random(f"{seed}-{family}-{split}")
     records = []
     kind = "choice" if family in CHOICE_FAMILIES else "open"
+    v3_caption = version >= 3 and family == "detailed_caption"
     for image_path, scene in scenes:
-        out = GENERATORS[family](scene, rng)
+        words = image_words(scene)
+        if v3_caption and split == "train":
+            caption, seen, count = human_caption(scene, rng)
+            out, words = (CAPTION_PROMPT, [caption], None, None), image_words(seen, count)
+        elif v3_caption:
+            out = detailed_caption_v3(scene, rng)
+        else:
+            out = GENERATORS[family](scene, rng)
         if out is None:
             continue
         prompt, answers, choices, answer_index = out
@@ -304,15 +356,18 @@ def make_records(scenes: list[tuple[str, Scene]], family: str, split: str, seed:
             id=f"{family}-{split}-{Path(image_path).stem}", task=family, kind=kind, image=image_path,
             prompt=prompt, answers=answers, choices=choices, answer_index=answer_index,
             metric=METRIC.get(family, "exact"),
-            extra={"image_words": image_words(scene)} if family in CAPTION_FAMILIES else {},
+            extra={"image_words": words} if family in CAPTION_FAMILIES else {},
         ))
     return records
 
 
 def generate_world(out_dir: str | Path, seed: int = 0, n_train: int = 1000, n_test: int = 200,
                    image_size: int = 48, families: tuple[str, ...] = FAMILIES,
-                   overwrite: bool = False, progress: bool = True) -> dict[str, dict[str, Path]]:
+                   overwrite: bool = False, progress: bool = True,
+                   version: int = WORLD_VERSION) -> dict[str, dict[str, Path]]:
     """Write images and one task file per (family, split); return ``{family: {split: path}}``."""
+    if version not in WORLD_VERSIONS:
+        raise ValueError(f"synthetic world version {version} is unknown; valid: {', '.join(map(str, WORLD_VERSIONS))}")
     out = Path(out_dir)
     marker = out / "world.json"
     if marker.exists() and not overwrite:
@@ -333,11 +388,11 @@ def generate_world(out_dir: str | Path, seed: int = 0, n_train: int = 1000, n_te
             scenes.append((str(path), scene))
         for family in families:
             path = out / f"{family}_{split}.jsonl"
-            write_records(make_records(scenes, family, split, seed), path, overwrite=True)
+            write_records(make_records(scenes, family, split, seed, version), path, overwrite=True)
             files[family][split] = path
     import json
 
-    marker.write_text(json.dumps({"version": WORLD_VERSION, "seed": seed, "n_train": n_train, "n_test": n_test,
+    marker.write_text(json.dumps({"version": version, "seed": seed, "n_train": n_train, "n_test": n_test,
                                   "image_size": image_size, "families": list(families)}, indent=2) + "\n")
     return files
 
@@ -346,12 +401,12 @@ SYNTHETIC_PREFIX = "synthetic:"
 
 
 def ensure_world(world_dir: str | Path, seed: int, n_train: int, n_test: int, image_size: int,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, version: int = WORLD_VERSION) -> Path:
     """Generate the world into ``world_dir`` unless the same world is already there."""
     import json
 
     world_dir = Path(world_dir)
-    wanted = {"version": WORLD_VERSION, "seed": seed, "n_train": n_train, "n_test": n_test,
+    wanted = {"version": version, "seed": seed, "n_train": n_train, "n_test": n_test,
               "image_size": image_size, "families": list(FAMILIES)}
     marker = world_dir / "world.json"
     if marker.exists():
@@ -360,7 +415,7 @@ def ensure_world(world_dir: str | Path, seed: int, n_train: int, n_test: int, im
             raise FileExistsError(f"{world_dir} holds a different synthetic world ({found}); wanted {wanted}. "
                                   "Point data.synthetic.dir elsewhere or remove it.")
         return world_dir
-    generate_world(world_dir, seed, n_train, n_test, image_size, progress=progress)
+    generate_world(world_dir, seed, n_train, n_test, image_size, progress=progress, version=version)
     return world_dir
 
 
