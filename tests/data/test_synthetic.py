@@ -100,14 +100,18 @@ def test_world_v3_changes_only_the_training_captions_towards_real_caption_data(t
     v2_train = {r.id: r for r in read_records(v2 / "detailed_caption_train.jsonl")}
     assert all(r.id in v2_train for r in train)
     # the noise rate: each described value is wrong with probability V3_CAPTION_NOISE
-    rng, wrong, total = random.Random(0), 0, 0
+    # (amendment 1: towards the language prior — a wrong colour is "red" unless the object is red)
+    rng, wrong, total, prior = random.Random(0), 0, 0, 0
     for _ in range(2000):
         scene = sample_scene(rng)
         seen, _ = misdescribed(scene, rng, V3_CAPTION_NOISE)
-        wrong += sum(a.color != b.color for a, b in zip(scene.things, seen.things, strict=True))
+        pairs = [(a.color, b.color) for a, b in zip(scene.things, seen.things, strict=True) if a.color != b.color]
+        wrong += len(pairs)
+        prior += sum(said == "red" for true, said in pairs)
         total += len(scene.things)
         assert all(t.color in COLORS for t in seen.things)
     assert abs(wrong / total - V3_CAPTION_NOISE) < 0.03
+    assert prior / wrong == pytest.approx(5 / 6, abs=0.03)  # all but where the truth was red
     with pytest.raises(FileExistsError, match="different synthetic world"):
         ensure_world(v3, seed=1, n_train=60, n_test=6, image_size=32, progress=False)  # a v2 is wanted
     with pytest.raises(ValueError, match="version 4 is unknown"):

@@ -22,7 +22,7 @@ Version 3 (``data.synthetic.version: 3``; docs/results.md, pre-registered) keeps
 and changes only the open-response task, towards real caption data: a detailed caption describes what the v2 base
 can see (colours, places, count, background — not shapes or sizes, which its vision tower does not carry), and each
 *training* image has one human-like caption — one of the paraphrases, with each image word wrong with probability
-``V3_CAPTION_NOISE`` — while test images keep five correct references.
+``V3_CAPTION_NOISE``, towards a language prior (``PRIOR``) — while test images keep five correct references.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ CHARACTERS = "ABCDEFGHKMNPRSTXYZ"
 WORLD_VERSION = 2  # the default; ``WORLD_VERSIONS`` lists what ``data.synthetic.version`` accepts
 WORLD_VERSIONS = (2, 3)
 V3_CAPTION_NOISE = 0.3  # world v3: the chance that each image word of a training caption is wrong
+# Written into a v3 world's world.json, so a folder made before amendment 1 (uniform errors) is never reused.
+V3_CAPTIONS = "one per training image; image words wrong with p=0.3, towards PRIOR (amendment 1)"
 HELDOUT_FAMILIES = ("brief_caption", "color_vqa", "shape_vqa", "position_vqa", "exists_vqa", "ocr_vqa",
                     "background_mc", "shape_mc")
 PRETRAIN_ONLY = ("count_vqa",)
@@ -190,16 +192,24 @@ def _v3_references(scene: Scene, count: int | None = None) -> list[str]:
     ]
 
 
+# World v3's annotators err towards a language prior: a wrong value is the slot's most common word in their captions
+# (amendment 1 of the pre-registration, docs/results.md), as captioners write frequent words where they don't belong.
+PRIOR = {"color": "red", "cell": CELLS.index("center"), "background": "gray", "count": 2}
+
+
 def misdescribed(scene: Scene, rng: random.Random, noise: float) -> tuple[Scene, int]:
     """The scene as a careless annotator saw it: each object's colour and place, the background and the count are
-    each wrong with probability ``noise`` (a wrong value drawn uniformly from the others)."""
-    def other(value, pool):
-        return rng.choice([v for v in pool if v != value]) if rng.random() < noise else value
+    each wrong with probability ``noise``; a wrong value is the slot's ``PRIOR`` word (another value drawn uniformly
+    where the truth is the prior word itself)."""
+    def other(value, pool, prior):
+        if rng.random() >= noise:
+            return value
+        return prior if value != prior else rng.choice([v for v in pool if v != value])
 
-    things = tuple(Thing(t.shape, other(t.color, list(COLORS)), t.size, other(t.cell, range(9)))
-                   for t in scene.things)
-    count = other(len(scene.things), (1, 2, 3))
-    return Scene(things, other(scene.background, list(BACKGROUNDS)), scene.character), count
+    things = tuple(Thing(t.shape, other(t.color, list(COLORS), PRIOR["color"]), t.size,
+                         other(t.cell, range(9), PRIOR["cell"])) for t in scene.things)
+    count = other(len(scene.things), (1, 2, 3), PRIOR["count"])
+    return Scene(things, other(scene.background, list(BACKGROUNDS), PRIOR["background"]), scene.character), count
 
 
 def human_caption(scene: Scene, rng: random.Random, noise: float = V3_CAPTION_NOISE) -> tuple[str, Scene, int]:
@@ -393,7 +403,8 @@ def generate_world(out_dir: str | Path, seed: int = 0, n_train: int = 1000, n_te
     import json
 
     marker.write_text(json.dumps({"version": version, "seed": seed, "n_train": n_train, "n_test": n_test,
-                                  "image_size": image_size, "families": list(families)}, indent=2) + "\n")
+                                  "image_size": image_size, "families": list(families),
+                                  **({"captions": V3_CAPTIONS} if version >= 3 else {})}, indent=2) + "\n")
     return files
 
 
@@ -407,7 +418,7 @@ def ensure_world(world_dir: str | Path, seed: int, n_train: int, n_test: int, im
 
     world_dir = Path(world_dir)
     wanted = {"version": version, "seed": seed, "n_train": n_train, "n_test": n_test,
-              "image_size": image_size, "families": list(FAMILIES)}
+              "image_size": image_size, "families": list(FAMILIES), **({"captions": V3_CAPTIONS} if version >= 3 else {})}
     marker = world_dir / "world.json"
     if marker.exists():
         found = json.loads(marker.read_text())
