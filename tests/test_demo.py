@@ -13,6 +13,18 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert "already done, reusing" in capsys.readouterr().out
 
 
+def test_demo_on_world_v3_from_a_given_seed(tmp_path):
+    """--world 3 takes configs/demo_v3.yaml (world v3's captions); --first-seed names the seeds a process runs."""
+    import json
+
+    out = tmp_path / "v3"
+    assert main(["demo", "--quick", "--world", "3", "--first-seed", "2", "--out", str(out), "--methods", "vanilla",
+                 "train.progress=false", "eval.max_new_tokens=4", "eval.every_steps=null",
+                 "eval.heldout=[synthetic:color_vqa]"]) == 0
+    assert [p.name for p in out.glob("vanilla-seed*")] == ["vanilla-seed2"]
+    assert json.loads((out / "synthetic" / "world.json").read_text())["version"] == 3
+
+
 def test_demo_pretrain_stage(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "pretrain", "train.progress=false"]) == 0

@@ -492,7 +492,7 @@ def cmd_ls(args) -> int:
         )
 
         print(f"synthetic world, version {WORLD_VERSION} by default (data.synthetic.version: "
-              f"{' | '.join(map(str, WORLD_VERSIONS))}; v3 changes only detailed_caption's training captions)")
+              f"{' | '.join(map(str, WORLD_VERSIONS))}; v3 changes only detailed_caption)")
         print("pre-training and held-out:", ", ".join(HELDOUT_FAMILIES))
         print("pre-training only (a small share):", ", ".join(PRETRAIN_ONLY), "(+ a little detailed_caption)")
         print("downstream open-response:", ", ".join(DOWNSTREAM_OPEN))
@@ -596,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seeds run are FIRST_SEED … FIRST_SEED+SEEDS-1 (split one sweep over several processes)")
     demo.add_argument("--world", type=int, choices=sorted(WORLD_RECIPES), default=2,
                       help="synthetic world version: 2 (configs/demo.yaml) or 3 (configs/demo_v3.yaml: a small, "
-                           "partly wrong caption set where open-response overfitting shows)")
+                           "partly wrong caption set repeated; its calibration: docs/results.md)")
     demo.add_argument("--base", help="start from this model folder (default: the shipped assets/tiny-llava-base)")
     demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tests)")
     demo.add_argument("overrides", nargs="*",

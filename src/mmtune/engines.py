@@ -26,8 +26,11 @@ weights are their bf16 copies; the hooks see the masters. ZeRO-3 also partitions
 holds an empty tensor outside DeepSpeed's gather): there every hook — ``setup`` and ``on_train_end`` included — sees
 the full fp32 masters, and what a method writes goes into the masters and into this process's partition of the
 weights. A method whose loss term reads the trainable weights in the forward pass (L1/L2, EWC, LoRASculpt's CMR,
-ASFT's forward at W0) would read the empty tensors there: those refuse ZeRO-3 (``zero3_refusal``). fp16 (loss
-scaling inside the engine) is refused.
+ASFT's forward at W0) would read the empty tensors there. A term of the weights alone (L1/L2's distance to W0,
+``Method.weight_penalty``) is taken out of the forward pass under ZeRO-3: step 3 adds its gradient on the full fp32
+masters once per optimizer step, before clipping — what the loss term's backward adds on the other engines (it is
+the same every micro-batch and process) — and logs its value. The others refuse ZeRO-3 (``zero3_refusal``). fp16
+(loss scaling inside the engine) is refused.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from mmtune.methods.base import Method, TrainContext, refusal
+from mmtune.methods.base import Method, TrainContext, partitioned, refusal
 
 
 def is_deepspeed(accelerator) -> bool:
@@ -93,7 +96,7 @@ def zero3_refusal(methods: list[Method]) -> str | None:
             return (f"{method.name} can't run under DeepSpeed ZeRO-3: it wraps the model with PEFT's adapters and "
                     "merges them into the weights at the end, which is not tested on ZeRO-3's partitioned weights; "
                     "use ZeRO-2")
-        if method.reads_weights_in_loss:
+        if method.reads_weights_in_loss and not method.overrides("weight_penalty"):
             return (f"{method.name} can't run under DeepSpeed ZeRO-3: its loss term reads the trainable weights in the "
                     "forward pass, where ZeRO-3 leaves each parameter an empty partition; use ZeRO-2 or FSDP2")
     return None
@@ -184,8 +187,21 @@ def on_masters(ctx: TrainContext, write_back: bool) -> Iterator[None]:
                 _write_back_masters(params, full)
 
 
+def add_weight_penalties(ctx: TrainContext, methods: list[Method]) -> dict[str, torch.Tensor]:
+    """Add the gradient of each method's ``weight_penalty`` (at ``ctx.trainable``: full fp32 masters with their full
+    gradient in ``.grad``) to ``.grad``; returns the penalties' values by method name (for the step's log)."""
+    penalties = {m.name: value for m in methods if (value := m.weight_penalty(ctx)) is not None}
+    if penalties:
+        params = list(ctx.trainable.values())
+        grads = torch.autograd.grad(sum(penalties.values()), params, allow_unused=True)
+        for param, grad in zip(params, grads, strict=True):
+            if grad is not None:
+                param.grad = grad.detach() if param.grad is None else param.grad + grad.detach()
+    return {name: value.detach() for name, value in penalties.items()}
+
+
 def deepspeed_step(ctx: TrainContext, methods: list[Method], max_grad_norm: float,
-                   check: Callable[[torch.Tensor], float]) -> float:
+                   check: Callable[..., float]) -> float:
     """One optimizer step under DeepSpeed ZeRO-1/2/3 (see the module docstring); returns the gradient norm."""
     from deepspeed.utils import safe_set_full_grad
 
@@ -194,8 +210,9 @@ def deepspeed_step(ctx: TrainContext, methods: list[Method], max_grad_norm: floa
     # Before the step, fp32 model weights are the masters (DeepSpeed copied them in after the last step); bf16 ones
     # are their rounding and ZeRO-3's are partitions, so the hooks are given DeepSpeed's full fp32 masters instead.
     with _full_tensors(ctx, with_masters=_low_precision(params), with_grads=True) as full:
+        penalties = add_weight_penalties(ctx, methods) if partitioned(params) else {}
         grads = [p for p in full.values() if p.grad is not None]
-        grad_norm = check(torch.nn.utils.clip_grad_norm_(grads, max_grad_norm))
+        grad_norm = check(torch.nn.utils.clip_grad_norm_(grads, max_grad_norm), penalties)
         for method in methods:
             method.before_optimizer_step(ctx)
         for name, param in params.items():

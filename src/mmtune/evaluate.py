@@ -79,7 +79,8 @@ def teacher_forced(model, processor, records: list[Record], batch_size: int = 16
     from mmtune.methods.nrca import noisy_view
 
     model.eval()
-    loader = DataLoader(RecordDataset(records), batch_size=batch_size, collate_fn=TrainCollator(processor, max_length))
+    collate = TrainCollator(processor, max_length, mark_image_tokens=True)
+    loader = DataLoader(RecordDataset(records), batch_size=batch_size, collate_fn=collate)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(0)
     confidence = loss = clean_pictured = noised = 0.0

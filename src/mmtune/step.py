@@ -191,8 +191,10 @@ def train_step(ctx: TrainContext, methods: list[Method], micro: list[dict], opti
         builder.build_step(step)
     terms: dict[str, float] = {}
 
-    def check(grad_norm: torch.Tensor) -> float:
-        """The step's one wait for the device: its loss terms and gradient norm as numbers, checked finite."""
+    def check(grad_norm: torch.Tensor, more_terms: dict[str, torch.Tensor] | None = None) -> float:
+        """The step's one wait for the device: its loss terms (with ``more_terms``: penalties the engine added to the
+        gradient itself, ZeRO-3's weight penalties) and gradient norm as numbers, checked finite."""
+        step.terms.update({k: v.double() for k, v in (more_terms or {}).items()})
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
         numbers = torch.stack([*step.terms.values(), grad_norm.detach().to(torch.float64)]).tolist()

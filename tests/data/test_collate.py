@@ -171,7 +171,8 @@ def test_image_tokens_mark_exactly_the_image_words_of_the_answer(world):
     caption = read_records(world / "detailed_caption_train.jsonl")[0]
     other = Record(id="x", task="t", kind="open", image=caption.image, prompt=caption.prompt,
                    answers=["a red circle"], extra={"image_words": ["Red"]})  # matched whole-word, any case
-    batch = TrainCollator(processor)([RecordDataset([caption, other])[i] for i in range(2)])
+    batch = TrainCollator(processor, mark_image_tokens=True)([RecordDataset([caption, other])[i] for i in range(2)])
+    assert "image_tokens" not in TrainCollator(processor)([RecordDataset([caption])[0]])  # training batches skip it
     tokenizer = processor.tokenizer
     for row, record in enumerate([caption, other]):
         marked = tokenizer.convert_ids_to_tokens(batch["input_ids"][row][batch["image_tokens"][row]].tolist())
@@ -179,6 +180,6 @@ def test_image_tokens_mark_exactly_the_image_words_of_the_answer(world):
         expected = [t for t in answer if t in {w.lower() for w in record.extra["image_words"]}]
         assert marked == expected and marked
         assert not (batch["image_tokens"][row] & (batch["labels"][row] == IGNORE_INDEX)).any()
-    plain = TrainCollator(processor)([RecordDataset(read_records(world / "count_mc_train.jsonl")[:2])[i]
-                                      for i in range(2)])
+    choices = RecordDataset(read_records(world / "count_mc_train.jsonl")[:2])
+    plain = TrainCollator(processor, mark_image_tokens=True)([choices[i] for i in range(2)])
     assert "image_tokens" not in plain

@@ -40,6 +40,8 @@ from mmtune.step import train_step
 # What makes each method act within 3 tiny steps (as tests/test_deepspeed.py's ACTIVE).
 OPTIONS = {"half_ft": {"round_steps": 2}, "l2_reg": {"lam": 1e3}, "l1_reg": {"lam": 1.0},
            "wise_ft": {"alpha": 0.5}}
+# LoRA's B starts at zero, so its update starts in B; a larger rate moves A too within 3 steps.
+LEARNING_RATE = {"lora": 5e-2}
 
 
 class Stand_inAccelerator:
@@ -84,11 +86,13 @@ class Stand_inAccelerator:
         return model
 
 
-def build(sharded: bool, bf16: bool = False):
+def build(sharded: bool, bf16: bool = False, method=None):
     model, processor = build_tiny("llava", words=vocabulary(), seed=0)
     if bf16:  # the weights in bf16, fp32 masters of what trains (mmtune.precision; Accelerate's FSDP2 does the same)
         model.to(torch.bfloat16)
-    apply_scope(model, train_projector=True, last_n_blocks=2)
+    layout = apply_scope(model, train_projector=True, last_n_blocks=2)
+    if method is not None and method.overrides("prepare_model"):  # LoRA: PEFT's adapters before sharding, as the loop
+        model = method.prepare_model(model, layout)
     if bf16:
         keep_fp32_masters(model)
     if sharded:
@@ -97,7 +101,8 @@ def build(sharded: bool, bf16: bool = False):
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
             MixedPrecisionPolicy()
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-        for block in model.model.language_model.layers:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        for block in inner.model.language_model.layers:
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
     return model, processor
@@ -106,17 +111,18 @@ def build(sharded: bool, bf16: bool = False):
 def run(name: str, sharded: bool, batch: dict, resume_dir: Path | None = None, bf16: bool = False) -> dict[str, torch.Tensor]:
     """3 steps of ``name``; with ``resume_dir``, the method is saved after step 2 (one file per process, as the loop
     does on a sharding engine), replaced by a fresh instance set up and loaded from the file, as a resumed run's."""
-    model, _ = build(sharded, bf16)
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     method = METHODS[name](METHODS[name].config_class(**OPTIONS.get(name, {})))
+    model, _ = build(sharded, bf16, method)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     # bf16: the papers' projector rate, where an update is below half a bf16 step of most weights (what fp32 masters
     # exist for: without them such updates vanish)
-    optimizer = torch.optim.AdamW(trainable.values(), lr=2e-5 if bf16 else 1e-2, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable.values(), lr=2e-5 if bf16 else LEARNING_RATE.get(name, 1e-2),
+                                  weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     accelerator = Stand_inAccelerator(sharded, bf16)
     ctx = TrainContext(model=model, unwrapped=model, trainable=trainable, generator=torch.Generator().manual_seed(0),
                        accelerator=accelerator, optimizer=optimizer, total_steps=3, tasks=sorted(set(batch["tasks"])),
-                       batches=lambda: [batch])
+                       batches=lambda: [batch], final_model=model)
     method.setup(ctx)
     for step in range(3):
         if resume_dir is not None and step == 2:
@@ -128,7 +134,13 @@ def run(name: str, sharded: bool, batch: dict, resume_dir: Path | None = None, b
             load_method_states([method], resume_dir, accelerator)
         train_step(ctx, [method], [batch], optimizer, scheduler, TrainConfig(max_grad_norm=1.0))
     method.on_train_end(ctx)
+    if ctx.final_model is not model:  # LoRA: the adapters merged into the scope's weights — compare those
+        trainable = {n: p for n, p in ctx.final_model.named_parameters() if n in SCOPE}
     return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in trainable.items()}
+
+
+# What the scope trains (projector + last 2 blocks), by name: where LoRA's merged update lands.
+SCOPE = {n for n, p in build(False)[0].named_parameters() if p.requires_grad} if __name__ == "__main__" else set()
 
 
 def main() -> None:
@@ -142,7 +154,7 @@ def main() -> None:
     for entry in names:
         bf16 = entry.startswith("bf16:")
         name = entry.removeprefix("bf16:")
-        start = {n: p.detach().clone() for n, p in build(False, bf16)[0].named_parameters() if p.requires_grad}
+        start = {n: p.detach().clone() for n, p in build(False, bf16)[0].named_parameters() if n in SCOPE}
         whole = run(name, False, batch, bf16=bf16)
         try:
             sharded = run(name, True, batch, out.parent / f"resume-{entry.replace(':', '-')}", bf16)

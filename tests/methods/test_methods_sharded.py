@@ -22,8 +22,8 @@ SHARDED = sorted(name for name, cls in METHODS.items() if cls.supports_sharding)
 SAME_CODE_AS_ANOTHER = {"l1_reg": "l2_reg", "wise_ft": "dare", "eaft": "dft"}
 RUN = [name for name in SHARDED if name not in SAME_CODE_AS_ANOTHER]
 # Also in bf16 with fp32 masters (FSDP2's mixed precision against autocast on whole tensors): a loss term, a
-# penalty, a step hook, a mask, a merge.
-BF16 = ["vanilla", "nrca", "l2_reg", "spider", "random_mask", "dare"]
+# penalty, a step hook, a mask, a merge, PEFT's adapters (merged into the shards at the end).
+BF16 = ["vanilla", "nrca", "l2_reg", "spider", "random_mask", "dare", "lora"]
 
 
 @pytest.fixture(scope="module")

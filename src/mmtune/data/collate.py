@@ -136,6 +136,9 @@ class TrainCollator:
 
     processor: object
     max_length: int = 2048
+    # batch["image_tokens"] (NRCA's diagnostic split, ``image_token_flags``): evaluation asks for it; training
+    # batches skip it, as it tokenizes each caption a second time
+    mark_image_tokens: bool = False
 
     def __post_init__(self):
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
@@ -170,7 +173,7 @@ class TrainCollator:
         per_token = {k: encoded.pop(k) for k in list(encoded) if torch.is_tensor(encoded[k])
                      and encoded[k].shape[:2] == prompt_ids.shape}
         rows, labels, extras = [], [], {k: [] for k in per_token}
-        flags = [self.image_token_flags(r) for r in records]
+        flags = [self.image_token_flags(r) if self.mark_image_tokens else None for r in records]
         for i, record in enumerate(records):
             n = int(prompt_mask[i].sum())
             row, label = prompt_ids[i, :n].tolist(), [IGNORE_INDEX] * n

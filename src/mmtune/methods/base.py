@@ -79,7 +79,8 @@ class Method:
     supports_sharding: ClassVar[bool] = False
     sharding_refusal: ClassVar[str] = ""
     # A loss term (``extra_losses``, ``token_loss``) reads the trainable weights themselves (a distance to W0, a
-    # forward at W0): DeepSpeed ZeRO-3, which leaves each parameter an empty partition outside its gather, refuses it.
+    # forward at W0): DeepSpeed ZeRO-3, which leaves each parameter an empty partition outside its gather, refuses it
+    # — unless the term depends on the weights alone and is written as ``weight_penalty`` (L1/L2).
     reads_weights_in_loss: ClassVar[bool] = False
     # ``build_step`` reads or writes ``param.grad`` between backward passes (per-task gradients, a second gradient):
     # DeepSpeed keeps gradients in its own partitioned buffers, so it refuses such a method.
@@ -139,6 +140,13 @@ class Method:
 
     def extra_losses(self, ctx: TrainContext, batch: dict, outputs, sample_loss: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}
+
+    def weight_penalty(self, ctx: TrainContext) -> torch.Tensor | None:
+        """A loss term that depends on the trainable weights alone (``ctx.trainable``: a distance to W0), or None.
+        A method returning one adds it in ``extra_losses`` unless ``partitioned(ctx.trainable)``: under DeepSpeed
+        ZeRO-3 the step adds its gradient once per optimizer step on the full fp32 masters instead
+        (``mmtune.engines.deepspeed_step``), where the forward pass would read empty partitions."""
+        return None
 
     def token_loss(self, ctx: TrainContext, batch: dict, outputs, log_probs: torch.Tensor,
                    index: torch.Tensor) -> torch.Tensor | None:
@@ -257,6 +265,12 @@ def refusal(methods: list[Method], host: str) -> str | None:
 
 
 METHODS: dict[str, type[Method]] = {}
+
+
+def partitioned(trainable: dict[str, torch.Tensor]) -> bool:
+    """Whether the trainable weights are DeepSpeed ZeRO-3 partitions (a parameter's own tensor is empty outside the
+    engine's gather)."""
+    return any(hasattr(p, "ds_tensor") for p in trainable.values())
 
 
 def is_fsdp(accelerator) -> bool:

@@ -10,7 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
-from mmtune.methods.base import MethodConfig, PretrainedSnapshotMethod, local_shard, register, sum_over_shards
+from mmtune.methods.base import (
+    MethodConfig,
+    PretrainedSnapshotMethod,
+    local_shard,
+    partitioned,
+    register,
+    sum_over_shards,
+)
 
 
 def distance_penalty(trainable: dict[str, torch.Tensor], pretrained: dict[str, torch.Tensor], power: int) -> torch.Tensor:
@@ -34,7 +41,7 @@ class L2RegConfig(MethodConfig):
 @register
 class L2Reg(PretrainedSnapshotMethod):
     name = "l2_reg"
-    reads_weights_in_loss = True  # refused under ZeRO-3 (mmtune.engines.zero3_refusal)
+    reads_weights_in_loss = True  # as weight_penalty: under ZeRO-3 its gradient is added on the full masters
     supports_sharding = True  # tested on FSDP2 shards: tests/methods/test_methods_sharded.py
     description = "loss += λ·mean MSE(W, W0) over trainable tensors (papers' baseline)"
     config_class = L2RegConfig
@@ -42,6 +49,10 @@ class L2Reg(PretrainedSnapshotMethod):
     power = 2
 
     def extra_losses(self, ctx, batch, outputs, sample_loss):
+        penalty = None if partitioned(ctx.trainable) else self.weight_penalty(ctx)
+        return {} if penalty is None else {self.name: penalty}
+
+    def weight_penalty(self, ctx):
         if self.config.lam == 0:
-            return {}
-        return {f"{self.name}": self.config.lam * distance_penalty(ctx.trainable, self.pretrained, self.power)}
+            return None
+        return self.config.lam * distance_penalty(ctx.trainable, self.pretrained, self.power)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft.tuners.lora import LoraLayer
 
-from mmtune.methods.base import Method, MethodConfig, register
+from mmtune.methods.base import Method, MethodConfig, is_fsdp, laid_out_as, register, whole
 from mmtune.models.scope import part_of
 
 
@@ -42,9 +44,7 @@ class LoraMethodConfig(MethodConfig):
 @register
 class Lora(Method):
     name = "lora"
-    sharding_refusal = (
-        "PEFT's adapters under FSDP2 (wrapping, merging the adapter into sharded weights at the end) are not "
-        "tested yet")
+    supports_sharding = True  # tested on FSDP2 shards: tests/methods/test_methods_sharded.py
     description = "LoRA adapters (peft) on the scope's LLM blocks, merged at the end (Hu et al., 2022)"
     config_class = LoraMethodConfig
 
@@ -72,4 +72,24 @@ class Lora(Method):
     def on_train_end(self, ctx):
         if not self.config.merge and ctx.output_dir is not None and ctx.accelerator.is_main_process:
             ctx.final_model.save_pretrained(ctx.output_dir / "adapter")
-        ctx.final_model = ctx.final_model.merge_and_unload()
+        if is_fsdp(ctx.accelerator):  # PEFT's merge adds B·A into the weight in place, which shards don't allow
+            merge_sharded(ctx.final_model)
+            ctx.final_model = ctx.final_model.unload()
+        else:
+            ctx.final_model = ctx.final_model.merge_and_unload()
+
+
+@torch.no_grad()
+def merge_sharded(model) -> None:
+    """Each LoRA layer's ``W += scale · B·A`` on FSDP2 shards: the adapter's whole factors (gathered one layer at a
+    time, the same on every process) give the whole update, of which each process adds its piece to its shard of W."""
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        weight = module.get_base_layer().weight
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A:
+                continue
+            delta = whole(module.lora_B[adapter].weight).float() @ whole(module.lora_A[adapter].weight).float()
+            delta = (delta.T if module.fan_in_fan_out else delta) * module.scaling[adapter]
+            weight.add_(laid_out_as(delta.to(weight.dtype), weight))

@@ -71,6 +71,9 @@ class LoraSculptConfig(LoraMethodConfig):
 class LoraSculpt(Lora):
     name = "lora_sculpt"
     reads_weights_in_loss = True  # refused under ZeRO-3 (mmtune.engines.zero3_refusal)
+    supports_sharding = False  # LoRA's is; the sculpting and the CMR term are not tested on shards
+    sharding_refusal = ("its magnitude masks over B·A and its CMR penalty over the frozen base weights are computed on "
+                        "whole tensors, which is not tested on FSDP2 shards")
     description = "LoRA sculpted to its largest entries + a penalty where the base's weights are large (Liang et al., CVPR 2025)"
     config_class = LoraSculptConfig
     persistent = ("masks",)
