@@ -281,7 +281,8 @@ def demo_merges(out: Path, base: Path, common: list[str], args) -> list[Path]:
     from mmtune.models.load import load_model
     from mmtune.train import train
 
-    demo = load_config(CONFIGS / WORLD_RECIPES[args.world], [*common, f"model.path={base}"])
+    recipe = CONFIGS / WORLD_RECIPES[args.world]
+    demo = load_config(recipe, [*common, f"model.path={base}"])
     world = Path(demo.data.synthetic.dir)
     ensure_world(world, seed=demo.data.synthetic.seed, n_train=demo.data.synthetic.n_train,
                  n_test=demo.data.synthetic.n_test, image_size=demo.data.synthetic.image_size, progress=False,
@@ -299,7 +300,7 @@ def demo_merges(out: Path, base: Path, common: list[str], args) -> list[Path]:
                 continue
             print(f"== merge, stage 1: {name} alone, seed {seed}")
             extra = ["train.max_steps=6"] if args.quick else []
-            train(load_config(CONFIGS / WORLD_RECIPES[args.world], [
+            train(load_config(recipe, [
                 *common, f"model.path={base}", f"data.tasks=[{{path: '{task.path}', n: {task.n}}}]",
                 f"train.seed={seed}", f"train.output_dir={run}", "train.overwrite=true", "eval.downstream=[]",
                 "eval.heldout=[]", *extra]))

@@ -167,7 +167,7 @@ def _write_weight(param: nn.Parameter, value: torch.Tensor) -> None:
 def _low_precision(params: dict[str, nn.Parameter]) -> bool:
     """Whether the model's trainable weights are not DeepSpeed's fp32 masters themselves: a low-precision copy (bf16
     runs), or ZeRO-3's partitions (a parameter's own tensor is empty outside DeepSpeed's gather)."""
-    return any(p.dtype != torch.float32 or hasattr(p, "ds_tensor") for p in params.values())
+    return partitioned(params) or any(p.dtype != torch.float32 for p in params.values())
 
 
 @contextlib.contextmanager

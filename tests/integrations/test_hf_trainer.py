@@ -131,3 +131,27 @@ def test_lora_inside_the_trainer_trains_adapters_and_merges(world, tmp_path):
     moved = [n for n in before if not torch.equal(weights[n], before[n])]
     assert any(".layers.3.self_attn.q_proj" in n for n in moved)  # the adapters' update, merged into the block
     assert all("vision_tower" not in n for n in moved)
+
+
+def test_a_trainer_under_zero3_refuses_a_loss_that_reads_the_weights():
+    """mmtune's loop adds L1/L2's penalty on ZeRO-3's full masters; a Trainer's step would see empty partitions (and
+    L2's loss term steps aside there), so the Trainer refuses instead of training as vanilla."""
+    from types import SimpleNamespace
+
+    from mmtune.integrations.hf_trainer import MethodTrainerMixin
+    from mmtune.methods.l2_reg import L2Reg
+    from mmtune.methods.nrca import NRCA
+
+    class ZeRO3Trainer:  # what the mixin reads of a Trainer built with a ZeRO-3 DeepSpeed config
+        def __init__(self, *args, **kwargs):
+            self.accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+
+        def add_callback(self, callback):
+            pass
+
+    class Trainer(MethodTrainerMixin, ZeRO3Trainer):
+        pass
+
+    with pytest.raises(ValueError, match="l2_reg: the loss term reads the trainable weights.*ZeRO-3"):
+        Trainer(methods=[NRCA(), L2Reg()])
+    Trainer(methods=[NRCA()])  # a loss of the outputs alone runs

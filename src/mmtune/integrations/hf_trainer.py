@@ -82,6 +82,13 @@ class MethodTrainerMixin:
         if methods:
             args, kwargs = _prepared(methods, args, kwargs)
         super().__init__(*args, **kwargs)
+        plugin = getattr(getattr(getattr(self, "accelerator", None), "state", None), "deepspeed_plugin", None)
+        weights = [m.name for m in methods or [] if m.reads_weights_in_loss]
+        if plugin is not None and plugin.zero_stage == 3 and weights:
+            # mmtune's own step adds L1/L2's penalty on the full masters under ZeRO-3; a Trainer's step can't
+            raise ValueError(f"{', '.join(weights)}: the loss term reads the trainable weights, which DeepSpeed ZeRO-3 "
+                             "leaves as empty partitions in a Hugging Face Trainer's step; train with mmtune train "
+                             "(which runs L1/L2 under ZeRO-3) or use ZeRO-2")
         self._term_sums: dict[str, float] = {}
         self._term_count = 0
         self.methods = methods or []
