@@ -182,7 +182,8 @@ def detailed_caption_v3(scene: Scene, rng: random.Random):
 
 def _v3_references(scene: Scene, count: int | None = None) -> list[str]:
     placed = [f"a {t.color} object {_at(t.cell)}" for t in scene.things]
-    count_word = f"{COUNT_WORDS[count or len(scene.things)]} object{'s' if (count or len(scene.things)) > 1 else ''}"
+    count = count or len(scene.things)
+    count_word = f"{COUNT_WORDS[count]} object{'s' if count > 1 else ''}"
     return [
         f"there is {_join(placed)} on a {scene.background} background .",
         f"the image shows {count_word} : {_join(placed)} .",
@@ -351,7 +352,7 @@ def make_records(scenes: list[tuple[str, Scene]], family: str, split: str, seed:
     kind = "choice" if family in CHOICE_FAMILIES else "open"
     v3_caption = version >= 3 and family == "detailed_caption"
     for image_path, scene in scenes:
-        words = image_words(scene)
+        words = image_words(scene) if family in CAPTION_FAMILIES else None
         if v3_caption and split == "train":
             caption, seen, count = human_caption(scene, rng)
             out, words = (CAPTION_PROMPT, [caption], None, None), image_words(seen, count)
@@ -369,6 +370,13 @@ def make_records(scenes: list[tuple[str, Scene]], family: str, split: str, seed:
             extra={"image_words": words} if family in CAPTION_FAMILIES else {},
         ))
     return records
+
+
+def world_marker(version: int, seed: int, n_train: int, n_test: int, image_size: int,
+                 families: tuple[str, ...]) -> dict:
+    """What ``world.json`` holds: everything that makes two worlds the same (a v3 world also names its caption rule)."""
+    return {"version": version, "seed": seed, "n_train": n_train, "n_test": n_test, "image_size": image_size,
+            "families": list(families), **({"captions": V3_CAPTIONS} if version >= 3 else {})}
 
 
 def generate_world(out_dir: str | Path, seed: int = 0, n_train: int = 1000, n_test: int = 200,
@@ -402,9 +410,7 @@ def generate_world(out_dir: str | Path, seed: int = 0, n_train: int = 1000, n_te
             files[family][split] = path
     import json
 
-    marker.write_text(json.dumps({"version": version, "seed": seed, "n_train": n_train, "n_test": n_test,
-                                  "image_size": image_size, "families": list(families),
-                                  **({"captions": V3_CAPTIONS} if version >= 3 else {})}, indent=2) + "\n")
+    marker.write_text(json.dumps(world_marker(version, seed, n_train, n_test, image_size, families), indent=2) + "\n")
     return files
 
 
@@ -417,8 +423,7 @@ def ensure_world(world_dir: str | Path, seed: int, n_train: int, n_test: int, im
     import json
 
     world_dir = Path(world_dir)
-    wanted = {"version": version, "seed": seed, "n_train": n_train, "n_test": n_test,
-              "image_size": image_size, "families": list(FAMILIES), **({"captions": V3_CAPTIONS} if version >= 3 else {})}
+    wanted = world_marker(version, seed, n_train, n_test, image_size, FAMILIES)
     marker = world_dir / "world.json"
     if marker.exists():
         found = json.loads(marker.read_text())
