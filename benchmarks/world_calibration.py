@@ -12,7 +12,8 @@ World v3 (read from the runs' config) changes target 1 to the fixed-choice downs
 evaluations during training (``eval.every_steps``):
 
 5. the open-response task overfits: ``mmtune report``'s flag (its score falls from the peak of the mean curve to the
-   last evaluation, one-sided t-test over seeds p < 0.05), by at least ``MIN_FALL`` CIDEr;
+   last evaluation, one-sided t-test over seeds p < 0.05), by at least ``MIN_FALL`` CIDEr — the score of sampled
+   captions where the runs sampled them (``eval.sample_temperature``, amendment 2), greedy otherwise;
 6. it improved first: the mean curve's peak is above the base's score on the same records;
 7. the fixed-choice tasks keep improving: each one's mean at the last evaluation is above its mean at the caption's
    peak, and its score is not flagged.
@@ -94,7 +95,7 @@ def check(out: Path) -> tuple[list[str], bool]:
 
 def during_training_targets(out: Path, down: list[str], choice: list[str]) -> list[tuple]:
     """World v3's targets 5–7 on the vanilla runs' evaluations during training (rows of their metrics.jsonl)."""
-    from mmtune.report import load_run, overfitting
+    from mmtune.report import load_run, open_score_key, overfitting
 
     runs = [load_run(r.parents[2]) for r in sorted(out.glob("vanilla-seed*/eval/final/scores.json"))]
     curves = [r["curve"] for r in runs]
@@ -102,22 +103,25 @@ def during_training_targets(out: Path, down: list[str], choice: list[str]) -> li
         return [("5–7: evaluations during training", "–", "–", "none in metrics.jsonl (eval.every_steps)", False)]
     steps = sorted(set.intersection(*[{p["step"] for p in c} for c in curves]))
 
-    def mean_at(task: str, step: int) -> float:
-        return statistics.mean(next(p["tasks"][task] for p in c if p["step"] == step) for c in curves)
+    def mean_at(task: str, step: int, key: str = "tasks") -> float:
+        return statistics.mean(next(p[key][task] for p in c if p["step"] == step) for c in curves)
 
     rows = []
     base_during = json.loads(sorted(out.glob("vanilla-seed*/eval/during/base/scores.json"))[0].read_text())["tasks"]
     for task in (t for t in down if t not in choice):
-        flags = [f for f in overfitting("vanilla", curves, [task]) if f["what"] == "score"]
-        peak = max(steps, key=lambda s: mean_at(task, s))
-        fall = mean_at(task, peak) - mean_at(task, steps[-1])
+        key = open_score_key(curves, task)  # amendment 2: the sampled CIDEr where the runs sampled it
+        what, label = ("sampled score", f"{task} (sampled)") if key == "sampled" else ("score", task)
+        flags = [f for f in overfitting("vanilla", curves, [task]) if f["what"] == what]
+        peak = max(steps, key=lambda s: mean_at(task, s, key))
+        fall = mean_at(task, peak, key) - mean_at(task, steps[-1], key)
         p = f", p = {flags[0]['p']:.3g}" if flags else ""
-        rows.append((f"5: overfits (flagged, fall ≥ {MIN_FALL:g})", task, "–",
-                     f"peak {mean_at(task, peak):.1f} at step {peak}, last {mean_at(task, steps[-1]):.1f} "
-                     f"(fall {fall:.1f}{p})", bool(flags) and fall >= MIN_FALL))
-        b = base_during[task]["score"]
-        rows.append(("6: its peak is above the base (same records)", task, f"{b:.1f}", f"{mean_at(task, peak):.1f}",
-                     mean_at(task, peak) > b))
+        greedy = (f"; greedy {mean_at(task, peak):.1f} → {mean_at(task, steps[-1]):.1f}" if key == "sampled" else "")
+        rows.append((f"5: overfits (flagged, fall ≥ {MIN_FALL:g})", label, "–",
+                     f"peak {mean_at(task, peak, key):.1f} at step {peak}, last {mean_at(task, steps[-1], key):.1f} "
+                     f"(fall {fall:.1f}{p}{greedy})", bool(flags) and fall >= MIN_FALL))
+        b = base_during[task]["sampled_score" if key == "sampled" else "score"]
+        rows.append(("6: its peak is above the base (same records)", label, f"{b:.1f}",
+                     f"{mean_at(task, peak, key):.1f}", mean_at(task, peak, key) > b))
         for other in choice:
             flagged = any(f["what"] == "score" for f in overfitting("vanilla", curves, [other]))
             at_peak, last = mean_at(other, peak), mean_at(other, steps[-1])

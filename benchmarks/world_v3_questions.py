@@ -1,7 +1,8 @@
 """World v3's two pre-registered questions (docs/results.md, "World v3 — pre-registration"), on finished demo runs.
 
-1. Does a method reduce the open-response task's overfitting — its peak-to-end fall during training — against
-   vanilla, without costing the fixed-choice tasks at the end?
+1. Does a method reduce the open-response task's overfitting — its peak-to-end fall during training (of the sampled
+   CIDEr where the runs sampled, amendment 2; else greedy) — against vanilla, without costing the fixed-choice tasks
+   at the end?
 2. Does it reduce forgetting (G/adj at the end) against vanilla?
 
 For each method folder ``<out>/<method>-seed<k>`` sharing seeds with ``<out>/vanilla-seed<k>``: the per-seed fall of
@@ -21,15 +22,17 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from mmtune.report import difference_interval, holm, load_run, paired_p
+from mmtune.report import difference_interval, holm, load_run, open_score_key, paired_p
 
 OPEN, CHOICE = "detailed_caption", ("count_mc", "attribute_mc")
 
 
-def falls(curves: dict[int, list[dict]], task: str = OPEN) -> tuple[int, dict[int, float]]:
-    """The step where the mean over seeds peaks, and each seed's fall from there to its last evaluation."""
+def falls(curves: dict[int, list[dict]], task: str = OPEN, key: str | None = None) -> tuple[int, dict[int, float]]:
+    """The step where the mean over seeds peaks, and each seed's fall from there to its last evaluation; of the
+    sampled score where the runs have one (amendment 2), else of the greedy score (``key`` chooses)."""
+    key = key or open_score_key(list(curves.values()), task)
     steps = sorted(set.intersection(*[{p["step"] for p in c} for c in curves.values()]))
-    at = {seed: {p["step"]: p["tasks"][task] for p in c} for seed, c in curves.items()}
+    at = {seed: {p["step"]: p[key][task] for p in c} for seed, c in curves.items()}
     peak = max(steps, key=lambda s: statistics.mean(a[s] for a in at.values()))
     return peak, {seed: a[peak] - a[steps[-1]] for seed, a in at.items()}
 
@@ -53,12 +56,14 @@ def questions(out: Path, *more: Path) -> dict:
     if "vanilla" not in runs:
         raise SystemExit(f"{out}: no finished vanilla-seed* runs")
     vanilla = runs["vanilla"]
-    vanilla_peak, vanilla_falls = falls({s: r["curve"] for s, r in vanilla.items()})
-    result = {"vanilla": {"peak_step": vanilla_peak, "falls": vanilla_falls}, "methods": {}}
+    key = open_score_key([r["curve"] for r in vanilla.values()], OPEN)
+    vanilla_peak, vanilla_falls = falls({s: r["curve"] for s, r in vanilla.items()}, key=key)
+    result = {"score": "sampled" if key == "sampled" else "greedy",
+              "vanilla": {"peak_step": vanilla_peak, "falls": vanilla_falls}, "methods": {}}
     for method, by_seed in sorted(runs.items()):
         if method == "vanilla" or len(set(by_seed) & set(vanilla)) < 2:
             continue
-        peak, mine = falls({s: r["curve"] for s, r in by_seed.items()})
+        peak, mine = falls({s: r["curve"] for s, r in by_seed.items()}, key=key)
         entry = {"peak_step": peak, "fall": compare(mine, vanilla_falls),
                  "G/adj": compare({s: r["final"]["G/adj"] for s, r in by_seed.items()},
                                   {s: r["final"]["G/adj"] for s, r in vanilla.items()})}
@@ -85,8 +90,8 @@ def verdict(entry: dict, better: str) -> str:
 
 def to_markdown(result: dict) -> str:
     v = result["vanilla"]
-    lines = [f"Vanilla's {OPEN} peaks at step {v['peak_step']} (mean curve); its falls from there to the end, per "
-             f"seed: {', '.join(f'{f:.1f}' for f in v['falls'].values())}.", "",
+    lines = [f"Vanilla's {OPEN} ({result.get('score', 'greedy')} CIDEr) peaks at step {v['peak_step']} (mean curve); "
+             f"its falls from there to the end, per seed: {', '.join(f'{f:.1f}' for f in v['falls'].values())}.", "",
              f"| method | seeds | peak step | fall − vanilla's (CIDEr) | {' | '.join(f'{t} − vanilla' for t in CHOICE)} "
              "| G/adj − vanilla |", "|---|---|---|---|" + "---|" * len(CHOICE) + "---|"]
     for method, e in result["methods"].items():

@@ -99,6 +99,40 @@ def test_eval_command_writes_scores_and_predictions(tmp_path, world, capsys):
     assert "exists" in capsys.readouterr().err
 
 
+def test_sampled_score_of_open_response_tasks(tmp_path, world, capsys):
+    """--sample-temperature scores the caption task (not the multiple choice) on sampled answers too: the same seed
+    draws the same captions, they differ from the greedy ones, and the caller's random state is left untouched."""
+    import torch
+
+    model = save_tiny(tmp_path / "model", "llava", words=vocabulary())
+    args = ["eval", "--model", str(model), "--tasks", str(world / "detailed_caption_test.jsonl"),
+            str(world / "count_mc_test.jsonl"), "--limit", "6", "--max-new-tokens", "8", "--sample-temperature", "1.0"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert "sampled" in capsys.readouterr().out
+    a, b = (json.loads((tmp_path / x / "scores.json").read_text())["tasks"] for x in "ab")
+    assert "sampled_score" in a["detailed_caption"] and "sampled_score" not in a["count_mc"]
+    assert a["detailed_caption"]["sampled_score"] == b["detailed_caption"]["sampled_score"]
+    read = lambda x, name: [json.loads(line)["prediction"]  # noqa: E731
+                            for line in (tmp_path / x / "predictions" / name).read_text().splitlines()]
+    sampled = read("a", "detailed_caption.sampled.jsonl")
+    assert len(sampled) == 6 and sampled == read("b", "detailed_caption.sampled.jsonl")
+    assert sampled != read("a", "detailed_caption.jsonl")  # greedy
+    assert not (tmp_path / "a" / "predictions" / "count_mc.sampled.jsonl").exists()
+
+    from mmtune.data.records import read_records
+    from mmtune.evaluate import sampled_answers
+    from mmtune.models.load import load_model
+
+    loaded, processor = load_model(model)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    again = sampled_answers(loaded, processor, read_records(world / "detailed_caption_test.jsonl")[:6], 1.0, 0,
+                            max_new_tokens=8, progress=False)
+    assert again == sampled and torch.equal(torch.rand(3), expected_next)  # training draws what it would have
+
+
 def test_batched_generation_equals_one_by_one(tmp_path, world):
     from mmtune.data.records import read_records
     from mmtune.evaluate import generate

@@ -11,13 +11,13 @@ from mmtune.train import train
 def test_evaluation_during_training_logs_the_trade_off_by_step(tiny_config):
     run = train(tiny_config("train.max_steps=4", "eval.every_steps=2", "eval.during_limit=3", "eval.limit=3",
                             "eval.max_new_tokens=3", "eval.downstream=['synthetic:count_mc', 'synthetic:detailed_caption']",
-                            "eval.heldout=['synthetic:color_vqa']"))
+                            "eval.heldout=['synthetic:color_vqa']", "eval.sample_temperature=1.0"))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval" in r]
     assert [r["step"] for r in evals] == [2, 4]
     assert {"S", "G", "H", "S/base", "G/base", "tasks", "val_loss", "confidence_gap"} <= evals[0]["eval"].keys()
     # NRCA's diagnostic split where the records name their image words (the synthetic captions), not elsewhere
-    for key in ("confidence_gap_image", "confidence_gap_template"):
+    for key in ("confidence_gap_image", "confidence_gap_template", "sampled"):  # sampled: open-response tasks only
         assert set(evals[0]["eval"][key]) == {"detailed_caption"}
     assert (run / "report" / "tasks_over_steps.png").is_file()
     assert (run / "eval" / "during" / "base" / "scores.json").is_file()

@@ -190,9 +190,19 @@ def test_a_task_that_overfits_during_training_is_flagged_beyond_seed_noise(tmp_p
         _curve(run, [(step, {"cap": 200.0 + value, "mc": 70.0, "vqa": 60.0}, {"cap": 1.0, "mc": 1.0, "vqa": 1.0})
                      for step, value in ((10, 0.0), (20, 20.0), (30, 20.0 + fall / 2), (40, 20.0 + fall))])
         runs.append(run)
+    for seed in range(3):  # greedy captions keep rising; sampled ones (eval.sample_temperature) peak and fall
+        run = _run(tmp_path, "sampler", seed, {"cap": 200.0, "mc": 70.0, "vqa": 60.0})
+        _curve(run, [(step, {"cap": 200.0 + step, "mc": 70.0, "vqa": 60.0}, {"cap": 1.0, "mc": 1.0, "vqa": 1.0})
+                     for step in (10, 20, 30, 40)])
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for row, sampled in zip(rows, (50.0, 80.0 + seed, 60.0, 40.0 - seed), strict=True):
+            row["eval"]["sampled"] = {"cap": sampled}
+        (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        runs.append(run)
     report = write_report(runs, tmp_path / "rep")
     flagged = {(f["method"], f["task"], f["what"]) for f in report["overfitting"]}
-    assert flagged == {("vanilla", "cap", "score"), ("vanilla", "cap", "validation loss")}
+    assert flagged == {("vanilla", "cap", "score"), ("vanilla", "cap", "validation loss"),
+                       ("sampler", "cap", "sampled score")}
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "- vanilla: cap overfits after step 20 (score 261.00 there, 206.00 at the end" in text
     assert (tmp_path / "rep" / "tasks_over_steps.png").exists()

@@ -24,16 +24,23 @@ def _scores(values: dict) -> dict:
                           "chance": 25.0 if TASKS[k][1] == "mc" else 0.0} for k, v in values.items()}}
 
 
-def _run(root: Path, method: str, seed: int, curve: list[tuple[int, float, float]], final: dict) -> Path:
-    """``curve``: (step, caption CIDEr, count MC) per evaluation during training; attribute MC rises with count MC."""
+def _run(root: Path, method: str, seed: int, curve: list[tuple[int, float, float]], final: dict,
+         sampled: list[float] | None = None) -> Path:
+    """``curve``: (step, caption CIDEr, count MC) per evaluation during training; attribute MC rises with count MC;
+    ``sampled``: the caption's sampled CIDEr at the same evaluations (amendment 2), if the run sampled."""
     run = root / f"{method}-seed{seed}"
     for where, values in (("final", final), ("base", BASE), ("during/base", BASE)):
         (run / "eval" / where).mkdir(parents=True)
-        (run / "eval" / where / "scores.json").write_text(json.dumps(_scores(values)))
+        scores = _scores(values)
+        if sampled is not None:
+            scores["tasks"]["detailed_caption"]["sampled_score"] = 40.0
+        (run / "eval" / where / "scores.json").write_text(json.dumps(scores))
     (run / "config.yaml").write_text(yaml.safe_dump({"method": {"name": method}, "train": {"seed": seed},
                                                      "data": {"synthetic": {"version": 3}}}))
     rows = [{"step": step, "eval": {"tasks": {"detailed_caption": cap, "count_mc": mc, "attribute_mc": mc - 10,
-                                              "color_vqa": 50.0}, "val_loss": {}}} for step, cap, mc in curve]
+                                              "color_vqa": 50.0}, "val_loss": {},
+                                    **({"sampled": {"detailed_caption": sampled[i]}} if sampled else {})}}
+            for i, (step, cap, mc) in enumerate(curve)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return run
 
@@ -68,6 +75,26 @@ def test_v3_calibration_fails_when_the_caption_keeps_improving(tmp_path):
     text = "\n".join(world_calibration.check(tmp_path)[0])
     assert "| 5: overfits (flagged, fall ≥ 10) | detailed_caption | – | peak 211.0 at step 200, last 211.0 (fall 0.0) " \
            "| **no** |" in text
+
+
+def test_v3_calibration_judges_the_sampled_score_where_the_runs_sampled(tmp_path):
+    """Amendment 2: greedy captions that keep improving while the sampled ones peak and fall pass target 5 on the
+    sampled score (greedy shown beside); the same runs without the sampled score fail it."""
+    greedy = [(50, 150, 40), (100, 170, 50), (150, 190, 60), (200, 210, 70)]
+    final = {"detailed_caption": 210.0, "count_mc": 70.0, "attribute_mc": 40.0, "color_vqa": 40.0}
+    for seed in range(3):
+        _run(tmp_path / "sampled", "vanilla", seed, greedy, final, sampled=[60, 90 + seed, 75 - seed, 62 - 2 * seed])
+        _run(tmp_path / "greedy", "vanilla", seed, greedy, final)
+    text = "\n".join(world_calibration.check(tmp_path / "sampled")[0])
+    assert "| 5: overfits (flagged, fall ≥ 10) | detailed_caption (sampled) | – | peak 91.0 at step 100, last 60.0 " \
+           "(fall 31.0, p = " in text and "; greedy 170.0 → 210.0) | yes |" in text
+    assert "| 6: its peak is above the base (same records) | detailed_caption (sampled) | 40.0 | 91.0 | yes |" in text
+    assert "| 7: keeps improving after detailed_caption's peak | count_mc | 30.0 | 50.0 at step 100 → 70.0 | yes |" \
+        in text
+    assert "| 5: overfits (flagged, fall ≥ 10) | detailed_caption | – | peak 210.0 at step 200" in \
+        "\n".join(world_calibration.check(tmp_path / "greedy")[0])
+    result = world_v3_questions.questions(tmp_path / "sampled")
+    assert result["score"] == "sampled" and result["vanilla"]["falls"] == {0: 28.0, 1: 31.0, 2: 34.0}
 
 
 def test_v3_questions_pair_each_method_with_vanilla_by_seed(tmp_path):

@@ -58,16 +58,21 @@ def cmd_eval(args) -> int:
     sides = {"downstream": [resolve_task_path(p, world, "test") for p in args.tasks],
              "heldout": [resolve_task_path(p, world, "test") for p in args.heldout]}
     out = Path(args.out or Path(args.model) / "eval")
+    if args.sample_temperature is not None and args.sample_temperature <= 0:
+        raise ValueError(f"--sample-temperature {args.sample_temperature} must be > 0")
     results = evaluate(model, processor, sides, out, args.batch_size, args.max_new_tokens, args.limit,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, sample_temperature=args.sample_temperature,
+                       sample_seed=args.sample_seed)
     # What `mmtune report` needs to put this evaluation in a table (a row labelled --label).
     info = {"label": args.label or Path(args.model).resolve().name, "model": str(Path(args.model).resolve()),
-            "eval": {"max_new_tokens": args.max_new_tokens, "limit": args.limit}}
+            "eval": {"max_new_tokens": args.max_new_tokens, "limit": args.limit,
+                     "sample_temperature": args.sample_temperature, "sample_seed": args.sample_seed}}
     if args.base_scores:  # the base model's evaluation (same tasks, same settings): normalised columns in reports
         info["base_scores"] = str(Path(args.base_scores).resolve())
     atomic_write(out / "eval_info.json", json.dumps(info, indent=2) + "\n")
     for task, result in results["tasks"].items():
-        print(f"{task:<24} {result['metric']:<6} {result['score']:7.2f}  (n={result['n']}, {result['side']})")
+        sampled = f", sampled {result['sampled_score']:.2f}" if "sampled_score" in result else ""
+        print(f"{task:<24} {result['metric']:<6} {result['score']:7.2f}  (n={result['n']}, {result['side']}{sampled})")
     print(f"wrote {out / 'scores.json'} and {out / 'predictions'}/")
     return 0
 
@@ -545,6 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="at most this many records per task")
     ev.add_argument("--dtype", default="fp32", choices=DTYPES)
     ev.add_argument("--overwrite", action="store_true", help="replace an existing scores.json in --out")
+    ev.add_argument("--sample-temperature", type=float,
+                    help="also score open-response (CIDEr) tasks on answers sampled at this temperature "
+                         "(sampled_score): confidence in wrong words shows there, not in greedy answers")
+    ev.add_argument("--sample-seed", type=int, default=0, help="the sampling's seed (same seed, same draws)")
     ev.add_argument("--label", help="the row's name in `mmtune report` (default: the model folder's name)")
     ev.add_argument("--world", help="the synthetic world folder, for synthetic:<family> tasks")
     ev.add_argument("--base-scores", help="the base model's scores.json on the same tasks (e.g. RUN/eval/base/"

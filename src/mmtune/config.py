@@ -244,6 +244,9 @@ class EvalConfig:
     before: bool = True  # also evaluate the base model before training
     every_steps: int | None = None  # also evaluate every N optimizer steps, on eval.during_limit records per task
     during_limit: int = 50  # records per task for the evaluations during training (a fixed subset: the first N)
+    # greedy answers keep the most likely word even when confidence has drifted to wrong ones; sampled ones show it
+    sample_temperature: float | None = None  # also score open-response (CIDEr) tasks on answers sampled at this T
+    sample_seed: int = 0  # the seed of eval.sample_temperature's draws (every evaluation draws the same numbers)
 
     def __post_init__(self):
         for key in ("batch_size", "max_new_tokens", "during_limit"):
@@ -251,6 +254,8 @@ class EvalConfig:
         _check(self.limit is None or self.limit >= 1, f"eval.limit={self.limit} must be ≥ 1 (or null: all)")
         _check(self.every_steps is None or self.every_steps >= 1,
                f"eval.every_steps={self.every_steps} must be ≥ 1 (or null: only before and after training)")
+        _check(self.sample_temperature is None or self.sample_temperature > 0,
+               f"eval.sample_temperature={self.sample_temperature} must be > 0 (or null: greedy only)")
 
 
 @dataclass

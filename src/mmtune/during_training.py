@@ -38,7 +38,8 @@ def run_evaluation(model, processor, config: RunConfig, world: Path | None, out:
     if not any(sides.values()):
         return None
     return evaluate(model, processor, sides, out, config.eval.batch_size, config.eval.max_new_tokens,
-                    limit or config.eval.limit, config.train.progress, overwrite=True)
+                    limit or config.eval.limit, config.train.progress, overwrite=True,
+                    sample_temperature=config.eval.sample_temperature, sample_seed=config.eval.sample_seed)
 
 
 def base_needs_evaluation(run: Run) -> bool:
@@ -131,9 +132,13 @@ def evaluate_during_training(run: Run, name: str) -> dict | None:
             # and NRCA's diagnostic: how much each task's target confidence still depends on the image
             gaps = {key: {task: result[key] for task, result in scores["tasks"].items() if key in result}
                     for key in GAP_KEYS}
+            # and, with eval.sample_temperature, the open-response tasks' scores on sampled answers
+            sampled = {task: result["sampled_score"] for task, result in scores["tasks"].items()
+                       if "sampled_score" in result}
             row = {"step": run.ctx.step,
                    "eval": {**{k: v for k, v in summary.items() if k not in ("normalised", "adjusted")},
-                            "val_loss": losses, **{key: value for key, value in gaps.items() if value}}}
+                            "val_loss": losses, **{key: value for key, value in gaps.items() if value},
+                            **({"sampled": sampled} if sampled else {})}}
     run.peers.wait_for_main(run.accelerator)
     return row
 

@@ -1,4 +1,5 @@
-"""Batched greedy generation over each task's test records, scored with the task's metric.
+"""Batched greedy generation over each task's test records, scored with the task's metric (and, if asked, sampled
+generation of the open-response tasks).
 
 Every evaluation writes ``predictions/<task>.jsonl`` (one line per sample: id, prompt, prediction,
 references, per-sample score) next to ``scores.json``, so a number can always be traced to its samples.
@@ -143,10 +144,27 @@ def chance_score(records: list[Record]) -> float:
     return 100 * sum(1 / n for n in choices) / len(records) if choices and len(choices) == len(records) else 0.0
 
 
+def sampled_answers(model, processor, records: list[Record], temperature: float, seed: int, batch_size: int = 16,
+                    max_new_tokens: int = 128, progress: bool = True, desc: str = "sample") -> list[str]:
+    """Answers sampled from the model's own distribution at ``temperature`` (no top-k / top-p cut), from a fixed
+    ``seed`` so every evaluation draws the same random numbers; the caller's random state is left as it was (an
+    evaluation during training must not change what the training draws next)."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return generate(model, processor, records, batch_size, max_new_tokens, progress, desc,
+                        sampling={"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0})
+
+
 def evaluate(model, processor, sides: dict[str, list[Path]], out_dir: str | Path, batch_size: int = 16,
              max_new_tokens: int = 128, limit: int | None = None, progress: bool = True,
-             overwrite: bool = False) -> dict:
-    """Evaluate every task of every side (``{"downstream": [...], "heldout": [...]}``); write and return scores."""
+             overwrite: bool = False, sample_temperature: float | None = None, sample_seed: int = 0) -> dict:
+    """Evaluate every task of every side (``{"downstream": [...], "heldout": [...]}``); write and return scores.
+
+    With ``sample_temperature``, open-response tasks (scored by CIDEr) are also scored on sampled answers
+    (``sampled_score``; their lines in ``predictions/<task>.sampled.jsonl``): a greedy caption keeps the most likely
+    word even when the model's confidence has drifted towards a wrong one, a sampled caption says it as often as the
+    model believes it."""
     out = Path(out_dir)
     if (out / "scores.json").exists() and not overwrite:
         raise FileExistsError(f"{out / 'scores.json'} exists; choose another --out or pass --overwrite")
@@ -172,5 +190,17 @@ def evaluate(model, processor, sides: dict[str, list[Path]], out_dir: str | Path
             results["tasks"][task] = {**result.as_dict(), "side": side, "target_confidence": forced["confidence"],
                                       "target_loss": forced["loss"], "chance": chance_score(records),
                                       **{k: forced[k] for k in DIAGNOSTIC_KEYS if k in forced}}
+            if sample_temperature is not None and metric == "cider":
+                sampled = sampled_answers(model, processor, records, sample_temperature, sample_seed, batch_size,
+                                          max_new_tokens, progress, f"sample {task}")
+                sampled_result = score(metric, [{**item, "prediction": p} for item, p in
+                                                zip(items, sampled, strict=True)])
+                atomic_write(out / "predictions" / f"{safe_file_name(task)}.sampled.jsonl", "".join(
+                    json.dumps({"id": record.id, "prompt": record.prompt, "prediction": p, "answers": record.answers,
+                                "metric": metric, "score": value, "temperature": sample_temperature,
+                                "seed": sample_seed}) + "\n"
+                    for record, p, value in zip(records, sampled, sampled_result.per_sample, strict=True)))
+                results["tasks"][task].update(sampled_score=sampled_result.score,
+                                              sample_temperature=sample_temperature)
     atomic_write(out / "scores.json", json.dumps(results, indent=2) + "\n")
     return results

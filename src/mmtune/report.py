@@ -139,6 +139,7 @@ def load_run(run_dir: str | Path, lmms_eval: dict | None = None) -> dict:
             if "eval" in row:
                 curve.append({"step": row["step"], **{k: row["eval"].get(k) for k in SUMMARY_KEYS},
                               "tasks": row["eval"].get("tasks", {}), "val_loss": row["eval"].get("val_loss", {}),
+                              "sampled": row["eval"].get("sampled", {}),
                               **{key: row["eval"].get(key, {}) for key in GAP_KEYS}})
     return report_row(run, run_label(config), config, scores, base_scores, curve)
 
@@ -270,10 +271,18 @@ def against_vanilla(mine: dict[int, float], vanilla: dict[int, float]) -> dict |
             "interval": difference_interval(a, b, test == "paired")}
 
 
+def open_score_key(curves: list[list[dict]], task: str) -> str:
+    """Which curve entry holds an open-response task's score to judge overfitting by: ``"sampled"`` where every
+    evaluation sampled it (``eval.sample_temperature``: confidence in wrong words shows there), else ``"tasks"``
+    (greedy)."""
+    points = [p for c in curves for p in c]
+    return "sampled" if points and all(task in (p.get("sampled") or {}) for p in points) else "tasks"
+
+
 def overfitting(method: str, curves: list[list[dict]], tasks: list[str]) -> list[dict]:
-    """Tasks whose score fell from its peak, or whose validation loss rose from its minimum, by more than seed noise,
-    over evaluations during training (``eval.every_steps``): the peak (minimum) is the step where the mean over seeds
-    is best; each seed's fall from its value at that step to its last one is tested against 0 (one-sided t-test,
+    """Tasks whose score (greedy, or sampled: ``eval.sample_temperature``) fell from its peak, or whose validation
+    loss rose from its minimum, by more than seed noise, over evaluations during training (``eval.every_steps``):
+    the peak (minimum) is the step where the mean over seeds is best; each seed's fall from its value at that step to its last one is tested against 0 (one-sided t-test,
     p < 0.05; two or more seeds)."""
     from scipy.stats import ttest_1samp
 
@@ -282,7 +291,8 @@ def overfitting(method: str, curves: list[list[dict]], tasks: list[str]) -> list
         return []
     found = []
     for task in tasks:
-        for what, key, sign in (("score", "tasks", 1), ("validation loss", "val_loss", -1)):
+        for what, key, sign in (("score", "tasks", 1), ("validation loss", "val_loss", -1),
+                                ("sampled score", "sampled", 1)):
             series = [{p["step"]: p.get(key, {}).get(task) for p in c} for c in curves]
             if any(s.get(step) is None for s in series for step in steps):
                 continue
@@ -496,7 +506,7 @@ def to_markdown(report: dict) -> str:
         legend += ["", "Overfitting during training (a task's score past its peak, or its validation loss past its "
                        "minimum, beyond seed noise: one-sided t-test over seeds, p < 0.05):", ""]
         for flag in report["overfitting"]:
-            direction = "fell" if flag["what"] == "score" else "rose"
+            direction = "rose" if flag["what"] == "validation loss" else "fell"
             legend.append(f"- {flag['method']}: {flag['task']} overfits after step {flag['step']} ({flag['what']} "
                           f"{flag['best']:.2f} there, {flag['last']:.2f} at the end: {direction} by {flag['fall']:.2f}; "
                           f"p = {flag['p']:.3g})")
@@ -623,8 +633,8 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
             color, marker = method_style(row["method"])
             for j, task in enumerate(columns):
                 # the gap over the whole answer (solid), its image-dependent tokens (dashed) and template (dotted)
-                panels = [(0, "tasks", "-"), (1, "val_loss", "-"), *((2, key, style) for key, style in
-                                                                    zip(GAP_KEYS, ("-", "--", ":"), strict=True))]
+                panels = [(0, "tasks", "-"), (0, "sampled", "--"), (1, "val_loss", "-"),
+                          *((2, key, style) for key, style in zip(GAP_KEYS, ("-", "--", ":"), strict=True))]
                 for i, key, style in panels:
                     points = defaultdict(list)
                     for curve in row.get("curves", []):
@@ -632,12 +642,12 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
                             if finite((point.get(key) or {}).get(task)):
                                 points[point["step"]].append(point[key][task])
                     steps = sorted(points)
-                    if not steps and i == 2:
+                    if not steps and key != "tasks":
                         continue
                     axes[i][j].plot(steps, [statistics.mean(points[s]) for s in steps], style, marker=marker,
-                                    color=color, label=row["method"] if (i, j) == (0, 0) else None)
-                    key = "confidence_gap" if i == 2 else key
-                    what = {"tasks": "score", "val_loss": "validation loss",
+                                    color=color, label=row["method"] if (i, j, key) == (0, 0, "tasks") else None)
+                    key = "confidence_gap" if i == 2 else "tasks" if i == 0 else key
+                    what = {"tasks": "score (-- sampled)", "val_loss": "validation loss",
                             "confidence_gap": "clean − noised conf. (-- image words, : template)"}
                     axes[i][j].set_title(f"{task}: {what[key]}", fontsize=8)
         axes[0][0].legend(fontsize=7)
