@@ -10,8 +10,8 @@
 4. the learning-rate schedule and the step counter.
 
 ``Step`` is what a step-building method gets: the micro-batches, and the gradient building blocks (the plain
-backward, per-task gradients as flat ``[T, P]`` vectors, setting the gradient, moving the weights) so that a method
-writes only its rule (see ``mmtune.methods.multitask``, ``mmtune.methods.sam``).
+backward, per-task gradients as flat ``[T, P]`` vectors — or weighed by coefficients computed from their Gram matrix,
+which works on shards too —, setting the gradient, moving the weights) so that a method writes only its rule (see ``mmtune.methods.multitask``, ``mmtune.methods.sam``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from mmtune.data.collate import IGNORE_INDEX
 from mmtune.engines import backward, is_deepspeed, optimizer_step
 from mmtune.errors import NonFiniteError
 from mmtune.losses import compute_losses
-from mmtune.methods.base import Method, TrainContext
+from mmtune.methods.base import DTensor, Method, TrainContext, local_shard
 
 
 @dataclass
@@ -107,6 +107,54 @@ class Step:
             extra_grad = accelerator.reduce(extra_grad, "mean")
         return task_grads, extra_grad
 
+    def sharded_task_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``task_gradients`` on parameters sharded over processes (FSDP2): this process's slice of each task's
+        gradient ``[T, P_local]`` and of the other terms' ``[P_local]``. Autograd reaches FSDP2's shards only through
+        its own backward (weights gathered for the forward, gradients reduce-scattered into ``param.grad``), so each
+        task's share gets a forward and backward of its own per micro-batch — on every process, with a zero loss where
+        a process has none of that task (the collectives need every process) — and the methods' terms one more, where
+        their hooks run once per micro-batch as in ``backward``. Cost: T + 1 forwards per micro-batch instead of 1."""
+        ctx, accelerator, accum, params = self.ctx, self.ctx.accelerator, len(self.micro), self.params
+
+        def local_gradient() -> torch.Tensor:
+            return torch.cat([(local_shard(p.grad) if p.grad is not None else torch.zeros_like(local_shard(p)))
+                              .reshape(-1).float() for p in params])
+
+        rows = []
+        for task in ctx.tasks:
+            self.zero_grad()
+            for piece in self.micro:
+                shares: dict[str, torch.Tensor] = {}
+                with accelerator.autocast():
+                    terms, _ = compute_losses(ctx, [], piece, self.loss_reduction, self.tokens, shares)
+                backward(accelerator, (shares[task] if task in shares else terms["ce"] * 0.0) / accum, True)
+            rows.append(local_gradient())
+        self.zero_grad()
+        for piece in self.micro:
+            with accelerator.autocast():
+                terms, _ = compute_losses(ctx, self.methods, piece, self.loss_reduction, self.tokens,
+                                          task_totals=self.task_totals)
+            extra = [v for k, v in terms.items() if k != "ce" and v.requires_grad]
+            backward(accelerator, (sum(extra) if extra else terms["ce"] * 0.0) / accum, True)
+            self._log(terms)
+        return torch.stack(rows), local_gradient()
+
+    def weigh_task_gradients(self, weights: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """``param.grad`` = ``Σ_i c_i·g_i`` over the tasks present in the step + the other loss terms' gradient, with
+        the coefficients ``c = weights(G)`` computed from the tasks' Gram matrix ``G = [g_i·g_j]`` alone (PCGrad,
+        CAGrad): on shards each process weighs its slice of the gradients after one all-reduce of ``G``."""
+        sharded = any(isinstance(p, DTensor) for p in self.params)
+        task_grads, extra_grad = self.sharded_task_gradients() if sharded else self.task_gradients(log=True)
+        gram = task_grads.double() @ task_grads.double().T
+        if sharded and self.ctx.accelerator.num_processes > 1:
+            gram = self.ctx.accelerator.reduce(gram, "sum")
+        present = (gram.diagonal() > 0).nonzero().flatten().tolist()
+        combined = extra_grad
+        if present:
+            coefficients = weights(gram[present][:, present]).to(task_grads.device, task_grads.dtype)
+            combined = combined + coefficients @ task_grads[present]
+        self.set_gradient(combined)
+
     def combine_task_gradients(self, combine: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
                                perturbation: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """``param.grad`` = ``combine`` of the gradients of the tasks present in the step (on any process) + the other
@@ -131,11 +179,17 @@ class Step:
         self.set_gradient(combined + extra_grad)
 
     def set_gradient(self, flat: torch.Tensor) -> None:
-        """``param.grad`` from one flat vector laid out as ``task_gradients`` lays them out."""
+        """``param.grad`` from one flat vector laid out as ``task_gradients`` lays them out (on shards: this process's
+        slices, as ``sharded_task_gradients`` lays them out)."""
         self._needs_gradients("set the gradient")
         params = self.params
-        for param, grad in zip(params, torch.split(flat, [p.numel() for p in params]), strict=True):
-            param.grad = grad.view_as(param).to(param.dtype)
+        for param, grad in zip(params, torch.split(flat, [local_shard(p).numel() for p in params]), strict=True):
+            if isinstance(param, DTensor):
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                local_shard(param.grad).copy_(grad.view_as(local_shard(param.grad)))
+            else:
+                param.grad = grad.view_as(param).to(param.dtype)
 
     @torch.no_grad()
     def move(self, offset: torch.Tensor) -> None:

@@ -150,12 +150,12 @@ def main() -> None:
     records = read_records(world / "detailed_caption_train.jsonl")[:4] + read_records(world / "count_mc_train.jsonl")[:4]
     _, processor = build_tiny("llava", words=vocabulary(), seed=0)
     batch = TrainCollator(processor)([RecordDataset(records)[i] for i in range(len(records))])
-    result = {}
+    result, wholes = {}, {}
     for entry in names:
         bf16 = entry.startswith("bf16:")
         name = entry.removeprefix("bf16:")
         start = {n: p.detach().clone() for n, p in build(False, bf16)[0].named_parameters() if n in SCOPE}
-        whole = run(name, False, batch, bf16=bf16)
+        whole = wholes[entry] = run(name, False, batch, bf16=bf16)
         try:
             sharded = run(name, True, batch, out.parent / f"resume-{entry.replace(':', '-')}", bf16)
         except Exception as error:  # a refusal, or a method that breaks on shards: the test says which
@@ -168,6 +168,9 @@ def main() -> None:
                                     for n, (a, b) in updates.items()},
                          "size": {n: whole[n].numel() for n in whole},
                          "moved": {n: (whole[n] - start[n]).abs().max().item() for n in whole}}
+    for entry, whole in wholes.items():  # how far each method's own step took it from vanilla's (whole tensors)
+        if "vanilla" in wholes and not entry.startswith("bf16:") and "error" not in result[entry]:
+            result[entry]["from_vanilla"] = max((whole[n] - wholes["vanilla"][n]).abs().max().item() for n in whole)
     if dist.get_rank() == 0:
         out.write_text(json.dumps(result))
     dist.barrier()

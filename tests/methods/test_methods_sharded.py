@@ -22,8 +22,8 @@ SHARDED = sorted(name for name, cls in METHODS.items() if cls.supports_sharding)
 SAME_CODE_AS_ANOTHER = {"l1_reg": "l2_reg", "wise_ft": "dare", "eaft": "dft"}
 RUN = [name for name in SHARDED if name not in SAME_CODE_AS_ANOTHER]
 # Also in bf16 with fp32 masters (FSDP2's mixed precision against autocast on whole tensors): a loss term, a
-# penalty, a step hook, a mask, a merge, PEFT's adapters (merged into the shards at the end).
-BF16 = ["vanilla", "nrca", "l2_reg", "spider", "random_mask", "dare", "lora"]
+# penalty, a step hook, a mask, a merge, PEFT's adapters (merged into the shards at the end), gradient surgery.
+BF16 = ["vanilla", "nrca", "l2_reg", "spider", "random_mask", "dare", "lora", "pcgrad"]
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,13 @@ def test_method_on_fsdp2_shards_equals_whole_tensors(sharded_runs, name):
     assert len(moved) >= len(found["moved"]) // 2, f"{name}: too few tensors moved, the comparison says little"
 
 
+@pytest.mark.parametrize("name", ["pcgrad", "cagrad", "sam"])
+def test_methods_that_build_the_gradient_do_something_on_shards(sharded_runs, name):
+    """Their shards-equal-whole check above means something only if their step is not vanilla's: on the worker's
+    batch (captions and counting MC) the combined gradient (SAM: the gradient at W + ε) is not the plain one."""
+    assert sharded_runs[name]["from_vanilla"] > 1e-4
+
+
 @pytest.mark.parametrize("name", BF16)
 def test_method_on_fsdp2_shards_in_bf16_moves_like_on_whole_tensors(sharded_runs, name):
     """At the papers' projector rate (2e-5: most updates are below half a bf16 step of the weight, so they survive
@@ -63,9 +70,10 @@ def test_method_on_fsdp2_shards_in_bf16_moves_like_on_whole_tensors(sharded_runs
 
 def test_sharded_methods_cover_the_papers_and_every_family():
     """Loss terms (NRCA, DFT, EAFT, L1/L2), masks (random, magnitude, Half FT), post-training merges (DARE,
-    grafting, WiSE-FT), loss balancing (uncertainty, FAMO) and SPIDER's step hooks."""
+    grafting, WiSE-FT), loss balancing (uncertainty, FAMO), gradient surgery (PCGrad, CAGrad), SAM, PEFT's LoRA
+    and SPIDER's step hooks."""
     assert {"vanilla", "nrca", "spider", "l2_reg", "l1_reg", "dft", "eaft", "random_mask", "magnitude_mask", "half_ft",
-            "dare", "grafting", "wise_ft", "uncertainty", "famo"} <= set(SHARDED)
+            "dare", "grafting", "wise_ft", "uncertainty", "famo", "pcgrad", "cagrad", "sam", "lora"} <= set(SHARDED)
     assert all(twin in RUN for twin in SAME_CODE_AS_ANOTHER.values())
 
 

@@ -22,42 +22,74 @@ import torch
 
 from mmtune.methods.base import Method, MethodConfig, register
 
-# Both build the step from the tasks' gradients (``mmtune.step.Step.combine_task_gradients``): the gradient of
-# each task's share of the loss, one flat [T, P] matrix over the tasks present in the step, combined by the rule below;
-# other methods' loss terms are added to the result.
+# Both build the step from the tasks' gradients (``mmtune.step.Step.weigh_task_gradients``): each task's share of the
+# loss has a gradient g_i (one flat [T, P] matrix over the tasks present in the step), and both rules return a
+# combination Σ_i c_i·g_i whose coefficients depend on the gradients only through their Gram matrix G = [g_i·g_j]. So
+# the rules are written on G ([T, T]): on parameters sharded over processes (FSDP2) each process holds a slice of
+# every g_i, and one all-reduce of its slice's Gram matrix is all the communication they need. Other methods' loss
+# terms are added to the result.
+
+
+def pcgrad_weights(gram: torch.Tensor, order: list[list[int]]) -> torch.Tensor:
+    """PCGrad on the Gram matrix ``gram`` [T, T]: task i's projected gradient stays a combination ``a·g`` of the task
+    gradients, whose dot product with g_j is ``a·G[:, j]``; projecting it off a conflicting g_j (dot < 0) subtracts
+    ``dot / G[j, j]`` from ``a_j``. Returns the coefficients [T] of the sum of the projected gradients."""
+    gram = gram.double().cpu()  # a few numbers: one wait for the device, not one per pair
+    tasks = gram.shape[0]
+    total = torch.zeros(tasks, dtype=torch.float64)
+    for i in range(tasks):
+        a = torch.zeros(tasks, dtype=torch.float64)
+        a[i] = 1.0
+        for j in order[i]:
+            dot = a @ gram[:, j]
+            if dot < 0:
+                a[j] -= dot / gram[j, j].clamp(min=1e-20)
+        total += a
+    return total
 
 
 def pcgrad(grads: torch.Tensor, order: list[list[int]]) -> torch.Tensor:
     """``grads`` [T, P] (one flat gradient per task); ``order[i]``: the other tasks, in the order task i is projected
     against them. Returns the sum of the projected gradients, [P]."""
-    projected = grads.clone()
-    for i in range(grads.shape[0]):
-        for j in order[i]:
-            dot = torch.dot(projected[i], grads[j])
-            if dot < 0:
-                projected[i] -= dot / grads[j].pow(2).sum().clamp(min=1e-20) * grads[j]
-    return projected.sum(0)
+    return combine(grads, pcgrad_weights(gram_of(grads), order))
 
 
-def cagrad(grads: torch.Tensor, c: float = 0.5) -> torch.Tensor:
-    """The released CAGrad update for ``grads`` [T, P] (rescale 1: divided by 1 + c²)."""
+def cagrad_weights(gram: torch.Tensor, c: float = 0.5) -> torch.Tensor:
+    """The released CAGrad update (rescale 1: divided by 1 + c²) on the Gram matrix ``gram`` [T, T]: simplex weights
+    ``w`` minimising ``w·G·1/T + c‖g0‖·√(w·G·w)`` (``‖g0‖² = mean(G)``), then ``d = (g0 + λ·g_w) / (1 + c²)`` with
+    ``λ = c‖g0‖ / ‖g_w‖``. Returns the coefficients [T] of ``d`` over the task gradients."""
     from scipy.optimize import minimize
 
-    tasks = grads.shape[0]
-    gram = (grads.double() @ grads.double().T).cpu().numpy()
-    g0_norm = float(np.sqrt(gram.mean() + 1e-8))
+    matrix = gram.double().cpu().numpy()
+    tasks = matrix.shape[0]
+    g0_norm = float(np.sqrt(matrix.mean() + 1e-8))
     start = np.ones(tasks) / tasks
     scale = c * g0_norm + 1e-8
 
     def objective(w):
-        return float(w @ gram @ start + scale * np.sqrt(w @ gram @ w + 1e-8))
+        return float(w @ matrix @ start + scale * np.sqrt(w @ matrix @ w + 1e-8))
 
     result = minimize(objective, start, bounds=[(0, 1)] * tasks,
                       constraints={"type": "eq", "fun": lambda w: 1 - w.sum()})
-    weights = torch.as_tensor(result.x, dtype=grads.dtype, device=grads.device)
-    gw = (weights[:, None] * grads).sum(0)
-    lam = scale / (gw.norm() + 1e-8)
-    return (grads.mean(0) + lam * gw) / (1 + c ** 2)
+    weights = result.x
+    lam = scale / (float(np.sqrt(max(weights @ matrix @ weights, 0.0))) + 1e-8)
+    return torch.as_tensor((start + lam * weights) / (1 + c ** 2), dtype=torch.float64)
+
+
+def cagrad(grads: torch.Tensor, c: float = 0.5) -> torch.Tensor:
+    """The released CAGrad update for ``grads`` [T, P] (rescale 1: divided by 1 + c²)."""
+    return combine(grads, cagrad_weights(gram_of(grads), c))
+
+
+def gram_of(grads: torch.Tensor) -> torch.Tensor:
+    """``[g_i·g_j]`` of ``grads`` [T, P], in float64."""
+    grads = grads.double()
+    return grads @ grads.T
+
+
+def combine(grads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``Σ_i weights_i · grads_i`` in the gradients' dtype and device."""
+    return weights.to(grads.device, grads.dtype) @ grads
 
 
 def random_order(tasks: int, generator: torch.Generator) -> list[list[int]]:
@@ -78,15 +110,13 @@ class PCGradConfig(MethodConfig):
 @register
 class PCGrad(Method):
     name = "pcgrad"
-    sharding_refusal = (
-        "it combines the tasks' gradients as whole flat vectors (dot products over every parameter), which on"
-        " shards would need reductions over the processes mmtune does not do yet")
+    supports_sharding = True  # its rule reads the gradients' Gram matrix only (one all-reduce on shards)
     description = "project away conflicting task-gradient components (Yu et al., NeurIPS 2020)"
     config_class = PCGradConfig
     sets_gradients = True
 
     def build_step(self, step):
-        step.combine_task_gradients(lambda grads, _: pcgrad(grads, random_order(grads.shape[0], step.ctx.generator)))
+        step.weigh_task_gradients(lambda gram: pcgrad_weights(gram, random_order(gram.shape[0], step.ctx.generator)))
 
 
 @dataclass
@@ -101,12 +131,14 @@ class CAGradConfig(MethodConfig):
 @register
 class CAGrad(Method):
     name = "cagrad"
-    sharding_refusal = PCGrad.sharding_refusal
+    supports_sharding = True
     description = "conflict-averse gradient descent over the tasks' gradients (Liu et al., NeurIPS 2021)"
     config_class = CAGradConfig
     null_options = {"c": 0}
     sets_gradients = True
 
     def build_step(self, step):
-        # On T × the task shares: their mean is the vanilla gradient, so c = 0 is vanilla exactly.
-        step.combine_task_gradients(lambda grads, _: cagrad(grads * grads.shape[0], self.config.c))
+        # On T × the task shares (Gram T² G, coefficients T c): their mean is the vanilla gradient, so c = 0 is
+        # vanilla exactly.
+        step.weigh_task_gradients(lambda gram: cagrad_weights(gram * gram.shape[0] ** 2, self.config.c)
+                                  * gram.shape[0])

@@ -26,7 +26,8 @@ from mmtune.methods.multitask import cagrad, pcgrad, random_order
 
 
 def sam_perturbation(grads: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
-    """``ε = ρ·g/‖g‖`` for the gradients of every trainable tensor (zeros when the gradient is zero)."""
+    """``ε = ρ·g/‖g‖`` for the gradients of every trainable tensor (zeros when the gradient is zero); ‖g‖ over the
+    whole tensors, also when they are sharded DTensors."""
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
     scale = rho / norm if norm > 0 else 0.0
     return [(g.float() * scale).to(g.dtype) for g in grads]
@@ -44,9 +45,9 @@ class SAMConfig(MethodConfig):
 @register
 class SAM(Method):
     name = "sam"
-    sharding_refusal = (
-        "it takes a second gradient at weights moved along the whole gradient's direction (a norm and a move "
-        "over every parameter), which mmtune's step does not do on shards yet")
+    # On FSDP2's shards the gradients are DTensors: their norm is the whole gradient's (PyTorch reduces it over the
+    # shards) and the move W ± ε is done shard by shard.
+    supports_sharding = True
     description = "sharpness-aware minimisation: the gradient at W + ρ·g/‖g‖ (Foret et al., ICLR 2021)"
     config_class = SAMConfig
     null_options = {"rho": 0}
