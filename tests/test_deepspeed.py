@@ -47,14 +47,14 @@ BF16_DDP = ["vanilla", "spider", "l2_reg"]  # also DeepSpeed with 2 processes ag
 # (keeps `make test` within 10 min).
 SAME_CODE_AS_ANOTHER = {"l1_reg", "magnitude_mask", "wise_ft", "dft", "eaft", "lora"}
 EVERY_PATH = [n for n in METHOD_NAMES if n not in SAME_CODE_AS_ANOTHER]
-# ZeRO-3 takes every method DeepSpeed takes but those whose loss term reads the weights and LoRA (zero3_refusal). It
+# ZeRO-3 takes every method DeepSpeed takes but those whose loss term reads the weights (zero3_refusal). It
 # is compared with one process for each of its code paths (magnitude_mask, wise_ft, eaft: the code of random_mask,
 # dare, dft); ZeRO-2 with one process then takes the others (and vanilla, the runs' sanity check).
 ZERO3_NAMES = [n for n in METHOD_NAMES if zero3_refusal([METHODS[n]()]) is None]
 ZERO3_PATH = [n for n in ZERO3_NAMES if n not in ("magnitude_mask", "wise_ft", "eaft", "l1_reg")]
 ZERO2_ONE_PROCESS = [n for n in METHOD_NAMES if n not in ZERO3_PATH or n == "vanilla"]
-ZERO3_DDP = ["vanilla", "spider", "random_mask", "nrca", "dare", "l2_reg"]  # also 2 processes against DDP with 2
-ZERO3_BF16 = ["vanilla", "spider", "dare"]  # also bf16 with one process
+ZERO3_DDP = ["vanilla", "spider", "random_mask", "nrca", "dare", "l2_reg", "lora"]  # also 2 processes against DDP
+ZERO3_BF16 = ["vanilla", "spider", "dare", "lora"]  # also bf16 with one process
 
 
 def _launch(configs: list, cwd: Path, processes: int, deepspeed: bool, stage: int = 2) -> None:
@@ -104,6 +104,8 @@ def runs(world, tmp_path_factory):
         paths["ds2"].append(config(name, "ds2", "train.batch_size=4")[1])
     for name in ZERO3_DDP:
         paths["ds3-2"].append(config(name, "ds3-2", "train.batch_size=4")[1])
+        if name not in EVERY_PATH:  # lora: its merge into weights partitioned over 2 processes
+            paths["ddp2"].append(config(name, "ddp2", "train.batch_size=4")[1])
     for name in ACCUMULATED:
         train(config(name, "single-accum", "train.batch_size=4", "train.grad_accum=2")[0])
         paths["ds1"].append(config(name, "ds1-accum", "train.batch_size=4", "train.grad_accum=2")[1])
@@ -112,6 +114,8 @@ def runs(world, tmp_path_factory):
         paths["ds1"].append(config(name, "ds1-bf16", "train.batch_size=8", *BF16)[1])
     for name in ZERO3_BF16:
         paths["ds3"].append(config(name, "ds3-bf16", "train.batch_size=8", *BF16)[1])
+        if name not in EVERY_PATH:  # lora: its merge from the fp32 masters into bf16 partitions
+            train(config(name, "single-bf16", "train.batch_size=8", *BF16)[0])
     # fp32 weights, bf16 under DeepSpeed: the engine casts the model to bf16 and keeps the fp32 originals as masters
     paths["ds1"].append(config("dare", "ds1-bf16-fp32-weights", "train.batch_size=8", "train.mixed_precision=bf16",
                                "train.save_every=2")[1])

@@ -240,3 +240,27 @@ def test_optimizer_choices_train(tiny_config, optimizer):
 
 
 
+
+
+def test_gathered_weights_of_a_wrapped_model_are_saved_under_the_final_models_names():
+    """On a sharding engine final/ is written from the engine's gathered state, which for LoRA is PEFT's wrapper's
+    (every key prefixed ``base_model.model.``) while the final model is the unloaded one: saved as they come, the
+    weights would not load into final/ (transformers would initialise them at random)."""
+    from mmtune.data.synthetic import vocabulary
+    from mmtune.methods import METHODS
+    from mmtune.models.scope import apply_scope
+    from mmtune.models.tiny import build_tiny
+    from mmtune.train import keyed_as
+
+    model, _ = build_tiny("llava", words=vocabulary(), seed=0)
+    wrapped = METHODS["lora"]().prepare_model(model, apply_scope(model, train_projector=True, last_n_blocks=2))
+    final = wrapped.merge_and_unload()
+    gathered = wrapped.state_dict()  # what the engine's model gives after on_train_end
+    assert not set(gathered) & set(final.state_dict())
+    keyed = keyed_as(gathered, final)
+    assert set(keyed) == set(final.state_dict())
+    assert all(torch.equal(keyed[k], v) for k, v in final.state_dict().items())
+    state = final.state_dict()
+    assert keyed_as(state, final) is state  # already keyed: as it is
+    with pytest.raises(RuntimeError, match="don't name the final model's"):
+        keyed_as({"something.else": torch.zeros(1)}, final)

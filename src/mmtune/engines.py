@@ -92,10 +92,6 @@ def zero3_refusal(methods: list[Method]) -> str | None:
     """Why ZeRO-3 can't run ``methods`` (one sentence), or None: a loss term that reads the trainable weights in the
     forward pass reads ZeRO-3's empty partitions."""
     for method in methods:
-        if method.overrides("prepare_model"):
-            return (f"{method.name} can't run under DeepSpeed ZeRO-3: it wraps the model with PEFT's adapters and "
-                    "merges them into the weights at the end, which is not tested on ZeRO-3's partitioned weights; "
-                    "use ZeRO-2")
         if method.reads_weights_in_loss and not method.overrides("weight_penalty"):
             return (f"{method.name} can't run under DeepSpeed ZeRO-3: its loss term reads the trainable weights in the "
                     "forward pass, where ZeRO-3 leaves each parameter an empty partition; use ZeRO-2 or FSDP2")

@@ -235,7 +235,7 @@ def estimate(config, engine: str = "ddp", devices: int = 1, sequence: int | None
 
         refused = [m for m in config.method.names or ["vanilla"] if zero3_refusal([METHODS[m]()])]
         if refused:
-            result.notes.append(f"{', '.join(refused)}: refused under ZeRO-3 (its loss reads the weights, or LoRA; "
+            result.notes.append(f"{', '.join(refused)}: refused under ZeRO-3 (its loss reads the weights; "
                                 "docs/methods.md): use zero2 or fsdp2")
     if engine == "fsdp2":
         from mmtune.methods.base import METHODS

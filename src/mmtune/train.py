@@ -347,6 +347,8 @@ def finish(run: Run, seconds: float) -> None:
         for method in run.methods:
             method.on_train_end(ctx)
     full_state = accelerator.get_state_dict(run.model) if run.sharded else None  # gathers shards: every process
+    if full_state is not None:
+        full_state = keyed_as(full_state, ctx.final_model)
     # final/ (and its evaluation) in model.dtype: the fp32 masters are rounded once, here (mmtune.precision)
     dtype = saved_dtype(config.model.dtype, config.train.fp32_masters)
     full_state = to_saved_dtype(full_state, dtype) if full_state is not None else None
@@ -383,6 +385,20 @@ def finish(run: Run, seconds: float) -> None:
     if (paths.root / "report").is_dir():
         where.append(f"report       {paths.root / 'report' / 'report.md'}")
     run.say(f"done after {ctx.step} steps:\n  " + "\n  ".join(where))
+
+
+def keyed_as(state: dict, model: torch.nn.Module) -> dict:
+    """``state`` (the engine's model's, gathered from its shards) keyed as ``model``'s own parameters: where a method
+    replaced the final model by the one it wrapped (LoRA: PEFT's adapters merged and unloaded), every key of the
+    wrapper's state carries its prefix (``base_model.model.``), which ``final/`` must not."""
+    names = list(model.state_dict())
+    if not names or names[0] in state:
+        return state
+    prefix = next((key[:-len(names[0])] for key in state if key.endswith("." + names[0])), None)
+    if prefix is None:
+        raise RuntimeError(f"the gathered weights don't name the final model's: no key ends in {names[0]!r} "
+                           f"(first keys: {list(state)[:3]})")
+    return {key.removeprefix(prefix): value for key, value in state.items()}
 
 
 def save_final(run: Run, full_state: dict | None) -> None:

@@ -155,3 +155,9 @@ def test_a_trainer_under_zero3_refuses_a_loss_that_reads_the_weights():
     with pytest.raises(ValueError, match="l2_reg: the loss term reads the trainable weights.*ZeRO-3"):
         Trainer(methods=[NRCA(), L2Reg()])
     Trainer(methods=[NRCA()])  # a loss of the outputs alone runs
+    from mmtune.data.synthetic import vocabulary
+    from mmtune.methods.lora import Lora
+    from mmtune.models.tiny import build_tiny
+
+    with pytest.raises(ValueError, match="lora: merging the adapters into ZeRO-3's partitioned weights"):
+        Trainer(model=build_tiny("llava", words=vocabulary(), seed=0)[0], methods=[Lora()])

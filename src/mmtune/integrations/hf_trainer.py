@@ -89,6 +89,11 @@ class MethodTrainerMixin:
             raise ValueError(f"{', '.join(weights)}: the loss term reads the trainable weights, which DeepSpeed ZeRO-3 "
                              "leaves as empty partitions in a Hugging Face Trainer's step; train with mmtune train "
                              "(which runs L1/L2 under ZeRO-3) or use ZeRO-2")
+        merged = [m.name for m in methods or [] if m.overrides("prepare_model")]
+        if plugin is not None and plugin.zero_stage == 3 and merged:
+            # mmtune's loop merges the adapters into ZeRO-3's partitioned weights from the fp32 masters it holds
+            raise ValueError(f"{', '.join(merged)}: merging the adapters into ZeRO-3's partitioned weights at the end "
+                             "is done and tested in mmtune train only; train with it, or use ZeRO-2 in a Trainer")
         self._term_sums: dict[str, float] = {}
         self._term_count = 0
         self.methods = methods or []

@@ -17,7 +17,7 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.lora import LoraLayer
 
-from mmtune.methods.base import Method, MethodConfig, is_fsdp, laid_out_as, register, whole
+from mmtune.methods.base import Method, MethodConfig, is_fsdp, laid_out_as, partitioned, register, whole
 from mmtune.models.scope import part_of
 
 
@@ -75,8 +75,39 @@ class Lora(Method):
         if is_fsdp(ctx.accelerator):  # PEFT's merge adds B·A into the weight in place, which shards don't allow
             merge_sharded(ctx.final_model)
             ctx.final_model = ctx.final_model.unload()
+        elif partitioned(dict(ctx.final_model.named_parameters())):  # DeepSpeed ZeRO-3: W is an empty partition
+            merge_partitioned(ctx.final_model, ctx.trainable)
+            ctx.final_model = ctx.final_model.unload()
         else:
             ctx.final_model = ctx.final_model.merge_and_unload()
+
+
+def lora_update(module: LoraLayer, adapter: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """The update ``scale · B·A`` an adapter adds to its layer's weight (whole factors, in fp32), laid out as the
+    weight (transposed for ``fan_in_fan_out`` layers)."""
+    delta = lora_b.float() @ lora_a.float()
+    return (delta.T if module.fan_in_fan_out else delta) * module.scaling[adapter]
+
+
+@torch.no_grad()
+def merge_partitioned(model, masters: dict[str, torch.Tensor]) -> None:
+    """Each LoRA layer's ``W += scale · B·A`` under DeepSpeed ZeRO-3, where W (frozen) is partitioned over the
+    processes: the update comes from the adapter's full fp32 masters (``masters``: ``ctx.trainable`` inside
+    ``on_masters``, by parameter name); W is gathered one layer at a time, the main process adds the update, and
+    DeepSpeed partitions the result again (``GatheredParameters`` with ``modifier_rank=0``)."""
+    import deepspeed
+
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        weight = module.get_base_layer().weight
+        updates = [lora_update(module, adapter, masters[f"{name}.lora_A.{adapter}.weight"],
+                               masters[f"{name}.lora_B.{adapter}.weight"])
+                   for adapter in module.active_adapters if adapter in module.lora_A]
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
+            if deepspeed.comm.get_rank() == 0:
+                for update in updates:
+                    weight.add_(update.to(weight.device, weight.dtype))
 
 
 @torch.no_grad()
@@ -90,6 +121,6 @@ def merge_sharded(model) -> None:
         for adapter in module.active_adapters:
             if adapter not in module.lora_A:
                 continue
-            delta = whole(module.lora_B[adapter].weight).float() @ whole(module.lora_A[adapter].weight).float()
-            delta = (delta.T if module.fan_in_fan_out else delta) * module.scaling[adapter]
+            delta = lora_update(module, adapter, whole(module.lora_A[adapter].weight),
+                                whole(module.lora_B[adapter].weight))
             weight.add_(laid_out_as(delta.to(weight.dtype), weight))
