@@ -162,7 +162,10 @@ def _assert_same_bf16_run(reference: Path, other: Path, selects_near_ties: bool 
     from conftest import TINY_CONFIG
     from mmtune.config import load_config
 
-    assert losses(other) == pytest.approx(losses(reference), rel=2e-3)
+    # The logged losses to bf16 rounding: the engines round differently (DeepSpeed reduces in bf16; the launched
+    # processes run 1 thread, this one 2), and NRCA's relative gap term |c − c̃|/c amplifies it — 3.0e-3 apart at
+    # step 3 on one CPU, < 2e-3 on another (NRCA's term is 6% of the loss at step 1: a run without it still fails).
+    assert losses(other) == pytest.approx(losses(reference), rel=5e-3)
     start = {k: v.to(torch.bfloat16).float() for k, v in base_weights(load_config(TINY_CONFIG)).items()}
     one, two = final_weights(reference), final_weights(other)
     assert {t.dtype for t in one.values() if t.is_floating_point()} == {torch.bfloat16}

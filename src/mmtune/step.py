@@ -107,9 +107,10 @@ class Step:
             extra_grad = accelerator.reduce(extra_grad, "mean")
         return task_grads, extra_grad
 
-    def sharded_task_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def sharded_task_gradients(self, only: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``task_gradients`` on parameters sharded over processes (FSDP2): this process's slice of each task's
-        gradient ``[T, P_local]`` and of the other terms' ``[P_local]``. Autograd reaches FSDP2's shards only through
+        gradient ``[T, P_local]`` and of the other terms' ``[P_local]`` (``only``: that task's alone, the others and
+        the other terms left zero). Autograd reaches FSDP2's shards only through
         its own backward (weights gathered for the forward, gradients reduce-scattered into ``param.grad``), so each
         task's share gets a forward and backward of its own per micro-batch — on every process, with a zero loss where
         a process has none of that task (the collectives need every process) — and the methods' terms one more, where
@@ -122,6 +123,9 @@ class Step:
 
         rows = []
         for task in ctx.tasks:
+            if only is not None and task != only:
+                rows.append(torch.zeros_like(local_gradient()))
+                continue
             self.zero_grad()
             for piece in self.micro:
                 shares: dict[str, torch.Tensor] = {}
@@ -129,6 +133,8 @@ class Step:
                     terms, _ = compute_losses(ctx, [], piece, self.loss_reduction, self.tokens, shares)
                 backward(accelerator, (shares[task] if task in shares else terms["ce"] * 0.0) / accum, True)
             rows.append(local_gradient())
+        if only is not None:
+            return torch.stack(rows), torch.zeros_like(rows[0])
         self.zero_grad()
         for piece in self.micro:
             with accelerator.autocast():
@@ -139,15 +145,46 @@ class Step:
             self._log(terms)
         return torch.stack(rows), local_gradient()
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the trainable parameters are FSDP2 shards (DTensors): gradients are then this process's slices."""
+        return any(isinstance(p, DTensor) for p in self.params)
+
+    def local_task_gradients(self, only: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``task_gradients`` (logged unless ``only``), on shards ``sharded_task_gradients``: whole vectors, or this
+        process's slices of them."""
+        if self.sharded:
+            return self.sharded_task_gradients(only)
+        return self.task_gradients(only=only, log=only is None)
+
+    def gram(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``[v_i·v_j]`` of ``vectors`` ``[T, P]`` in float64 — over the whole vectors on shards too (each process's
+        slices' Gram matrix, all-reduced)."""
+        gram = vectors.double() @ vectors.double().T
+        if self.sharded and self.ctx.accelerator.num_processes > 1:
+            gram = self.ctx.accelerator.reduce(gram, "sum")
+        return gram
+
+    @contextlib.contextmanager
+    def moved_by(self, offset: torch.Tensor):
+        """The weights at ``W + offset`` inside (a flat offset laid out as the gradients; on shards this process's
+        slices), then back to the very same ``W`` (copied back, not ``W + ε − ε``, which rounds)."""
+        params = self.params
+        original = [local_shard(p).detach().clone() for p in params]
+        self.move(offset)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, value in zip(params, original, strict=True):
+                    local_shard(param).copy_(value)
+
     def weigh_task_gradients(self, weights: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """``param.grad`` = ``Σ_i c_i·g_i`` over the tasks present in the step + the other loss terms' gradient, with
         the coefficients ``c = weights(G)`` computed from the tasks' Gram matrix ``G = [g_i·g_j]`` alone (PCGrad,
         CAGrad): on shards each process weighs its slice of the gradients after one all-reduce of ``G``."""
-        sharded = any(isinstance(p, DTensor) for p in self.params)
-        task_grads, extra_grad = self.sharded_task_gradients() if sharded else self.task_gradients(log=True)
-        gram = task_grads.double() @ task_grads.double().T
-        if sharded and self.ctx.accelerator.num_processes > 1:
-            gram = self.ctx.accelerator.reduce(gram, "sum")
+        task_grads, extra_grad = self.local_task_gradients()
+        gram = self.gram(task_grads)
         present = (gram.diagonal() > 0).nonzero().flatten().tolist()
         combined = extra_grad
         if present:
@@ -159,7 +196,11 @@ class Step:
                                perturbation: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """``param.grad`` = ``combine`` of the gradients of the tasks present in the step (on any process) + the other
         loss terms' gradient. With ``perturbation`` (task-based SAM), each task's gradient is also taken again at the
-        weights moved by ``perturbation(g_i)`` — every process runs the same forwards — and handed over second."""
+        weights moved by ``perturbation(g_i)`` — every process runs the same forwards — and handed over second.
+        Whole vectors only: on shards, write the rule on the Gram matrix (``weigh_task_gradients``, ``gram``)."""
+        if self.sharded:
+            raise RuntimeError("combine_task_gradients combines whole gradient vectors, which FSDP2's shards don't "
+                               "hold; write the rule on their Gram matrix (Step.weigh_task_gradients, Step.gram)")
         task_grads, extra_grad = self.task_gradients(log=True)
         present = (task_grads.abs().sum(1) > 0).nonzero().flatten().tolist()
         if not present:
@@ -167,14 +208,10 @@ class Step:
         elif perturbation is None:
             combined = combine(task_grads[present], None)
         else:
-            params = self.params
-            moved, original = torch.zeros_like(task_grads), [p.detach().clone() for p in params]
+            moved = torch.zeros_like(task_grads)
             for index in present:
-                self.move(perturbation(task_grads[index]))
-                moved[index] = self.task_gradients(only=self.ctx.tasks[index])[0][index]
-                with torch.no_grad():  # back to the very same weights (not W + ε − ε, which rounds)
-                    for param, value in zip(params, original, strict=True):
-                        param.copy_(value)
+                with self.moved_by(perturbation(task_grads[index])):
+                    moved[index] = self.task_gradients(only=self.ctx.tasks[index])[0][index]
             combined = combine(task_grads[present], moved[present])
         self.set_gradient(combined + extra_grad)
 
@@ -193,10 +230,12 @@ class Step:
 
     @torch.no_grad()
     def move(self, offset: torch.Tensor) -> None:
-        """``params += offset`` for a flat ``offset`` laid out as ``task_gradients`` lays gradients out."""
+        """``params += offset`` for a flat ``offset`` laid out as ``task_gradients`` lays gradients out (on shards:
+        this process's slices)."""
         params = self.params
-        for param, piece in zip(params, torch.split(offset, [p.numel() for p in params]), strict=True):
-            param.add_(piece.view_as(param).to(param.dtype))
+        for param, piece in zip(params, torch.split(offset, [local_shard(p).numel() for p in params]), strict=True):
+            weight = local_shard(param)
+            weight.add_(piece.view_as(weight).to(weight.dtype))
 
     def _needs_gradients(self, what: str) -> None:
         if is_deepspeed(self.ctx.accelerator):  # refused up front (Method.sets_gradients); this is the backstop

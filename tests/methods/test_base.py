@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import assembled, move_off_pretrained, nth_micro, step_gradient
-from mmtune.methods import FAMO, NRCA, SAM, CAGrad, L2Reg, Lora, Method, Spider, TaskSAM
+from mmtune.methods import FAMO, METHODS, NRCA, SAM, CAGrad, L2Reg, Lora, Method, Spider, TaskSAM
 from mmtune.methods.base import refusal
 from mmtune.methods.multitask import cagrad
 
@@ -19,8 +19,9 @@ def test_refusals_follow_the_hooks_and_declarations():
     assert refusal([Spider()], "sharded") is None
     assert refusal([L2Reg()], "sharded") is None  # tested on FSDP2 shards (test_methods_sharded.py)
     assert refusal([SAM()], "sharded") is None  # its norm and move are DTensor operations on shards
-    assert refusal([TaskSAM()], "sharded").startswith("task_sam can't run with parameters sharded over processes "
-                                                      "(FSDP): it takes a second gradient")
+    assert refusal([TaskSAM()], "sharded") is None  # written on Gram matrices
+    assert refusal([METHODS["ewc"]()], "sharded").startswith(
+        "ewc can't run with parameters sharded over processes (FSDP): its Fisher information")
 
     class Untested(Method):
         name = "untested"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from mmtune.methods.base import Method, MethodConfig, register
-from mmtune.methods.multitask import cagrad, pcgrad, random_order
+from mmtune.methods.multitask import cagrad_weights, combine, gram_of, pcgrad_weights, random_order
 
 
 def sam_perturbation(grads: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
@@ -100,28 +100,51 @@ class TaskSAMConfig(MethodConfig):
 @register
 class TaskSAM(Method):
     name = "task_sam"
-    sharding_refusal = ("it takes a second gradient per task at weights moved along that task's whole gradient, and combines "
-                        "them as flat vectors, neither of which mmtune's step does on shards yet")
+    # Written on the tasks' Gram matrices (the perturbation's norm is √G_ii, the surgery rules read G only), so on
+    # FSDP2's shards each process moves and weighs its slices after all-reducing [T, T] matrices.
+    supports_sharding = True
     description = "task-based SAM: a perturbation per task, loss and flatness parts combined by surgery (Phan et al.)"
     config_class = TaskSAMConfig
     null_options = {"rho": 0, "combine": "sum"}
     sets_gradients = True
 
     def build_step(self, step):
-        step.combine_task_gradients(lambda grads, moved: self.combine_task_gradients(step.ctx, grads, moved),
-                                    perturbation=lambda grad: self.task_perturbation(step.ctx, grad))
+        """``g_i`` and their Gram matrix; each present task's gradient again at ``W + ρ·g_i/‖g_i‖``; the step's
+        gradient ``rule(g) + rule(h)`` with ``h_i = g_i^SAM − g_i``, each rule's coefficients from its own Gram
+        matrix; plus the other loss terms' gradient at ``W``."""
+        grads, extra = step.local_task_gradients()
+        gram = step.gram(grads)
+        present = (gram.diagonal() > 0).nonzero().flatten().tolist()
+        if not present:
+            step.set_gradient(extra)
+            return
+        perturbed = torch.zeros_like(grads)
+        for index in present:
+            with step.moved_by(grads[index] * (self.config.rho / float(gram[index, index].sqrt()))):
+                perturbed[index] = step.local_task_gradients(only=step.ctx.tasks[index])[0][index]
+        loss_part, flatness = grads[present], flatness_parts(grads[present], perturbed[present])
+        update = combine(loss_part, self.surgery_weights(step.ctx, gram[present][:, present])) + \
+            combine(flatness, self.surgery_weights(step.ctx, step.gram(flatness)))
+        step.set_gradient(extra + update)
+
+    def surgery_weights(self, ctx, gram: torch.Tensor) -> torch.Tensor:
+        """The coefficients of the rule's combination of the vectors whose Gram matrix is ``gram``."""
+        tasks = gram.shape[0]
+        if self.config.combine == "pcgrad":
+            return pcgrad_weights(gram, random_order(tasks, ctx.generator))
+        if self.config.combine == "cagrad":  # on T × the shares, as the cagrad method
+            return cagrad_weights(gram * tasks ** 2, self.config.c) * tasks
+        return torch.ones(tasks, dtype=torch.float64)
 
     def task_perturbation(self, ctx, grad):
         return sam_perturbation([grad], self.config.rho)[0]
 
     def surgery(self, ctx, grads: torch.Tensor) -> torch.Tensor:
-        if self.config.combine == "pcgrad":
-            return pcgrad(grads, random_order(grads.shape[0], ctx.generator))
-        if self.config.combine == "cagrad":  # on T × the shares, as the cagrad method
-            return cagrad(grads * grads.shape[0], self.config.c)
-        return grads.sum(0)
+        return combine(grads, self.surgery_weights(ctx, gram_of(grads)))
 
     def combine_task_gradients(self, ctx, grads, perturbed=None):
+        """The step's rule on whole ``[T, P]`` gradients and their perturbed counterparts (what ``build_step``
+        computes from Gram matrices, written on the vectors)."""
         if perturbed is None:
             raise ValueError("task_sam needs the tasks' gradients at their perturbed weights")
         return self.surgery(ctx, grads) + self.surgery(ctx, flatness_parts(grads, perturbed))
