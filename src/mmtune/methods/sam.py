@@ -27,9 +27,10 @@ from mmtune.methods.multitask import cagrad_weights, combine, gram_of, pcgrad_we
 
 def sam_perturbation(grads: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
     """``ε = ρ·g/‖g‖`` for the gradients of every trainable tensor (zeros when the gradient is zero); ‖g‖ over the
-    whole tensors, also when they are sharded DTensors."""
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-    scale = rho / norm if norm > 0 else 0.0
+    whole tensors, also when they are sharded DTensors, summed in float64 so that one gradient gives the same ε
+    however it is split (whole, or over processes in another summation order)."""
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))
+    scale = (rho / norm).float() if norm > 0 else 0.0
     return [(g.float() * scale).to(g.dtype) for g in grads]
 
 
@@ -65,14 +66,14 @@ class SAM(Method):
     @torch.no_grad()
     def perturb(self, ctx):
         params = [p for p in ctx.trainable.values() if p.grad is not None]
-        self.moved = list(zip(params, sam_perturbation([p.grad for p in params], self.config.rho), strict=True))
-        for param, epsilon in self.moved:
+        self.moved = [(param, param.detach().clone()) for param in params]
+        for param, epsilon in zip(params, sam_perturbation([p.grad for p in params], self.config.rho), strict=True):
             param.add_(epsilon)
 
     @torch.no_grad()
     def restore(self, ctx):
-        for param, epsilon in self.moved:
-            param.sub_(epsilon)
+        for param, original in self.moved:  # the very same W (not W + ε − ε, which rounds)
+            param.copy_(original)
         self.moved = []
 
 
