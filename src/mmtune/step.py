@@ -29,6 +29,7 @@ from mmtune.engines import backward, is_deepspeed, optimizer_step
 from mmtune.errors import NonFiniteError
 from mmtune.losses import compute_losses
 from mmtune.methods.base import DTensor, Method, TrainContext, local_shard
+from mmtune.methods.multitask import combine, gram_of
 
 
 @dataclass
@@ -121,10 +122,10 @@ class Step:
             return torch.cat([(local_shard(p.grad) if p.grad is not None else torch.zeros_like(local_shard(p)))
                               .reshape(-1).float() for p in params])
 
-        rows = []
-        for task in ctx.tasks:
+        task_grads = torch.zeros(len(ctx.tasks), sum(local_shard(p).numel() for p in params),
+                                 device=accelerator.device)
+        for row, task in enumerate(ctx.tasks):
             if only is not None and task != only:
-                rows.append(torch.zeros_like(local_gradient()))
                 continue
             self.zero_grad()
             for piece in self.micro:
@@ -132,9 +133,9 @@ class Step:
                 with accelerator.autocast():
                     terms, _ = compute_losses(ctx, [], piece, self.loss_reduction, self.tokens, shares)
                 backward(accelerator, (shares[task] if task in shares else terms["ce"] * 0.0) / accum, True)
-            rows.append(local_gradient())
+            task_grads[row] = local_gradient()
         if only is not None:
-            return torch.stack(rows), torch.zeros_like(rows[0])
+            return task_grads, torch.zeros_like(task_grads[0])
         self.zero_grad()
         for piece in self.micro:
             with accelerator.autocast():
@@ -143,7 +144,7 @@ class Step:
             extra = [v for k, v in terms.items() if k != "ce" and v.requires_grad]
             backward(accelerator, (sum(extra) if extra else terms["ce"] * 0.0) / accum, True)
             self._log(terms)
-        return torch.stack(rows), local_gradient()
+        return task_grads, local_gradient()
 
     @property
     def sharded(self) -> bool:
@@ -160,7 +161,7 @@ class Step:
     def gram(self, vectors: torch.Tensor) -> torch.Tensor:
         """``[v_i·v_j]`` of ``vectors`` ``[T, P]`` in float64 — over the whole vectors on shards too (each process's
         slices' Gram matrix, all-reduced)."""
-        gram = vectors.double() @ vectors.double().T
+        gram = gram_of(vectors)
         if self.sharded and self.ctx.accelerator.num_processes > 1:
             gram = self.ctx.accelerator.reduce(gram, "sum")
         return gram
@@ -188,8 +189,7 @@ class Step:
         present = (gram.diagonal() > 0).nonzero().flatten().tolist()
         combined = extra_grad
         if present:
-            coefficients = weights(gram[present][:, present]).to(task_grads.device, task_grads.dtype)
-            combined = combined + coefficients @ task_grads[present]
+            combined = combined + combine(task_grads[present], weights(gram[present][:, present]))
         self.set_gradient(combined)
 
     def combine_task_gradients(self, combine: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],

@@ -11,6 +11,7 @@ Hyperparameters: ``r`` = 8, ``alpha`` = 16, ``dropout`` = 0.0, ``target_modules`
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -82,6 +83,13 @@ class Lora(Method):
             ctx.final_model = ctx.final_model.merge_and_unload()
 
 
+def lora_layers(model) -> Iterator[tuple[str, LoraLayer, list[str]]]:
+    """Each LoRA layer of ``model``: its name, the layer, and the active adapters it holds."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module, [adapter for adapter in module.active_adapters if adapter in module.lora_A]
+
+
 def lora_update(module: LoraLayer, adapter: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
     """The update ``scale · B·A`` an adapter adds to its layer's weight (whole factors, in fp32), laid out as the
     weight (transposed for ``fan_in_fan_out`` layers)."""
@@ -97,13 +105,10 @@ def merge_partitioned(model, masters: dict[str, torch.Tensor]) -> None:
     DeepSpeed partitions the result again (``GatheredParameters`` with ``modifier_rank=0``)."""
     import deepspeed
 
-    for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
+    for name, module, adapters in lora_layers(model):
         weight = module.get_base_layer().weight
         updates = [lora_update(module, adapter, masters[f"{name}.lora_A.{adapter}.weight"],
-                               masters[f"{name}.lora_B.{adapter}.weight"])
-                   for adapter in module.active_adapters if adapter in module.lora_A]
+                               masters[f"{name}.lora_B.{adapter}.weight"]) for adapter in adapters]
         with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
             if deepspeed.comm.get_rank() == 0:
                 for update in updates:
@@ -114,13 +119,9 @@ def merge_partitioned(model, masters: dict[str, torch.Tensor]) -> None:
 def merge_sharded(model) -> None:
     """Each LoRA layer's ``W += scale · B·A`` on FSDP2 shards: the adapter's whole factors (gathered one layer at a
     time, the same on every process) give the whole update, of which each process adds its piece to its shard of W."""
-    for module in model.modules():
-        if not isinstance(module, LoraLayer):
-            continue
+    for _, module, adapters in lora_layers(model):
         weight = module.get_base_layer().weight
-        for adapter in module.active_adapters:
-            if adapter not in module.lora_A:
-                continue
+        for adapter in adapters:
             delta = lora_update(module, adapter, whole(module.lora_A[adapter].weight),
                                 whole(module.lora_B[adapter].weight))
             weight.add_(laid_out_as(delta.to(weight.dtype), weight))

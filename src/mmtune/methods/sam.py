@@ -137,9 +137,6 @@ class TaskSAM(Method):
             return cagrad_weights(gram * tasks ** 2, self.config.c) * tasks
         return torch.ones(tasks, dtype=torch.float64)
 
-    def task_perturbation(self, ctx, grad):
-        return sam_perturbation([grad], self.config.rho)[0]
-
     def surgery(self, ctx, grads: torch.Tensor) -> torch.Tensor:
         return combine(grads, self.surgery_weights(ctx, gram_of(grads)))
 
