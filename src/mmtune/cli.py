@@ -291,7 +291,7 @@ def demo_merges(out: Path, base: Path, common: list[str], args) -> list[Path]:
     world = Path(demo.data.synthetic.dir)
     ensure_world(world, seed=demo.data.synthetic.seed, n_train=demo.data.synthetic.n_train,
                  n_test=demo.data.synthetic.n_test, image_size=demo.data.synthetic.image_size, progress=False,
-                 version=demo.data.synthetic.version)
+                 version=demo.data.synthetic.version, caption_errors=demo.data.synthetic.caption_errors)
     base_scores = base_scores_in(out, base)
     folder, evaluations = out / "merge", []
     for seed in range(args.first_seed, args.first_seed + args.seeds):

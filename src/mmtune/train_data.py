@@ -55,7 +55,7 @@ def load_records(config: RunConfig, accelerator, say) -> tuple[Path | None, list
     if world is not None and accelerator.is_main_process:
         synth = config.data.synthetic
         ensure_world(world, synth.seed, synth.n_train, synth.n_test, synth.image_size, config.train.progress,
-                     version=synth.version)
+                     version=synth.version, caption_errors=synth.caption_errors)
     accelerator.wait_for_everyone()
     if not config.data.tasks:
         raise ValueError("data.tasks is empty: name at least one task file")

@@ -118,6 +118,60 @@ def test_world_v3_changes_only_the_training_captions_towards_real_caption_data(t
         generate_world(tmp_path / "v4", seed=1, n_train=2, n_test=2, progress=False, version=4)
 
 
+def test_world_v3_word_noise_is_plain_label_noise_on_every_caption_word(tmp_path):
+    """Amendment 3 (``caption_errors: words``): each word of a training caption — template words too — is replaced with
+    probability V3_CAPTION_NOISE by another caption word at random; test references stay correct; the rule is in
+    world.json, so a world made under the other rule is not reused."""
+    import json
+    import random
+    import re
+    from collections import Counter
+
+    import pytest
+
+    from mmtune.data.synthetic import (
+        V3_CAPTION_NOISE,
+        V3_VOCABULARY,
+        _v3_references,
+        ensure_world,
+        noisy_words,
+        sample_scene,
+    )
+
+    rng, changed, total, template_changed, replacements = random.Random(0), 0, 0, 0, Counter()
+    for _ in range(2000):
+        caption = rng.choice(_v3_references(sample_scene(rng)))
+        noisy = noisy_words(caption, rng)
+        pairs = list(zip(re.findall(r"\w+|[^\w\s]", caption), noisy.split(), strict=True))  # word for word
+        for true, said in pairs:
+            assert true in V3_VOCABULARY and said in V3_VOCABULARY
+            if true != said:
+                changed += 1
+                replacements[said] += 1
+                template_changed += true in ("there", "is", "the", "background", ".")
+        total += len(pairs)
+    assert abs(changed / total - V3_CAPTION_NOISE) < 0.02
+    assert template_changed > 0.2 * changed  # not only image words
+    top = replacements.most_common(1)[0][1] / changed
+    assert top < 2.5 / len(V3_VOCABULARY)  # no word is preferred (uniform: 1/(|V| − 1) each)
+
+    generate_world(tmp_path / "w", seed=1, n_train=60, n_test=6, image_size=32, progress=False, version=3,
+                   caption_errors="words")
+    prior = tmp_path / "p"
+    generate_world(prior, seed=1, n_train=60, n_test=6, image_size=32, progress=False, version=3)
+    words = tmp_path / "w"
+    assert "amendment 3" in json.loads((words / "world.json").read_text())["captions"]
+    assert (words / "detailed_caption_test.jsonl").read_bytes() == (prior / "detailed_caption_test.jsonl").read_bytes()
+    train = read_records(words / "detailed_caption_train.jsonl")
+    assert train and all(len(r.answers) == 1 for r in train)
+    assert [r.answers for r in train] != [r.answers for r in read_records(prior / "detailed_caption_train.jsonl")]
+    with pytest.raises(FileExistsError, match="different synthetic world"):
+        ensure_world(prior, seed=1, n_train=60, n_test=6, image_size=32, progress=False, version=3,
+                     caption_errors="words")
+    with pytest.raises(ValueError, match="caption_errors='labels' is unknown"):
+        generate_world(tmp_path / "x", seed=1, n_train=2, n_test=2, progress=False, version=3, caption_errors="labels")
+
+
 def test_the_world_version_is_a_config_key(tmp_path):
     import pytest
 

@@ -28,6 +28,7 @@ can see (colours, places, count, background — not shapes or sizes, which its v
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +57,13 @@ CHARACTERS = "ABCDEFGHKMNPRSTXYZ"
 
 WORLD_VERSION = 2  # the default; ``WORLD_VERSIONS`` lists what ``data.synthetic.version`` accepts
 WORLD_VERSIONS = (2, 3)
-V3_CAPTION_NOISE = 0.3  # world v3: the chance that each image word of a training caption is wrong
-# Written into a v3 world's world.json, so a folder made before amendment 1 (uniform errors) is never reused.
-V3_CAPTIONS = "one per training image; image words wrong with p=0.3, towards PRIOR (amendment 1)"
+V3_CAPTION_NOISE = 0.3  # world v3: the chance that each (image) word of a training caption is wrong
+# How a v3 training caption is wrong (``data.synthetic.caption_errors``), as written into the world's world.json, so
+# a folder made under another rule (or before amendment 1's uniform errors) is never reused.
+V3_CAPTIONS = {
+    "prior": "one per training image; image words wrong with p=0.3, towards PRIOR (amendment 1)",
+    "words": "one per training image; every word wrong with p=0.3, a random caption word (amendment 3)",
+}
 HELDOUT_FAMILIES = ("brief_caption", "color_vqa", "shape_vqa", "position_vqa", "exists_vqa", "ocr_vqa",
                     "background_mc", "shape_mc")
 PRETRAIN_ONLY = ("count_vqa",)
@@ -219,6 +224,32 @@ def human_caption(scene: Scene, rng: random.Random, noise: float = V3_CAPTION_NO
     return rng.choice(_v3_references(seen, count)), seen, count
 
 
+def _v3_vocabulary() -> list[str]:
+    """Every word a v3 reference can hold (template, colours, places, counts, backgrounds), sorted."""
+    words = {"there", "is", "a", "object", "objects", "on", "background", "the", "image", "shows", "drawn",
+             "picture", "of", "and", "at", "in", ".", ",", ":"}
+    words |= set(COLORS) | set(BACKGROUNDS) | {COUNT_WORDS[n] for n in (1, 2, 3)}  # a scene holds 1–3 objects
+    for cell in range(9):
+        words |= set(_at(cell).split())
+    return sorted(words)
+
+
+V3_VOCABULARY = _v3_vocabulary()
+
+
+def noisy_words(caption: str, rng: random.Random, noise: float = V3_CAPTION_NOISE) -> str:
+    """Plain label noise (amendment 3): each word of ``caption`` (punctuation included) is, with probability
+    ``noise``, replaced by another word of the v3 captions' vocabulary drawn uniformly — template words as well as
+    image words, with no preference for any word. Words are the tokenizer's (``\\w+`` or one punctuation mark), written
+    back separated by single spaces ("left," → "left ,": the same tokens)."""
+    def other(word: str) -> str:
+        if rng.random() >= noise:
+            return word
+        return rng.choice([w for w in V3_VOCABULARY if w != word])
+
+    return " ".join(other(word) for word in re.findall(r"\w+|[^\w\s]", caption))
+
+
 def _unique_thing(scene: Scene, rng: random.Random) -> Thing:
     return rng.choice(scene.things)
 
@@ -346,14 +377,16 @@ def image_words(scene: Scene, count: int | None = None) -> list[str]:
 
 
 def make_records(scenes: list[tuple[str, Scene]], family: str, split: str, seed: int,
-                 version: int = WORLD_VERSION) -> list[Record]:
+                 version: int = WORLD_VERSION, caption_errors: str = "prior") -> list[Record]:
     rng = random.Random(f"{seed}-{family}-{split}")
     records = []
     kind = "choice" if family in CHOICE_FAMILIES else "open"
     v3_caption = version >= 3 and family == "detailed_caption"
     for image_path, scene in scenes:
         words = image_words(scene) if family in CAPTION_FAMILIES else None
-        if v3_caption and split == "train":
+        if v3_caption and split == "train" and caption_errors == "words":
+            out = (CAPTION_PROMPT, [noisy_words(rng.choice(_v3_references(scene)), rng)], None, None)
+        elif v3_caption and split == "train":
             caption, seen, count = human_caption(scene, rng)
             out, words = (CAPTION_PROMPT, [caption], None, None), image_words(seen, count)
         elif v3_caption:
@@ -373,17 +406,22 @@ def make_records(scenes: list[tuple[str, Scene]], family: str, split: str, seed:
 
 
 def world_marker(version: int, seed: int, n_train: int, n_test: int, image_size: int,
-                 families: tuple[str, ...]) -> dict:
+                 families: tuple[str, ...], caption_errors: str = "prior") -> dict:
     """What ``world.json`` holds: everything that makes two worlds the same (a v3 world also names its caption rule)."""
+    if caption_errors not in V3_CAPTIONS:
+        raise ValueError(f"caption_errors={caption_errors!r} is unknown; valid: {', '.join(V3_CAPTIONS)}")
     return {"version": version, "seed": seed, "n_train": n_train, "n_test": n_test, "image_size": image_size,
-            "families": list(families), **({"captions": V3_CAPTIONS} if version >= 3 else {})}
+            "families": list(families), **({"captions": V3_CAPTIONS[caption_errors]} if version >= 3 else {})}
 
 
 def generate_world(out_dir: str | Path, seed: int = 0, n_train: int = 1000, n_test: int = 200,
                    image_size: int = 48, families: tuple[str, ...] = FAMILIES,
                    overwrite: bool = False, progress: bool = True,
-                   version: int = WORLD_VERSION) -> dict[str, dict[str, Path]]:
-    """Write images and one task file per (family, split); return ``{family: {split: path}}``."""
+                   version: int = WORLD_VERSION, caption_errors: str = "prior") -> dict[str, dict[str, Path]]:
+    """Write images and one task file per (family, split); return ``{family: {split: path}}``. ``caption_errors``
+    (v3 only): how a training caption is wrong — ``"prior"`` (image words, towards ``PRIOR``) or ``"words"`` (any
+    word, at random: ``noisy_words``)."""
+    marked = world_marker(version, seed, n_train, n_test, image_size, families, caption_errors)
     if version not in WORLD_VERSIONS:
         raise ValueError(f"synthetic world version {version} is unknown; valid: {', '.join(map(str, WORLD_VERSIONS))}")
     out = Path(out_dir)
@@ -406,11 +444,11 @@ def generate_world(out_dir: str | Path, seed: int = 0, n_train: int = 1000, n_te
             scenes.append((str(path), scene))
         for family in families:
             path = out / f"{family}_{split}.jsonl"
-            write_records(make_records(scenes, family, split, seed, version), path, overwrite=True)
+            write_records(make_records(scenes, family, split, seed, version, caption_errors), path, overwrite=True)
             files[family][split] = path
     import json
 
-    marker.write_text(json.dumps(world_marker(version, seed, n_train, n_test, image_size, families), indent=2) + "\n")
+    marker.write_text(json.dumps(marked, indent=2) + "\n")
     return files
 
 
@@ -418,12 +456,12 @@ SYNTHETIC_PREFIX = "synthetic:"
 
 
 def ensure_world(world_dir: str | Path, seed: int, n_train: int, n_test: int, image_size: int,
-                 progress: bool = True, version: int = WORLD_VERSION) -> Path:
+                 progress: bool = True, version: int = WORLD_VERSION, caption_errors: str = "prior") -> Path:
     """Generate the world into ``world_dir`` unless the same world is already there."""
     import json
 
     world_dir = Path(world_dir)
-    wanted = world_marker(version, seed, n_train, n_test, image_size, FAMILIES)
+    wanted = world_marker(version, seed, n_train, n_test, image_size, FAMILIES, caption_errors)
     marker = world_dir / "world.json"
     if marker.exists():
         found = json.loads(marker.read_text())
@@ -431,7 +469,8 @@ def ensure_world(world_dir: str | Path, seed: int, n_train: int, n_test: int, im
             raise FileExistsError(f"{world_dir} holds a different synthetic world ({found}); wanted {wanted}. "
                                   "Point data.synthetic.dir elsewhere or remove it.")
         return world_dir
-    generate_world(world_dir, seed, n_train, n_test, image_size, progress=progress, version=version)
+    generate_world(world_dir, seed, n_train, n_test, image_size, progress=progress, version=version,
+                   caption_errors=caption_errors)
     return world_dir
 
 
