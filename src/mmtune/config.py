@@ -124,9 +124,7 @@ class SyntheticConfig:
     n_test: int = 200  # test images
     image_size: int = 48  # image side in pixels
     version: int = 2  # 2: the demo's world; 3: one partly wrong caption per training image (docs/results.md)
-    # v3: how a training caption is wrong — "prior" (image words, towards a language prior: amendment 1) or "words"
-    # (any word replaced by a random caption word: amendment 3, plain label noise)
-    caption_errors: str = "prior"
+    caption_errors: str = "prior"  # v3's wrong caption words: prior (image words, towards a language prior) | words (any word, at random)
 
     def __post_init__(self):
         for key, least in (("n_train", 1), ("n_test", 1), ("image_size", 8)):
