@@ -4,7 +4,8 @@ For each method named on the command line: 3 optimizer steps of mmtune's own ste
 method's hooks, its ``on_train_end``) on a tiny LLaVA, once with whole tensors and once with the model sharded by
 FSDP2 — there with the method's state saved after step 2 and a fresh instance resumed from the file — (``fully_shard`` per decoder block and at the root, as Accelerate's FSDP2 does: every parameter a DTensor, the
 methods' state built from them). Both ranks see the same batch, so FSDP's averaged gradient is the whole batch's:
-what differs is only where each number lives. Rank 0 writes, per method, the largest difference per trainable tensor
+what differs is only where each number lives. (What a method reads from the training data before training —
+``ctx.batches``, EWC's Fisher — differs per process: ``run``'s ``own``.) Rank 0 writes, per method, the largest difference per trainable tensor
 between the two runs' final weights, and how far each moved, to the JSON file named first.
 
 An entry ``bf16:<name>`` runs both in bf16 with fp32 masters of what trains (whole: autocast; sharded: FSDP2's
@@ -39,7 +40,7 @@ from mmtune.step import train_step
 
 # What makes each method act within 3 tiny steps (as tests/test_deepspeed.py's ACTIVE).
 OPTIONS = {"half_ft": {"round_steps": 2}, "l2_reg": {"lam": 1e3}, "l1_reg": {"lam": 1.0},
-           "wise_ft": {"alpha": 0.5}}
+           "wise_ft": {"alpha": 0.5}, "ewc": {"lam": 1e6}}
 # LoRA's B starts at zero, so its update starts in B; a larger rate moves A too within 3 steps.
 LEARNING_RATE = {"lora": 5e-2}
 
@@ -108,9 +109,13 @@ def build(sharded: bool, bf16: bool = False, method=None):
     return model, processor
 
 
-def run(name: str, sharded: bool, batch: dict, resume_dir: Path | None = None, bf16: bool = False) -> dict[str, torch.Tensor]:
+def run(name: str, sharded: bool, batch: dict, resume_dir: Path | None = None, bf16: bool = False,
+        own: list[dict] = ()) -> dict[str, torch.Tensor]:
     """3 steps of ``name``; with ``resume_dir``, the method is saved after step 2 (one file per process, as the loop
-    does on a sharding engine), replaced by a fresh instance set up and loaded from the file, as a resumed run's."""
+    does on a sharding engine), replaced by a fresh instance set up and loaded from the file, as a resumed run's.
+    ``own``: one batch per process, what ``ctx.batches`` gives (EWC's Fisher): each process its own when sharded, all
+    of them on whole tensors — so a statistic that mixes the processes' records wrongly (a squared averaged
+    gradient) shows."""
     method = METHODS[name](METHODS[name].config_class(**OPTIONS.get(name, {})))
     model, _ = build(sharded, bf16, method)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -122,7 +127,7 @@ def run(name: str, sharded: bool, batch: dict, resume_dir: Path | None = None, b
     accelerator = Stand_inAccelerator(sharded, bf16)
     ctx = TrainContext(model=model, unwrapped=model, trainable=trainable, generator=torch.Generator().manual_seed(0),
                        accelerator=accelerator, optimizer=optimizer, total_steps=3, tasks=sorted(set(batch["tasks"])),
-                       batches=lambda: [batch], final_model=model)
+                       batches=lambda: [own[dist.get_rank()]] if sharded else list(own), final_model=model)
     method.setup(ctx)
     for step in range(3):
         if resume_dir is not None and step == 2:
@@ -149,15 +154,18 @@ def main() -> None:
     torch.manual_seed(0)
     records = read_records(world / "detailed_caption_train.jsonl")[:4] + read_records(world / "count_mc_train.jsonl")[:4]
     _, processor = build_tiny("llava", words=vocabulary(), seed=0)
-    batch = TrainCollator(processor)([RecordDataset(records)[i] for i in range(len(records))])
+    collate = TrainCollator(processor)
+    batch = collate([RecordDataset(records)[i] for i in range(len(records))])
+    others = read_records(world / "detailed_caption_train.jsonl")[4:8] + read_records(world / "count_mc_train.jsonl")[4:8]
+    own = [batch, collate([RecordDataset(others)[i] for i in range(len(others))])]  # what each process trains on
     result, wholes = {}, {}
     for entry in names:
         bf16 = entry.startswith("bf16:")
         name = entry.removeprefix("bf16:")
         start = {n: p.detach().clone() for n, p in build(False, bf16)[0].named_parameters() if n in SCOPE}
-        whole = wholes[entry] = run(name, False, batch, bf16=bf16)
+        whole = wholes[entry] = run(name, False, batch, bf16=bf16, own=own)
         try:
-            sharded = run(name, True, batch, out.parent / f"resume-{entry.replace(':', '-')}", bf16)
+            sharded = run(name, True, batch, out.parent / f"resume-{entry.replace(':', '-')}", bf16, own)
         except Exception as error:  # a refusal, or a method that breaks on shards: the test says which
             result[entry] = {"error": f"{type(error).__name__}: {error}"}
             continue

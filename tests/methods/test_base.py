@@ -20,8 +20,9 @@ def test_refusals_follow_the_hooks_and_declarations():
     assert refusal([L2Reg()], "sharded") is None  # tested on FSDP2 shards (test_methods_sharded.py)
     assert refusal([SAM()], "sharded") is None  # its norm and move are DTensor operations on shards
     assert refusal([TaskSAM()], "sharded") is None  # written on Gram matrices
-    assert refusal([METHODS["ewc"]()], "sharded").startswith(
-        "ewc can't run with parameters sharded over processes (FSDP): its Fisher information")
+    assert refusal([METHODS["ewc"]()], "sharded") is None  # its Fisher one record at a time through FSDP
+    assert refusal([METHODS["asft"]()], "sharded").startswith(
+        "asft can't run with parameters sharded over processes (FSDP): its base-model logits")
 
     class Untested(Method):
         name = "untested"

@@ -47,10 +47,12 @@ def test_method_on_fsdp2_shards_equals_whole_tensors(sharded_runs, name):
     assert len(moved) >= len(found["moved"]) // 2, f"{name}: too few tensors moved, the comparison says little"
 
 
-@pytest.mark.parametrize("name", ["pcgrad", "cagrad", "sam", "task_sam"])
+@pytest.mark.parametrize("name", ["pcgrad", "cagrad", "sam", "task_sam", "ewc"])
 def test_methods_that_build_the_gradient_do_something_on_shards(sharded_runs, name):
     """Their shards-equal-whole check above means something only if their step is not vanilla's: on the worker's
-    batch (captions and counting MC) the combined gradient (SAM: the gradient at W + ε) is not the plain one."""
+    batch (captions and counting MC) the combined gradient (SAM: the gradient at W + ε) is not the plain one; EWC's
+    Fisher-weighted pull (its Fisher from each process's own records, which only the per-record gradients of
+    ``_sharded_fisher`` get right: a squared averaged gradient ends 0.022 away) moves the weights off vanilla's."""
     assert sharded_runs[name]["from_vanilla"] > 1e-4
 
 
@@ -69,11 +71,11 @@ def test_method_on_fsdp2_shards_in_bf16_moves_like_on_whole_tensors(sharded_runs
 
 
 def test_sharded_methods_cover_the_papers_and_every_family():
-    """Loss terms (NRCA, DFT, EAFT, L1/L2), masks (random, magnitude, Half FT), post-training merges (DARE,
+    """Loss terms (NRCA, DFT, EAFT, L1/L2, EWC), masks (random, magnitude, Half FT), post-training merges (DARE,
     grafting, WiSE-FT), loss balancing (uncertainty, FAMO), gradient surgery (PCGrad, CAGrad), SAM and task-SAM,
     PEFT's LoRA and SPIDER's step hooks."""
     assert {"vanilla", "nrca", "spider", "l2_reg", "l1_reg", "dft", "eaft", "random_mask", "magnitude_mask", "half_ft",
-            "dare", "grafting", "wise_ft", "uncertainty", "famo", "pcgrad", "cagrad", "sam", "task_sam", "lora"} <= set(SHARDED)
+            "dare", "grafting", "wise_ft", "uncertainty", "famo", "pcgrad", "cagrad", "sam", "task_sam", "lora", "ewc"} <= set(SHARDED)
     assert all(twin in RUN for twin in SAME_CODE_AS_ANOTHER.values())
 
 
