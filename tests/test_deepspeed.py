@@ -32,7 +32,8 @@ SHIPPED = {stage: Path(__file__).resolve().parents[1] / "configs" / "accelerate"
            for stage in (2, 3)}
 # What makes each method act within 3 tiny steps (the defaults of L1/L2 would change nothing visible).
 ACTIVE = {"half_ft": ["method.half_ft.round_steps=2"], "l2_reg": ["method.l2_reg.lam=1000.0"],
-          "l1_reg": ["method.l1_reg.lam=0.01"], "ewc": ["method.ewc.lam=1000000.0"]}
+          "l1_reg": ["method.l1_reg.lam=0.01"], "ewc": ["method.ewc.lam=1000000.0"],
+          "lora_sculpt": ["method.lora_sculpt.sculpt_step=2"]}
 # Methods that combine per-task gradients or take a second gradient (SAM) refuse DeepSpeed; every other runs on it.
 METHOD_NAMES = sorted(n for n, cls in METHODS.items() if refusal([cls()], "deepspeed") is None)
 ACCUMULATED = ["vanilla", "spider"]  # also with grad_accum=2: DeepSpeed's accumulation boundary set by the loop
@@ -53,7 +54,7 @@ EVERY_PATH = [n for n in METHOD_NAMES if n not in SAME_CODE_AS_ANOTHER]
 ZERO3_NAMES = [n for n in METHOD_NAMES if zero3_refusal([METHODS[n]()]) is None]
 ZERO3_PATH = [n for n in ZERO3_NAMES if n not in ("magnitude_mask", "wise_ft", "eaft", "l1_reg")]
 ZERO2_ONE_PROCESS = [n for n in METHOD_NAMES if n not in ZERO3_PATH or n == "vanilla"]
-ZERO3_DDP = ["vanilla", "spider", "random_mask", "nrca", "dare", "l2_reg", "lora", "ewc"]  # also 2 processes against DDP
+ZERO3_DDP = ["vanilla", "spider", "random_mask", "nrca", "dare", "l2_reg", "lora", "ewc", "lora_sculpt"]  # also 2 processes against DDP
 ZERO3_BF16 = ["vanilla", "spider", "dare", "lora"]  # also bf16 with one process
 
 

@@ -26,8 +26,8 @@ weights are their bf16 copies; the hooks see the masters. ZeRO-3 also partitions
 holds an empty tensor outside DeepSpeed's gather): there every hook — ``setup`` and ``on_train_end`` included — sees
 the full fp32 masters, and what a method writes goes into the masters and into this process's partition of the
 weights. A method whose loss term reads the trainable weights in the forward pass (L1/L2, EWC, LoRASculpt's CMR,
-ASFT's forward at W0) would read the empty tensors there. A term of the weights alone (L1/L2's and EWC's distance to
-W0, ``Method.weight_penalty``) is taken out of the forward pass under ZeRO-3: step 3 adds its gradient on the full fp32
+ASFT's forward at W0) would read the empty tensors there. A term of the trainable weights alone (L1/L2's and EWC's
+distance to W0, LoRASculpt's CMR: ``Method.weight_penalty``) is taken out of the forward pass under ZeRO-3: step 3 adds its gradient on the full fp32
 masters once per optimizer step, before clipping — what the loss term's backward adds on the other engines (it is
 the same every micro-batch and process) — and logs its value. The others refuse ZeRO-3 (``zero3_refusal``). fp16
 (loss scaling inside the engine) is refused.

@@ -40,9 +40,9 @@ from mmtune.step import train_step
 
 # What makes each method act within 3 tiny steps (as tests/test_deepspeed.py's ACTIVE).
 OPTIONS = {"half_ft": {"round_steps": 2}, "l2_reg": {"lam": 1e3}, "l1_reg": {"lam": 1.0},
-           "wise_ft": {"alpha": 0.5}, "ewc": {"lam": 1e6}}
+           "wise_ft": {"alpha": 0.5}, "ewc": {"lam": 1e6}, "lora_sculpt": {"sculpt_step": 2, "cmr_lam": 1.0}}
 # LoRA's B starts at zero, so its update starts in B; a larger rate moves A too within 3 steps.
-LEARNING_RATE = {"lora": 5e-2}
+LEARNING_RATE = {"lora": 5e-2, "lora_sculpt": 5e-2}
 
 
 class Stand_inAccelerator:

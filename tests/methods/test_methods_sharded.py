@@ -39,6 +39,8 @@ def sharded_runs(world, tmp_path_factory):
 
 @pytest.mark.parametrize("name", RUN)
 def test_method_on_fsdp2_shards_equals_whole_tensors(sharded_runs, name):
+    """(Seen to fail: LoRASculpt's masks selected per shard instead of over each whole matrix end 0.11 away, its CMR
+    term's gradient on one process only 0.22; EWC's Fisher from the squared averaged gradient 0.022.)"""
     found = sharded_runs[name]
     assert "error" not in found, found.get("error")
     for tensor, difference in found["difference"].items():
@@ -71,11 +73,12 @@ def test_method_on_fsdp2_shards_in_bf16_moves_like_on_whole_tensors(sharded_runs
 
 
 def test_sharded_methods_cover_the_papers_and_every_family():
-    """Loss terms (NRCA, DFT, EAFT, L1/L2, EWC), masks (random, magnitude, Half FT), post-training merges (DARE,
+    """Loss terms (NRCA, DFT, EAFT, L1/L2, EWC), LoRASculpt, masks (random, magnitude, Half FT), post-training merges (DARE,
     grafting, WiSE-FT), loss balancing (uncertainty, FAMO), gradient surgery (PCGrad, CAGrad), SAM and task-SAM,
     PEFT's LoRA and SPIDER's step hooks."""
     assert {"vanilla", "nrca", "spider", "l2_reg", "l1_reg", "dft", "eaft", "random_mask", "magnitude_mask", "half_ft",
-            "dare", "grafting", "wise_ft", "uncertainty", "famo", "pcgrad", "cagrad", "sam", "task_sam", "lora", "ewc"} <= set(SHARDED)
+            "dare", "grafting", "wise_ft", "uncertainty", "famo", "pcgrad", "cagrad", "sam", "task_sam", "lora", "ewc",
+            "lora_sculpt"} <= set(SHARDED)
     assert all(twin in RUN for twin in SAME_CODE_AS_ANOTHER.values())
 
 

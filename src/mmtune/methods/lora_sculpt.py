@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mmtune.merging import top_magnitude
-from mmtune.methods.base import register
-from mmtune.methods.lora import Lora, LoraMethodConfig
+from mmtune.methods.base import laid_out_as, partitioned, register, whole
+from mmtune.methods.lora import Lora, LoraMethodConfig, lora_layers
 
 
 def conflict_weights(weight: torch.Tensor, omega: float, eps: float = 1e-15) -> torch.Tensor:
@@ -70,34 +70,53 @@ class LoraSculptConfig(LoraMethodConfig):
 @register
 class LoraSculpt(Lora):
     name = "lora_sculpt"
-    reads_weights_in_loss = True  # refused under ZeRO-3 (mmtune.engines.zero3_refusal)
-    supports_sharding = False  # LoRA's is; the sculpting and the CMR term are not tested on shards
-    sharding_refusal = ("its magnitude masks over B·A and its CMR penalty over the frozen base weights are computed on "
-                        "whole tensors, which is not tested on FSDP2 shards")
+    reads_weights_in_loss = True  # as weight_penalty: under ZeRO-3 its gradient is added on the full masters
+    # On FSDP2 shards: the masks are selected over each whole adapter matrix (gathered one at a time) and kept per
+    # shard, as magnitude_mask's; the CMR term is computed on the whole factors, the same on every process, so each
+    # shard's gradient is its slice of the whole one (tests/methods/test_methods_sharded.py).
+    supports_sharding = True
     description = "LoRA sculpted to its largest entries + a penalty where the base's weights are large (Liang et al., CVPR 2025)"
     config_class = LoraSculptConfig
     persistent = ("masks",)
 
     def setup(self, ctx):
         self.masks: dict[str, torch.Tensor] = {}
-        # (A, B, M) per adapted module named in cmr_modules; M from the frozen base weight, computed once.
-        self.modules = [(module, conflict_weights(module.base_layer.weight, self.config.omega))
-                        for name, module in ctx.unwrapped.named_modules()
-                        if hasattr(module, "lora_A") and hasattr(module, "base_layer")
-                        and name.rsplit(".", 1)[-1] in self.config.cmr_modules]
+        # (A's name, B's name, M) per adapter of a module named in cmr_modules, by the names of ``ctx.trainable`` (so
+        # the term reads DeepSpeed's fp32 masters under ZeRO-3); M from the whole frozen base weight, computed once.
+        self.modules = [(f"{name}.lora_A.{adapter}.weight", f"{name}.lora_B.{adapter}.weight", conflict)
+                        for name, module, adapters in lora_layers(ctx.unwrapped)
+                        if name.rsplit(".", 1)[-1] in self.config.cmr_modules
+                        for conflict in [base_conflict_weights(module, self.config.omega)] for adapter in adapters]
         if self.config.cmr_lam and not self.modules:
             raise ValueError(f"lora_sculpt: no adapted module is named in cmr_modules={self.config.cmr_modules}")
 
     def extra_losses(self, ctx, batch, outputs, sample_loss):
+        penalty = None if partitioned(ctx.trainable) else self.weight_penalty(ctx)
+        return {} if penalty is None else {"cmr": penalty}
+
+    def weight_penalty(self, ctx):
         if self.config.cmr_lam == 0:
-            return {}
-        pairs = [(m.lora_A["default"].weight, m.lora_B["default"].weight, weight) for m, weight in self.modules]
-        return {"cmr": self.config.cmr_lam * conflict_penalty(pairs)}
+            return None
+        pairs = [(whole(ctx.trainable[a]), whole(ctx.trainable[b]), conflict) for a, b, conflict in self.modules]
+        return self.config.cmr_lam * conflict_penalty(pairs)
 
     @torch.no_grad()
     def after_optimizer_step(self, ctx):
         if not self.masks and ctx.step + 1 >= self.config.sculpt_step:  # ctx.step: steps done before this one
-            self.masks = {name: top_magnitude(ctx.trainable[name], self.config.keep_ratio)
+            self.masks = {name: laid_out_as(top_magnitude(whole(ctx.trainable[name]), self.config.keep_ratio),
+                                            ctx.trainable[name])
                           for name in adapter_names(ctx.trainable)}
         for name, mask in self.masks.items():
             ctx.trainable[name].mul_(mask)
+
+
+def base_conflict_weights(module, omega: float) -> torch.Tensor:
+    """CMR's M for a LoRA layer, from its whole frozen base weight: gathered from FSDP2 shards, or from DeepSpeed
+    ZeRO-3's partitions (read only, one layer at a time)."""
+    weight = module.get_base_layer().weight
+    if not hasattr(weight, "ds_tensor"):
+        return conflict_weights(whole(weight), omega)
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([weight]):
+        return conflict_weights(weight, omega)
