@@ -65,11 +65,16 @@ def test_a_missing_model_folder_says_how_to_estimate_anyway(capsys):
 
 
 def test_the_estimate_names_the_methods_an_engine_refuses(tiny_config):
-    """ZeRO-3 refuses a loss that reads the weights, FSDP2 the methods not tested on shards: the estimate says so."""
-    assert any("ewc: refused under ZeRO-3" in note for note in estimate(tiny_config("method.name=ewc"),
-                                                                        "zero3", 2).notes)
-    # L2's penalty reads the weights alone: its gradient is added on ZeRO-3's masters at the step
-    assert not any("refused" in note for note in estimate(tiny_config("method.name=l2_reg"), "zero3", 2).notes)
-    assert any("ewc: refused under FSDP2" in note for note in estimate(tiny_config("method.name=ewc"), "fsdp2", 2).notes)
+    """ZeRO-3 refuses a loss that reads the weights, FSDP2 the methods not tested on shards, DeepSpeed SAM: the
+    estimate says so, with the reason."""
+    notes = estimate(tiny_config("method.name=asft"), "zero3", 2).notes
+    assert any("asft: refused under ZeRO-3 (asft can't run under DeepSpeed ZeRO-3: its loss term" in n for n in notes)
+    # L2's and EWC's penalties read the weights alone: their gradient is added on ZeRO-3's masters at the step
+    for name in ("l2_reg", "ewc"):
+        assert not any("refused" in note for note in estimate(tiny_config(f"method.name={name}"), "zero3", 2).notes)
+    assert any("asft: refused under FSDP2" in note for note in estimate(tiny_config("method.name=asft"), "fsdp2", 2).notes)
+    assert any("sam: refused under DeepSpeed" in note for note in estimate(tiny_config("method.name=sam"), "zero2", 2).notes)
+    assert any("pcgrad: refused under ZeRO-3" in note for note in estimate(tiny_config("method.name=pcgrad"), "zero3", 2).notes)
+    assert not any("refused" in note for note in estimate(tiny_config("method.name=pcgrad"), "zero2", 2).notes)
     assert not any("refused" in note for note in estimate(tiny_config("method.name=nrca+spider"), "zero3", 2).notes)
     assert not any("refused" in note for note in estimate(tiny_config("method.name=nrca+spider"), "fsdp2", 2).notes)

@@ -92,6 +92,8 @@ def zero3_refusal(methods: list[Method]) -> str | None:
     """Why ZeRO-3 can't run ``methods`` (one sentence), or None: a loss term that reads the trainable weights in the
     forward pass reads ZeRO-3's empty partitions."""
     for method in methods:
+        if method.partitioned_refusal:
+            return f"{method.name} can't run under DeepSpeed ZeRO-3: {method.partitioned_refusal}; use ZeRO-2 or FSDP2"
         if method.reads_weights_in_loss and not method.overrides("weight_penalty"):
             return (f"{method.name} can't run under DeepSpeed ZeRO-3: its loss term reads the trainable weights in the "
                     "forward pass, where ZeRO-3 leaves each parameter an empty partition; use ZeRO-2 or FSDP2")
@@ -120,12 +122,13 @@ def _full_tensors(ctx: TrainContext, with_masters: bool, with_grads: bool) -> It
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     params = ctx.trainable
+    built, ctx.built_gradient = ctx.built_gradient, None  # a step a method built itself (Step.set_gradient)
     full: dict[str, nn.Parameter] = {}
     for name, param in params.items():
         weight = safe_get_full_fp32_param(param) if with_masters else None
         weight = param.detach() if weight is None else weight  # ZeRO-0 keeps no separate master
         view = nn.Parameter(weight.detach().float(), requires_grad=True)
-        grad = safe_get_full_grad(param) if with_grads else None
+        grad = (built[name] if built is not None else safe_get_full_grad(param)) if with_grads else None
         view.grad = None if grad is None else grad.detach().float().clone()
         full[name] = view
     ctx.trainable = full
@@ -186,7 +189,7 @@ def on_masters(ctx: TrainContext, write_back: bool) -> Iterator[None]:
 def add_weight_penalties(ctx: TrainContext, methods: list[Method]) -> dict[str, torch.Tensor]:
     """Add the gradient of each method's ``weight_penalty`` (at ``ctx.trainable``: full fp32 masters with their full
     gradient in ``.grad``) to ``.grad``; returns the penalties' values by method name (for the step's log)."""
-    penalties = {m.name: value for m in methods if (value := m.weight_penalty(ctx)) is not None}
+    penalties = {m.weight_penalty_term: value for m in methods if (value := m.weight_penalty(ctx)) is not None}
     if penalties:
         params = list(ctx.trainable.values())
         grads = torch.autograd.grad(sum(penalties.values()), params, allow_unused=True)

@@ -235,8 +235,15 @@ def estimate(config, engine: str = "ddp", devices: int = 1, sequence: int | None
 
         refused = [m for m in config.method.names or ["vanilla"] if zero3_refusal([METHODS[m]()])]
         if refused:
-            result.notes.append(f"{', '.join(refused)}: refused under ZeRO-3 (its loss reads the weights; "
-                                "docs/methods.md): use zero2 or fsdp2")
+            result.notes.append(f"{', '.join(refused)}: refused under ZeRO-3 ("
+                                + "; ".join(zero3_refusal([METHODS[m]()]) for m in refused) + ")")
+    if engine in ("zero2", "zero3"):
+        from mmtune.methods.base import METHODS, refusal
+
+        refused = [m for m in config.method.names or ["vanilla"] if refusal([METHODS[m]()], "deepspeed")]
+        if refused:
+            result.notes.append(f"{', '.join(refused)}: refused under DeepSpeed (docs/methods.md says why): use ddp "
+                                "or fsdp2")
     if engine == "fsdp2":
         from mmtune.methods.base import METHODS
 

@@ -17,6 +17,7 @@ which works on shards too —, setting the gradient, moving the weights) so that
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable
@@ -77,18 +78,23 @@ class Step:
         per task on one forward per micro-batch, all-reduced across processes by hand, as ``[T, P]`` flat vectors
         (rows in ``ctx.tasks`` order), and the gradient of the methods' other loss terms ``[P]``. ``only``: that
         task's share alone (no other terms)."""
-        self._needs_gradients("take per-task gradients")
         ctx, accelerator, accum, params = self.ctx, self.ctx.accelerator, len(self.micro), self.params
         size = sum(p.numel() for p in params)
         task_grads = torch.zeros(len(ctx.tasks), size, device=accelerator.device)
         extra_grad = torch.zeros(size, device=accelerator.device)
+        # Under DeepSpeed (ZeRO-1/2) the forward runs on the model itself, outside the engine, so that autograd's
+        # gradients stay out of the engine's backward bookkeeping; one zero backward through the engine on the last
+        # micro-batch's graph gives it the buffers the built gradient is written into (Step.set_gradient).
+        prime_engine = self.deepspeed and only is None
+        if self.deepspeed:
+            ctx = dataclasses.replace(ctx, model=ctx.unwrapped)
 
         def flat(loss: torch.Tensor, retain: bool) -> torch.Tensor:
             grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
             return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
                               for g, p in zip(grads, params, strict=True)])
 
-        for piece in self.micro:
+        for index, piece in enumerate(self.micro):
             with accelerator.no_sync(ctx.model), accelerator.autocast():  # DDP's own all-reduce is not used here
                 shares: dict[str, torch.Tensor] = {}
                 terms, _ = compute_losses(ctx, self.methods, piece, self.loss_reduction, self.tokens, shares,
@@ -96,11 +102,14 @@ class Step:
             if only is not None:
                 shares = {only: shares[only]} if only in shares else {}
             extra = [v for k, v in terms.items() if k != "ce" and v.requires_grad] if only is None else []
+            primes = prime_engine and index == accum - 1
             for number, (task, share) in enumerate(shares.items()):
-                last = number == len(shares) - 1 and not extra
+                last = number == len(shares) - 1 and not extra and not primes
                 task_grads[ctx.tasks.index(task)] += flat(share / accum, retain=not last)
             if extra:
-                extra_grad += flat(sum(extra) / accum, retain=False)
+                extra_grad += flat(sum(extra) / accum, retain=primes)
+            if primes:
+                backward(accelerator, terms["ce"] * 0.0, last=True)
             if log:
                 self._log(terms)
         if accelerator.num_processes > 1:
@@ -145,6 +154,12 @@ class Step:
             backward(accelerator, (sum(extra) if extra else terms["ce"] * 0.0) / accum, True)
             self._log(terms)
         return task_grads, local_gradient()
+
+    @property
+    def deepspeed(self) -> bool:
+        """Whether DeepSpeed drives the step: its gradients live in the engine's buffers, so a built gradient is handed
+        to the engine's step (``set_gradient``) rather than written into ``param.grad``."""
+        return is_deepspeed(self.ctx.accelerator)
 
     @property
     def sharded(self) -> bool:
@@ -217,9 +232,13 @@ class Step:
 
     def set_gradient(self, flat: torch.Tensor) -> None:
         """``param.grad`` from one flat vector laid out as ``task_gradients`` lays them out (on shards: this process's
-        slices, as ``sharded_task_gradients`` lays them out)."""
-        self._needs_gradients("set the gradient")
+        slices, as ``sharded_task_gradients`` lays them out). Under DeepSpeed (ZeRO-1/2), for the engine's step
+        (``ctx.built_gradient``), which clips it and writes it into the engine's buffers."""
         params = self.params
+        if self.deepspeed:
+            self.ctx.built_gradient = {name: grad.view(param.shape).float() for (name, param), grad in zip(
+                self.ctx.trainable.items(), torch.split(flat, [p.numel() for p in params]), strict=True)}
+            return
         for param, grad in zip(params, torch.split(flat, [local_shard(p).numel() for p in params]), strict=True):
             if isinstance(param, DTensor):
                 if param.grad is None:

@@ -61,6 +61,9 @@ class TrainContext:
     # before training (EWC's Fisher information): ``for batch in ctx.batches()``. None where the host has no loader.
     batches: Callable[[], Iterable[dict]] | None = None
     step_task_losses: torch.Tensor | None = None  # the last step's per-task loss sums and counts [2, T] (logged)
+    # Under DeepSpeed, the step's gradient a method built itself (``Step.set_gradient``: full fp32 tensors by name),
+    # which the engine's step uses in place of the one in its buffers (``mmtune.engines.deepspeed_step``).
+    built_gradient: dict[str, torch.Tensor] | None = None
 
 
 # Every hook a method may override, in the order a run calls them.
@@ -82,9 +85,14 @@ class Method:
     # forward at W0): DeepSpeed ZeRO-3, which leaves each parameter an empty partition outside its gather, refuses it
     # — unless the term depends on the weights alone and is written as ``weight_penalty`` (L1/L2).
     reads_weights_in_loss: ClassVar[bool] = False
-    # ``build_step`` reads or writes ``param.grad`` between backward passes (per-task gradients, a second gradient):
-    # DeepSpeed keeps gradients in its own partitioned buffers, so it refuses such a method.
+    # ``build_step`` reads or writes ``param.grad`` itself between backward passes (SAM's second gradient): DeepSpeed
+    # keeps gradients in its own partitioned buffers, so it refuses such a method. A step built only from ``Step``'s
+    # flat-vector blocks (``task_gradients``, ``weigh_task_gradients``, ``set_gradient``, ``moved_by``) does not set
+    # this: under DeepSpeed ZeRO-1/2 those take autograd's gradients and hand the result to the engine's step.
     sets_gradients: ClassVar[bool] = False
+    # Why DeepSpeed ZeRO-3 can't run the method (one sentence, "it …"), where its own code is the reason (checked with
+    # the loss-term rule in ``mmtune.engines.zero3_refusal``); empty: no such reason.
+    partitioned_refusal: ClassVar[str] = ""
     # Attributes saved with every checkpoint and restored on resume (the default state_dict / load_state_dict).
     persistent: ClassVar[tuple[str, ...]] = ()
     # The options at which the method is vanilla (its strength at zero: ``{"lam": 0}``), or None where it has none;
@@ -145,8 +153,14 @@ class Method:
         """A loss term that depends on the trainable weights alone (``ctx.trainable``: a distance to W0), or None.
         A method returning one adds it in ``extra_losses`` unless ``partitioned(ctx.trainable)``: under DeepSpeed
         ZeRO-3 the step adds its gradient once per optimizer step on the full fp32 masters instead
-        (``mmtune.engines.deepspeed_step``), where the forward pass would read empty partitions."""
+        (``mmtune.engines.deepspeed_step``), where the forward pass would read empty partitions — logged under
+        ``weight_penalty_term``, the name ``extra_losses`` gives it."""
         return None
+
+    @property
+    def weight_penalty_term(self) -> str:
+        """The logged name of ``weight_penalty``'s term (the method's name unless it logs the term as another)."""
+        return self.name
 
     def token_loss(self, ctx: TrainContext, batch: dict, outputs, log_probs: torch.Tensor,
                    index: torch.Tensor) -> torch.Tensor | None:

@@ -90,9 +90,11 @@ class LoraSculpt(Lora):
         if self.config.cmr_lam and not self.modules:
             raise ValueError(f"lora_sculpt: no adapted module is named in cmr_modules={self.config.cmr_modules}")
 
+    weight_penalty_term = "cmr"
+
     def extra_losses(self, ctx, batch, outputs, sample_loss):
         penalty = None if partitioned(ctx.trainable) else self.weight_penalty(ctx)
-        return {} if penalty is None else {"cmr": penalty}
+        return {} if penalty is None else {self.weight_penalty_term: penalty}
 
     def weight_penalty(self, ctx):
         if self.config.cmr_lam == 0:

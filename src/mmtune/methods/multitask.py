@@ -113,7 +113,8 @@ class PCGrad(Method):
     supports_sharding = True  # its rule reads the gradients' Gram matrix only (one all-reduce on shards)
     description = "project away conflicting task-gradient components (Yu et al., NeurIPS 2020)"
     config_class = PCGradConfig
-    sets_gradients = True
+    # Its step is built from Step's flat task gradients (autograd's, handed to DeepSpeed's step under ZeRO-1/2).
+    partitioned_refusal = "its per-task gradients are whole flat vectors, which ZeRO-3's partitioned weights don't give"
 
     def build_step(self, step):
         step.weigh_task_gradients(lambda gram: pcgrad_weights(gram, random_order(gram.shape[0], step.ctx.generator)))
@@ -135,7 +136,8 @@ class CAGrad(Method):
     description = "conflict-averse gradient descent over the tasks' gradients (Liu et al., NeurIPS 2021)"
     config_class = CAGradConfig
     null_options = {"c": 0}
-    sets_gradients = True
+    # Its step is built from Step's flat task gradients (autograd's, handed to DeepSpeed's step under ZeRO-1/2).
+    partitioned_refusal = "its per-task gradients are whole flat vectors, which ZeRO-3's partitioned weights don't give"
 
     def build_step(self, step):
         # On T × the task shares (Gram T² G, coefficients T c): their mean is the vanilla gradient, so c = 0 is

@@ -107,7 +107,9 @@ class TaskSAM(Method):
     description = "task-based SAM: a perturbation per task, loss and flatness parts combined by surgery (Phan et al.)"
     config_class = TaskSAMConfig
     null_options = {"rho": 0, "combine": "sum"}
-    sets_gradients = True
+    # Its step is built from Step's flat task gradients and moves (autograd's, handed to DeepSpeed's step under
+    # ZeRO-1/2).
+    partitioned_refusal = "it moves the whole weights to each task's perturbed point, which ZeRO-3 partitions"
 
     def build_step(self, step):
         """``g_i`` and their Gram matrix; each present task's gradient again at ``W + ρ·g_i/‖g_i‖``; the step's
