@@ -37,8 +37,9 @@ ACTIVE = {"half_ft": ["method.half_ft.round_steps=2"], "l2_reg": ["method.l2_reg
           # on detailed captions + counting MC the tasks' gradients don't conflict (PCGrad = vanilla to 1e-7); on brief
           # captions + counting MC they do (0.0007 from vanilla in 3 steps), so the comparison sees PCGrad's projection
           "pcgrad": ["data.tasks=[{path: 'synthetic:brief_caption', n: 16}, {path: 'synthetic:count_mc', n: 16}]"]}
-# SAM, which reads and writes param.grad between its two backward passes, refuses DeepSpeed; every other runs on it
-# (PCGrad, CAGrad and task-SAM build their gradient from autograd's per-task gradients and hand it to the engine).
+# Every method runs on DeepSpeed ZeRO-1/2 (PCGrad, CAGrad, SAM and task-SAM build their gradient from autograd's
+# gradients and hand it to the engine's step); a method whose build_step reads or writes param.grad itself
+# (sets_gradients) would refuse it.
 METHOD_NAMES = sorted(n for n, cls in METHODS.items() if refusal([cls()], "deepspeed") is None)
 ACCUMULATED = ["vanilla", "spider"]  # also with grad_accum=2: DeepSpeed's accumulation boundary set by the loop
 # bf16 (the papers' precision): DeepSpeed's bf16 optimizer keeps the fp32 masters, mmtune's one process / DDP keep
@@ -354,14 +355,7 @@ def test_zero3_gathers_the_weights_to_save_final(tiny_config):
     assert zero["stage3_gather_16bit_weights_on_model_save"] is True
 
 
-def test_sam_refuses_deepspeed(tiny_config):
-    """SAM reads and writes param.grad between its two backward passes; DeepSpeed keeps them in its buffers."""
-    config = tiny_config("method.name=sam")
-    with pytest.raises(ValueError, match="sam: builds the step's gradient itself"):
-        configure_deepspeed(_fake_accelerator(), config, build_methods(config.method))
-
-
-@pytest.mark.parametrize("name", ["pcgrad", "cagrad", "task_sam"])
+@pytest.mark.parametrize("name", ["pcgrad", "cagrad", "task_sam", "sam"])
 def test_methods_on_whole_task_gradients_refuse_zero3(tiny_config, name):
     config = tiny_config(f"method.name={name}")
     with pytest.raises(ValueError, match=f"{name} can't run under DeepSpeed ZeRO-3: it"):

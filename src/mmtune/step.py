@@ -44,6 +44,7 @@ class Step:
     tokens: torch.Tensor | None = None  # target tokens per micro-batch (token reduction), over all processes
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # each loss term's step mean, detached (logged)
     task_totals: list[torch.Tensor] = field(default_factory=list)  # per micro-batch: per-task loss sums, counts [2, T]
+    _primed: bool = False  # under DeepSpeed: the engine holds this step's gradient buffers (``_prime_engine``)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -78,22 +79,10 @@ class Step:
         per task on one forward per micro-batch, all-reduced across processes by hand, as ``[T, P]`` flat vectors
         (rows in ``ctx.tasks`` order), and the gradient of the methods' other loss terms ``[P]``. ``only``: that
         task's share alone (no other terms)."""
-        ctx, accelerator, accum, params = self.ctx, self.ctx.accelerator, len(self.micro), self.params
-        size = sum(p.numel() for p in params)
+        ctx, accelerator, accum = self._graph_ctx, self.ctx.accelerator, len(self.micro)
+        size = sum(p.numel() for p in self.params)
         task_grads = torch.zeros(len(ctx.tasks), size, device=accelerator.device)
         extra_grad = torch.zeros(size, device=accelerator.device)
-        # Under DeepSpeed (ZeRO-1/2) the forward runs on the model itself, outside the engine, so that autograd's
-        # gradients stay out of the engine's backward bookkeeping; one zero backward through the engine on the last
-        # micro-batch's graph gives it the buffers the built gradient is written into (Step.set_gradient).
-        prime_engine = self.deepspeed and only is None
-        if self.deepspeed:
-            ctx = dataclasses.replace(ctx, model=ctx.unwrapped)
-
-        def flat(loss: torch.Tensor, retain: bool) -> torch.Tensor:
-            grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
-            return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                              for g, p in zip(grads, params, strict=True)])
-
         for index, piece in enumerate(self.micro):
             with accelerator.no_sync(ctx.model), accelerator.autocast():  # DDP's own all-reduce is not used here
                 shares: dict[str, torch.Tensor] = {}
@@ -102,20 +91,61 @@ class Step:
             if only is not None:
                 shares = {only: shares[only]} if only in shares else {}
             extra = [v for k, v in terms.items() if k != "ce" and v.requires_grad] if only is None else []
-            primes = prime_engine and index == accum - 1
+            primes = self._primes(index)
             for number, (task, share) in enumerate(shares.items()):
                 last = number == len(shares) - 1 and not extra and not primes
-                task_grads[ctx.tasks.index(task)] += flat(share / accum, retain=not last)
+                task_grads[ctx.tasks.index(task)] += self._flat(share / accum, retain=not last)
             if extra:
-                extra_grad += flat(sum(extra) / accum, retain=primes)
+                extra_grad += self._flat(sum(extra) / accum, retain=primes)
             if primes:
-                backward(accelerator, terms["ce"] * 0.0, last=True)
+                self._prime_engine(terms)
             if log:
                 self._log(terms)
         if accelerator.num_processes > 1:
             task_grads = accelerator.reduce(task_grads, "mean")
             extra_grad = accelerator.reduce(extra_grad, "mean")
         return task_grads, extra_grad
+
+    def gradient(self, log: bool = True) -> torch.Tensor:
+        """The step's whole gradient — cross-entropy and every method's terms — as one flat vector ``[P]`` laid out as
+        ``task_gradients``'s, by autograd (one backward per micro-batch), all-reduced across processes by hand: what
+        a step built under DeepSpeed reads instead of ``param.grad`` (SAM's)."""
+        ctx, accelerator, accum = self._graph_ctx, self.ctx.accelerator, len(self.micro)
+        total = torch.zeros(sum(p.numel() for p in self.params), device=accelerator.device)
+        for index, piece in enumerate(self.micro):
+            with accelerator.no_sync(ctx.model), accelerator.autocast():
+                terms, _ = compute_losses(ctx, self.methods, piece, self.loss_reduction, self.tokens,
+                                          task_totals=self.task_totals if log else None)
+            primes = self._primes(index)
+            total += self._flat(sum(terms.values()) / accum, retain=primes)
+            if primes:
+                self._prime_engine(terms)
+            if log:
+                self._log(terms)
+        return accelerator.reduce(total, "mean") if accelerator.num_processes > 1 else total
+
+    @property
+    def _graph_ctx(self) -> TrainContext:
+        """The context the autograd blocks run the forward with: under DeepSpeed (ZeRO-1/2) on the model itself,
+        outside the engine, so that autograd's gradients stay out of the engine's backward bookkeeping."""
+        return dataclasses.replace(self.ctx, model=self.ctx.unwrapped) if self.deepspeed else self.ctx
+
+    def _flat(self, loss: torch.Tensor, retain: bool) -> torch.Tensor:
+        params = self.params
+        grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                          for g, p in zip(grads, params, strict=True)])
+
+    def _primes(self, index: int) -> bool:
+        """Whether micro-batch ``index``'s graph gives the engine its buffers: under DeepSpeed, the last micro-batch
+        of the step's first autograd pass."""
+        return self.deepspeed and not self._primed and index == len(self.micro) - 1
+
+    def _prime_engine(self, terms: dict[str, torch.Tensor]) -> None:
+        """One zero backward through DeepSpeed's engine (at the accumulation boundary): the engine then holds the
+        gradient buffers the built gradient is written into (``set_gradient``, ``engines.deepspeed_step``)."""
+        backward(self.ctx.accelerator, terms["ce"] * 0.0, last=True)
+        self._primed = True
 
     def sharded_task_gradients(self, only: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``task_gradients`` on parameters sharded over processes (FSDP2): this process's slice of each task's

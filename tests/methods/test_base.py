@@ -15,7 +15,7 @@ def test_refusals_follow_the_hooks_and_declarations():
     assert "famo overrides balance_task_losses, build_step" in refusal([FAMO()], "trainer")
     assert "sam overrides build_step" in refusal([SAM()], "trainer")
     assert refusal([FAMO()], "deepspeed") is None  # its step is the plain backward: DeepSpeed runs it
-    assert refusal([SAM()], "deepspeed").startswith("sam: builds the step's gradient itself")
+    assert refusal([SAM()], "deepspeed") is None  # under DeepSpeed its step is built on Step's flat gradients
     assert refusal([Spider()], "sharded") is None
     assert refusal([L2Reg()], "sharded") is None  # tested on FSDP2 shards (test_methods_sharded.py)
     assert refusal([SAM()], "sharded") is None  # its norm and move are DTensor operations on shards
@@ -38,6 +38,12 @@ def test_refusals_follow_the_hooks_and_declarations():
 
     assert "own_step overrides build_step" in refusal([OwnStep()], "trainer")
     assert refusal([OwnStep()], "deepspeed") is None  # declares no gradient surgery (sets_gradients = False)
+
+    class WritesGrad(OwnStep):
+        name = "writes_grad"
+        sets_gradients = True  # its build_step reads or writes param.grad itself
+
+    assert refusal([WritesGrad()], "deepspeed").startswith("writes_grad: builds the step's gradient itself")
 
 
 def _legacy(base: type, **attributes) -> type:

@@ -49,14 +49,20 @@ class SAM(Method):
     # On FSDP2's shards the gradients are DTensors: their norm is the whole gradient's (PyTorch reduces it over the
     # shards) and the move W ± ε is done shard by shard.
     supports_sharding = True
+    partitioned_refusal = "it moves the whole weights to W + ε, which ZeRO-3 partitions"
     description = "sharpness-aware minimisation: the gradient at W + ρ·g/‖g‖ (Foret et al., ICLR 2021)"
     config_class = SAMConfig
     null_options = {"rho": 0}
-    sets_gradients = True
 
     def build_step(self, step):
         """The step's gradient at W (the logged loss), then again at W + ε; the optimizer steps from W with the
-        second one."""
+        second one. Under DeepSpeed, whose engine keeps the gradients in its buffers, the same on flat autograd
+        gradients handed to the engine's step."""
+        if step.deepspeed:
+            grad = step.gradient()
+            with step.moved_by(sam_perturbation([grad], self.config.rho)[0]):
+                step.set_gradient(step.gradient(log=False))
+            return
         step.backward()
         self.perturb(step.ctx)
         step.zero_grad()
