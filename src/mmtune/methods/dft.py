@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 from mmtune.data.collate import model_inputs
 from mmtune.losses import target_logits
-from mmtune.methods.base import Method, MethodConfig, PretrainedSnapshotMethod, register
+from mmtune.methods.base import DTensor, Method, MethodConfig, PretrainedSnapshotMethod, local_shard, register
 
 
 def dft_token_loss(log_probs: torch.Tensor) -> torch.Tensor:
@@ -45,9 +45,35 @@ def base_kl(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
 def base_logits(ctx, batch: dict, pretrained: dict[str, torch.Tensor]) -> torch.Tensor:
     """The base model's logits on ``batch``: one forward of the plain model with W0 in place of the trainable tensors
     (each in its parameter's dtype: under DeepSpeed bf16 the weights are bf16 and W0 is kept from the fp32 masters)."""
+    if any(isinstance(param, DTensor) for param in ctx.trainable.values()):
+        return sharded_base_logits(ctx, batch, pretrained)
     dtypes = {name: param.dtype for name, param in ctx.unwrapped.named_parameters() if name in pretrained}
     swapped = {name: value.to(dtypes.get(name, value.dtype)) for name, value in pretrained.items()}
     return functional_call(ctx.unwrapped, swapped, args=(), kwargs=model_inputs(batch)).logits
+
+
+@torch.no_grad()
+def sharded_base_logits(ctx, batch: dict, pretrained: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``base_logits`` on FSDP2 shards, where a module's parameters can't be swapped (FSDP gathers its own): each
+    process writes W0 into its shards, every FSDP module drops its gathered weights (``reshard``: the root keeps
+    them between forward and backward), one forward gathers W0, then the shards get the very same W back (copied)
+    and the gathered weights are dropped again — the backward of the step's forward gathers W anew, as it does for
+    every block."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [module for module in ctx.unwrapped.modules() if isinstance(module, FSDPModule)]
+    current = {name: local_shard(param).clone() for name, param in ctx.trainable.items()}
+    try:
+        for name, param in ctx.trainable.items():
+            local_shard(param).copy_(local_shard(pretrained[name]))
+        for module in modules:
+            module.reshard()
+        return ctx.unwrapped(**model_inputs(batch)).logits
+    finally:
+        for name, param in ctx.trainable.items():
+            local_shard(param).copy_(current[name])
+        for module in modules:
+            module.reshard()
 
 
 @register
@@ -73,9 +99,7 @@ class ASFTConfig(MethodConfig):
 class ASFT(PretrainedSnapshotMethod):
     name = "asft"
     reads_weights_in_loss = True  # refused under ZeRO-3 (mmtune.engines.zero3_refusal)
-    sharding_refusal = (
-        "its base-model logits come from calling the model with W0 in place of the trainable weights "
-        "(torch.func.functional_call), which FSDP's sharded parameters do not allow")
+    supports_sharding = True  # W0 written into the shards for one forward (sharded_base_logits)
     description = "DFT anchored to the base model by a token-level KL divergence (Zhu et al., ICLR 2026)"
     config_class = ASFTConfig
 
