@@ -76,15 +76,23 @@ def test_the_estimate_names_the_methods_an_engine_refuses(tiny_config, monkeypat
         def build_step(self, step):
             step.backward()
 
+    class ReadsWeights(Method):  # a loss term reading the trainable weights, not tested on shards
+        name = "reads_weights"
+        reads_weights_in_loss = True
+        sharding_refusal = "it reads the weights"
+
     monkeypatch.setitem(METHODS, "writes_grad", WritesGrad)
+    monkeypatch.setitem(METHODS, "reads_weights", ReadsWeights)
     assert any("writes_grad: refused under DeepSpeed" in note
                for note in estimate(tiny_config("method.name=writes_grad"), "zero2", 2).notes)
-    notes = estimate(tiny_config("method.name=asft"), "zero3", 2).notes
-    assert any("asft: refused under ZeRO-3 (asft can't run under DeepSpeed ZeRO-3: its loss term" in n for n in notes)
+    notes = estimate(tiny_config("method.name=reads_weights"), "zero3", 2).notes
+    assert any("reads_weights: refused under ZeRO-3 (reads_weights can't run under DeepSpeed ZeRO-3: its loss term"
+               in n for n in notes)
     # L2's and EWC's penalties read the weights alone: their gradient is added on ZeRO-3's masters at the step
-    for name in ("l2_reg", "ewc"):
+    for name in ("l2_reg", "ewc", "asft"):
         assert not any("refused" in note for note in estimate(tiny_config(f"method.name={name}"), "zero3", 2).notes)
-    assert any("asft: refused under FSDP2" in note for note in estimate(tiny_config("method.name=asft"), "fsdp2", 2).notes)
+    assert any("reads_weights: refused under FSDP2" in note
+               for note in estimate(tiny_config("method.name=reads_weights"), "fsdp2", 2).notes)
     assert not any("refused" in note for note in estimate(tiny_config("method.name=sam"), "zero2", 2).notes)
     assert any("pcgrad: refused under ZeRO-3" in note for note in estimate(tiny_config("method.name=pcgrad"), "zero3", 2).notes)
     assert not any("refused" in note for note in estimate(tiny_config("method.name=pcgrad"), "zero2", 2).notes)

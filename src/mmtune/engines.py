@@ -25,8 +25,8 @@ one process / DDP in the same precision). In bf16 DeepSpeed's bf16 optimizer kee
 weights are their bf16 copies; the hooks see the masters. ZeRO-3 also partitions the model's weights (a parameter
 holds an empty tensor outside DeepSpeed's gather): there every hook — ``setup`` and ``on_train_end`` included — sees
 the full fp32 masters, and what a method writes goes into the masters and into this process's partition of the
-weights. A method whose loss term reads the trainable weights in the forward pass (L1/L2, EWC, LoRASculpt's CMR,
-ASFT's forward at W0) would read the empty tensors there. A term of the trainable weights alone (L1/L2's and EWC's
+weights. A method whose loss term reads the trainable weights in the forward pass (L1/L2, EWC, LoRASculpt's CMR)
+would read the empty tensors there (ASFT's forward at W0 goes through DeepSpeed's gather: ``partitioned_base_logits``). A term of the trainable weights alone (L1/L2's and EWC's
 distance to W0, LoRASculpt's CMR: ``Method.weight_penalty``) is taken out of the forward pass under ZeRO-3: step 3 adds its gradient on the full fp32
 masters once per optimizer step, before clipping — what the loss term's backward adds on the other engines (it is
 the same every micro-batch and process) — and logs its value. The others refuse ZeRO-3 (``zero3_refusal``). fp16
@@ -143,10 +143,10 @@ def _write_back_masters(params: dict[str, nn.Parameter], full: dict[str, nn.Para
 
     for name, param in params.items():
         safe_set_full_fp32_param(param, full[name].detach())
-        _write_weight(param, full[name].detach())
+        write_weight(param, full[name].detach())
 
 
-def _write_weight(param: nn.Parameter, value: torch.Tensor) -> None:
+def write_weight(param: nn.Parameter, value: torch.Tensor) -> None:
     """The model's copy of a weight ← ``value`` (the whole tensor): all of it, or under ZeRO-3 this process's
     partition (DeepSpeed copies the masters into the partitions only at its next step)."""
     partition = getattr(param, "ds_tensor", None)
