@@ -72,7 +72,7 @@ def test_null_setting_reproduces_vanilla(tiny_config, full_run, name):
     vanilla = final_weights(full_run("vanilla")[1])
     null = final_weights(train(tiny_config(f"method.name={name}", *NULL[name], out="null")))
     for key in vanilla:
-        if METHODS[name].sets_gradients:  # the same gradient, summed task by task: equal up to float rounding, which
+        if METHODS[name]().builds_step:  # the same gradient, summed task by task: equal up to float rounding, which
             # Adam's division by √v amplifies where a gradient is ~0 (seen: one element of 4,096 off by 1.6e-7);
             # 1e-6 is 0.1% of how far 4 steps at lr 2e-4 can move an element
             torch.testing.assert_close(null[key], vanilla[key], rtol=1e-5, atol=1e-6, msg=f"{name} differs at {key}")
