@@ -140,8 +140,15 @@ def test_sharded_engine_bookkeeping(tiny_config, monkeypatch):
     sharded math runs on real FSDP2 shards in tests/methods/test_spider_sharded.py)."""
     monkeypatch.setattr("mmtune.train.shards_parameters", lambda accelerator: True)
     monkeypatch.setattr("mmtune.methods.base.shards_parameters", lambda accelerator: True)
-    with pytest.raises(ValueError, match="ewc can't run with parameters sharded.*the square of a mean"):
-        train(tiny_config("method.name=ewc", out="refused"))
+    from mmtune.methods.base import METHODS, Method
+
+    class Unsharded(Method):  # every registered method runs on shards; one that does not declare it is refused
+        name = "unsharded"
+        sharding_refusal = "it keeps whole tensors"
+
+    monkeypatch.setitem(METHODS, "unsharded", Unsharded)
+    with pytest.raises(ValueError, match="unsharded can't run with parameters sharded.*it keeps whole tensors"):
+        train(tiny_config("method.name=unsharded", out="refused"))
     evaluated = ["eval.downstream=['synthetic:detailed_caption']", "eval.limit=4", "eval.max_new_tokens=4"]
     full = train(tiny_config("train.max_steps=4", "train.save_every=2", *evaluated, out="full"))
     checkpoint = full / "checkpoints" / "step-000002"
