@@ -8,6 +8,7 @@ Runs whenever DeepSpeed imports (it installs from the registry and runs on CPU: 
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,9 @@ ZERO3_DDP = ["vanilla", "spider", "random_mask", "nrca", "dare", "l2_reg", "lora
 ZERO3_BF16 = ["vanilla", "spider", "dare", "lora"]  # also bf16 with one process
 
 
-def _launch(configs: list, cwd: Path, processes: int, deepspeed: bool, stage: int = 2) -> None:
+def _start(configs: list, cwd: Path, processes: int, deepspeed: bool, stage: int = 2) -> tuple:
+    """Start one ``accelerate launch`` of the worker over ``configs`` (its output into a file, its own port, so that
+    two one-process launches can run side by side on the two cores); ``_finish`` waits for it."""
     # Two processes launch from the shipped accelerate configs (the README's command), one from flags.
     flags = ["--num_machines", "1", "--mixed_precision", "no"]
     if not deepspeed:
@@ -72,11 +75,31 @@ def _launch(configs: list, cwd: Path, processes: int, deepspeed: bool, stage: in
         engine = ["--config_file", str(SHIPPED[stage])]
     else:
         engine = ["--use_deepspeed", "--zero_stage", str(stage), *flags]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     command = [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes", str(processes),
-               "--dynamo_backend", "no", str(WORKER), *map(str, configs)]
+               "--main_process_port", str(port), "--dynamo_backend", "no", str(WORKER), *map(str, configs)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(WORKER.parent)}
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
+    log = open(cwd / f"launch-{port}.log", "w+")  # noqa: SIM115 — read and closed by _finish
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True), log
+
+
+def _finish(started: tuple) -> None:
+    process, log = started
+    try:
+        returncode = process.wait(timeout=900)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    log.seek(0)
+    output = log.read()
+    log.close()
+    assert returncode == 0, output[-4000:]
+
+
+def _launch(configs: list, cwd: Path, processes: int, deepspeed: bool, stage: int = 2) -> None:
+    _finish(_start(configs, cwd, processes, deepspeed, stage))
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +122,9 @@ def runs(world, tmp_path_factory):
         return loaded, path
 
     paths: dict[str, list] = {"ds1": [], "ddp2": [], "ds2": [], "ds3": [], "ds3-2": []}
+    single: list = []  # the one-process reference runs, trained here while the one-process launches run
     for name in METHOD_NAMES:
-        train(config(name, "single", "train.batch_size=8")[0])
+        single.append(config(name, "single", "train.batch_size=8")[0])
     for name in ZERO2_ONE_PROCESS:
         paths["ds1"].append(config(name, "ds1", "train.batch_size=8")[1])
     for name in ZERO3_PATH:
@@ -113,15 +137,15 @@ def runs(world, tmp_path_factory):
         if name not in EVERY_PATH:  # lora: its merge into weights partitioned over 2 processes
             paths["ddp2"].append(config(name, "ddp2", "train.batch_size=4")[1])
     for name in ACCUMULATED:
-        train(config(name, "single-accum", "train.batch_size=4", "train.grad_accum=2")[0])
+        single.append(config(name, "single-accum", "train.batch_size=4", "train.grad_accum=2")[0])
         paths["ds1"].append(config(name, "ds1-accum", "train.batch_size=4", "train.grad_accum=2")[1])
     for name in EVERY_PATH:
-        train(config(name, "single-bf16", "train.batch_size=8", *BF16)[0])
+        single.append(config(name, "single-bf16", "train.batch_size=8", *BF16)[0])
         paths["ds1"].append(config(name, "ds1-bf16", "train.batch_size=8", *BF16)[1])
     for name in ZERO3_BF16:
         paths["ds3"].append(config(name, "ds3-bf16", "train.batch_size=8", *BF16)[1])
         if name not in EVERY_PATH:  # lora: its merge from the fp32 masters into bf16 partitions
-            train(config(name, "single-bf16", "train.batch_size=8", *BF16)[0])
+            single.append(config(name, "single-bf16", "train.batch_size=8", *BF16)[0])
     # fp32 weights, bf16 under DeepSpeed: the engine casts the model to bf16 and keeps the fp32 originals as masters
     paths["ds1"].append(config("dare", "ds1-bf16-fp32-weights", "train.batch_size=8", "train.mixed_precision=bf16",
                                "train.save_every=2")[1])
@@ -145,8 +169,12 @@ def runs(world, tmp_path_factory):
     paths["ds3-2"].append(config("spider", "ds3-2-checkpoint", "train.batch_size=4", "model.tiny=null",
                                  f"model.path={root / 'base'}", "eval.downstream=['synthetic:detailed_caption']",
                                  "eval.limit=4", "eval.max_new_tokens=4")[1])
-    _launch(paths["ds1"], root, 1, deepspeed=True)
-    _launch(paths["ds3"], root, 1, deepspeed=True, stage=3)
+    # The one-process launches (one thread each) side by side, with this process's reference runs beside them.
+    one_process = [_start(paths["ds1"], root, 1, deepspeed=True), _start(paths["ds3"], root, 1, deepspeed=True, stage=3)]
+    for loaded in single:
+        train(loaded)
+    for started in one_process:
+        _finish(started)
     _launch(paths["ddp2"], root, 2, deepspeed=False)
     _launch(paths["ds2"], root, 2, deepspeed=True)
     _launch(paths["ds3-2"], root, 2, deepspeed=True, stage=3)
