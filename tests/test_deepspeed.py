@@ -61,7 +61,7 @@ ZERO3_NAMES = [n for n in METHOD_NAMES if zero3_refusal([METHODS[n]()]) is None]
 ZERO3_PATH = [n for n in ZERO3_NAMES if n not in ("magnitude_mask", "wise_ft", "eaft", "l1_reg")]
 ZERO2_ONE_PROCESS = [n for n in METHOD_NAMES if n not in ZERO3_PATH or n == "vanilla"]
 ZERO3_DDP = ["vanilla", "spider", "random_mask", "nrca", "dare", "l2_reg", "lora", "ewc", "lora_sculpt", "asft"]  # also 2 processes against DDP
-ZERO3_BF16 = ["vanilla", "spider", "dare", "lora"]  # also bf16 with one process
+ZERO3_BF16 = ["vanilla", "spider", "dare", "lora", "ewc", "asft", "lora_sculpt"]  # also bf16 with one process
 
 
 def _start(configs: list, cwd: Path, processes: int, deepspeed: bool, stage: int = 2) -> tuple:
