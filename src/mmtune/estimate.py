@@ -233,10 +233,9 @@ def estimate(config, engine: str = "ddp", devices: int = 1, sequence: int | None
         from mmtune.engines import zero3_refusal
         from mmtune.methods.base import METHODS
 
-        refused = [m for m in config.method.names or ["vanilla"] if zero3_refusal([METHODS[m]()])]
-        if refused:
-            result.notes.append(f"{', '.join(refused)}: refused under ZeRO-3 ("
-                                + "; ".join(zero3_refusal([METHODS[m]()]) for m in refused) + ")")
+        reasons = {m: why for m in config.method.names or ["vanilla"] if (why := zero3_refusal([METHODS[m]()]))}
+        if reasons:
+            result.notes.append(f"{', '.join(reasons)}: refused under ZeRO-3 ({'; '.join(reasons.values())})")
     if engine in ("zero2", "zero3"):
         from mmtune.methods.base import METHODS, refusal
 

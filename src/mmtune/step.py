@@ -29,7 +29,7 @@ from mmtune.data.collate import IGNORE_INDEX
 from mmtune.engines import backward, is_deepspeed, optimizer_step
 from mmtune.errors import NonFiniteError
 from mmtune.losses import compute_losses
-from mmtune.methods.base import DTensor, Method, TrainContext, local_shard
+from mmtune.methods.base import DTensor, Method, TrainContext, local_shard, sharded
 from mmtune.methods.multitask import combine, gram_of
 
 
@@ -194,7 +194,7 @@ class Step:
     @property
     def sharded(self) -> bool:
         """Whether the trainable parameters are FSDP2 shards (DTensors): gradients are then this process's slices."""
-        return any(isinstance(p, DTensor) for p in self.params)
+        return sharded(self.ctx.trainable)
 
     def local_task_gradients(self, only: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``task_gradients`` (logged unless ``only``), on shards ``sharded_task_gradients``: whole vectors, or this

@@ -281,6 +281,11 @@ def refusal(methods: list[Method], host: str) -> str | None:
 METHODS: dict[str, type[Method]] = {}
 
 
+def sharded(trainable: dict[str, torch.Tensor]) -> bool:
+    """Whether the trainable weights are FSDP2 shards (DTensors: each process holds its slice of every tensor)."""
+    return any(isinstance(p, DTensor) for p in trainable.values())
+
+
 def partitioned(trainable: dict[str, torch.Tensor]) -> bool:
     """Whether the trainable weights are DeepSpeed ZeRO-3 partitions (a parameter's own tensor is empty outside the
     engine's gather)."""

@@ -27,13 +27,13 @@ from torch.func import functional_call
 from mmtune.data.collate import model_inputs
 from mmtune.losses import target_logits
 from mmtune.methods.base import (
-    DTensor,
     Method,
     MethodConfig,
     PretrainedSnapshotMethod,
     local_shard,
     partitioned,
     register,
+    sharded,
 )
 
 
@@ -53,7 +53,7 @@ def base_kl(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
 def base_logits(ctx, batch: dict, pretrained: dict[str, torch.Tensor]) -> torch.Tensor:
     """The base model's logits on ``batch``: one forward of the plain model with W0 in place of the trainable tensors
     (each in its parameter's dtype: under DeepSpeed bf16 the weights are bf16 and W0 is kept from the fp32 masters)."""
-    if any(isinstance(param, DTensor) for param in ctx.trainable.values()):
+    if sharded(ctx.trainable):
         return sharded_base_logits(ctx, batch, pretrained)
     if partitioned(ctx.trainable):
         return partitioned_base_logits(ctx, batch, pretrained)

@@ -28,13 +28,13 @@ import torch
 from mmtune.data.collate import model_inputs, subset_batch
 from mmtune.losses import sample_cross_entropy
 from mmtune.methods.base import (
-    DTensor,
     MethodConfig,
     PretrainedSnapshotMethod,
     TrainContext,
     local_shard,
     partitioned,
     register,
+    sharded,
     sum_over_shards,
 )
 
@@ -47,7 +47,7 @@ def diagonal_fisher(ctx: TrainContext, batches: Iterable[dict], samples: int) ->
     # module's weights for its forward and backward).
     params = {name: param for name, param in ctx.unwrapped.named_parameters() if name in ctx.trainable}
     records = _single_records(batches, samples)
-    if any(isinstance(p, DTensor) for p in params.values()):
+    if sharded(params):
         return _sharded_fisher(ctx, params, records)
     # (a ZeRO-3 partition's full shape is ``ds_shape``: its own tensor is empty)
     fisher = {name: torch.zeros(getattr(p, "ds_shape", p.shape), dtype=torch.float32, device=p.device)

@@ -78,19 +78,20 @@ class LoraSculpt(Lora):
     description = "LoRA sculpted to its largest entries + a penalty where the base's weights are large (Liang et al., CVPR 2025)"
     config_class = LoraSculptConfig
     persistent = ("masks",)
+    weight_penalty_term = "cmr"
 
     def setup(self, ctx):
         self.masks: dict[str, torch.Tensor] = {}
         # (A's name, B's name, M) per adapter of a module named in cmr_modules, by the names of ``ctx.trainable`` (so
         # the term reads DeepSpeed's fp32 masters under ZeRO-3); M from the whole frozen base weight, computed once.
-        self.modules = [(f"{name}.lora_A.{adapter}.weight", f"{name}.lora_B.{adapter}.weight", conflict)
-                        for name, module, adapters in lora_layers(ctx.unwrapped)
-                        if name.rsplit(".", 1)[-1] in self.config.cmr_modules
-                        for conflict in [base_conflict_weights(module, self.config.omega)] for adapter in adapters]
+        self.modules = []
+        for name, module, adapters in lora_layers(ctx.unwrapped):
+            if name.rsplit(".", 1)[-1] not in self.config.cmr_modules:
+                continue
+            conflict = base_conflict_weights(module, self.config.omega)
+            self.modules += [(f"{name}.lora_A.{a}.weight", f"{name}.lora_B.{a}.weight", conflict) for a in adapters]
         if self.config.cmr_lam and not self.modules:
             raise ValueError(f"lora_sculpt: no adapted module is named in cmr_modules={self.config.cmr_modules}")
-
-    weight_penalty_term = "cmr"
 
     def extra_losses(self, ctx, batch, outputs, sample_loss):
         penalty = None if partitioned(ctx.trainable) else self.weight_penalty(ctx)
