@@ -39,8 +39,8 @@ ACTIVE = {"half_ft": ["method.half_ft.round_steps=2"], "l2_reg": ["method.l2_reg
           # captions + counting MC they do (0.0007 from vanilla in 3 steps), so the comparison sees PCGrad's projection
           "pcgrad": ["data.tasks=[{path: 'synthetic:brief_caption', n: 16}, {path: 'synthetic:count_mc', n: 16}]"]}
 # Every method runs on DeepSpeed ZeRO-1/2 (PCGrad, CAGrad, SAM and task-SAM build their gradient from autograd's
-# gradients and hand it to the engine's step); a method whose build_step reads or writes param.grad itself
-# (sets_gradients) would refuse it.
+# gradients and hand it to the engine's step; under ZeRO-3 from each process's slices of the engine's own gradients);
+# a method whose build_step reads or writes param.grad itself (sets_gradients) would refuse it.
 METHOD_NAMES = sorted(n for n, cls in METHODS.items() if refusal([cls()], "deepspeed") is None)
 ACCUMULATED = ["vanilla", "spider"]  # also with grad_accum=2: DeepSpeed's accumulation boundary set by the loop
 # bf16 (the papers' precision): DeepSpeed's bf16 optimizer keeps the fp32 masters, mmtune's one process / DDP keep
@@ -55,13 +55,17 @@ BF16_DDP = ["vanilla", "spider", "l2_reg"]  # also DeepSpeed with 2 processes ag
 SAME_CODE_AS_ANOTHER = {"l1_reg", "magnitude_mask", "wise_ft", "dft", "eaft", "lora", "cagrad"}
 EVERY_PATH = [n for n in METHOD_NAMES if n not in SAME_CODE_AS_ANOTHER]
 # ZeRO-3 takes every method DeepSpeed takes but those whose loss term reads the weights (zero3_refusal). It
-# is compared with one process for each of its code paths (magnitude_mask, wise_ft, eaft: the code of random_mask,
-# dare, dft); ZeRO-2 with one process then takes the others (and vanilla, the runs' sanity check).
+# is compared with one process for each of its code paths (magnitude_mask, wise_ft, eaft, l1_reg, cagrad: the code of
+# random_mask, dare, dft, l2_reg, pcgrad — cagrad with 2 processes); ZeRO-2 with one process then takes the others
+# (and vanilla, the runs' sanity check).
 ZERO3_NAMES = [n for n in METHOD_NAMES if zero3_refusal([METHODS[n]()]) is None]
-ZERO3_PATH = [n for n in ZERO3_NAMES if n not in ("magnitude_mask", "wise_ft", "eaft", "l1_reg")]
+ZERO3_PATH = [n for n in ZERO3_NAMES if n not in ("magnitude_mask", "wise_ft", "eaft", "l1_reg", "cagrad")]
 ZERO2_ONE_PROCESS = [n for n in METHOD_NAMES if n not in ZERO3_PATH or n == "vanilla"]
-ZERO3_DDP = ["vanilla", "spider", "random_mask", "nrca", "dare", "l2_reg", "lora", "ewc", "lora_sculpt", "asft"]  # also 2 processes against DDP
-ZERO3_BF16 = ["vanilla", "spider", "dare", "lora", "ewc", "asft", "lora_sculpt"]  # also bf16 with one process
+# Also 2 processes against DDP (cagrad: its rule reads the Gram matrix off the diagonal, so a Gram matrix of one
+# process's slices alone shows — PCGrad's projections here did not; sam and task_sam: the moved partitions).
+ZERO3_DDP = ["vanilla", "spider", "random_mask", "nrca", "dare", "l2_reg", "lora", "ewc", "lora_sculpt", "asft",
+             "cagrad", "sam", "task_sam"]
+ZERO3_BF16 = ["vanilla", "spider", "dare", "lora", "ewc", "asft", "lora_sculpt", "task_sam"]  # also bf16 with one process
 
 
 def _start(configs: list, cwd: Path, processes: int, deepspeed: bool, stage: int = 2) -> tuple:
@@ -395,11 +399,22 @@ def test_zero3_gathers_the_weights_to_save_final(tiny_config):
 
 
 @pytest.mark.parametrize("name", ["pcgrad", "cagrad", "task_sam", "sam"])
-def test_methods_on_whole_task_gradients_refuse_zero3(tiny_config, name):
+def test_steps_built_from_task_gradients_and_moves_take_zero3(tiny_config, name):
+    """They work on each process's slices of ZeRO-3's partitions (compared with one process and DDP above); a method
+    that declares a reason ZeRO-3 can't serve it is refused with that reason."""
+    from mmtune.methods.base import Method
+
     config = tiny_config(f"method.name={name}")
-    with pytest.raises(ValueError, match=f"{name} can't run under DeepSpeed ZeRO-3: it"):
-        configure_deepspeed(_fake_accelerator(stage=3), config, build_methods(config.method))
-    configure_deepspeed(_fake_accelerator(stage=2), config, build_methods(config.method))  # ZeRO-2 takes it
+    for stage in (2, 3):
+        configure_deepspeed(_fake_accelerator(stage=stage), config, build_methods(config.method))
+
+    class WholeGradients(Method):
+        name = "whole_gradients"
+        partitioned_refusal = "it needs the whole gradient on every process"
+
+    with pytest.raises(ValueError, match="whole_gradients can't run under DeepSpeed ZeRO-3: it needs the whole "
+                                         "gradient on every process; use ZeRO-2 or FSDP2"):
+        configure_deepspeed(_fake_accelerator(stage=3), config, [WholeGradients()])
 
 
 def test_deepspeed_config_follows_the_run(tiny_config):

@@ -16,7 +16,8 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
 # The methods whose code another tested method runs (test_deepspeed.SAME_CODE_AS_ANOTHER), and that other method.
 TWIN = {"l1_reg": "l2_reg", "magnitude_mask": "random_mask", "wise_ft": "dare", "dft": "asft", "eaft": "asft",
         "lora": "lora_sculpt", "cagrad": "pcgrad"}
-ZERO3_TWIN = {"magnitude_mask": "random_mask", "wise_ft": "dare", "eaft": "dft", "l1_reg": "l2_reg"}  # test_deepspeed's ZERO3_PATH
+ZERO3_TWIN = {"magnitude_mask": "random_mask", "wise_ft": "dare", "eaft": "dft", "l1_reg": "l2_reg",  # test_deepspeed's
+              "cagrad": "pcgrad"}  # ZERO3_PATH
 ORDER = ["vanilla", "nrca", "spider", "l2_reg", "l1_reg", "dft", "eaft", "asft", "ewc", "random_mask", "magnitude_mask",
          "half_ft", "grafting", "dare", "wise_ft", "lora", "lora_sculpt", "uncertainty", "famo", "pcgrad", "cagrad",
          "sam", "task_sam"]

@@ -81,8 +81,13 @@ def test_the_estimate_names_the_methods_an_engine_refuses(tiny_config, monkeypat
         reads_weights_in_loss = True
         sharding_refusal = "it reads the weights"
 
+    class WholeGradients(Method):  # a method declaring why ZeRO-3's partitions can't serve it
+        name = "whole_gradients"
+        partitioned_refusal = "it needs the whole gradient on every process"
+
     monkeypatch.setitem(METHODS, "writes_grad", WritesGrad)
     monkeypatch.setitem(METHODS, "reads_weights", ReadsWeights)
+    monkeypatch.setitem(METHODS, "whole_gradients", WholeGradients)
     assert any("writes_grad: refused under DeepSpeed" in note
                for note in estimate(tiny_config("method.name=writes_grad"), "zero2", 2).notes)
     notes = estimate(tiny_config("method.name=reads_weights"), "zero3", 2).notes
@@ -94,7 +99,11 @@ def test_the_estimate_names_the_methods_an_engine_refuses(tiny_config, monkeypat
     assert any("reads_weights: refused under FSDP2" in note
                for note in estimate(tiny_config("method.name=reads_weights"), "fsdp2", 2).notes)
     assert not any("refused" in note for note in estimate(tiny_config("method.name=sam"), "zero2", 2).notes)
-    assert any("pcgrad: refused under ZeRO-3" in note for note in estimate(tiny_config("method.name=pcgrad"), "zero3", 2).notes)
-    assert not any("refused" in note for note in estimate(tiny_config("method.name=pcgrad"), "zero2", 2).notes)
+    assert any("whole_gradients: refused under ZeRO-3 (whole_gradients can't run under DeepSpeed ZeRO-3: it needs the "
+               "whole gradient on every process; use ZeRO-2 or FSDP2)" in note
+               for note in estimate(tiny_config("method.name=whole_gradients"), "zero3", 2).notes)
+    for name in ("pcgrad", "sam", "task_sam"):  # their step works on each process's slices of the gradients
+        for engine in ("zero2", "zero3"):
+            assert not any("refused" in note for note in estimate(tiny_config(f"method.name={name}"), engine, 2).notes)
     assert not any("refused" in note for note in estimate(tiny_config("method.name=nrca+spider"), "zero3", 2).notes)
     assert not any("refused" in note for note in estimate(tiny_config("method.name=nrca+spider"), "fsdp2", 2).notes)

@@ -29,7 +29,9 @@ weights. A method whose loss term reads the trainable weights in the forward pas
 would read the empty tensors there (ASFT's forward at W0 goes through DeepSpeed's gather: ``partitioned_base_logits``). A term of the trainable weights alone (L1/L2's and EWC's
 distance to W0, LoRASculpt's CMR: ``Method.weight_penalty``) is taken out of the forward pass under ZeRO-3: step 3 adds its gradient on the full fp32
 masters once per optimizer step, before clipping — what the loss term's backward adds on the other engines (it is
-the same every micro-batch and process) — and logs its value. The others refuse ZeRO-3 (``zero3_refusal``). fp16
+the same every micro-batch and process) — and logs its value. Steps built from per-task gradients or moved weights
+(PCGrad, CAGrad, SAM, task-SAM) work on each process's slices of the engine's partitioned gradients and weights
+(``mmtune.step.Step``). The others refuse ZeRO-3 (``zero3_refusal``). fp16
 (loss scaling inside the engine) is refused.
 """
 
@@ -153,14 +155,28 @@ def write_weight(param: nn.Parameter, value: torch.Tensor) -> None:
     if partition is None:
         param.data.copy_(value.to(param.dtype))
         return
-    import deepspeed.comm as ds_comm
-
-    size = partition.numel()
-    start = size * ds_comm.get_rank(group=param.ds_process_group)
-    piece = value.flatten()[start:start + size].to(partition.dtype)
+    start, _ = partition_span(param)
+    piece = value.flatten()[start:start + partition.numel()].to(partition.dtype)
     partition.data.view(-1)[:piece.numel()].copy_(piece)
     if param.data.numel() == value.numel():  # gathered now (a small parameter DeepSpeed keeps whole: ds_persist)
         param.data.copy_(value.view_as(param.data).to(param.dtype))
+
+
+def partition_span(param: nn.Parameter) -> tuple[int, int]:
+    """Where this process's ZeRO-3 partition of ``param`` starts in the flattened weight, and how many of its elements
+    are the weight's (the last partitions are padded with elements that belong to no weight)."""
+    import deepspeed.comm as ds_comm
+
+    size = param.ds_tensor.numel()
+    start = size * ds_comm.get_rank(group=param.ds_process_group)
+    return start, max(0, min(size, param.ds_numel - start))
+
+
+def release_gathered(accelerator) -> None:
+    """Drop every weight ZeRO-3 holds gathered (it keeps some for their reuse, small ones for good), so that the
+    next forward gathers them anew from the partitions — after the partitions were written."""
+    engine = engine_of(accelerator)
+    getattr(engine.optimizer, "empty_partition_cache", engine.empty_partition_cache)()
 
 
 def _low_precision(params: dict[str, nn.Parameter]) -> bool:

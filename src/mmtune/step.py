@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 import torch
 
 from mmtune.data.collate import IGNORE_INDEX
-from mmtune.engines import backward, is_deepspeed, optimizer_step
+from mmtune.engines import backward, engine_of, is_deepspeed, optimizer_step, partition_span, release_gathered
 from mmtune.errors import NonFiniteError
 from mmtune.losses import compute_losses
-from mmtune.methods.base import DTensor, Method, TrainContext, local_shard, sharded
+from mmtune.methods.base import DTensor, Method, TrainContext, local_shard, partitioned, sharded
 from mmtune.methods.multitask import combine, gram_of
 
 
@@ -70,9 +70,37 @@ class Step:
                 self._log(terms)
 
     def zero_grad(self) -> None:
+        """Forget the gradient accumulated so far: ``param.grad``, or under ZeRO-3 the engine's partitioned buffers
+        (the next backward then writes into them instead of adding)."""
+        if self.partitioned:
+            from deepspeed.utils import safe_set_local_grad
+
+            engine_of(self.ctx.accelerator).optimizer.zero_grad()
+            for param in self.params:
+                safe_set_local_grad(param, torch.zeros_like(param.ds_tensor, dtype=torch.float32))
+            return
         self._needs_gradients("zero the gradient")
         for param in self.params:
             param.grad = None
+
+    def local_gradient(self) -> torch.Tensor:
+        """The gradient the last ``backward`` left, flat in float32 and laid out as ``sharded_task_gradients`` lays
+        them out: this process's slices on FSDP2 shards (``param.grad``'s local shards) and on ZeRO-3 partitions
+        (the engine's reduced fp32 partitions, padding zeroed), else the whole ``param.grad``."""
+        pieces = []
+        for param in self.params:
+            if self.partitioned:
+                from deepspeed.utils import safe_get_local_grad
+
+                grad = safe_get_local_grad(param)
+                piece = torch.zeros(param.ds_tensor.numel()) if grad is None else grad.detach().float().flatten().clone()
+                piece[partition_span(param)[1]:] = 0.0
+            elif param.grad is not None:
+                piece = local_shard(param.grad).detach().float().flatten()
+            else:
+                piece = torch.zeros(local_slice(param).numel())
+            pieces.append(piece.to(self.ctx.accelerator.device))
+        return torch.cat(pieces)
 
     def task_gradients(self, only: str | None = None, log: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The gradient of each task's *share* of the step's loss (the shares sum to the cross-entropy), one backward
@@ -148,20 +176,16 @@ class Step:
         self._primed = True
 
     def sharded_task_gradients(self, only: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``task_gradients`` on parameters sharded over processes (FSDP2): this process's slice of each task's
-        gradient ``[T, P_local]`` and of the other terms' ``[P_local]`` (``only``: that task's alone, the others and
-        the other terms left zero). Autograd reaches FSDP2's shards only through
-        its own backward (weights gathered for the forward, gradients reduce-scattered into ``param.grad``), so each
-        task's share gets a forward and backward of its own per micro-batch — on every process, with a zero loss where
-        a process has none of that task (the collectives need every process) — and the methods' terms one more, where
-        their hooks run once per micro-batch as in ``backward``. Cost: T + 1 forwards per micro-batch instead of 1."""
+        """``task_gradients`` on parameters sharded over processes (FSDP2's shards, DeepSpeed ZeRO-3's partitions):
+        this process's slice of each task's gradient ``[T, P_local]`` and of the other terms' ``[P_local]`` (``only``:
+        that task's alone, the others and the other terms left zero). Autograd reaches shards only through the
+        engine's own backward (weights gathered for the forward, gradients reduce-scattered into this process's
+        slices), so each task's share gets a forward and backward of its own per micro-batch — on every process, with
+        a zero loss where a process has none of that task (the collectives need every process) — and the methods'
+        terms one more, where their hooks run once per micro-batch as in ``backward``. Cost: T + 1 forwards per
+        micro-batch instead of 1; memory: T slices of 1/N of the trainable parameters (N processes)."""
         ctx, accelerator, accum, params = self.ctx, self.ctx.accelerator, len(self.micro), self.params
-
-        def local_gradient() -> torch.Tensor:
-            return torch.cat([(local_shard(p.grad) if p.grad is not None else torch.zeros_like(local_shard(p)))
-                              .reshape(-1).float() for p in params])
-
-        task_grads = torch.zeros(len(ctx.tasks), sum(local_shard(p).numel() for p in params),
+        task_grads = torch.zeros(len(ctx.tasks), sum(local_slice(p).numel() for p in params),
                                  device=accelerator.device)
         for row, task in enumerate(ctx.tasks):
             if only is not None and task != only:
@@ -172,7 +196,7 @@ class Step:
                 with accelerator.autocast():
                     terms, _ = compute_losses(ctx, [], piece, self.loss_reduction, self.tokens, shares)
                 backward(accelerator, (shares[task] if task in shares else terms["ce"] * 0.0) / accum, True)
-            task_grads[row] = local_gradient()
+            task_grads[row] = self.local_gradient()
         if only is not None:
             return task_grads, torch.zeros_like(task_grads[0])
         self.zero_grad()
@@ -183,7 +207,7 @@ class Step:
             extra = [v for k, v in terms.items() if k != "ce" and v.requires_grad]
             backward(accelerator, (sum(extra) if extra else terms["ce"] * 0.0) / accum, True)
             self._log(terms)
-        return task_grads, local_gradient()
+        return task_grads, self.local_gradient()
 
     @property
     def deepspeed(self) -> bool:
@@ -196,18 +220,30 @@ class Step:
         """Whether the trainable parameters are FSDP2 shards (DTensors): gradients are then this process's slices."""
         return sharded(self.ctx.trainable)
 
+    @property
+    def partitioned(self) -> bool:
+        """Whether the trainable parameters are DeepSpeed ZeRO-3 partitions: the gradient lives in the engine's
+        partitioned buffers, the weights in each process's partition."""
+        return partitioned(self.ctx.trainable)
+
+    @property
+    def sliced(self) -> bool:
+        """Whether each process holds a slice of every trainable tensor (FSDP2 shards, ZeRO-3 partitions): gradients
+        and moves are then this process's slices, and their dot products are all-reduced."""
+        return self.sharded or self.partitioned
+
     def local_task_gradients(self, only: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``task_gradients`` (logged unless ``only``), on shards ``sharded_task_gradients``: whole vectors, or this
-        process's slices of them."""
-        if self.sharded:
+        """``task_gradients`` (logged unless ``only``), on shards or partitions ``sharded_task_gradients``: whole
+        vectors, or this process's slices of them."""
+        if self.sliced:
             return self.sharded_task_gradients(only)
         return self.task_gradients(only=only, log=only is None)
 
     def gram(self, vectors: torch.Tensor) -> torch.Tensor:
-        """``[v_i·v_j]`` of ``vectors`` ``[T, P]`` in float64 — over the whole vectors on shards too (each process's
-        slices' Gram matrix, all-reduced)."""
+        """``[v_i·v_j]`` of ``vectors`` ``[T, P]`` in float64 — over the whole vectors on shards and partitions too
+        (each process's slices' Gram matrix, all-reduced)."""
         gram = gram_of(vectors)
-        if self.sharded and self.ctx.accelerator.num_processes > 1:
+        if self.sliced and self.ctx.accelerator.num_processes > 1:
             gram = self.ctx.accelerator.reduce(gram, "sum")
         return gram
 
@@ -216,14 +252,16 @@ class Step:
         """The weights at ``W + offset`` inside (a flat offset laid out as the gradients; on shards this process's
         slices), then back to the very same ``W`` (copied back, not ``W + ε − ε``, which rounds)."""
         params = self.params
-        original = [local_shard(p).detach().clone() for p in params]
+        original = [local_slice(p).detach().clone() for p in params]
         self.move(offset)
         try:
             yield
         finally:
             with torch.no_grad():
                 for param, value in zip(params, original, strict=True):
-                    local_shard(param).copy_(value)
+                    local_slice(param).copy_(value)
+            if self.partitioned:
+                release_gathered(self.ctx.accelerator)
 
     def weigh_task_gradients(self, weights: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """``param.grad`` = ``Σ_i c_i·g_i`` over the tasks present in the step + the other loss terms' gradient, with
@@ -243,9 +281,10 @@ class Step:
         loss terms' gradient. With ``perturbation`` (task-based SAM), each task's gradient is also taken again at the
         weights moved by ``perturbation(g_i)`` — every process runs the same forwards — and handed over second.
         Whole vectors only: on shards, write the rule on the Gram matrix (``weigh_task_gradients``, ``gram``)."""
-        if self.sharded:
-            raise RuntimeError("combine_task_gradients combines whole gradient vectors, which FSDP2's shards don't "
-                               "hold; write the rule on their Gram matrix (Step.weigh_task_gradients, Step.gram)")
+        if self.sliced:
+            raise RuntimeError("combine_task_gradients combines whole gradient vectors, which FSDP2's shards and "
+                               "ZeRO-3's partitions don't hold; write the rule on their Gram matrix "
+                               "(Step.weigh_task_gradients, Step.gram)")
         task_grads, extra_grad = self.task_gradients(log=True)
         present = (task_grads.abs().sum(1) > 0).nonzero().flatten().tolist()
         if not present:
@@ -262,14 +301,21 @@ class Step:
 
     def set_gradient(self, flat: torch.Tensor) -> None:
         """``param.grad`` from one flat vector laid out as ``task_gradients`` lays them out (on shards: this process's
-        slices, as ``sharded_task_gradients`` lays them out). Under DeepSpeed (ZeRO-1/2), for the engine's step
-        (``ctx.built_gradient``), which clips it and writes it into the engine's buffers."""
+        slices, as ``sharded_task_gradients`` lays them out). Under DeepSpeed ZeRO-1/2, for the engine's step
+        (``ctx.built_gradient``), which clips it and writes it into the engine's buffers; under ZeRO-3 (this
+        process's slices) straight into the engine's partitioned buffers, where its step reads the gradient."""
         params = self.params
+        if self.partitioned:
+            from deepspeed.utils import safe_set_local_grad
+
+            for param, grad in zip(params, torch.split(flat, [local_slice(p).numel() for p in params]), strict=True):
+                safe_set_local_grad(param, grad.float())
+            return
         if self.deepspeed:
             self.ctx.built_gradient = {name: grad.view(param.shape).float() for (name, param), grad in zip(
                 self.ctx.trainable.items(), torch.split(flat, [p.numel() for p in params]), strict=True)}
             return
-        for param, grad in zip(params, torch.split(flat, [local_shard(p).numel() for p in params]), strict=True):
+        for param, grad in zip(params, torch.split(flat, [local_slice(p).numel() for p in params]), strict=True):
             if isinstance(param, DTensor):
                 if param.grad is None:
                     param.grad = torch.zeros_like(param)
@@ -279,16 +325,25 @@ class Step:
 
     @torch.no_grad()
     def move(self, offset: torch.Tensor) -> None:
-        """``params += offset`` for a flat ``offset`` laid out as ``task_gradients`` lays gradients out (on shards:
-        this process's slices)."""
+        """``params += offset`` for a flat ``offset`` laid out as ``task_gradients`` lays gradients out (on shards and
+        ZeRO-3 partitions: this process's slices; ZeRO-3 then gathers the moved weights at the next forward)."""
         params = self.params
-        for param, piece in zip(params, torch.split(offset, [local_shard(p).numel() for p in params]), strict=True):
-            weight = local_shard(param)
+        for param, piece in zip(params, torch.split(offset, [local_slice(p).numel() for p in params]), strict=True):
+            weight = local_slice(param)
             weight.add_(piece.view_as(weight).to(weight.dtype))
+        if self.partitioned:
+            release_gathered(self.ctx.accelerator)
 
     def _needs_gradients(self, what: str) -> None:
         if is_deepspeed(self.ctx.accelerator):  # refused up front (Method.sets_gradients); this is the backstop
             raise RuntimeError(f"can't {what} under DeepSpeed: its engine keeps the gradients in its own buffers")
+
+
+def local_slice(param: torch.nn.Parameter) -> torch.Tensor:
+    """This process's slice of a trainable weight, a view (in-place writes reach the parameter): an FSDP2 shard's local
+    tensor, a ZeRO-3 partition (flat, padding included), else the whole weight."""
+    partition = getattr(param, "ds_tensor", None)
+    return partition.data if partition is not None else local_shard(param).data
 
 
 def step_tokens(accelerator, micro: list[dict]) -> torch.Tensor:

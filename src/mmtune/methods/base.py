@@ -88,7 +88,8 @@ class Method:
     # ``build_step`` reads or writes ``param.grad`` itself between backward passes (SAM's second gradient): DeepSpeed
     # keeps gradients in its own partitioned buffers, so it refuses such a method. A step built only from ``Step``'s
     # flat-vector blocks (``task_gradients``, ``weigh_task_gradients``, ``set_gradient``, ``moved_by``) does not set
-    # this: under DeepSpeed ZeRO-1/2 those take autograd's gradients and hand the result to the engine's step.
+    # this: under DeepSpeed ZeRO-1/2 those take autograd's gradients and hand the result to the engine's step, under
+    # ZeRO-3 they work on each process's slices of the engine's partitioned gradients.
     sets_gradients: ClassVar[bool] = False
     # Why DeepSpeed ZeRO-3 can't run the method (one sentence, "it …"), where its own code is the reason (checked with
     # the loss-term rule in ``mmtune.engines.zero3_refusal``); empty: no such reason.

@@ -68,7 +68,7 @@ def partitioned_base_logits(ctx, batch: dict, pretrained: dict[str, torch.Tensor
     and backward: each process writes its piece of W0 into its partitions (and W0 whole into a small parameter
     DeepSpeed keeps gathered), one forward gathers W0, then the very same W is copied back — the backward of the
     step's forward gathers W anew from the partitions."""
-    from mmtune.engines import engine_of, write_weight
+    from mmtune.engines import release_gathered, write_weight
 
     current = {name: (param.ds_tensor.detach().clone(), param.data.clone()) for name, param in ctx.trainable.items()}
     try:
@@ -78,8 +78,7 @@ def partitioned_base_logits(ctx, batch: dict, pretrained: dict[str, torch.Tensor
     finally:
         # DeepSpeed keeps the weights it gathered for that forward (for their reuse in the backward): release them
         # (without the engine's gc.collect; 1.2e-4 off in 2 processes when they are kept)
-        engine = engine_of(ctx.accelerator)
-        getattr(engine.optimizer, "empty_partition_cache", engine.empty_partition_cache)()
+        release_gathered(ctx.accelerator)
         for name, param in ctx.trainable.items():
             partition, data = current[name]
             param.ds_tensor.data.copy_(partition)

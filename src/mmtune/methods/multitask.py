@@ -113,10 +113,6 @@ class PCGrad(Method):
     supports_sharding = True  # its rule reads the gradients' Gram matrix only (one all-reduce on shards)
     description = "project away conflicting task-gradient components (Yu et al., NeurIPS 2020)"
     config_class = PCGradConfig
-    # Its step is built from Step's flat task gradients (autograd's, handed to DeepSpeed's step under ZeRO-1/2).
-    partitioned_refusal = ("its per-task gradients are whole flat vectors (T × the trainable parameters on every "
-                           "process: the memory ZeRO-3 exists to save), and ZeRO-3 frees each weight after one backward "
-                           "pass where they need one per task")
 
     def build_step(self, step):
         step.weigh_task_gradients(lambda gram: pcgrad_weights(gram, random_order(gram.shape[0], step.ctx.generator)))
@@ -138,10 +134,6 @@ class CAGrad(Method):
     description = "conflict-averse gradient descent over the tasks' gradients (Liu et al., NeurIPS 2021)"
     config_class = CAGradConfig
     null_options = {"c": 0}
-    # Its step is built from Step's flat task gradients (autograd's, handed to DeepSpeed's step under ZeRO-1/2).
-    partitioned_refusal = ("its per-task gradients are whole flat vectors (T × the trainable parameters on every "
-                           "process: the memory ZeRO-3 exists to save), and ZeRO-3 frees each weight after one backward "
-                           "pass where they need one per task")
 
     def build_step(self, step):
         # On T × the task shares (Gram T² G, coefficients T c): their mean is the vanilla gradient, so c = 0 is

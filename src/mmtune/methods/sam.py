@@ -47,18 +47,27 @@ class SAMConfig(MethodConfig):
 class SAM(Method):
     name = "sam"
     # On FSDP2's shards the gradients are DTensors: their norm is the whole gradient's (PyTorch reduces it over the
-    # shards) and the move W ± ε is done shard by shard.
+    # shards) and the move W ± ε is done shard by shard; on ZeRO-3's partitions likewise, by hand (``build_step``).
     supports_sharding = True
-    partitioned_refusal = "it moves the whole weights to W + ε, which ZeRO-3 partitions"
     description = "sharpness-aware minimisation: the gradient at W + ρ·g/‖g‖ (Foret et al., ICLR 2021)"
     config_class = SAMConfig
     null_options = {"rho": 0}
 
     def build_step(self, step):
         """The step's gradient at W (the logged loss), then again at W + ε; the optimizer steps from W with the
-        second one. Under DeepSpeed, whose engine keeps the gradients in its buffers, the same on flat autograd
-        gradients handed to the engine's step."""
-        if step.deepspeed:
+        second one. Under DeepSpeed, whose engine keeps the gradients in its buffers: on ZeRO-3 the engine's own
+        backward twice, moving each process's partition by its slice of ε; on ZeRO-1/2 flat autograd gradients, the
+        second handed to the engine's step."""
+        if step.partitioned:  # ZeRO-3: this process's slices of the engine's gradient, ‖g‖ over all of them
+            step.backward()
+            grad = step.local_gradient()
+            squared_norm = float(step.gram(grad[None])[0, 0])
+            offset = grad * (self.config.rho / squared_norm ** 0.5) if squared_norm > 0 else torch.zeros_like(grad)
+            with step.moved_by(offset):
+                step.zero_grad()
+                step.backward(log=False)
+            return
+        if step.deepspeed:  # ZeRO-1/2: autograd's gradients, the second one handed to the engine's step
             grad = step.gradient()
             with step.moved_by(sam_perturbation([grad], self.config.rho)[0]):
                 step.set_gradient(step.gradient(log=False))
@@ -113,9 +122,8 @@ class TaskSAM(Method):
     description = "task-based SAM: a perturbation per task, loss and flatness parts combined by surgery (Phan et al.)"
     config_class = TaskSAMConfig
     null_options = {"rho": 0, "combine": "sum"}
-    # Its step is built from Step's flat task gradients and moves (autograd's, handed to DeepSpeed's step under
-    # ZeRO-1/2).
-    partitioned_refusal = "it moves the whole weights to each task's perturbed point, which ZeRO-3 partitions"
+    # Its step is built from Step's task gradients and moves: autograd's flat vectors handed to DeepSpeed's step under
+    # ZeRO-1/2, each process's slices (Gram matrices all-reduced) on FSDP2 shards and ZeRO-3 partitions.
 
     def build_step(self, step):
         """``g_i`` and their Gram matrix; each present task's gradient again at ``W + ρ·g_i/‖g_i‖``; the step's
