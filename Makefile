@@ -24,8 +24,9 @@ setup: $(BIN)/mmtune
 demo: setup
 	$(BIN)/mmtune demo --out runs/demo
 
+# Two pytest-xdist workers, one per core, each taking whole files (a file's launched runs are one module fixture).
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -151,8 +152,12 @@ def deepspeed_step(size: dict, world: Path, tmp: Path) -> dict:
     config = load_config(ROOT / "configs" / "tiny.yaml", overrides(size, world, tmp / "zero2", "vanilla"))
     path = tmp / "zero2.yaml"
     save_config(config, path)
+    with socket.socket() as probe:  # a free port: not accelerate's default 29500, which a running job may hold
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "2",
-               "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
+               "--num_processes", "1", "--num_machines", "1", "--main_process_port", str(port),
+               "--mixed_precision", "bf16", "--dynamo_backend", "no",
                "-m", "mmtune.cli", "train", "--config", str(path)]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if result.returncode != 0:

@@ -1,6 +1,7 @@
 """Shared helpers for training tests."""
 
 import json
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -9,6 +10,14 @@ from transformers import AutoModelForImageTextToText
 
 from mmtune.step import Step, step_builder, step_tokens
 from mmtune.train import load_base
+
+
+def free_port() -> int:
+    """A TCP port free now, for a launch's rendezvous: launches run side by side (two pytest-xdist workers, the
+    DeepSpeed fixture's parallel launches), so none may take accelerate's default 29500."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:

@@ -8,7 +8,6 @@ Runs whenever DeepSpeed imports (it installs from the registry and runs on CPU: 
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import base_weights, final_weights, losses
+from helpers import base_weights, final_weights, free_port, losses
 from mmtune.config import save_config
 from mmtune.engines import configure_deepspeed, zero3_refusal
 from mmtune.methods import METHODS, build_methods
@@ -79,9 +78,7 @@ def _start(configs: list, cwd: Path, processes: int, deepspeed: bool, stage: int
         engine = ["--config_file", str(SHIPPED[stage])]
     else:
         engine = ["--use_deepspeed", "--zero_stage", str(stage), *flags]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes", str(processes),
                "--main_process_port", str(port), "--dynamo_backend", "no", str(WORKER), *map(str, configs)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(WORKER.parent)}

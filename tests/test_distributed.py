@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import final_weights, losses
+from helpers import final_weights, free_port, losses
 from mmtune.config import save_config
 from mmtune.train import train
 
@@ -51,7 +51,8 @@ def runs(world, tmp_path_factory):
         save_config(config(name, "ddp", *extra, "train.batch_size=4"), path)
         launched.append(path)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER),
+               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(WORKER),
                *map(str, launched)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(WORKER.parent)}
     result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)

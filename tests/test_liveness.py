@@ -5,7 +5,6 @@ valid. And the other side: waiting for the main process's long evaluation is not
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,18 +14,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from helpers import free_port
 from mmtune.checkpoint import complete_checkpoints
 from mmtune.config import save_config
 from mmtune.errors import PeerLostError
 from mmtune.liveness import Peers
 
 pytestmark = pytest.mark.multiprocess
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _start_ranks(config_path, port: int) -> list[subprocess.Popen]:
@@ -46,7 +40,7 @@ def test_a_lost_process_ends_the_run_everywhere_naming_it(tiny_config, tmp_path,
     save_config(tiny_config("train.max_steps=400", "train.batch_size=2", "train.save_every=2",
                             f"train.ddp_timeout={timeout}", out="run"), path)
     run = tmp_path / "run"
-    ranks = _start_ranks(path, _free_port())
+    ranks = _start_ranks(path, free_port())
     try:
         deadline = time.time() + 300
         while not (run / "metrics.jsonl").exists() or len((run / "metrics.jsonl").read_text().splitlines()) < 5:
@@ -74,7 +68,7 @@ def test_a_lost_process_ends_the_run_everywhere_naming_it(tiny_config, tmp_path,
 
 @pytest.fixture
 def store_env(monkeypatch):
-    port = _free_port()
+    port = free_port()
     server = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(port))

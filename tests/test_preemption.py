@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import final_weights, losses
+from helpers import final_weights, free_port, losses
 from mmtune.checkpoint import complete_checkpoints
 from mmtune.config import save_config
 from mmtune.preemption import PREEMPTED_EXIT, PreemptionWatch
@@ -132,7 +132,8 @@ def test_the_signal_handlers_are_restored_after_training(tiny_config):
 def _launch(engine: list[str], config_paths: list[Path], cwd: Path) -> subprocess.Popen:
     """One `accelerate launch` training ``config_paths`` one after another (tests/train_many_worker.py)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER), *map(str, config_paths)]
+               "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(WORKER), *map(str, config_paths)]
     return _start(command, cwd)
 
 

@@ -87,11 +87,11 @@ class Step:
         """The gradient the last ``backward`` left, flat in float32 and laid out as ``sharded_task_gradients`` lays
         them out: this process's slices on FSDP2 shards (``param.grad``'s local shards) and on ZeRO-3 partitions
         (the engine's reduced fp32 partitions, padding zeroed), else the whole ``param.grad``."""
+        if self.partitioned:
+            from deepspeed.utils import safe_get_local_grad
         pieces = []
         for param in self.params:
             if self.partitioned:
-                from deepspeed.utils import safe_get_local_grad
-
                 grad = safe_get_local_grad(param)
                 piece = torch.zeros(param.ds_tensor.numel()) if grad is None else grad.detach().float().flatten().clone()
                 piece[partition_span(param)[1]:] = 0.0
