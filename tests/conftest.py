@@ -19,13 +19,16 @@ TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
-# The files whose module fixtures launch minutes of runs go first: with `make test`'s two workers taking whole files,
-# the longest one then starts at once instead of ending the suite alone (the rest fills the other worker meanwhile).
-LONGEST_FIRST = ("test_deepspeed.py",)
+# The files that launch minutes of runs go first, longest first (measured with --durations): with `make test`'s two
+# workers taking whole files, the long ones start at once and the short ones fill in around them, instead of one
+# long file ending the suite alone.
+LONGEST_FIRST = ("test_deepspeed.py", "test_preemption.py", "test_methods_sharded.py", "test_demo.py",
+                 "test_liveness.py", "test_gpu_check.py", "test_distributed.py", "test_resume.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the order within files is kept
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file is kept
 
 
 @pytest.fixture(scope="session")
