@@ -87,19 +87,19 @@ class Step:
         """The gradient the last ``backward`` left, flat in float32 and laid out as ``sharded_task_gradients`` lays
         them out: this process's slices on FSDP2 shards (``param.grad``'s local shards) and on ZeRO-3 partitions
         (the engine's reduced fp32 partitions, padding zeroed), else the whole ``param.grad``."""
+        device, pieces = self.ctx.accelerator.device, []
         if self.partitioned:
             from deepspeed.utils import safe_get_local_grad
-        pieces = []
-        for param in self.params:
-            if self.partitioned:
+
+            for param in self.params:
                 grad = safe_get_local_grad(param)
                 piece = torch.zeros(param.ds_tensor.numel()) if grad is None else grad.detach().float().flatten().clone()
                 piece[partition_span(param)[1]:] = 0.0
-            elif param.grad is not None:
-                piece = local_shard(param.grad).detach().float().flatten()
-            else:
-                piece = torch.zeros(local_slice(param).numel())
-            pieces.append(piece.to(self.ctx.accelerator.device))
+                pieces.append(piece.to(device))
+        else:
+            for param in self.params:
+                pieces.append(local_shard(param.grad).detach().float().flatten().to(device) if param.grad is not None
+                              else torch.zeros(local_slice(param).numel(), device=device))
         return torch.cat(pieces)
 
     def task_gradients(self, only: str | None = None, log: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,18 +304,17 @@ class Step:
         slices, as ``sharded_task_gradients`` lays them out). Under DeepSpeed ZeRO-1/2, for the engine's step
         (``ctx.built_gradient``), which clips it and writes it into the engine's buffers; under ZeRO-3 (this
         process's slices) straight into the engine's partitioned buffers, where its step reads the gradient."""
-        params = self.params
         if self.partitioned:
             from deepspeed.utils import safe_set_local_grad
 
-            for param, grad in zip(params, torch.split(flat, [local_slice(p).numel() for p in params]), strict=True):
+            for param, grad in self._per_param(flat):
                 safe_set_local_grad(param, grad.float())
             return
-        if self.deepspeed:
-            self.ctx.built_gradient = {name: grad.view(param.shape).float() for (name, param), grad in zip(
-                self.ctx.trainable.items(), torch.split(flat, [p.numel() for p in params]), strict=True)}
+        if self.deepspeed:  # whole tensors (ZeRO-1/2 leave the weights whole): local_slice is the parameter
+            self.ctx.built_gradient = {name: grad.view(param.shape).float() for name, (param, grad) in zip(
+                self.ctx.trainable, self._per_param(flat), strict=True)}
             return
-        for param, grad in zip(params, torch.split(flat, [local_slice(p).numel() for p in params]), strict=True):
+        for param, grad in self._per_param(flat):
             if isinstance(param, DTensor):
                 if param.grad is None:
                     param.grad = torch.zeros_like(param)
@@ -327,12 +326,16 @@ class Step:
     def move(self, offset: torch.Tensor) -> None:
         """``params += offset`` for a flat ``offset`` laid out as ``task_gradients`` lays gradients out (on shards and
         ZeRO-3 partitions: this process's slices; ZeRO-3 then gathers the moved weights at the next forward)."""
-        params = self.params
-        for param, piece in zip(params, torch.split(offset, [local_slice(p).numel() for p in params]), strict=True):
+        for param, piece in self._per_param(offset):
             weight = local_slice(param)
             weight.add_(piece.view_as(weight).to(weight.dtype))
         if self.partitioned:
             release_gathered(self.ctx.accelerator)
+
+    def _per_param(self, flat: torch.Tensor) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+        """Each trainable parameter with its piece of ``flat`` (laid out as ``local_gradient``: this process's slices)."""
+        params = self.params
+        return list(zip(params, torch.split(flat, [local_slice(p).numel() for p in params]), strict=True))
 
     def _needs_gradients(self, what: str) -> None:
         if is_deepspeed(self.ctx.accelerator):  # refused up front (Method.sets_gradients); this is the backstop

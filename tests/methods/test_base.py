@@ -8,6 +8,7 @@ from helpers import assembled, move_off_pretrained, nth_micro, step_gradient
 from mmtune.methods import FAMO, METHODS, NRCA, SAM, CAGrad, L2Reg, Lora, Method, Spider, TaskSAM
 from mmtune.methods.base import refusal
 from mmtune.methods.multitask import cagrad
+from mmtune.methods.sam import sam_perturbation
 
 
 def test_refusals_follow_the_hooks_and_declarations():
@@ -50,13 +51,29 @@ def _legacy(base: type, **attributes) -> type:
         return type(f"Legacy{base.__name__}", (base,), attributes)
 
 
+@torch.no_grad()
+def _sam_perturb(self, ctx):
+    params = [p for p in ctx.trainable.values() if p.grad is not None]
+    self.moved = [(param, param.detach().clone()) for param in params]
+    for param, epsilon in zip(params, sam_perturbation([p.grad for p in params], self.config.rho), strict=True):
+        param.add_(epsilon)
+
+
+@torch.no_grad()
+def _sam_restore(self, ctx):
+    for param, original in self.moved:
+        param.copy_(original)
+
+
 @pytest.mark.parametrize("name", ["cagrad", "sam"])
 def test_the_deprecated_step_flags_still_build_the_same_step(tiny_config, name):
     if name == "cagrad":
         legacy = _legacy(Method, name="cagrad", per_task_gradients=True,
                          combine_task_gradients=lambda self, ctx, grads, perturbed=None: cagrad(grads * len(grads)))
     else:
-        legacy = _legacy(SAM, second_pass=True)  # SAM's perturb / restore, its build_step replaced by the flag's
+        # SAM's rule as the deprecated API's users wrote it (perturb / restore on param.grad), its build_step
+        # replaced by the flag's
+        legacy = _legacy(SAM, second_pass=True, perturb=_sam_perturb, restore=_sam_restore)
     assert legacy.sets_gradients
     with assembled(tiny_config(f"method.name={name}")) as run:
         move_off_pretrained(run)

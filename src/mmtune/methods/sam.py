@@ -25,11 +25,13 @@ from mmtune.methods.base import Method, MethodConfig, register
 from mmtune.methods.multitask import cagrad_weights, combine, gram_of, pcgrad_weights, random_order
 
 
-def sam_perturbation(grads: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
+def sam_perturbation(grads: list[torch.Tensor], rho: float, norm: torch.Tensor | None = None) -> list[torch.Tensor]:
     """``ε = ρ·g/‖g‖`` for the gradients of every trainable tensor (zeros when the gradient is zero); ‖g‖ over the
     whole tensors, also when they are sharded DTensors, summed in float64 so that one gradient gives the same ε
-    however it is split (whole, or over processes in another summation order)."""
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))
+    however it is split (whole, or over processes in another summation order). ``norm``: ‖g‖ when ``grads`` are
+    this process's slices of the gradient (taken over every process's)."""
+    if norm is None:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))
     scale = (rho / norm).float() if norm > 0 else 0.0
     return [(g.float() * scale).to(g.dtype) for g in grads]
 
@@ -46,8 +48,8 @@ class SAMConfig(MethodConfig):
 @register
 class SAM(Method):
     name = "sam"
-    # On FSDP2's shards the gradients are DTensors: their norm is the whole gradient's (PyTorch reduces it over the
-    # shards) and the move W ± ε is done shard by shard; on ZeRO-3's partitions likewise, by hand (``build_step``).
+    # On FSDP2's shards and ZeRO-3's partitions each process moves its slice of the weights by its slice of ε, with
+    # ‖g‖ from the all-reduced squared norms of the slices (``Step.gram``).
     supports_sharding = True
     description = "sharpness-aware minimisation: the gradient at W + ρ·g/‖g‖ (Foret et al., ICLR 2021)"
     config_class = SAMConfig
@@ -55,41 +57,19 @@ class SAM(Method):
 
     def build_step(self, step):
         """The step's gradient at W (the logged loss), then again at W + ε; the optimizer steps from W with the
-        second one. Under DeepSpeed, whose engine keeps the gradients in its buffers: on ZeRO-3 the engine's own
-        backward twice, moving each process's partition by its slice of ε; on ZeRO-1/2 flat autograd gradients, the
-        second handed to the engine's step."""
-        if step.partitioned:  # ZeRO-3: this process's slices of the engine's gradient, ‖g‖ over all of them
-            step.backward()
-            grad = step.local_gradient()
-            squared_norm = float(step.gram(grad[None])[0, 0])
-            offset = grad * (self.config.rho / squared_norm ** 0.5) if squared_norm > 0 else torch.zeros_like(grad)
-            with step.moved_by(offset):
-                step.zero_grad()
-                step.backward(log=False)
-            return
-        if step.deepspeed:  # ZeRO-1/2: autograd's gradients, the second one handed to the engine's step
+        second one. ε from this process's slice of the gradient (all of it but on FSDP2 shards and ZeRO-3 partitions)
+        with ‖g‖ over all processes. Under DeepSpeed ZeRO-1/2, whose engine keeps the gradient in buffers the step
+        can't read, the same on flat autograd gradients, the second handed to the engine's step."""
+        if step.deepspeed and not step.partitioned:
             grad = step.gradient()
             with step.moved_by(sam_perturbation([grad], self.config.rho)[0]):
                 step.set_gradient(step.gradient(log=False))
             return
         step.backward()
-        self.perturb(step.ctx)
-        step.zero_grad()
-        step.backward(log=False)
-        self.restore(step.ctx)
-
-    @torch.no_grad()
-    def perturb(self, ctx):
-        params = [p for p in ctx.trainable.values() if p.grad is not None]
-        self.moved = [(param, param.detach().clone()) for param in params]
-        for param, epsilon in zip(params, sam_perturbation([p.grad for p in params], self.config.rho), strict=True):
-            param.add_(epsilon)
-
-    @torch.no_grad()
-    def restore(self, ctx):
-        for param, original in self.moved:  # the very same W (not W + ε − ε, which rounds)
-            param.copy_(original)
-        self.moved = []
+        grad = step.local_gradient()
+        with step.moved_by(sam_perturbation([grad], self.config.rho, norm=step.gram(grad[None])[0, 0].sqrt())[0]):
+            step.zero_grad()
+            step.backward(log=False)
 
 
 def flatness_parts(grads: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
