@@ -148,14 +148,18 @@ class Method:
         pass
 
     def extra_losses(self, ctx: TrainContext, batch: dict, outputs, sample_loss: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {}
+        """Named loss terms added to the cross-entropy; by default the method's ``weight_penalty``, where it has one,
+        named ``weight_penalty_term`` — but not under DeepSpeed ZeRO-3, whose step adds it itself."""
+        if not self.overrides("weight_penalty") or partitioned(ctx.trainable):
+            return {}
+        penalty = self.weight_penalty(ctx)
+        return {} if penalty is None else {self.weight_penalty_term: penalty}
 
     def weight_penalty(self, ctx: TrainContext) -> torch.Tensor | None:
         """A loss term that depends on the trainable weights alone (``ctx.trainable``: a distance to W0), or None.
-        A method returning one adds it in ``extra_losses`` unless ``partitioned(ctx.trainable)``: under DeepSpeed
-        ZeRO-3 the step adds its gradient once per optimizer step on the full fp32 masters instead
-        (``mmtune.engines.deepspeed_step``), where the forward pass would read empty partitions — logged under
-        ``weight_penalty_term``, the name ``extra_losses`` gives it."""
+        The default ``extra_losses`` adds it unless ``partitioned(ctx.trainable)``: under DeepSpeed ZeRO-3 the step
+        adds its gradient once per optimizer step on the full fp32 masters instead (``mmtune.engines.deepspeed_step``),
+        where the forward pass would read empty partitions — logged under ``weight_penalty_term`` either way."""
         return None
 
     @property

@@ -32,7 +32,6 @@ from mmtune.methods.base import (
     PretrainedSnapshotMethod,
     TrainContext,
     local_shard,
-    partitioned,
     register,
     sharded,
     sum_over_shards,
@@ -163,10 +162,6 @@ class EWC(PretrainedSnapshotMethod):
             raise ValueError("ewc estimates the Fisher information from the training batches, and this host gave "
                              "none (TrainContext.batches): train with mmtune train or a Trainer with a train_dataset")
         self.fisher = normalized(diagonal_fisher(ctx, ctx.batches(), self.config.samples))
-
-    def extra_losses(self, ctx, batch, outputs, sample_loss):
-        penalty = None if partitioned(ctx.trainable) else self.weight_penalty(ctx)
-        return {} if penalty is None else {self.name: penalty}
 
     def weight_penalty(self, ctx):
         if self.config.lam == 0:

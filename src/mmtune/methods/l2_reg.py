@@ -14,7 +14,6 @@ from mmtune.methods.base import (
     MethodConfig,
     PretrainedSnapshotMethod,
     local_shard,
-    partitioned,
     register,
     sum_over_shards,
 )
@@ -47,10 +46,6 @@ class L2Reg(PretrainedSnapshotMethod):
     config_class = L2RegConfig
     null_options = {"lam": 0}
     power = 2
-
-    def extra_losses(self, ctx, batch, outputs, sample_loss):
-        penalty = None if partitioned(ctx.trainable) else self.weight_penalty(ctx)
-        return {} if penalty is None else {self.name: penalty}
 
     def weight_penalty(self, ctx):
         if self.config.lam == 0:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mmtune.merging import top_magnitude
-from mmtune.methods.base import laid_out_as, partitioned, register, whole
+from mmtune.methods.base import laid_out_as, register, whole
 from mmtune.methods.lora import Lora, LoraMethodConfig, lora_layers
 
 
@@ -92,10 +92,6 @@ class LoraSculpt(Lora):
             self.modules += [(f"{name}.lora_A.{a}.weight", f"{name}.lora_B.{a}.weight", conflict) for a in adapters]
         if self.config.cmr_lam and not self.modules:
             raise ValueError(f"lora_sculpt: no adapted module is named in cmr_modules={self.config.cmr_modules}")
-
-    def extra_losses(self, ctx, batch, outputs, sample_loss):
-        penalty = None if partitioned(ctx.trainable) else self.weight_penalty(ctx)
-        return {} if penalty is None else {self.weight_penalty_term: penalty}
 
     def weight_penalty(self, ctx):
         if self.config.cmr_lam == 0:
