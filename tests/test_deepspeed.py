@@ -54,11 +54,13 @@ BF16_DDP = ["vanilla", "spider", "l2_reg"]  # also DeepSpeed with 2 processes ag
 SAME_CODE_AS_ANOTHER = {"l1_reg", "magnitude_mask", "wise_ft", "dft", "eaft", "lora", "cagrad"}
 EVERY_PATH = [n for n in METHOD_NAMES if n not in SAME_CODE_AS_ANOTHER]
 # ZeRO-3 takes every method DeepSpeed takes but those whose loss term reads the weights (zero3_refusal). It
-# is compared with one process for each of its code paths (magnitude_mask, wise_ft, eaft, l1_reg, cagrad: the code of
-# random_mask, dare, dft, l2_reg, pcgrad — cagrad with 2 processes); ZeRO-2 with one process then takes the others
-# (and vanilla, the runs' sanity check).
+# is compared with one process for each of its code paths (each method of ZERO3_SAME_CODE runs the code of the one it
+# names; cagrad is compared with 2 processes); ZeRO-2 with one process then takes the others (and vanilla, the runs'
+# sanity check).
+ZERO3_SAME_CODE = {"magnitude_mask": "random_mask", "wise_ft": "dare", "eaft": "dft", "l1_reg": "l2_reg",
+                   "cagrad": "pcgrad"}
 ZERO3_NAMES = [n for n in METHOD_NAMES if zero3_refusal([METHODS[n]()]) is None]
-ZERO3_PATH = [n for n in ZERO3_NAMES if n not in ("magnitude_mask", "wise_ft", "eaft", "l1_reg", "cagrad")]
+ZERO3_PATH = [n for n in ZERO3_NAMES if n not in ZERO3_SAME_CODE]
 ZERO2_ONE_PROCESS = [n for n in METHOD_NAMES if n not in ZERO3_PATH or n == "vanilla"]
 # Also 2 processes against DDP (cagrad: its rule reads the Gram matrix off the diagonal, so a Gram matrix of one
 # process's slices alone shows — PCGrad's projections here did not; sam and task_sam: the moved partitions).

@@ -16,8 +16,6 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
 # The methods whose code another tested method runs (test_deepspeed.SAME_CODE_AS_ANOTHER), and that other method.
 TWIN = {"l1_reg": "l2_reg", "magnitude_mask": "random_mask", "wise_ft": "dare", "dft": "asft", "eaft": "asft",
         "lora": "lora_sculpt", "cagrad": "pcgrad"}
-ZERO3_TWIN = {"magnitude_mask": "random_mask", "wise_ft": "dare", "eaft": "dft", "l1_reg": "l2_reg",  # test_deepspeed's
-              "cagrad": "pcgrad"}  # ZERO3_PATH
 ORDER = ["vanilla", "nrca", "spider", "l2_reg", "l1_reg", "dft", "eaft", "asft", "ewc", "random_mask", "magnitude_mask",
          "half_ft", "grafting", "dare", "wise_ft", "lora", "lora_sculpt", "uncertainty", "famo", "pcgrad", "cagrad",
          "sam", "task_sam"]
@@ -42,9 +40,10 @@ def table() -> str:
         zero2_bf16 = (f"{tested(name, every_path, whole_model)} · {tested(name, set(deepspeed_tests.BF16_DDP))}"
                       if name in accepted else refused)
         if name in zero3_names:
-            zero3_fp32 = (f"{tested(name, zero3, twins=ZERO3_TWIN)} · "
-                          f"{tested(name, set(deepspeed_tests.ZERO3_DDP), twins=ZERO3_TWIN)}")
-            zero3_bf16 = tested(name, set(deepspeed_tests.ZERO3_BF16), twins=ZERO3_TWIN)
+            twins = deepspeed_tests.ZERO3_SAME_CODE
+            zero3_fp32 = (f"{tested(name, zero3, twins=twins)} · "
+                          f"{tested(name, set(deepspeed_tests.ZERO3_DDP), twins=twins)}")
+            zero3_bf16 = tested(name, set(deepspeed_tests.ZERO3_BF16), twins=twins)
         else:
             zero3_fp32 = zero3_bf16 = "✗ own gradient" if name not in accepted else "✗ whole gradients" \
                 if METHODS[name].partitioned_refusal else "✗ reads weights"

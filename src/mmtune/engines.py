@@ -31,7 +31,8 @@ distance to W0, LoRASculpt's CMR: ``Method.weight_penalty``) is taken out of the
 masters once per optimizer step, before clipping — what the loss term's backward adds on the other engines (it is
 the same every micro-batch and process) — and logs its value. Steps built from per-task gradients or moved weights
 (PCGrad, CAGrad, SAM, task-SAM) work on each process's slices of the engine's partitioned gradients and weights
-(``mmtune.step.Step``). The others refuse ZeRO-3 (``zero3_refusal``). fp16
+(``mmtune.step.Step``). A method whose loss term reads the weights otherwise, or that declares a
+``partitioned_refusal``, refuses ZeRO-3 (``zero3_refusal``; no built-in method does). fp16
 (loss scaling inside the engine) is refused.
 """
 
