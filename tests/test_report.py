@@ -45,24 +45,27 @@ def test_welch_p_matches_the_textbook_case():
     # Equal variances 1 and n = 3: t = 3 / sqrt(2/3) = 3.674, df = 4, and the t(4) CDF has a closed form:
     # F(t) = 1/2 + 3/8 · x · (1 − t² / (12 (1 + t²/4))), x = t / sqrt(1 + t²/4)  ->  p = 2 (1 − F) = 0.02131.
     assert welch_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(0.021312, abs=1e-5)
-    assert welch_p([1.0, 1.0], [2.0, 2.0]) == 0.0 and welch_p([1.0, 1.0], [1.0, 1.0]) == 1.0
+    # two constant samples: no p = 0 from nothing, the exact label-permutation p (2 of the C(4, 2) = 6 splits)
+    assert welch_p([1.0, 1.0], [2.0, 2.0]) == pytest.approx(1 / 3) and welch_p([1.0, 1.0], [1.0, 1.0]) == 1.0
     assert welch_p([1.0], [2.0, 3.0]) is None
 
 
 def test_report_keeps_every_seed_and_marks_only_differences_beyond_noise(tmp_path):
     runs = [_run(tmp_path, "vanilla", s, {"cap": 100 + s, "mc": 70 + s, "vqa": 40 + s}) for s in range(3)]
-    runs += [_run(tmp_path, "keeper", s, {"cap": 300 + s, "mc": 70 + 2 * s, "vqa": 60 + s}) for s in range(3)]
+    # the caption's gain is 200, 201, 202 over the seeds (a gain that is exactly the same in every seed is tested
+    # exactly: test_a_constant_difference_over_three_seeds_is_not_p_zero)
+    runs += [_run(tmp_path, "keeper", s, {"cap": 300 + 2 * s, "mc": 70 + 2 * s, "vqa": 60 + s}) for s in range(3)]
     report = write_report(runs, tmp_path / "rep")
     keeper = next(r for r in report["rows"] if r["method"] == "keeper")
     assert [s["seed"] for s in keeper["per_seed"]] == [0, 1, 2]
-    assert keeper["per_seed"][2]["tasks"]["cap"] == 302
+    assert keeper["per_seed"][2]["tasks"]["cap"] == 304
     assert keeper["values"]["G/base"]["p_vs_vanilla"] < 0.05
     assert keeper["values"]["mc"]["p_vs_vanilla"] > 0.05  # 71 ± 2 vs 71 ± 1: noise
     task_line, summary_line = [line for line in to_markdown(report).splitlines() if line.startswith("| keeper")]
     mc_cell, cap_cell = task_line.split("|")[3:5]  # columns: method, seeds, mc (down), cap (held), vqa (held)
     assert "▲" not in mc_cell and "▼" not in mc_cell and cap_cell.endswith("▲ ")
-    g_base_cell = summary_line.split("|")[8]  # S, G, H raw, then S/base, G/base, H/base
-    assert g_base_cell.endswith("▲ ")
+    h_base_cell = summary_line.split("|")[11]  # S/head, G/adj, H/head, S, G, H raw, then S/base, G/base, H/base
+    assert h_base_cell.endswith("▲ ")
     saved = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert len(saved["rows"][0]["per_seed"]) == 3
     assert (tmp_path / "rep" / "tasks.png").exists() and (tmp_path / "rep" / "s_vs_g.png").exists()
@@ -173,39 +176,99 @@ def _curve(run, points: list[tuple[int, dict, dict]]) -> None:
     (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
+OVERFIT_SIDES = {"cap": "downstream", "mc": "downstream", "vqa": "heldout"}
+NOISE = (0.0, 3.0, -2.0, 4.0, -3.0, 1.0, -4.0, 2.0)  # a seed's own offset at each evaluation, fixed per test
+
+
+def _overfit_run(root, method: str, seed: int, points: list[tuple[int, dict, dict]], sampled=None):
+    run = _run(root, method, seed, {"cap": 200.0, "mc": 70.0, "vqa": 60.0})
+    for folder in ("final", "base"):
+        scores = json.loads((run / "eval" / folder / "scores.json").read_text())
+        for task, side in OVERFIT_SIDES.items():
+            scores["tasks"][task]["side"] = side
+        (run / "eval" / folder / "scores.json").write_text(json.dumps(scores))
+    rows = [{"step": step, "eval": {"tasks": scores, "val_loss": loss}} for step, scores, loss in points]
+    for row, value in zip(rows, sampled or [], strict=False):
+        row["eval"]["sampled"] = {"cap": value}
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return run
+
+
 def test_a_task_that_overfits_during_training_is_flagged_beyond_seed_noise(tmp_path):
-    """The caption score peaks at step 20 and falls back while its validation loss rises; the choice task keeps
-    improving. The report names the caption (score and loss), not the choice task; a fall seen in one seed of
-    three while the others rise is noise, not a flag."""
+    """Eight seeds. The caption score peaks at step 20 and falls back while its validation loss rises; the choice task
+    keeps improving. The largest-fall test (the peak's choice paid for by sign flips, Holm over the method's tests)
+    names the caption (score and loss), not the choice task; a fall seen in some seeds while the others rise is noise;
+    sampled captions that peak and fall are flagged as such."""
     runs = []
-    for seed in range(3):
-        run = _run(tmp_path, "vanilla", seed, {"cap": 200.0, "mc": 70.0, "vqa": 60.0})
-        _curve(run, [(step, {"cap": cap + seed, "mc": mc + seed, "vqa": 60.0}, {"cap": loss + 0.01 * seed, "mc": 1.0,
-                                                                                  "vqa": 1.0})
-                     for step, cap, mc, loss in ((10, 220, 50, 2.0), (20, 260, 60, 1.6), (30, 230, 65, 1.8),
-                                                 (40, 205, 70, 2.1))])
-        runs.append(run)
-    for seed, fall in enumerate((-30.0, 10.0, 12.0)):  # one seed falls after step 20, two keep rising
-        run = _run(tmp_path, "noisy", seed, {"cap": 200.0, "mc": 70.0, "vqa": 60.0})
-        _curve(run, [(step, {"cap": 200.0 + value, "mc": 70.0, "vqa": 60.0}, {"cap": 1.0, "mc": 1.0, "vqa": 1.0})
-                     for step, value in ((10, 0.0), (20, 20.0), (30, 20.0 + fall / 2), (40, 20.0 + fall))])
-        runs.append(run)
-    for seed in range(3):  # greedy captions keep rising; sampled ones (eval.sample_temperature) peak and fall
-        run = _run(tmp_path, "sampler", seed, {"cap": 200.0, "mc": 70.0, "vqa": 60.0})
-        _curve(run, [(step, {"cap": 200.0 + step, "mc": 70.0, "vqa": 60.0}, {"cap": 1.0, "mc": 1.0, "vqa": 1.0})
-                     for step in (10, 20, 30, 40)])
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        for row, sampled in zip(rows, (50.0, 80.0 + seed, 60.0, 40.0 - seed), strict=True):
-            row["eval"]["sampled"] = {"cap": sampled}
-        (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-        runs.append(run)
+    for seed in range(8):
+        e = NOISE[seed]
+        runs.append(_overfit_run(tmp_path, "vanilla", seed, [
+            (step, {"cap": cap + e * (step // 10 % 2 * 2 - 1), "mc": mc + e, "vqa": 60.0},
+             {"cap": loss + 0.01 * e * (step // 10 % 2 * 2 - 1), "mc": 1.0 - step / 100, "vqa": 1.0})
+            for step, cap, mc, loss in ((10, 220, 50, 2.0), (20, 260, 60, 1.6), (30, 230, 65, 1.8),
+                                        (40, 205, 70, 2.1))]))
+    for seed in range(8):  # half the seeds fall after step 20, half keep rising
+        fall = (-30.0, 10.0)[seed % 2] + NOISE[seed]
+        runs.append(_overfit_run(tmp_path, "noisy", seed, [
+            (step, {"cap": 200.0 + value, "mc": 70.0, "vqa": 60.0}, {"cap": 1.0, "mc": 1.0, "vqa": 1.0})
+            for step, value in ((10, 0.0), (20, 20.0), (30, 20.0 + fall / 2), (40, 20.0 + fall))]))
+    for seed in range(8):  # greedy captions keep rising; sampled ones (eval.sample_temperature) peak and fall
+        e = NOISE[seed]
+        runs.append(_overfit_run(tmp_path, "sampler", seed, [
+            (step, {"cap": 200.0 + step + e * (step % 20 == 0), "mc": 70.0 + step / 10, "vqa": 60.0},
+             {"cap": 1.0, "mc": 1.0, "vqa": 1.0}) for step in (10, 20, 30, 40)],
+            sampled=(50.0, 80.0 + e, 60.0, 40.0 - e / 2)))
     report = write_report(runs, tmp_path / "rep")
     flagged = {(f["method"], f["task"], f["what"]) for f in report["overfitting"]}
     assert flagged == {("vanilla", "cap", "score"), ("vanilla", "cap", "validation loss"),
                        ("sampler", "cap", "sampled score")}
+    caption = next(f for f in report["overfitting"] if f["method"] == "vanilla" and f["what"] == "score")
+    assert caption["step"] == 20 and caption["p"] == pytest.approx(1 / 256) and caption["p_holm"] < 0.05
     text = (tmp_path / "rep" / "report.md").read_text()
-    assert "- vanilla: cap overfits after step 20 (score 261.00 there, 206.00 at the end" in text
+    assert "- vanilla: cap overfits after step 20 (score 259.88 there, 204.88 at the end: fell by 55.00" in text
     assert (tmp_path / "rep" / "tasks_over_steps.png").exists()
+
+
+def test_the_largest_fall_needs_five_seeds_and_a_fixed_step_is_tested_by_its_own(tmp_path):
+    """Three seeds that all fall by exactly 55 from step 20: the largest-fall test can't reach 0.05 with 3 seeds and
+    says so (no p = 0 from three equal falls); with step 20 fixed in advance the falls are tested by their exact
+    sign-flip p, 1/8 — too few seeds, written as such; three seeds that fall by 50 ± 5 are flagged by the t-test."""
+    def runs_of(method, spread):
+        return [_overfit_run(tmp_path, method, seed, [
+            (step, {"cap": cap + seed - (spread * (seed - 1) if step == 40 else 0), "mc": 70.0 + step, "vqa": 60.0},
+             {"cap": 1.0, "mc": 1.0, "vqa": 1.0}) for step, cap in ((10, 220), (20, 260), (30, 230), (40, 205))])
+                for seed in range(3)]
+
+    equal, spread = runs_of("equal", 0.0), runs_of("spread", 5.0)
+    report = build_report(equal)
+    assert report["overfitting"] == []
+    assert all("3 seeds: the largest-fall test needs ≥ 5" in t["reason"] for t in report["overfitting_tests"])
+    assert "- equal: not tested (3 seeds: the largest-fall test needs ≥ 5" in to_markdown(report)
+    fixed = build_report(equal, reference_step=20)
+    cap = next(t for t in fixed["overfitting_tests"] if t["task"] == "cap")
+    assert cap["p"] == pytest.approx(1 / 8) and not cap["flagged"]
+    fixed = build_report(spread, reference_step=20)
+    cap = next(t for t in fixed["overfitting_tests"] if t["task"] == "cap")
+    assert cap["flagged"] and cap["fall"] == pytest.approx(55.0) and 0 < cap["p"] < 0.01
+    assert "fall from step 20 (fixed in advance) to the end" in to_markdown(fixed)
+
+
+def test_a_constant_difference_over_three_seeds_is_not_p_zero(tmp_path):
+    """One record apart in each of three seeds: the exact sign-flip p (0.25), no mark, and the report says that these
+    seeds can't go below 0.25 and how many could."""
+    runs = [_run(tmp_path, "vanilla", s, {"cap": 400.0 + 7 * s, "mc": 50.0 + 9 * s, "vqa": 70.0 + 3 * s})
+            for s in range(3)]
+    runs += [_run(tmp_path, "one_more", s, {"cap": 400.0 + 7 * s, "mc": 50.5 + 9 * s, "vqa": 70.0 + 3 * s})
+             for s in range(3)]
+    report = build_report(runs)
+    mc = next(r for r in report["rows"] if r["method"] == "one_more")["values"]["mc"]["vs_vanilla"]
+    assert mc["p"] == pytest.approx(0.25) and mc["constant"] and mc["seeds_needed"] == 6
+    text = to_markdown(report)
+    task_line, summary_line = [line for line in text.splitlines() if line.startswith("| one_more")]
+    assert "▲" not in task_line.split("|")[3] and "▲" not in summary_line.split("|")[3]  # mc, S/head
+    assert "one_more S/head: not detectable at this power" in text
+    assert "the same difference in all 3 seeds: an exact permutation p, which can't go below 0.25 with 3 seeds; " \
+           "6 seeds could reach p < 0.05" in text
 
 
 def _predictions(run, task: str, scores: list[float]) -> None:

@@ -1,7 +1,8 @@
 """Keep the best model of the evaluations during training, and stop early when it stops improving.
 
 ``train.best_metric`` names what "best" means — ``S``, ``G``, ``H`` (raw means), ``S/base``, ``G/base``, ``H/base``
-(normalised to the base model), or one task's score by its name (all higher-is-better); or ``val_loss`` (the mean of
+(normalised to the base model), ``S/adj``, ``G/adj``, ``H/adj`` (chance-adjusted), ``S/head``, ``H/head`` (the primary
+summary: downstream headroom gained, ``mmtune.report``), or one task's score by its name (all higher-is-better); or ``val_loss`` (the mean of
 the evaluated tasks' validation losses, teacher-forced) or ``val_loss/<task>`` (lower-is-better: the Hugging Face
 Trainer's ``eval_loss`` choice). Each evaluation during
 training (``eval.every_steps``) that beats the best so far writes ``<run>/best/`` (the model as ``final/`` is, or a
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from mmtune.files import atomic_write
 
-SUMMARIES = ("S", "G", "H", "S/base", "G/base", "H/base")
+SUMMARIES = ("S", "G", "H", "S/base", "G/base", "H/base", "S/adj", "G/adj", "H/adj", "S/head", "H/head")
 
 
 def lower_is_better(name: str) -> bool:

@@ -186,7 +186,8 @@ def cmd_report(args) -> int:
     from mmtune.report import to_markdown, write_report
 
     out = Path(args.out or "report")
-    report = write_report(args.runs, out, allow_mixed=args.allow_mixed, lmms_eval=args.lmms_eval)
+    report = write_report(args.runs, out, allow_mixed=args.allow_mixed, lmms_eval=args.lmms_eval,
+                          reference_step=args.reference_step)
     print(to_markdown(report))
     print(f"wrote {out}/report.md, report.json, tasks.png, s_vs_g.png")
     return 0
@@ -593,6 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--lmms-eval", nargs="+", metavar="RESULTS_JSON",
                     help="lmms-eval results files of the runs' final/ models and of their base model: each metric "
                          "becomes a held-out column (docs/eval.md)")
+    rp.add_argument("--reference-step", type=int, metavar="STEP",
+                    help="the overfitting test compares this evaluation step, fixed in advance (e.g. the end of the "
+                         "first epoch), with the end (default: the runs' eval.overfit_reference_step, else the largest "
+                         "fall over all steps, which needs ≥ 5 seeds)")
     rp.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="the papers' experiment in miniature on the synthetic world (CPU, minutes)")

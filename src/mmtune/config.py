@@ -99,7 +99,7 @@ class ScopeConfig:
 @dataclass
 class TaskSpec:
     path: str  # a task file (JSONL records or conversations), a HF dataset / Parquet, dataset:<name> (data.registry) or synthetic:<family>
-    n: int | None = None  # draw this many records at random with the run's seed (None: all)
+    n: int | None = None  # draw this many records at random with data.seed (None: all)
     weight: float = 1.0  # each drawn record appears `weight` times per epoch (fractions drawn at random)
     columns: dict = field(default_factory=dict)  # HF dataset / Parquet source: record field → column, e.g. {prompt: question}
     defaults: dict = field(default_factory=dict)  # HF dataset / Parquet source: values of fields it lacks, e.g. {task: okvqa, kind: open}
@@ -146,6 +146,7 @@ class DataConfig:
     replay: list[TaskSpec] = field(default_factory=list)  # general (replay) data mixed into every batch, e.g. the base's instruction data
     replay_share: float = 0.0  # the share of every batch taken from data.replay (e.g. 0.25: 4 of 16)
     registry: str | None = None  # a dataset registry (LLaMA-Factory dataset_info.json style): tasks then name dataset:<name>
+    seed: int | None = 0  # which records each task's n draws (and their repeats): the same for every train.seed; null: train.seed's (before data.seed)
 
     def __post_init__(self):
         _check(self.max_length >= 1, f"data.max_length={self.max_length} must be ≥ 1")
@@ -159,6 +160,11 @@ class DataConfig:
         _check(0 <= self.replay_share < 1, f"data.replay_share={self.replay_share} must be in [0, 1)")
         _check(bool(self.replay) == (self.replay_share > 0), "data.replay and data.replay_share go together: name "
                "the replay sources and the share of every batch they fill")
+
+    def draw_seed(self, train_seed: int) -> int:
+        """The seed of which records each task draws: ``data.seed``, or the training seed where it is null (how every
+        run before ``data.seed`` drew — the Hugging Face Trainer's ``data_seed`` keeps the two apart too)."""
+        return train_seed if self.seed is None else self.seed
 
     @property
     def sampled(self) -> bool:
@@ -197,7 +203,7 @@ class TrainConfig:
     resume_from: str | None = None  # a checkpoint folder or "latest"
     overwrite: bool = False  # allow replacing an existing run in output_dir
     progress: bool = True  # progress bars
-    best_metric: str | None = None  # keep <run>/best: highest S | G | H | S/base | G/base | H/base | <task>, or lowest val_loss | val_loss/<task>, of the evaluations during training
+    best_metric: str | None = None  # keep <run>/best: highest S | G | H | S/base | G/base | H/base | S/adj | G/adj | H/adj | S/head | H/head | <task>, or lowest val_loss | val_loss/<task>, of the evaluations during training
     early_stopping_patience: int | None = None  # stop after this many evaluations during training without a new best
     preempt_signals: list = field(default_factory=lambda: ["SIGTERM"])  # finish the step, checkpoint, exit 75 (mmtune.preemption); e.g. [SIGTERM, SIGUSR1]
     ddp_timeout: int = 600  # seconds a process waits for the others in a collective before the run stops (the Trainer's name)
@@ -250,11 +256,14 @@ class EvalConfig:
     # greedy answers keep the most likely word even when confidence has drifted to wrong ones; sampled ones show it
     sample_temperature: float | None = None  # also score open-response (CIDEr) tasks on answers sampled at this T
     sample_seed: int = 0  # the seed of eval.sample_temperature's draws (every evaluation draws the same numbers)
+    overfit_reference_step: int | None = None  # the report's overfitting test compares this step (fixed in advance, e.g. the end of epoch 1) with the end; null: the largest fall over all steps
 
     def __post_init__(self):
         for key in ("batch_size", "max_new_tokens", "during_limit"):
             _check(getattr(self, key) >= 1, f"eval.{key}={getattr(self, key)} must be ≥ 1")
         _check(self.limit is None or self.limit >= 1, f"eval.limit={self.limit} must be ≥ 1 (or null: all)")
+        _check(self.overfit_reference_step is None or self.overfit_reference_step >= 1,
+               f"eval.overfit_reference_step={self.overfit_reference_step} must be ≥ 1 (or null)")
         _check(self.every_steps is None or self.every_steps >= 1,
                f"eval.every_steps={self.every_steps} must be ≥ 1 (or null: only before and after training)")
         _check(self.sample_temperature is None or self.sample_temperature > 0,

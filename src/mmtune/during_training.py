@@ -23,7 +23,7 @@ from mmtune.evaluate import evaluate
 from mmtune.models.load import save_processor
 from mmtune.precision import saved_dtype, to_saved_dtype
 from mmtune.preemption import EvaluationInterrupted
-from mmtune.report import GAP_KEYS
+from mmtune.report import GAP_KEYS, HALLUCINATION_KEYS
 
 if TYPE_CHECKING:
     from mmtune.step_log import StepLog
@@ -135,10 +135,14 @@ def evaluate_during_training(run: Run, name: str) -> dict | None:
             # and, with eval.sample_temperature, the open-response tasks' scores on sampled answers
             sampled = {task: result["sampled_score"] for task, result in scores["tasks"].items()
                        if "sampled_score" in result}
+            # and, where the records list what each image holds, the share of answers naming something it lacks
+            made_up = {key: {task: result[key] for task, result in scores["tasks"].items() if key in result}
+                       for key in HALLUCINATION_KEYS}
             row = {"step": run.ctx.step,
-                   "eval": {**{k: v for k, v in summary.items() if k not in ("normalised", "adjusted")},
+                   "eval": {**{k: v for k, v in summary.items() if k not in ("normalised", "adjusted", "headroom")},
                             "val_loss": losses, **{key: value for key, value in gaps.items() if value},
-                            **({"sampled": sampled} if sampled else {})}}
+                            **({"sampled": sampled} if sampled else {}),
+                            **{key: value for key, value in made_up.items() if value}}}
     run.peers.wait_for_main(run.accelerator)
     return row
 

@@ -19,7 +19,7 @@ from mmtune.data.collate import IGNORE_INDEX, GenerationCollator, RecordDataset,
 from mmtune.data.records import Record, infer_metric, read_records
 from mmtune.files import atomic_write, safe_file_name
 from mmtune.losses import per_sample_mean, target_log_probs
-from mmtune.metrics import score
+from mmtune.metrics import caption_ceiling, hallucinations, score
 
 
 def load_tasks(paths: list[Path], limit: int | None = None) -> dict[str, list[Record]]:
@@ -144,6 +144,24 @@ def chance_score(records: list[Record]) -> float:
     return 100 * sum(1 / n for n in choices) / len(records) if choices and len(choices) == len(records) else 0.0
 
 
+def hallucination(records: list[Record], answers: list[str]) -> dict | None:
+    """The CHAIR-style hallucination of ``answers`` over the records that list what their image holds
+    (``extra.present``): None when none does (``mmtune.metrics.hallucinations``)."""
+    listed = [(r.extra["present"], a) for r, a in zip(records, answers, strict=True) if r.extra.get("present")]
+    if not listed:
+        return None
+    found = hallucinations([a for _, a in listed], [p for p, _ in listed])
+    return {**found, "n": len(listed)}
+
+
+def ceiling_score(metric: str, records: list[Record]) -> float:
+    """The best score an answer can get, in the task's units: 100 for accuracies, and for captions (CIDEr) the score of
+    the best of each record's own references (``mmtune.metrics.caption_ceiling``)."""
+    if metric != "cider":
+        return 100.0
+    return caption_ceiling({r.id: r.answers for r in records})
+
+
 def sampled_answers(model, processor, records: list[Record], temperature: float, seed: int, batch_size: int = 16,
                     max_new_tokens: int = 128, progress: bool = True, desc: str = "sample") -> list[str]:
     """Answers sampled from the model's own distribution at ``temperature`` (no top-k / top-p cut), from a fixed
@@ -181,15 +199,23 @@ def evaluate(model, processor, sides: dict[str, list[Path]], out_dir: str | Path
             result = score(metric, items)
             forced = teacher_forced(model, processor, records, batch_size)
             # Everything `mmtune score` needs to re-score the file with any metric (choices for multiple choice).
+            made_up = hallucination(records, predictions)
+            absent = dict(zip((r.id for r in records if r.extra.get("present")), made_up["per_answer"],
+                              strict=True)) if made_up else {}
             lines = [json.dumps({"id": record.id, "prompt": record.prompt, "prediction": item["prediction"],
                                  "answers": record.answers, "metric": metric, "score": value,
                                  **({"choices": record.choices, "answer_index": record.answer_index}
-                                    if record.choices is not None else {})}) + "\n"
+                                    if record.choices is not None else {}),
+                                 **({"hallucinated": absent[record.id]} if record.id in absent else {})}) + "\n"
                      for record, item, value in zip(records, items, result.per_sample, strict=True)]
             atomic_write(out / "predictions" / f"{safe_file_name(task)}.jsonl", "".join(lines))
             results["tasks"][task] = {**result.as_dict(), "side": side, "target_confidence": forced["confidence"],
                                       "target_loss": forced["loss"], "chance": chance_score(records),
+                                      "ceiling": ceiling_score(metric, records),
                                       **{k: forced[k] for k in DIAGNOSTIC_KEYS if k in forced}}
+            if made_up:
+                results["tasks"][task].update(hallucination=made_up["rate"],
+                                              hallucination_mentions=made_up["mention_rate"])
             if sample_temperature is not None and metric == "cider":
                 sampled = sampled_answers(model, processor, records, sample_temperature, sample_seed, batch_size,
                                           max_new_tokens, progress, f"sample {task}")
@@ -202,5 +228,8 @@ def evaluate(model, processor, sides: dict[str, list[Path]], out_dir: str | Path
                     for record, p, value in zip(records, sampled, sampled_result.per_sample, strict=True)))
                 results["tasks"][task].update(sampled_score=sampled_result.score,
                                               sample_temperature=sample_temperature)
+                sampled_made_up = hallucination(records, sampled)
+                if sampled_made_up:
+                    results["tasks"][task]["sampled_hallucination"] = sampled_made_up["rate"]
     atomic_write(out / "scores.json", json.dumps(results, indent=2) + "\n")
     return results

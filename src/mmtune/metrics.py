@@ -243,3 +243,77 @@ def score(metric: str, items: list[dict], use_java: bool | None = None, meteor: 
         empty = sum(not item["prediction"].strip() for item in items)
         return Score(metric, sum(per_sample) / len(per_sample), len(items), {"empty_predictions": empty}, per_sample)
     raise ValueError(f"unknown metric {metric!r}; choose one of cider, vqa, mc, exact")
+
+
+# ---------------------------------------------------------------- a caption's ceiling and its hallucinations
+def caption_ceiling(references: dict[str, list[str]], use_java: bool | None = None) -> float:
+    """The CIDEr-D (×100) of answering each record with the best of its own references, scored against all of them:
+    the most a model that writes one true caption per image can get. It is the ceiling of a caption task's headroom
+    (``mmtune.report``: S counts each downstream task's share of the headroom above chance); a model can pass it
+    slightly, by writing the references' consensus rather than any one of them."""
+    from pycocoevalcap.cider.cider import Cider
+
+    gts, _ = tokenize_captions(references, use_java)
+    best = dict.fromkeys(gts, 0.0)
+    for j in range(max(len(v) for v in gts.values())):
+        candidates = {i: [v[min(j, len(v) - 1)]] for i, v in gts.items()}
+        _, per_record = Cider().compute_score(gts, candidates)
+        for i, value in zip(sorted(gts), per_record, strict=True):  # pycocoevalcap scores in sorted-key order
+            best[i] = max(best[i], 100 * float(value))
+    return sum(best.values()) / len(best)
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(_WORD.findall(text.lower()))
+
+
+def _singular(word: str) -> str:
+    """``circles`` → ``circle``, ``boxes`` → ``box``: a mention matches the listed word in either number."""
+    if len(word) > 3 and word.endswith("es") and word[:-2].endswith(("s", "x", "z", "ch", "sh")):
+        return word[:-2]
+    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+
+
+def mentions(answer: str, vocabulary: set[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """The phrases of ``vocabulary`` (word tuples, singular) that ``answer`` names, longest first at each position
+    ("top left" before "top"), each word matched whole and in either number."""
+    words = tuple(_singular(w) for w in _words(answer))
+    longest = max((len(p) for p in vocabulary), default=0)
+    found, i = [], 0
+    while i < len(words):
+        for width in range(min(longest, len(words) - i), 0, -1):
+            if words[i:i + width] in vocabulary:
+                found.append(words[i:i + width])
+                i += width
+                break
+        else:
+            i += 1
+    return found
+
+
+def phrase(text: str) -> tuple[str, ...]:
+    return tuple(_singular(w) for w in _words(text))
+
+
+def hallucinations(answers: list[str], present: list[list[str]]) -> dict:
+    """CHAIR-style hallucination of free-form answers: which of the things they name the image lacks.
+
+    ``present[i]``: the words or phrases true of record i's image (objects, colours, counts, places: a record's
+    ``extra.present``, from a synthetic scene's truth or COCO's instance annotations). The vocabulary of things that
+    can be named is every phrase any record of the task lists; an answer's mention of one its own record does not
+    list is a hallucination. Returns the share of answers with at least one (``rate``, %, CHAIR_s), the share of
+    mentions that are (``mention_rate``, %, CHAIR_i), and per answer the hallucinated phrases."""
+    truths = [{phrase(p) for p in listed} for listed in present]
+    vocabulary = set().union(*truths) - {()}
+    per_answer, named, wrong = [], 0, 0
+    for answer, truth in zip(answers, truths, strict=True):
+        found = mentions(answer, vocabulary)
+        absent = [" ".join(p) for p in found if p not in truth]
+        per_answer.append(absent)
+        named += len(found)
+        wrong += len(absent)
+    return {"rate": 100 * sum(bool(a) for a in per_answer) / len(per_answer) if per_answer else float("nan"),
+            "mention_rate": 100 * wrong / named if named else 0.0, "per_answer": per_answer}

@@ -26,18 +26,37 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from mmtune.files import atomic_write
+from mmtune.stats import (  # noqa: F401 — also this module's public names (benchmarks and users import them here)
+    ALPHA,
+    difference_interval,
+    fall_at_fixed_step,
+    fewest_seeds_for_largest_fall,
+    holm,
+    largest_fall,
+    paired_p,
+    seeds_needed,
+    smallest_p,
+    welch_p,
+)
 
 # NRCA's diagnostic logged per task at each evaluation during training: the gap over the whole answer, and over its
 # image-dependent and template tokens where the records say which is which (mmtune.evaluate.teacher_forced)
 GAP_KEYS = ("confidence_gap", "confidence_gap_image", "confidence_gap_template")
+# The share of answers naming something the image lacks (CHAIR-style, where the records list what it holds), greedy and
+# sampled (mmtune.evaluate.hallucination), logged per task at each evaluation during training
+HALLUCINATION_KEYS = ("hallucination", "sampled_hallucination")
 
-SUMMARY_KEYS = ("S", "G", "H", "S/base", "G/base", "H/base", "S/adj", "G/adj", "H/adj")
+SUMMARY_KEYS = ("S", "G", "H", "S/base", "G/base", "H/base", "S/adj", "G/adj", "H/adj", "S/head", "H/head")
+# The primary summary: S/head (each downstream task's share of its headroom above chance gained — a new skill, often
+# at chance in the base), G/adj (each held-out task's share of the base's above-chance skill kept), H/head of the two.
+PRIMARY_KEYS = ("S/head", "G/adj", "H/head")
 # A task whose base is within this many points of chance can't be chance-adjusted (the ratio would explode or flip).
 CHANCE_MARGIN = 5.0
-SIGNIFICANCE = 0.05
+SIGNIFICANCE = ALPHA
 
 
 def harmonic(s: float, g: float) -> float:
@@ -60,6 +79,20 @@ def summarize(scores: dict, base: dict | None = None) -> dict:
     held = [k for k, v in tasks.items() if v["side"] == "heldout"]
     out = {"tasks": values, "S": _mean([values[k] for k in down]), "G": _mean([values[k] for k in held])}
     out["H"] = harmonic(out["S"], out["G"])
+    out["hallucination"] = {k: v["hallucination"] for k, v in tasks.items() if "hallucination" in v}
+    # Headroom: (score − chance) / (ceiling − chance) — how much of what there was to learn above a guess is learned.
+    # The ceiling is 100 for accuracies and, for captions, the score of the best of each record's own references
+    # (``evaluate.ceiling_score``); a task without one (a CIDEr evaluation from before it was recorded) is left out.
+    reference = base["tasks"] if base is not None else {}
+    headroom = {}
+    for k in down:
+        found = {**reference.get(k, {}), **tasks[k]}
+        chance = found.get("chance", 0.0)
+        ceiling = found.get("ceiling", None if found.get("metric") == "cider" else 100.0)
+        if ceiling is not None and ceiling - chance > 0:
+            headroom[k] = 100 * (values[k] - chance) / (ceiling - chance)
+    out["headroom"] = headroom
+    out["S/head"] = _mean([headroom[k] for k in down if k in headroom])
     if base is not None:
         ref = {k: v["score"] for k, v in base["tasks"].items()}
         norm = {k: 100 * values[k] / ref[k] for k in values if ref.get(k)}
@@ -76,6 +109,7 @@ def summarize(scores: dict, base: dict | None = None) -> dict:
         out["S/adj"] = _mean([adjusted[k] for k in down if k in adjusted])
         out["G/adj"] = _mean([adjusted[k] for k in held if k in adjusted])
         out["H/adj"] = harmonic(out["S/adj"], out["G/adj"])
+        out["H/head"] = harmonic(out["S/head"], out["G/adj"])
     return out
 
 
@@ -140,7 +174,7 @@ def load_run(run_dir: str | Path, lmms_eval: dict | None = None) -> dict:
                 curve.append({"step": row["step"], **{k: row["eval"].get(k) for k in SUMMARY_KEYS},
                               "tasks": row["eval"].get("tasks", {}), "val_loss": row["eval"].get("val_loss", {}),
                               "sampled": row["eval"].get("sampled", {}),
-                              **{key: row["eval"].get(key, {}) for key in GAP_KEYS}})
+                              **{key: row["eval"].get(key, {}) for key in (*GAP_KEYS, *HALLUCINATION_KEYS)}})
     return report_row(run, run_label(config), config, scores, base_scores, curve)
 
 
@@ -159,10 +193,19 @@ def report_row(folder: Path, label: str, config: dict, scores: dict, base_scores
         "run": str(folder), "method": label, "curve": curve,
         "settings": comparable_settings(config, scores, base_scores),
         "seed": config.get("train", {}).get("seed"),
+        "data_seed": data_seed(config),
+        "reference_step": (config.get("eval") or {}).get("overfit_reference_step"),
         "sides": {k: v["side"] for k, v in scores["tasks"].items()},
         "final": summarize(scores, base_scores),
         "base": summarize(base_scores, base_scores) if base_scores else None,
     }
+
+
+def data_seed(config: dict) -> int | None:
+    """Which records a run's tasks drew: ``data.seed``, or its training seed where that is null or the run is from
+    before ``data.seed`` (every seed then drew its own records)."""
+    data = config.get("data") or {}
+    return data["seed"] if data.get("seed") is not None else config.get("train", {}).get("seed")
 
 
 def method_label(section: dict) -> str:
@@ -200,64 +243,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def welch_p(a: list[float], b: list[float]) -> float | None:
-    """Two-sided p-value of Welch's t-test; None when either side has fewer than two values.
-
-    Two constant samples (both stds 0) are a difference beyond any seed noise when their means differ
-    (p = 0) and none when they are equal (p = 1): scipy returns NaN there.
-    """
-    if len(a) < 2 or len(b) < 2:
-        return None
-    if statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0:
-        return 0.0 if statistics.mean(a) != statistics.mean(b) else 1.0
-    from scipy.stats import ttest_ind
-
-    return float(ttest_ind(a, b, equal_var=False).pvalue)
-
-
-def paired_p(a: list[float], b: list[float]) -> float | None:
-    """Two-sided p-value of the paired t-test on ``a[i] − b[i]`` (the same seeds); None under two pairs. Constant
-    differences are beyond any noise when non-zero (p = 0) and none when zero (p = 1)."""
-    if len(a) < 2 or len(a) != len(b):
-        return None
-    differences = [x - y for x, y in zip(a, b, strict=True)]
-    if statistics.pstdev(differences) == 0:
-        return 0.0 if differences[0] != 0 else 1.0
-    from scipy.stats import ttest_rel
-
-    return float(ttest_rel(a, b).pvalue)
-
-
-def difference_interval(a: list[float], b: list[float], paired: bool, level: float = 0.95) -> tuple[float, float]:
-    """The ``level`` t-interval of mean(a) − mean(b): on the differences when paired, Welch–Satterthwaite otherwise."""
-    from scipy.stats import t
-
-    if paired:
-        differences = [x - y for x, y in zip(a, b, strict=True)]
-        mean, n = statistics.mean(differences), len(differences)
-        half = t.ppf((1 + level) / 2, n - 1) * statistics.stdev(differences) / math.sqrt(n)
-        return mean - half, mean + half
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    mean = statistics.mean(a) - statistics.mean(b)
-    if va + vb == 0:
-        return mean, mean
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    half = t.ppf((1 + level) / 2, df) * math.sqrt(va + vb)
-    return mean - half, mean + half
-
-
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm's step-down adjustment of ``pvalues`` (one family): reject where the adjusted value is below alpha."""
-    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
-    adjusted, running = [0.0] * len(pvalues), 0.0
-    for rank, index in enumerate(order):
-        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[index]))
-        adjusted[index] = running
-    return adjusted
-
-
 def against_vanilla(mine: dict[int, float], vanilla: dict[int, float]) -> dict | None:
-    """The comparison of one column with vanilla's (values by seed): test, p, difference and its 95% interval."""
+    """The comparison of one column with vanilla's (values by seed): test, p, difference and its 95% interval, and how
+    many seeds a difference of this size would need to be detected (80% power, two-sided 0.05; before correction)."""
     shared = sorted(set(mine) & set(vanilla))
     if len(shared) >= 2 and len(shared) == len(mine) == len(vanilla):
         a, b = [mine[s] for s in shared], [vanilla[s] for s in shared]
@@ -267,8 +255,13 @@ def against_vanilla(mine: dict[int, float], vanilla: dict[int, float]) -> dict |
         test, p = "welch", welch_p(a, b)
     if p is None:
         return None
+    paired = test == "paired"
+    differences = [x - y for x, y in zip(a, b, strict=True)] if paired else []
+    constant = (statistics.pstdev(differences) == 0) if paired else \
+        (statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0)
     return {"test": test, "p": p, "difference": statistics.mean(a) - statistics.mean(b),
-            "interval": difference_interval(a, b, test == "paired")}
+            "interval": difference_interval(a, b, paired), "seeds": len(a),
+            "constant": constant, "seeds_needed": seeds_needed(a, b, paired)}
 
 
 def open_score_key(curves: list[list[dict]], task: str) -> str:
@@ -279,35 +272,66 @@ def open_score_key(curves: list[list[dict]], task: str) -> str:
     return "sampled" if points and all(task in (p.get("sampled") or {}) for p in points) else "tasks"
 
 
-def overfitting(method: str, curves: list[list[dict]], tasks: list[str]) -> list[dict]:
-    """Tasks whose score (greedy, or sampled: ``eval.sample_temperature``) fell from its peak, or whose validation
-    loss rose from its minimum, by more than seed noise, over evaluations during training (``eval.every_steps``):
-    the peak (minimum) is the step where the mean over seeds is best; each seed's fall from its value at that step to its last one is tested against 0 (one-sided t-test,
-    p < 0.05; two or more seeds)."""
-    from scipy.stats import ttest_1samp
+OVERFIT_MEASURES = (("score", "tasks", 1), ("validation loss", "val_loss", -1), ("sampled score", "sampled", 1),
+                    ("hallucination", "hallucination", -1), ("sampled hallucination", "sampled_hallucination", -1))
 
+
+def overfitting_tests(method: str, curves: list[list[dict]], tasks: list[str],
+                      reference_step: int | None = None) -> list[dict]:
+    """Every overfitting test of one method over its evaluations during training (``eval.every_steps``): for each task
+    and measure — the score (greedy), the validation loss (a rise), the sampled score (``eval.sample_temperature``) —
+    each seed's fall from a step to the last evaluation, tested over the seeds (``mmtune.stats``):
+
+    * ``reference_step`` given (fixed in advance: ``eval.overfit_reference_step``, e.g. the end of the first epoch):
+      the fall from that step, one-sided paired t-test (the exact sign-flip p where the falls are the same in every
+      seed);
+    * otherwise the largest fall over every earlier step, calibrated against the largest fall under every sign flip
+      of the seeds — the choice of the peak is paid for; it needs ≥ 5 seeds to reach p < 0.05.
+
+    The p-values of the method's tests are Holm-corrected together (``p_holm``); ``flagged`` where that is < 0.05 and
+    the mean fall is positive. A test that can't be run says why (``reason``)."""
     steps = sorted(set.intersection(*[{p["step"] for p in c} for c in curves])) if curves else []
-    if len(curves) < 2 or len(steps) < 3:
+    if len(curves) < 2 or len(steps) < 2:
         return []
-    found = []
+    tests = []
     for task in tasks:
-        for what, key, sign in (("score", "tasks", 1), ("validation loss", "val_loss", -1),
-                                ("sampled score", "sampled", 1)):
-            series = [{p["step"]: p.get(key, {}).get(task) for p in c} for c in curves]
+        for what, key, sign in OVERFIT_MEASURES:
+            series = [{p["step"]: (p.get(key) or {}).get(task) for p in c} for c in curves]
             if any(s.get(step) is None for s in series for step in steps):
                 continue
+            entry = {"method": method, "task": task, "what": what, "seeds": len(series), "p": None}
+            earlier = steps[:-1] if reference_step is None else [reference_step]
+            if reference_step is not None and reference_step not in steps[:-1]:
+                tests.append({**entry, "reason": f"the reference step {reference_step} is not an evaluation before "
+                                                 f"the last (evaluated at steps {steps})"})
+                continue
+            falls = np.array([[sign * (s[step] - s[steps[-1]]) for step in earlier] for s in series])
+            if reference_step is not None:
+                chosen, p = 0, fall_at_fixed_step(falls[:, 0].tolist())
+                test = f"fall from step {reference_step} (fixed in advance), one-sided paired t-test"
+            elif len(series) < fewest_seeds_for_largest_fall():
+                tests.append({**entry, "reason": f"{len(series)} seeds: the largest-fall test needs "
+                                                 f"≥ {fewest_seeds_for_largest_fall()} (or a reference step fixed in "
+                                                 "advance: eval.overfit_reference_step)"})
+                continue
+            else:
+                chosen, p = largest_fall(falls)
+                test = "largest fall over the earlier steps, max-t over sign flips of the seeds"
             means = [statistics.mean(s[step] for s in series) for step in steps]
-            best = max(range(len(steps)), key=lambda i: sign * means[i])
-            if best == len(steps) - 1:
-                continue
-            falls = [sign * (s[steps[best]] - s[steps[-1]]) for s in series]
-            if statistics.mean(falls) <= 0:
-                continue
-            p = 0.0 if statistics.pstdev(falls) == 0 else float(ttest_1samp(falls, 0.0, alternative="greater").pvalue)
-            if p < SIGNIFICANCE:
-                found.append({"method": method, "task": task, "what": what, "step": steps[best], "p": p,
-                              "best": means[best], "last": means[-1], "fall": statistics.mean(falls)})
-    return found
+            at = steps.index(earlier[chosen])
+            tests.append({**entry, "step": earlier[chosen], "p": p, "test": test, "best": means[at],
+                          "last": means[-1], "fall": float(falls[:, chosen].mean())})
+    tested = [t for t in tests if t["p"] is not None]
+    for entry, adjusted in zip(tested, holm([t["p"] for t in tested]), strict=True):
+        entry["p_holm"] = adjusted
+        entry["flagged"] = adjusted < SIGNIFICANCE and entry["fall"] > 0
+    return tests
+
+
+def overfitting(method: str, curves: list[list[dict]], tasks: list[str],
+                reference_step: int | None = None) -> list[dict]:
+    """The flags of ``overfitting_tests``: the tasks (and measures) whose fall survives the method's correction."""
+    return [t for t in overfitting_tests(method, curves, tasks, reference_step) if t.get("flagged")]
 
 
 def per_sample_scores(folder: str | Path, task: str) -> dict[str, float] | None:
@@ -366,9 +390,10 @@ def check_comparable(runs: list[dict]) -> None:
 
 
 def build_report(run_dirs: list[str | Path], allow_mixed: bool = False,
-                 lmms_eval: list[str | Path] | None = None) -> dict:
+                 lmms_eval: list[str | Path] | None = None, reference_step: int | None = None) -> dict:
     """The table over ``run_dirs``; ``lmms_eval``: lmms-eval results files of the runs' final models and of their
-    base, added as held-out tasks (``mmtune.lmms_eval``)."""
+    base, added as held-out tasks (``mmtune.lmms_eval``); ``reference_step``: the step the overfitting test compares
+    the end with (fixed in advance; default: the runs' ``eval.overfit_reference_step``, else the largest-fall test)."""
     from mmtune.lmms_eval import by_model
 
     external = by_model(lmms_eval) if lmms_eval else None
@@ -394,7 +419,8 @@ def build_report(run_dirs: list[str | Path], allow_mixed: bool = False,
     rows = []
     for method, group in by_method.items():
         row = {"method": method, "seeds": len(group), "values": {}, "curves": [r["curve"] for r in group if r["curve"]],
-               "per_seed": [{"run": r["run"], "seed": r["seed"], "tasks": r["final"]["tasks"],
+               "per_seed": [{"run": r["run"], "seed": r["seed"], "data_seed": r["data_seed"],
+                             "tasks": r["final"]["tasks"], "hallucination": r["final"]["hallucination"],
                              **{k: r["final"].get(k) for k in SUMMARY_KEYS if k in r["final"]}} for r in group]}
         for key in keys:
             values = per_method[method][key]
@@ -420,12 +446,25 @@ def build_report(run_dirs: list[str | Path], allow_mixed: bool = False,
     family = [v["vs_vanilla"] for row in rows for v in row["values"].values() if v["vs_vanilla"]]
     for compared, adjusted in zip(family, holm([c["p"] for c in family]), strict=True):
         compared["p_holm"] = adjusted
-    flags = [flag for row in rows for flag in overfitting(row["method"], row["curves"], columns)]
+    if reference_step is None:
+        fixed = {r["reference_step"] for r in runs} - {None}
+        if len(fixed) > 1:
+            raise ValueError(f"the runs fix different eval.overfit_reference_step values ({sorted(fixed)}): pass one "
+                             "with --reference-step")
+        reference_step = next(iter(fixed), None)
+    # Overfitting is judged on the tasks that trained (downstream); a held-out task's fall is forgetting, which G shows.
+    downstream = [c for c in columns if sides[c] == "downstream"]
+    tests = [test for row in rows for test in overfitting_tests(row["method"], row["curves"], downstream,
+                                                                 reference_step)]
+    flags = [test for test in tests if test.get("flagged")]
+    data_seeds = {r["run"]: r["data_seed"] for r in runs}
     unnormalised = sorted(c for c in columns if base and not base["tasks"].get(c))
     near_chance = sorted(c for c in columns if base and c not in base.get("adjusted", {}))
     return {"columns": columns, "sides": sides, "base": base, "rows": rows, "runs": [r["run"] for r in runs],
             "settings": runs[0]["settings"],
             "not_normalised": unnormalised, "near_chance": near_chance, "overfitting": flags,
+            "overfitting_tests": tests, "reference_step": reference_step, "data_seeds": data_seeds,
+            "no_ceiling": sorted(c for c in downstream if any(c not in r["final"].get("headroom", {}) for r in runs)),
             "significance": {"test": "paired t-test over shared seeds, Welch otherwise", "correction": "holm",
                              "comparisons": len(family), "alpha": SIGNIFICANCE}}
 
@@ -438,8 +477,25 @@ def _mark(value: dict | None, vanilla: dict | None) -> str:
     return " ▲" if value["mean"] > vanilla["mean"] else " ▼"
 
 
-def verdicts(report: dict, keys: tuple[str, ...] = ("S/adj", "G/adj", "H/adj")) -> list[str]:
-    """One sentence per method and summary column, generated from the numbers: detected or not, and the interval."""
+def _power_note(compared: dict) -> str:
+    """How many seeds a difference of this size would need, or why these seeds can't test it."""
+    needed, n = compared.get("seeds_needed"), compared.get("seeds", 0)
+    if compared["difference"] == 0:
+        return ""
+    if compared.get("constant"):
+        floor = smallest_p(n) if compared["test"] == "paired" else None
+        note = f"the same difference in all {n} seeds" if compared["test"] == "paired" else "no spread within either method"
+        return (f"{note}: an exact permutation p" + (f", which can't go below {floor:.3g} with {n} seeds" if floor else "")
+                + (f"; {needed} seeds could reach p < 0.05" if needed else ""))
+    if needed is None:
+        return ""
+    return f"≈ {needed} seeds would detect a difference this size (80% power)" if needed <= 1000 else \
+        "more than 1,000 seeds would be needed to detect a difference this size"
+
+
+def verdicts(report: dict, keys: tuple[str, ...] = PRIMARY_KEYS) -> list[str]:
+    """One sentence per method and summary column, generated from the numbers: detected or not, the interval, and
+    how many seeds a difference of this size would need."""
     lines = []
     for row in report["rows"]:
         for key in keys:
@@ -448,14 +504,60 @@ def verdicts(report: dict, keys: tuple[str, ...] = ("S/adj", "G/adj", "H/adj")) 
                 continue
             low, high = compared["interval"]
             span = f"difference {compared['difference']:+.1f}, 95% interval {low:+.1f} to {high:+.1f}"
+            power = _power_note(compared)
             if compared["p_holm"] < SIGNIFICANCE:
                 word = "above" if compared["difference"] > 0 else "below"
                 lines.append(f"- {row['method']} {key}: {word} vanilla ({span}; {compared['test']}, Holm p = "
                              f"{compared['p_holm']:.3g})")
             else:
                 lines.append(f"- {row['method']} {key}: not detectable at this power ({span}; {compared['test']}, "
-                             f"Holm p = {compared['p_holm']:.3g}) — not the same as no effect")
+                             f"Holm p = {compared['p_holm']:.3g}" + (f"; {power}" if power else "") +
+                             ") — not the same as no effect")
     return lines
+
+
+def overfitting_lines(report: dict) -> list[str]:
+    """The overfitting section: each flag, and each test that could not be run, with why."""
+    tests = report.get("overfitting_tests") or []
+    if not tests:
+        return []
+    fixed = report.get("reference_step")
+    how = (f"the fall from step {fixed} (fixed in advance) to the end, one-sided paired t-test over the seeds"
+           if fixed is not None else "the largest fall from any earlier evaluation to the end, its p from the same "
+           "maximum under every sign flip of the seeds (the choice of the peak paid for; ≥ 5 seeds)")
+    lines = ["", f"Overfitting during training (the downstream tasks' score or hallucination rate past its best, or "
+                 f"validation loss past its minimum: {how}; Holm over each method's tests, p < 0.05):", ""]
+    for flag in report.get("overfitting", []):
+        direction = "rose" if flag["what"] in ("validation loss", "hallucination", "sampled hallucination") else "fell"
+        lines.append(f"- {flag['method']}: {flag['task']} overfits after step {flag['step']} ({flag['what']} "
+                     f"{flag['best']:.2f} there, {flag['last']:.2f} at the end: {direction} by {flag['fall']:.2f}; "
+                     f"p = {flag['p']:.3g}, Holm {flag['p_holm']:.3g})")
+    untested = {}
+    for test in tests:
+        if test["p"] is None:
+            untested.setdefault((test["method"], test["reason"]), []).append(f"{test['task']} {test['what']}")
+    for (method, reason), what in untested.items():
+        lines.append(f"- {method}: not tested ({reason}): {', '.join(what)}")
+    if not report.get("overfitting") and not untested:
+        lines.append(f"- none flagged ({sum(t['p'] is not None for t in tests)} tests)")
+    return lines
+
+
+def hallucination_lines(report: dict) -> list[str]:
+    """Each task's hallucination rate (answers naming something the image lacks) per method, where it was scored."""
+    found = []
+    for row in report["rows"]:
+        for task in report["columns"]:
+            values = [s["hallucination"][task] for s in row["per_seed"] if task in (s.get("hallucination") or {})]
+            if values:
+                mean, std = _mean_std(values)
+                base = ((report["base"] or {}).get("hallucination") or {}).get(task)
+                found.append(f"- {row['method']} {task}: {mean:.1f}%" + (f" ± {std:.1f}" if len(values) > 1 else "")
+                             + (f" (base {base:.1f}%)" if base is not None else ""))
+    if not found:
+        return []
+    return ["", "Hallucination (the share of answers that name something the image lacks — a colour, count, object or "
+                "place its record does not list in extra.present; CHAIR-style):", "", *found]
 
 
 def _format(value: dict | None, seeds: int, vanilla: dict | None, delta: bool = True) -> str:
@@ -469,8 +571,14 @@ def _format(value: dict | None, seeds: int, vanilla: dict | None, delta: bool = 
     return text + _mark(value, vanilla)
 
 
+SUMMARY_HEADS = {"S/head": "S/head %", "G/adj": "G/adj %", "H/head": "H/head %", "S": "S (raw)", "G": "G (raw)",
+                 "H": "H (raw)", "S/base": "S/base %", "G/base": "G/base %", "H/base": "H/base %", "S/adj": "S/adj %",
+                 "H/adj": "H/adj %"}
+
+
 def to_markdown(report: dict) -> str:
-    """Two tables: per-task scores (raw), then the summary — raw S/G/H and S/G/H normalised to the base."""
+    """Two tables: per-task scores (raw), then the summary — the primary S/head, G/adj, H/head first, then the other
+    rules (raw, normalised to the base, chance-adjusted) — and what the numbers say against vanilla."""
     columns, sides, base = report["columns"], report["sides"], report["base"]
     vanilla = next((r for r in report["rows"] if r["method"] == "vanilla"), None)
 
@@ -484,32 +592,30 @@ def to_markdown(report: dict) -> str:
             lines.append(f"| {row['method']} | {row['seeds']} | " + " | ".join(cells) + " |")
         return lines
 
+    def cell(value) -> str:
+        return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
+
     task_head = [f"{c} ({'down' if sides[c] == 'downstream' else 'held'})" for c in columns]
     base_tasks = [f"{base['tasks'].get(c, float('nan')):.1f}" for c in columns] if base else []
     lines = ["Per-task scores (accuracy in %, CIDEr ×100):", "", *table(columns, task_head, base_tasks, True)]
-    summary_head = ["S (raw)", "G (raw)", "H (raw)", "S/base %", "G/base %", "H/base %", "S/adj %", "G/adj %",
-                    "H/adj %"]
-    keys = list(SUMMARY_KEYS) if base else ["S", "G", "H"]
-    base_summary = [f"{base[k]:.1f}" for k in keys] if base else []
-    lines += ["", "Summary:", "", *table(keys, summary_head[:len(keys)], base_summary, True)]
-    legend = ["", "S = mean over downstream tasks (specialization), G = mean over held-out tasks (generalization), "
-              "H = 2SG/(S+G). Raw: the mean of the scores as they are (CIDEr and accuracies mixed). /base %: the mean "
-              "of each task's score divided by the base model's, ×100 (scale-free; the base is 100). /adj % (the primary "
-              "columns): chance-adjusted, (score − chance) / (base − chance) ×100 — the share of the base's skill "
-              "above chance; a base near chance can't inflate it (such tasks are left out and named). "
+    keys = [k for k in SUMMARY_HEADS if k in ("S", "G", "H", "S/head")] if not base else list(SUMMARY_HEADS)
+    base_summary = [cell(base.get(k)) for k in keys] if base else []
+    lines += ["", "Summary (primary: S/head, G/adj, H/head):", "",
+              *table(keys, [SUMMARY_HEADS[k] for k in keys], base_summary, True)]
+    legend = ["", "S/head (specialization) = mean over the downstream tasks of the share of each task's headroom above "
+              "chance gained, (score − chance) / (ceiling − chance) ×100 — ceiling 100 for accuracies, and for captions "
+              "the CIDEr of the best of each record's own references; a new skill counts even where the base sat at "
+              "chance. G/adj (generalization) = mean over the held-out tasks of the share of the base's above-chance "
+              "skill kept, (score − chance) / (base − chance) ×100 (a base near chance can't be a denominator: such "
+              "tasks are left out and named). H/head = 2·S/head·G/adj / (S/head + G/adj). The older rules stay beside "
+              "them: raw means (CIDEr and accuracies mixed), /base (score / base ×100) and /adj for both sides. "
               "In parentheses: change against the base model; ± is the sample std over seeds. "
               "▲ / ▼: above / below vanilla beyond seed noise — a paired t-test over the seeds both ran (Welch's "
-              "otherwise), Holm-corrected over the table's "
-              f"{report.get('significance', {}).get('comparisons', 0)} comparisons, p < 0.05. The ± and the tests "
-              "cover training seeds only: one base and one fixed set of test records."]
-    if report.get("overfitting"):
-        legend += ["", "Overfitting during training (a task's score past its peak, or its validation loss past its "
-                       "minimum, beyond seed noise: one-sided t-test over seeds, p < 0.05):", ""]
-        for flag in report["overfitting"]:
-            direction = "rose" if flag["what"] == "validation loss" else "fell"
-            legend.append(f"- {flag['method']}: {flag['task']} overfits after step {flag['step']} ({flag['what']} "
-                          f"{flag['best']:.2f} there, {flag['last']:.2f} at the end: {direction} by {flag['fall']:.2f}; "
-                          f"p = {flag['p']:.3g})")
+              "otherwise; an exact permutation p where the differences have no spread), Holm-corrected over the "
+              f"table's {report.get('significance', {}).get('comparisons', 0)} comparisons, p < 0.05. The ± and the "
+              "tests cover training seeds only: one base and one fixed set of test records."]
+    legend += overfitting_lines(report)
+    legend += hallucination_lines(report)
     intervals = [(row["method"], task, compared) for row in report["rows"] for task in columns
                  if (compared := (row["values"].get(task) or {}).get("vs_vanilla"))
                  and compared.get("bootstrap_interval")]
@@ -523,11 +629,19 @@ def to_markdown(report: dict) -> str:
     found = verdicts(report)
     if found:
         legend += ["", "Against vanilla (from the numbers above):", "", *found]
+    seeds = report.get("data_seeds") or {}
+    if len(set(seeds.values())) > 1:
+        legend += ["", "These runs drew different training records (data.seed, or the training seed where it is null "
+                       f"or older than data.seed: {', '.join(sorted({str(v) for v in seeds.values()}))}): their "
+                       "differences include different training data, and pairing by seed does not pair the data."]
     if report.get("not_normalised"):
         legend.append(f"Left out of the /base means (base score 0): {', '.join(report['not_normalised'])}.")
     if report.get("near_chance"):
-        legend.append(f"Left out of the /adj means (base within {CHANCE_MARGIN:g} points of chance): "
+        legend.append(f"Left out of G/adj and the /adj means (base within {CHANCE_MARGIN:g} points of chance): "
                       f"{', '.join(report['near_chance'])}.")
+    if report.get("no_ceiling"):
+        legend.append(f"Left out of S/head (no ceiling recorded: evaluated before mmtune kept a caption task's "
+                      f"ceiling): {', '.join(report['no_ceiling'])}.")
     return "\n".join(lines + legend) + "\n"
 
 
@@ -656,8 +770,8 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path, allow_mixed: bool = False,
-                 lmms_eval: list[str | Path] | None = None) -> dict:
-    report = build_report(run_dirs, allow_mixed, lmms_eval)
+                 lmms_eval: list[str | Path] | None = None, reference_step: int | None = None) -> dict:
+    report = build_report(run_dirs, allow_mixed, lmms_eval, reference_step)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "report.json", json.dumps(report, indent=2) + "\n")

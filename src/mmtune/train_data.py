@@ -70,7 +70,8 @@ def load_records(config: RunConfig, accelerator, say) -> tuple[Path | None, list
                 records.append(record)
     else:
         records = build_mixture(config.data.tasks, config.train.seed, resolve=resolve,
-                                skip_bad_records=config.data.skip_bad_records, skipped=skipped, registry=registry)
+                                skip_bad_records=config.data.skip_bad_records, skipped=skipped, registry=registry,
+                                data_seed=config.data.draw_seed(config.train.seed))
     say(f"{'task sources' if config.data.sampled else 'mixture'}: {len(records)} records — {mixture_summary(records)}")
     if skipped:
         say(f"skipped {len(skipped)} bad records (data.skip_bad_records=true); first: {skipped[0]}")
@@ -123,7 +124,8 @@ def mixture_plan(config: RunConfig, records: list) -> MixturePlan:
     replay = [i for pool in pools[len(tasks):] for i in pool]
     return MixturePlan(pools=pools[:len(tasks)], counts=counts, weights=[t.weight for t in tasks],
                        probabilities=probabilities, replay=replay, replay_per_batch=replay_per_batch,
-                       batch_size=config.train.batch_size, resample=data.resample_each_epoch, seed=config.train.seed)
+                       batch_size=config.train.batch_size, resample=data.resample_each_epoch, seed=config.train.seed,
+                       data_seed=data.seed)
 
 
 def optimizer_steps(loader, skip_first_batches, accum: int, steps_per_epoch: int, epoch: int, step_in_epoch: int,

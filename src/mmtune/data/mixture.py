@@ -84,12 +84,15 @@ def read_registered(entry, spec, skip_bad_records: bool, skipped: list[str] | No
 
 
 def build_mixture(task_specs, seed: int, resolve=lambda p: Path(p), skip_bad_records: bool = False,
-                  skipped: list[str] | None = None, registry: dict | None = None) -> list[Record]:
-    """Load every task of a run, draw its share, and shuffle the union with ``seed`` (the fixed mode)."""
+                  skipped: list[str] | None = None, registry: dict | None = None,
+                  data_seed: int | None = None) -> list[Record]:
+    """Load every task of a run, draw its share with ``data_seed`` (``data.seed``: which records, the same for every
+    training seed; ``seed`` where None), and shuffle the union with ``seed`` (the fixed mode)."""
+    draws = seed if data_seed is None else data_seed
     mixture: list[Record] = []
     for index, spec in enumerate(task_specs):
         records = read_task(spec, resolve, skip_bad_records, skipped, registry)
-        mixture += draw(records, spec.n, seed + index, spec.weight)
+        mixture += draw(records, spec.n, draws + index, spec.weight)
     random.Random(seed).shuffle(mixture)
     return mixture
 
@@ -112,7 +115,8 @@ class MixturePlan:
     replay_per_batch: int  # replay records in every batch
     batch_size: int
     resample: bool  # a fresh draw of each task's records every epoch
-    seed: int
+    seed: int  # the order (train.seed)
+    data_seed: int | None = None  # which records (data.seed; None: seed)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -139,7 +143,8 @@ def _stream(pool: list[int], generator: torch.Generator) -> Iterator[int]:
 def epoch_indices(plan: MixturePlan, epoch: int) -> list[int]:
     """The record indices of one epoch, batch after batch: every batch ``batch_size − replay_per_batch`` training
     records then ``replay_per_batch`` replay records. A function of (plan, epoch) alone: a resumed run redraws it."""
-    draw_seed = plan.seed * 7919 + (epoch if plan.resample else 0)  # which records: fixed unless resampling
+    which = plan.seed if plan.data_seed is None else plan.data_seed
+    draw_seed = which * 7919 + (epoch if plan.resample else 0)  # which records: fixed unless resampling
     order = torch.Generator().manual_seed(plan.seed + epoch)  # their order: new every epoch
     per_batch = plan.batch_size - plan.replay_per_batch
     slots = plan.batches_per_epoch * per_batch
@@ -152,10 +157,13 @@ def epoch_indices(plan: MixturePlan, epoch: int) -> list[int]:
     else:
         main = []
         for i, (pool, n, weight) in enumerate(zip(plan.pools, plan.counts, plan.weights, strict=True)):
-            chosen = torch.randperm(len(pool), generator=torch.Generator().manual_seed(draw_seed + 104729 * (i + 1)))
+            records = torch.Generator().manual_seed(draw_seed + 104729 * (i + 1))
+            chosen = torch.randperm(len(pool), generator=records)
             picked = [pool[j] for j in chosen[:n].tolist()]
             whole, fraction = int(weight), weight - int(weight)
-            main += picked * whole + [picked[j] for j in torch.randperm(len(picked), generator=order)[
+            # the fractional repeats are part of which records train (data.seed), not of their order
+            repeats = records if plan.data_seed is not None else order
+            main += picked * whole + [picked[j] for j in torch.randperm(len(picked), generator=repeats)[
                 :round(fraction * len(picked))].tolist()]
         main = [main[j] for j in torch.randperm(len(main), generator=order)[:slots].tolist()]
     replay = _stream(plan.replay, torch.Generator().manual_seed(plan.seed * 7919 + 1 + epoch)) if plan.replay else None

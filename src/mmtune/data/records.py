@@ -104,6 +104,10 @@ class Record:
             raise ValueError(f"'metric' is {self.metric!r}; must be one of {METRICS}")
         if not isinstance(self.extra, dict):
             raise ValueError(f"'extra' must be a mapping, got {self.extra!r}"[:200])
+        present = self.extra.get("present")
+        if present is not None and not (isinstance(present, list) and all(isinstance(p, str) for p in present)):
+            raise ValueError("'extra.present' (what the image holds, for the hallucination score) must be a list of "
+                             f"strings, got {present!r}"[:200])
 
     def to_json(self, base_dir: Path | None = None) -> dict:
         data = asdict(self)

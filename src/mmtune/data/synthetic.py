@@ -376,6 +376,16 @@ def image_words(scene: Scene, count: int | None = None) -> list[str]:
     return sorted(words)
 
 
+def scene_truth(scene: Scene) -> list[str]:
+    """Everything a caption can truly say of the scene — its objects' colours, shapes, sizes and places (whole cell
+    names: "top left" is not "top"), how many there are, the background — as ``extra.present``: the truth the
+    hallucination score (``mmtune.metrics.hallucinations``) checks a caption's mentions against."""
+    words = {scene.background, COUNT_WORDS[len(scene.things)]}
+    for thing in scene.things:
+        words |= {thing.color, thing.shape, thing.size, CELLS[thing.cell]}
+    return sorted(words)
+
+
 def make_records(scenes: list[tuple[str, Scene]], family: str, split: str, seed: int,
                  version: int = WORLD_VERSION, caption_errors: str = "prior") -> list[Record]:
     rng = random.Random(f"{seed}-{family}-{split}")
@@ -400,7 +410,7 @@ def make_records(scenes: list[tuple[str, Scene]], family: str, split: str, seed:
             id=f"{family}-{split}-{Path(image_path).stem}", task=family, kind=kind, image=image_path,
             prompt=prompt, answers=answers, choices=choices, answer_index=answer_index,
             metric=METRIC.get(family, "exact"),
-            extra={"image_words": words} if family in CAPTION_FAMILIES else {},
+            extra={"image_words": words, "present": scene_truth(scene)} if family in CAPTION_FAMILIES else {},
         ))
     return records
 
