@@ -112,6 +112,13 @@ def test_sampled_score_of_open_response_tasks(tmp_path, world, capsys):
     assert "sampled" in capsys.readouterr().out
     a, b = (json.loads((tmp_path / x / "scores.json").read_text())["tasks"] for x in "ab")
     assert "sampled_score" in a["detailed_caption"] and "sampled_score" not in a["count_mc"]
+    # the caption's ceiling (its references' own best) and hallucination rate; the choice task's ceiling is 100
+    assert a["detailed_caption"]["ceiling"] > 100 and a["count_mc"]["ceiling"] == 100.0
+    assert "hallucination" in a["detailed_caption"] and "hallucination" not in a["count_mc"]
+    lines = [json.loads(line) for line in (tmp_path / "a" / "predictions" / "detailed_caption.jsonl").read_text()
+             .splitlines()]
+    assert all(isinstance(line["hallucinated"], list) for line in lines)
+    assert a["detailed_caption"]["hallucination"] == pytest.approx(100 * sum(bool(x["hallucinated"]) for x in lines) / 6)
     assert a["detailed_caption"]["sampled_score"] == b["detailed_caption"]["sampled_score"]
     read = lambda x, name: [json.loads(line)["prediction"]  # noqa: E731
                             for line in (tmp_path / x / "predictions" / name).read_text().splitlines()]

@@ -17,8 +17,10 @@ def test_evaluation_during_training_logs_the_trade_off_by_step(tiny_config):
     assert [r["step"] for r in evals] == [2, 4]
     assert {"S", "G", "H", "S/base", "G/base", "tasks", "val_loss", "confidence_gap"} <= evals[0]["eval"].keys()
     # NRCA's diagnostic split where the records name their image words (the synthetic captions), not elsewhere
-    for key in ("confidence_gap_image", "confidence_gap_template", "sampled"):  # sampled: open-response tasks only
-        assert set(evals[0]["eval"][key]) == {"detailed_caption"}
+    # ... and the hallucination rate (greedy and sampled) where the records list what each image holds
+    for key in ("confidence_gap_image", "confidence_gap_template", "sampled", "hallucination", "sampled_hallucination"):
+        assert set(evals[0]["eval"][key]) == {"detailed_caption"}  # sampled: open-response tasks only
+    assert 0 <= evals[0]["eval"]["hallucination"]["detailed_caption"] <= 100
     assert (run / "report" / "tasks_over_steps.png").is_file()
     assert (run / "eval" / "during" / "base" / "scores.json").is_file()
     assert json.loads((run / "eval" / "during" / "step-000004" / "scores.json").read_text())["tasks"]["count_mc"]["n"] == 3

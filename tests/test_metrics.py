@@ -77,3 +77,55 @@ def test_empty_caption_scores_zero_and_is_counted():
              {"id": "b", "prediction": "a blue square", "answers": ["a blue square"]}]
     result = score("cider", items, use_java=False)
     assert result.per_sample[0] == 0.0 and result.extra["empty_predictions"] == 1
+
+
+def test_a_captions_ceiling_is_the_best_of_its_own_references():
+    """Answering each image with its best reference scores exactly the ceiling; any one fixed reference scores at
+    most that; a record whose references all agree has the most headroom to fill."""
+    from mmtune.metrics import caption_ceiling, score_captions
+
+    references = {"a": ["a red circle on black", "a red circle", "red circle on a black background"],
+                  "b": ["two blue squares", "two squares that are blue", "a pair of blue squares"],
+                  "c": ["a green cross", "a green cross", "a green cross"]}
+    ceiling = caption_ceiling(references, use_java=False)
+    for j in range(3):
+        fixed = score_captions({k: v[j] for k, v in references.items()}, references, use_java=False).score
+        assert fixed <= ceiling + 1e-9
+    per_reference = [score_captions({k: v[j] for k, v in references.items()}, references, use_java=False).per_sample
+                     for j in range(3)]
+    best = [max(scores[i] for scores in per_reference) for i in range(3)]
+    assert ceiling == pytest.approx(sum(best) / 3)
+
+
+def test_hallucinations_count_what_the_image_lacks():
+    """A CHAIR-style count on a scene whose truth the test writes: a colour, a count and a place the image does not
+    hold are each a hallucination; "top left" is one place (not "top" and "left"); plurals match; words outside
+    every record's truth (template words) are not mentions."""
+    from mmtune.metrics import hallucinations
+
+    # the vocabulary is what any record lists: "top" is a place because the third image has something there
+    truth = [["red", "circle", "top left", "one", "black"], ["blue", "square", "green", "cross", "two", "center", "gray"],
+             ["top", "white", "triangle", "one", "navy"]]
+    found = hallucinations(["there is a red circle at the top left on a black background .",
+                            "two blue squares at the top and a green cross in the center",
+                            "one white triangle at the top"], truth)
+    assert found["per_answer"] == [[], ["top"], []]
+    assert found["rate"] == pytest.approx(100 / 3) and found["mention_rate"] == pytest.approx(100 / 15)  # 5+6+4, 1
+    found = hallucinations(["a blue circle , one object", "three red squares", "a triangle"], truth)
+    assert found["per_answer"] == [["blue"], ["red"], []] and found["rate"] == pytest.approx(200 / 3)
+
+
+def test_the_synthetic_captions_carry_their_scenes_truth(world):
+    """Every caption record lists what its image holds; its own references name nothing else (a hallucination rate of
+    0 for the truth), and another image's caption is caught."""
+    from mmtune.data.records import read_records
+    from mmtune.metrics import hallucinations
+
+    for family in ("detailed_caption", "brief_caption"):
+        records = read_records(world / f"{family}_test.jsonl")
+        present = [r.extra["present"] for r in records]
+        assert all(present)
+        for j in range(5):
+            assert hallucinations([r.answers[j] for r in records], present)["rate"] == 0.0
+        shifted = [records[(i + 1) % len(records)].answers[0] for i in range(len(records))]
+        assert hallucinations(shifted, present)["rate"] > 50.0

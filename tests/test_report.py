@@ -341,3 +341,29 @@ def test_runs_with_replay_are_their_own_row(tmp_path):
     (replayed / "config.yaml").write_text(yaml.safe_dump({**config, "data": {"replay_share": 0.25}}))
     report = build_report([plain, replayed])
     assert [r["method"] for r in report["rows"]] == ["vanilla", "vanilla + replay 0.25"]
+
+
+def test_s_counts_every_downstream_task_as_its_share_of_the_headroom_above_chance():
+    """The demo's case: both MC downstream tasks start at chance (29.5 and 18.5 against 25), so /adj leaves them out
+    and S/adj is the caption alone; S/head counts them — (score − chance) / (100 − chance) — and the caption by its
+    ceiling (the best of its own references). G keeps the base-relative share (G/adj); H/head combines the two."""
+    base = {"tasks": {"cap": {"score": 234.8, "side": "downstream", "chance": 0.0, "ceiling": 400.0, "metric": "cider"},
+                      "count": {"score": 29.5, "side": "downstream", "chance": 25.0, "metric": "mc"},
+                      "attr": {"score": 18.5, "side": "downstream", "chance": 25.0, "metric": "mc"},
+                      "held": {"score": 80.0, "side": "heldout", "chance": 0.0, "metric": "exact"}}}
+    model = {"tasks": {"cap": {"score": 301.1, "side": "downstream", "metric": "cider"},
+                       "count": {"score": 69.5, "side": "downstream", "metric": "mc"},
+                       "attr": {"score": 42.5, "side": "downstream", "metric": "mc"},
+                       "held": {"score": 60.0, "side": "heldout", "metric": "exact"}}}
+    out = summarize(model, base)
+    assert set(out["adjusted"]) == {"cap", "held"}  # the MC tasks are within 5 points of chance in the base
+    assert out["headroom"] == pytest.approx({"cap": 100 * 301.1 / 400, "count": 100 * 44.5 / 75,
+                                             "attr": 100 * 17.5 / 75})
+    assert out["S/head"] == pytest.approx((75.275 + 59.333 + 23.333) / 3, abs=1e-3)
+    assert out["G/adj"] == pytest.approx(75.0)
+    assert out["H/head"] == pytest.approx(2 * out["S/head"] * 75 / (out["S/head"] + 75))
+    # the base's own S/head: the MC tasks near 0 (a guess), the caption at its share of the ceiling
+    assert summarize(base, base)["headroom"]["attr"] < 0
+    # a caption evaluated before its ceiling was recorded is left out (and named in the report), not given 100
+    old = {"tasks": {k: {key: v for key, v in t.items() if key != "ceiling"} for k, t in base["tasks"].items()}}
+    assert "cap" not in summarize(model, old)["headroom"]

@@ -124,14 +124,14 @@ class SyntheticConfig:
     n_test: int = 200  # test images
     image_size: int = 48  # image side in pixels
     version: int = 2  # 2: the demo's world; 3: one partly wrong caption per training image (docs/results.md)
-    caption_errors: str = "prior"  # v3's wrong caption words: prior (image words, towards a language prior) | words (any word, at random)
+    caption_errors: str = "prior"  # v3's training captions: prior (image words wrong, towards a language prior) | words (any word wrong, at random) | varied (all true, a random subset of the scene, Flickr-like)
 
     def __post_init__(self):
         for key, least in (("n_train", 1), ("n_test", 1), ("image_size", 8)):
             _check(getattr(self, key) >= least, f"data.synthetic.{key}={getattr(self, key)} must be ≥ {least}")
         _check(self.version in (2, 3), f"data.synthetic.version={self.version}: choose 2 or 3")
-        _check(self.caption_errors in ("prior", "words"),
-               f"data.synthetic.caption_errors={self.caption_errors!r}: choose prior or words")
+        _check(self.caption_errors in ("prior", "words", "varied"),
+               f"data.synthetic.caption_errors={self.caption_errors!r}: choose prior, words or varied")
 
 
 @dataclass

@@ -194,6 +194,7 @@ def report_row(folder: Path, label: str, config: dict, scores: dict, base_scores
         "settings": comparable_settings(config, scores, base_scores),
         "seed": config.get("train", {}).get("seed"),
         "data_seed": data_seed(config),
+        "data": trained_on(folder, config),
         "reference_step": (config.get("eval") or {}).get("overfit_reference_step"),
         "sides": {k: v["side"] for k, v in scores["tasks"].items()},
         "final": summarize(scores, base_scores),
@@ -206,6 +207,14 @@ def data_seed(config: dict) -> int | None:
     before ``data.seed`` (every seed then drew its own records)."""
     data = config.get("data") or {}
     return data["seed"] if data.get("seed") is not None else config.get("train", {}).get("seed")
+
+
+def trained_on(folder: Path, config: dict) -> str:
+    """What a run trained on, to compare runs by: the digest of its training records (``train_summary.json``), else
+    its data seed."""
+    summary = folder / "train_summary.json"
+    digest = json.loads(summary.read_text()).get("records_digest") if summary.is_file() else None
+    return f"records {digest}" if digest else f"data seed {data_seed(config)}"
 
 
 def method_label(section: dict) -> str:
@@ -457,7 +466,7 @@ def build_report(run_dirs: list[str | Path], allow_mixed: bool = False,
     tests = [test for row in rows for test in overfitting_tests(row["method"], row["curves"], downstream,
                                                                  reference_step)]
     flags = [test for test in tests if test.get("flagged")]
-    data_seeds = {r["run"]: r["data_seed"] for r in runs}
+    data_seeds = {r["run"]: r["data"] for r in runs}
     unnormalised = sorted(c for c in columns if base and not base["tasks"].get(c))
     near_chance = sorted(c for c in columns if base and c not in base.get("adjusted", {}))
     return {"columns": columns, "sides": sides, "base": base, "rows": rows, "runs": [r["run"] for r in runs],
@@ -632,7 +641,7 @@ def to_markdown(report: dict) -> str:
     seeds = report.get("data_seeds") or {}
     if len(set(seeds.values())) > 1:
         legend += ["", "These runs drew different training records (data.seed, or the training seed where it is null "
-                       f"or older than data.seed: {', '.join(sorted({str(v) for v in seeds.values()}))}): their "
+                       f"or the run older than data.seed — {', '.join(sorted(set(seeds.values())))}): their "
                        "differences include different training data, and pairing by seed does not pair the data."]
     if report.get("not_normalised"):
         legend.append(f"Left out of the /base means (base score 0): {', '.join(report['not_normalised'])}.")
@@ -742,13 +751,16 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
         ax.legend(fontsize=7)
         paths.append(_save(fig, out_dir / "s_g_over_steps.png"))
         # every task's score and validation loss over the steps, per method (mean over seeds): where each overfits
-        fig, axes = plt.subplots(3, len(columns), figsize=(3.2 * len(columns), 8), squeeze=False)
+        made_up = any((point.get("hallucination") or {}) for _, curve in curves for point in curve)
+        fig, axes = plt.subplots(3 + made_up, len(columns), figsize=(3.2 * len(columns), 8 + 2.5 * made_up),
+                                 squeeze=False)
         for row in rows:
             color, marker = method_style(row["method"])
             for j, task in enumerate(columns):
                 # the gap over the whole answer (solid), its image-dependent tokens (dashed) and template (dotted)
                 panels = [(0, "tasks", "-"), (0, "sampled", "--"), (1, "val_loss", "-"),
-                          *((2, key, style) for key, style in zip(GAP_KEYS, ("-", "--", ":"), strict=True))]
+                          *((2, key, style) for key, style in zip(GAP_KEYS, ("-", "--", ":"), strict=True)),
+                          *(((3, "hallucination", "-"), (3, "sampled_hallucination", "--")) if made_up else ())]
                 for i, key, style in panels:
                     points = defaultdict(list)
                     for curve in row.get("curves", []):
@@ -760,10 +772,13 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
                         continue
                     axes[i][j].plot(steps, [statistics.mean(points[s]) for s in steps], style, marker=marker,
                                     color=color, label=row["method"] if (i, j, key) == (0, 0, "tasks") else None)
-                    key = "confidence_gap" if i == 2 else "tasks" if i == 0 else key
+                    key = {0: "tasks", 1: "val_loss", 2: "confidence_gap", 3: "hallucination"}[i]
                     what = {"tasks": "score (-- sampled)", "val_loss": "validation loss",
-                            "confidence_gap": "clean − noised conf. (-- image words, : template)"}
+                            "confidence_gap": "clean − noised conf. (-- image words, : template)",
+                            "hallucination": "hallucinating answers % (-- sampled)"}
                     axes[i][j].set_title(f"{task}: {what[key]}", fontsize=8)
+        for ax in axes[-1]:
+            ax.set_xlabel("optimizer step", fontsize=8)
         axes[0][0].legend(fontsize=7)
         paths.append(_save(fig, out_dir / "tasks_over_steps.png"))
     return paths

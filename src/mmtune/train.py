@@ -338,6 +338,13 @@ def engine_summary(accelerator: Accelerator) -> dict:
     return summary
 
 
+def records_digest(records: list) -> str:
+    """A short fingerprint of the training records (their ids, repeats counted, order ignored)."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(str(r.id) for r in records)).encode()).hexdigest()[:16]
+
+
 def finish(run: Run, seconds: float) -> None:
     """Phase 6: post-training hooks, ``final/`` (finite weights only), summary, final evaluation and report."""
     config, accelerator, ctx, paths = run.config, run.accelerator, run.ctx, run.paths
@@ -361,6 +368,8 @@ def finish(run: Run, seconds: float) -> None:
                                  "final/ is not written")
         save_final(run, full_state)
         summary = {"steps": ctx.step, "records": len(run.records), "skipped_records": len(run.skipped),
+                   # which records trained (data.seed): runs with the same digest trained on the same records
+                   "data_seed": config.data.draw_seed(config.train.seed), "records_digest": records_digest(run.records),
                    "skipped_examples": run.skipped[:20], "methods": config.method.name,
                    "train_seconds": round(seconds, 2), **engine_summary(accelerator),
                    "precision": describe(config.model.dtype, config.train.fp32_masters, config.train.mixed_precision)}

@@ -105,3 +105,47 @@ def test_a_sampled_mixture_resumes_exactly_across_an_epoch(tiny_config):
     again = final_weights(resumed)
     for key, value in final_weights(full).items():
         assert torch.equal(value, again[key]), key
+
+
+def test_the_data_seed_fixes_which_records_every_training_seed_draws(world):
+    """data.seed (default 0): each task's n records (and a fractional weight's repeats) are the same for every
+    train.seed, in another order; with data.seed null each training seed draws its own (how runs drew before it)."""
+    from mmtune.config import TaskSpec
+    from mmtune.data.mixture import build_mixture
+    from mmtune.data.synthetic import resolve_task_path
+
+    specs = [TaskSpec(path="synthetic:detailed_caption", n=20, weight=1.5), TaskSpec(path="synthetic:count_mc", n=8)]
+    resolve = lambda p: resolve_task_path(p, world, "train")  # noqa: E731
+
+    def drawn(seed, data_seed):
+        records = build_mixture(specs, seed=seed, resolve=resolve, data_seed=data_seed)
+        return [r.id for r in records]
+
+    one, two = drawn(1, 0), drawn(2, 0)
+    assert sorted(one) == sorted(two) and one != two  # the same records, repeats included; a new order
+    assert sorted(drawn(1, None)) != sorted(drawn(2, None))
+    assert sorted(drawn(1, None)) == sorted(drawn(1, 1))  # null: the training seed's draw
+    # the sampled mixture: the records of each pool drawn with data.seed, their order with train.seed
+    picks = {seed: epoch_indices(plan(counts=[48, 24], weights=[1.5, 1.0], seed=seed, data_seed=0), 0)  # 6 batches
+             for seed in (1, 2)}
+    assert sorted(picks[1]) == sorted(picks[2]) and picks[1] != picks[2]
+    legacy = {seed: epoch_indices(plan(counts=[48, 16], seed=seed), 0) for seed in (1, 2)}
+    assert sorted(legacy[1]) != sorted(legacy[2])
+
+
+def test_a_run_draws_with_data_seed_and_the_report_says_when_runs_drew_different_data(tiny_config):
+    from mmtune.report import build_report, to_markdown
+    from mmtune.train import train
+
+    def records(run):
+        return json.loads((run / "train_summary.json").read_text())
+
+    settings = ["train.max_steps=1", "eval.downstream=['synthetic:count_mc']", "eval.limit=2",
+                "eval.max_new_tokens=2", "eval.before=false"]
+    shared = [train(tiny_config(*settings, f"train.seed={s}", out=f"shared{s}")) for s in (0, 1)]
+    own = [train(tiny_config(*settings, f"train.seed={s}", "data.seed=null", out=f"own{s}")) for s in (0, 1)]
+    assert records(shared[0])["records_digest"] == records(shared[1])["records_digest"]
+    assert records(own[0])["records_digest"] != records(own[1])["records_digest"]
+    assert [records(r)["data_seed"] for r in (*shared, *own)] == [0, 0, 0, 1]
+    assert "drew different training records" not in to_markdown(build_report(shared))
+    assert "drew different training records" in to_markdown(build_report(own))

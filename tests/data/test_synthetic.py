@@ -183,3 +183,31 @@ def test_the_world_version_is_a_config_key(tmp_path):
     assert load_config(CONFIGS / WORLD_RECIPES[2], []).data.synthetic.version == 2
     with pytest.raises(ValueError, match="data.synthetic.version=5"):
         load_config(CONFIGS / WORLD_RECIPES[2], ["data.synthetic.version=5"])
+
+
+def test_world_v3_varied_captions_are_true_partial_and_one_per_image(tmp_path):
+    """The re-plan's first candidate (``caption_errors: varied``): each training image has one caption, every word of it
+    true of the scene (no hallucination against its truth), naming a random part of the scene — some captions leave
+    objects or places out — in one of the five templates; test references are the full, correct five."""
+    import json
+
+    from mmtune.data.synthetic import generate_world
+    from mmtune.metrics import hallucinations
+
+    varied, prior = tmp_path / "v", tmp_path / "p"
+    generate_world(varied, seed=1, n_train=200, n_test=6, image_size=32, progress=False, version=3,
+                   caption_errors="varied")
+    generate_world(prior, seed=1, n_train=20, n_test=6, image_size=32, progress=False, version=3)
+    assert "every word true" in json.loads((varied / "world.json").read_text())["captions"]
+    assert (varied / "detailed_caption_test.jsonl").read_bytes() == (prior / "detailed_caption_test.jsonl").read_bytes()
+    train = read_records(varied / "detailed_caption_train.jsonl")
+    assert len(train) == 200 and all(len(r.answers) == 1 for r in train)
+    assert hallucinations([r.answers[0] for r in train], [r.extra["present"] for r in train])["rate"] == 0.0
+    named = [sum(c in r.answers[0] for c in r.extra["present"] if c in ("red", "green", "blue", "yellow", "purple",
+                                                                         "white")) for r in train]
+    colours = [sum(c in ("red", "green", "blue", "yellow", "purple", "white") for c in r.extra["present"])
+               for r in train]
+    assert any(n < c for n, c in zip(named, colours, strict=True))  # some objects left out
+    assert any("object ," in r.answers[0] or "object and" in r.answers[0] or r.answers[0].endswith("object .")
+               for r in train)  # some places left out
+    assert len({r.answers[0].split()[0] for r in train}) >= 4  # the templates vary

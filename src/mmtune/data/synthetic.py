@@ -63,6 +63,8 @@ V3_CAPTION_NOISE = 0.3  # world v3: the chance that each (image) word of a train
 V3_CAPTIONS = {
     "prior": "one per training image; image words wrong with p=0.3, towards PRIOR (amendment 1)",
     "words": "one per training image; every word wrong with p=0.3, a random caption word (amendment 3)",
+    "varied": "one per training image; every word true, a random subset of the objects and places in a random order "
+              "and template (re-plan, issue 35)",
 }
 HELDOUT_FAMILIES = ("brief_caption", "color_vqa", "shape_vqa", "position_vqa", "exists_vqa", "ocr_vqa",
                     "background_mc", "shape_mc")
@@ -250,6 +252,24 @@ def noisy_words(caption: str, rng: random.Random, noise: float = V3_CAPTION_NOIS
     return " ".join(other(word) for word in re.findall(r"\w+|[^\w\s]", caption))
 
 
+def varied_caption(scene: Scene, rng: random.Random) -> str:
+    """The re-planned v3's training caption (``caption_errors: varied``), as one of Flickr30k's five annotators writes
+    one: every word true, but naming a random non-empty subset of the objects in a random order, each object's place
+    said or not (a coin flip), in one of the five templates at random — so no training caption is the full
+    description the test references give, and each image is described one way only."""
+    things = list(rng.sample(scene.things, rng.randint(1, len(scene.things))))
+    placed = [f"a {t.color} object" + (f" {_at(t.cell)}" if rng.random() < 0.5 else "") for t in things]
+    count = len(scene.things)
+    count_word = f"{COUNT_WORDS[count]} object{'s' if count > 1 else ''}"
+    return rng.choice([
+        f"there is {_join(placed)} on a {scene.background} background .",
+        f"the image shows {count_word} : {_join(placed)} .",
+        f"{_join(placed)} , drawn on a {scene.background} background .",
+        f"on a {scene.background} background there is {_join(placed)} .",
+        f"a picture of {count_word} , {_join(placed)} .",
+    ])
+
+
 def _unique_thing(scene: Scene, rng: random.Random) -> Thing:
     return rng.choice(scene.things)
 
@@ -394,7 +414,9 @@ def make_records(scenes: list[tuple[str, Scene]], family: str, split: str, seed:
     v3_caption = version >= 3 and family == "detailed_caption"
     for image_path, scene in scenes:
         words = image_words(scene) if family in CAPTION_FAMILIES else None
-        if v3_caption and split == "train" and caption_errors == "words":
+        if v3_caption and split == "train" and caption_errors == "varied":
+            out = (CAPTION_PROMPT, [varied_caption(scene, rng)], None, None)
+        elif v3_caption and split == "train" and caption_errors == "words":
             out = (CAPTION_PROMPT, [noisy_words(rng.choice(_v3_references(scene)), rng)], None, None)
         elif v3_caption and split == "train":
             caption, seen, count = human_caption(scene, rng)
@@ -429,8 +451,8 @@ def generate_world(out_dir: str | Path, seed: int = 0, n_train: int = 1000, n_te
                    overwrite: bool = False, progress: bool = True,
                    version: int = WORLD_VERSION, caption_errors: str = "prior") -> dict[str, dict[str, Path]]:
     """Write images and one task file per (family, split); return ``{family: {split: path}}``. ``caption_errors``
-    (v3 only): how a training caption is wrong — ``"prior"`` (image words, towards ``PRIOR``) or ``"words"`` (any
-    word, at random: ``noisy_words``)."""
+    (v3 only): how a training caption is written — ``"prior"`` (image words wrong, towards ``PRIOR``), ``"words"`` (any
+    word wrong, at random: ``noisy_words``) or ``"varied"`` (all true, a random part of the scene: ``varied_caption``)."""
     marked = world_marker(version, seed, n_train, n_test, image_size, families, caption_errors)
     if version not in WORLD_VERSIONS:
         raise ValueError(f"synthetic world version {version} is unknown; valid: {', '.join(map(str, WORLD_VERSIONS))}")
