@@ -69,7 +69,8 @@ def test_uncertainty_learns_a_weight_per_task_and_reports_it(tiny_config):
 def test_famo_moves_weight_between_tasks(tiny_config):
     run = train(tiny_config("method.name=famo", "train.max_steps=4"))
     weights = json.loads((run / "famo_task_weights.json").read_text())["tasks"]
-    assert sum(weights.values()) == pytest.approx(1.0)
+    # the file rounds each weight to 6 decimals: their sum is 1 within half a unit of that per task
+    assert sum(weights.values()) == pytest.approx(1.0, rel=0, abs=len(weights) * 5e-7 + 1e-12)
     assert weights["count_mc"] != pytest.approx(0.5, abs=1e-6)  # the logits took steps
 
 
