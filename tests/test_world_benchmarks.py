@@ -107,3 +107,46 @@ def test_v3_questions_pair_each_method_with_vanilla_by_seed(tmp_path):
     assert keeper["G/adj"]["difference"] > 0
     text = world_v3_questions.to_markdown(result)
     assert "lower than vanilla (better" in text
+
+
+def test_the_v3_replan_checks_the_fall_from_the_step_fixed_in_advance(tmp_path):
+    """The re-plan (benchmarks/world_v3_replan.py): C1–C4 from step 250 (fixed in advance) to the end — not from the
+    peak, which comes at step 375 here —, the confirmatory seed count from the falls' spread, P1–P3, the control."""
+    import world_v3_replan
+
+    def runs(root, falls, control=False):
+        for seed, fall in enumerate(falls):
+            curve = [(125, 100.0, 40), (250, 200.0 + seed, 50), (375, 230.0, 60), (500, 210.0, 65),
+                     (750, 200.0 + seed - fall, 70)]
+            final = {"detailed_caption": 150.0, "count_mc": 70.0, "attribute_mc": 60.0, "color_vqa": 50.0}
+            run = _run(root, "vanilla", 100 + seed, curve, final)
+            rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for row, rate in zip(rows, (5.0, 6.0, 8.0, 9.0, 10.0 + seed), strict=True):
+                row["eval"]["hallucination"] = {"detailed_caption": rate}
+                row["eval"]["val_loss"] = {"detailed_caption": 1.0 + row["step"] / 1000}
+            (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    runs(tmp_path / "mix", [20.0, 24.0, 22.0])
+    runs(tmp_path / "control", [5.0, 6.0, 4.0])
+    lines, result, calibrated = world_v3_replan.check(tmp_path / "mix", tmp_path / "control")
+    text = "\n".join(lines)
+    assert result["falls"] == [20.0, 24.0, 22.0]  # from step 250, not from the peak at 375
+    assert "| C1 caption falls ≥ 10 from step 250 | 22.0 | yes |" in text
+    assert "| C3 30–85% of G/adj kept | 69.4 | yes |" in text  # (50 − 0) / (72 − 0)
+    assert calibrated and result["confirmatory_seeds"] == 5  # sd 2 against a fall of 10: the floor of 5
+    assert result["tests"]["P1"]["p_holm"] < 0.05 and result["tests"]["P2"]["p"] < 0.05
+    assert "seed 100: 5.0 (mix: 20.0)" in text
+    noisy = world_v3_replan.check(_noisy(tmp_path), None)
+    assert not noisy[2] and noisy[1]["confirmatory_seeds"] == 11  # falls 22 ± 25: too noisy for 10 seeds
+
+
+def _noisy(root: Path) -> Path:
+    folder = root / "noisy"
+    for seed, fall in enumerate([50.0, -5.0, 21.0]):
+        run = _run(folder, "vanilla", 100 + seed, [(250, 200.0, 50), (750, 200.0 - fall, 70)],
+                   {"detailed_caption": 150.0, "count_mc": 70.0, "attribute_mc": 60.0, "color_vqa": 50.0})
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for row in rows:
+            row["eval"]["val_loss"] = {"detailed_caption": 1.0}
+        (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
