@@ -112,7 +112,13 @@ def seeds_needed(a: list[float], b: list[float], paired: bool, alpha: float = AL
     if spread == 0:
         return next(n for n in range(2, most + 2) if smallest_p(n, paired) < alpha)
     effect = abs(mean) / spread
-    for n in range(2, most + 1):
+    from scipy.stats import norm
+
+    # the normal approximation first (the t-test needs a few more), then the exact power upwards from just below it
+    approximate = ((norm.ppf(1 - alpha / 2) + norm.ppf(power)) / effect) ** 2 * (1 if paired else 2)
+    if approximate > most:
+        return most + 1
+    for n in range(max(2, math.floor(approximate) - 2), most + 1):
         df = n - 1 if paired else 2 * n - 2
         shift = effect * math.sqrt(n if paired else n / 2)
         critical = t.ppf(1 - alpha / 2, df)
