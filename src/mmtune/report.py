@@ -646,8 +646,8 @@ def to_markdown(report: dict) -> str:
     if report.get("not_normalised"):
         legend.append(f"Left out of the /base means (base score 0): {', '.join(report['not_normalised'])}.")
     if report.get("near_chance"):
-        legend.append(f"Left out of G/adj and the /adj means (base within {CHANCE_MARGIN:g} points of chance): "
-                      f"{', '.join(report['near_chance'])}.")
+        legend.append(f"Left out of the /adj means (base within {CHANCE_MARGIN:g} points of chance; S/head counts a "
+                      f"downstream one): {', '.join(report['near_chance'])}.")
     if report.get("no_ceiling"):
         legend.append(f"Left out of S/head (no ceiling recorded: evaluated before mmtune kept a caption task's "
                       f"ceiling): {', '.join(report['no_ceiling'])}.")
