@@ -367,3 +367,18 @@ def test_s_counts_every_downstream_task_as_its_share_of_the_headroom_above_chanc
     # a caption evaluated before its ceiling was recorded is left out (and named in the report), not given 100
     old = {"tasks": {k: {key: v for key, v in t.items() if key != "ceiling"} for k, t in base["tasks"].items()}}
     assert "cap" not in summarize(model, old)["headroom"]
+
+
+def test_variants_of_different_methods_never_share_a_style():
+    """Issue 36: "vanilla + replay 0.25", "spider + replay 0.25" and "ewc + replay 0.25" were the same pink triangles.
+    A variant keeps its method's colour (methods differ) and takes a marker other than its method's own."""
+    from mmtune.report import method_style
+
+    styles = {label: method_style(label) for label in ("vanilla + replay 0.25", "spider + replay 0.25",
+                                                       "ewc + replay 0.25", "vanilla", "spider", "ewc")}
+    assert len({color for color, _ in styles.values()}) == 3
+    assert len(set(styles.values())) == 6
+    for name in ("vanilla", "spider", "ewc"):
+        assert styles[f"{name} + replay 0.25"][0] == styles[name][0]
+        assert styles[f"{name} + replay 0.25"][1] != styles[name][1]
+    assert method_style("my own label") == method_style("my own label")  # stable

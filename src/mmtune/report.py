@@ -663,16 +663,32 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+MARKERS = "osD^vP<>Xph*"
+
+
 def method_style(method: str) -> tuple[tuple, str]:
-    """The same colour and marker for a method in every plot of every report (by its place among the
-    registered methods; combinations and unknown names after them)."""
+    """The same colour and marker for a method in every plot of every report. A registered method has its own (by its
+    place among the registered methods); a variant of one ("spider + replay 0.25", "l2_reg (lam=50)") keeps its
+    method's colour — so two methods' variants never look alike — with a marker of its own; any other label gets a
+    stable pair from its text."""
+    import hashlib
+
     import matplotlib.pyplot as plt
 
     from mmtune.methods import METHODS
 
+    colors = plt.get_cmap("tab20").colors
     names = sorted(m for m in METHODS if not m.startswith("test_"))
-    index = names.index(method) if method in names else len(names) + sum(map(ord, method)) % 8
-    return plt.get_cmap("tab20").colors[index % 20], "osD^vP<>Xph*"[index % 12]
+    digest = int(hashlib.sha1(method.encode()).hexdigest(), 16)
+    if method in names:
+        index = names.index(method)
+        return colors[index % 20], MARKERS[index % 12]
+    base = method.split(" ")[0]
+    if base in names:
+        index = names.index(base)
+        own = MARKERS[index % 12]
+        return colors[index % 20], [m for m in MARKERS if m != own][digest % 11]
+    return colors[digest % 20], MARKERS[(digest // 20) % 12]
 
 
 def plot(report: dict, out_dir: Path) -> list[Path]:
