@@ -12,9 +12,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from test_stats import _falls, _flat_curves, _old_peak_rule  # noqa: E402
-
 from mmtune.stats import fall_at_fixed_step, largest_fall  # noqa: E402
+from test_stats import _falls, _flat_curves, _old_peak_rule  # noqa: E402
 
 SHAPES = {"gaussian": "Gaussian", "heavy": "Student t, 3 d.f.", "skewed": "skewed (centred exponential)",
           "autocorrelated": "autocorrelated (AR(1), ρ 0.7)"}
