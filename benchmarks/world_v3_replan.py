@@ -31,8 +31,7 @@ def curves(folder: Path, method: str = "vanilla") -> dict[int, dict]:
         if REFERENCE_STEP not in points:
             raise SystemExit(f"{run}: no evaluation at step {REFERENCE_STEP} (eval.every_steps must reach it)")
         last = points[max(points)]
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        made_up = {r["step"]: (r["eval"].get("hallucination") or {}).get(CAPTION) for r in rows if "eval" in r}
+        made_up = {step: (p.get("hallucination") or {}).get(CAPTION) for step, p in points.items()}
         base = json.loads((run / "eval" / "during" / "base" / "scores.json").read_text())["tasks"]
         out[row["seed"]] = {
             "run": str(run), "last_step": last["step"],

@@ -7,6 +7,7 @@ references, per-sample score) next to ``scores.json``, so a number can always be
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -156,10 +157,16 @@ def hallucination(records: list[Record], answers: list[str]) -> dict | None:
 
 def ceiling_score(metric: str, records: list[Record]) -> float:
     """The best score an answer can get, in the task's units: 100 for accuracies, and for captions (CIDEr) the score of
-    the best of each record's own references (``mmtune.metrics.caption_ceiling``)."""
+    the best of each record's own references (``mmtune.metrics.caption_ceiling``) — computed once per set of
+    references, not at every evaluation during training (the records don't change)."""
     if metric != "cider":
         return 100.0
-    return caption_ceiling({r.id: r.answers for r in records})
+    return _caption_ceiling(tuple((r.id, tuple(r.answers)) for r in records))
+
+
+@functools.lru_cache(maxsize=32)
+def _caption_ceiling(references: tuple[tuple[str, tuple[str, ...]], ...]) -> float:
+    return caption_ceiling({record: list(answers) for record, answers in references})
 
 
 def sampled_answers(model, processor, records: list[Record], temperature: float, seed: int, batch_size: int = 16,
