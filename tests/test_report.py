@@ -382,3 +382,34 @@ def test_variants_of_different_methods_never_share_a_style():
         assert styles[f"{name} + replay 0.25"][0] == styles[name][0]
         assert styles[f"{name} + replay 0.25"][1] != styles[name][1]
     assert method_style("my own label") == method_style("my own label")  # stable
+    from mmtune.methods import METHODS
+
+    registered = [m for m in METHODS if not m.startswith("test_")]
+    assert len({method_style(m)[0] for m in registered}) == len(registered)  # every method its own colour
+
+
+def test_the_s_vs_g_plot_shows_the_primary_summary_where_every_row_has_it(tmp_path):
+    """The scatter is what the verdicts are about: S/head against G/adj — not the older /base means — once the
+    downstream tasks' chance and ceiling are known; the /base means where they are not (older evaluations)."""
+    from mmtune.report import scatter_keys
+
+    runs = [_run(tmp_path, "vanilla", s, {"cap": 100 + s, "mc": 70 + s, "vqa": 40 + s}) for s in range(2)]
+    assert scatter_keys(build_report(runs)) == ("S/head", "G/adj")  # "mc" scored as an accuracy: ceiling 100
+    for run in runs:  # a CIDEr task downstream without its ceiling: S/head can't be computed
+        scores = json.loads((run / "eval" / "final" / "scores.json").read_text())
+        scores["tasks"]["mc"]["metric"] = "cider"
+        (run / "eval" / "final" / "scores.json").write_text(json.dumps(scores))
+    assert scatter_keys(build_report(runs)) == ("S/base", "G/base")
+
+
+def test_the_report_says_whether_pairing_by_seed_pairs_the_data(tmp_path):
+    """Runs from before data.seed drew their records by training seed: seed k of every method drew the same records,
+    so a paired comparison still pairs the data; a method whose seed-k run drew other records breaks that."""
+    runs = [_run(tmp_path, method, s, {"cap": 100 + s, "mc": 70 + s, "vqa": 40 + s})
+            for method in ("vanilla", "spider") for s in range(2)]
+    text = to_markdown(build_report(runs))
+    assert "runs of the same seed drew the same records" in text
+    config = yaml.safe_load((runs[-1] / "config.yaml").read_text())
+    (runs[-1] / "config.yaml").write_text(yaml.safe_dump({**config, "data": {"seed": 7}}))
+    text = to_markdown(build_report(runs))
+    assert "pairing by seed does not pair the data" in text and "same records" not in text

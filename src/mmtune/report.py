@@ -406,7 +406,12 @@ def build_report(run_dirs: list[str | Path], allow_mixed: bool = False,
     from mmtune.lmms_eval import by_model
 
     external = by_model(lmms_eval) if lmms_eval else None
-    runs = [load_run(r, external) for r in run_dirs]
+    return report_of([load_run(r, external) for r in run_dirs], allow_mixed, reference_step)
+
+
+def report_of(runs: list[dict], allow_mixed: bool = False, reference_step: int | None = None) -> dict:
+    """The table over runs as ``load_run`` reads them (``report_row``): what ``build_report`` computes once the folders
+    are read — also how stored per-seed scores are re-reported under the current rules (benchmarks/rereport.py)."""
     if not runs:
         raise ValueError("no runs to report")
     if not allow_mixed:
@@ -467,12 +472,16 @@ def build_report(run_dirs: list[str | Path], allow_mixed: bool = False,
                                                                  reference_step)]
     flags = [test for test in tests if test.get("flagged")]
     data_seeds = {r["run"]: r["data"] for r in runs}
+    drawn_by_seed = defaultdict(set)
+    for run in runs:
+        drawn_by_seed[run["seed"]].add(run["data"])
     unnormalised = sorted(c for c in columns if base and not base["tasks"].get(c))
     near_chance = sorted(c for c in columns if base and c not in base.get("adjusted", {}))
     return {"columns": columns, "sides": sides, "base": base, "rows": rows, "runs": [r["run"] for r in runs],
             "settings": runs[0]["settings"],
             "not_normalised": unnormalised, "near_chance": near_chance, "overfitting": flags,
             "overfitting_tests": tests, "reference_step": reference_step, "data_seeds": data_seeds,
+            "data_paired_by_seed": all(len(drawn) == 1 for drawn in drawn_by_seed.values()),
             "no_ceiling": sorted(c for c in downstream if any(c not in r["final"].get("headroom", {}) for r in runs)),
             "significance": {"test": "paired t-test over shared seeds, Welch otherwise", "correction": "holm",
                              "comparisons": len(family), "alpha": SIGNIFICANCE}}
@@ -640,9 +649,11 @@ def to_markdown(report: dict) -> str:
         legend += ["", "Against vanilla (from the numbers above):", "", *found]
     seeds = report.get("data_seeds") or {}
     if len(set(seeds.values())) > 1:
+        drawn = ("runs of the same seed drew the same records, so the paired tests pair the data too, but the ± over "
+                 "seeds includes different training data") if report.get("data_paired_by_seed") else \
+            "their differences include different training data, and pairing by seed does not pair the data"
         legend += ["", "These runs drew different training records (data.seed, or the training seed where it is null "
-                       f"or the run older than data.seed — {', '.join(sorted(set(seeds.values())))}): their "
-                       "differences include different training data, and pairing by seed does not pair the data."]
+                       f"or the run older than data.seed — {', '.join(sorted(set(seeds.values())))}): {drawn}."]
     if report.get("not_normalised"):
         legend.append(f"Left out of the /base means (base score 0): {', '.join(report['not_normalised'])}.")
     if report.get("near_chance"):
@@ -677,18 +688,43 @@ def method_style(method: str) -> tuple[tuple, str]:
 
     from mmtune.methods import METHODS
 
-    colors = plt.get_cmap("tab20").colors
+    colors = plt.get_cmap("tab20").colors + plt.get_cmap("tab20b").colors  # one per registered method (23 today)
     names = sorted(m for m in METHODS if not m.startswith("test_"))
     digest = int(hashlib.sha1(method.encode()).hexdigest(), 16)
     if method in names:
         index = names.index(method)
-        return colors[index % 20], MARKERS[index % 12]
+        return colors[index % len(colors)], MARKERS[index % 12]
     base = method.split(" ")[0]
     if base in names:
         index = names.index(base)
         own = MARKERS[index % 12]
-        return colors[index % 20], [m for m in MARKERS if m != own][digest % 11]
-    return colors[digest % 20], MARKERS[(digest // 20) % 12]
+        return colors[index % len(colors)], [m for m in MARKERS if m != own][digest % 11]
+    return colors[digest % len(colors)], MARKERS[(digest // len(colors)) % 12]
+
+
+AXIS_NAMES = {"S/head": "specialization S/head (% of headroom gained)",
+              "G/adj": "generalization G/adj (% of base skill kept)",
+              "S/base": "specialization S (mean of score / base × 100)",
+              "G/base": "generalization G (mean of score / base × 100)",
+              "S": "specialization S (raw mean)", "G": "generalization G (raw mean)"}
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def scatter_keys(report: dict) -> tuple[str, str]:
+    """The S-vs-G plot's axes: the primary summary (S/head, G/adj) where every row has both, else the base-normalised
+    means, else the raw ones — the plot shows what the table's verdicts are about."""
+    rows = report["rows"]
+
+    def everywhere(key: str) -> bool:
+        return bool(rows) and all(_finite((row["values"].get(key) or {}).get("mean")) for row in rows)
+
+    for keys in (("S/head", "G/adj"), ("S/base", "G/base")):
+        if report["base"] is not None and all(everywhere(k) for k in keys):
+            return keys
+    return "S", "G"
 
 
 def plot(report: dict, out_dir: Path) -> list[Path]:
@@ -726,7 +762,7 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
     ax.legend(fontsize=7)
     paths.append(_save(fig, out_dir / "tasks.png"))
 
-    s_key, g_key = ("S/base", "G/base") if normalised else ("S", "G")
+    s_key, g_key = scatter_keys(report)
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for row in rows:
         s, g = row["values"].get(s_key), row["values"].get(g_key)
@@ -734,11 +770,10 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
             color, marker = method_style(row["method"])
             ax.errorbar(s["mean"], g["mean"], xerr=s["std"], yerr=g["std"], fmt=marker, color=color, capsize=3,
                         label=row["method"])
-    if base:
+    if base and all(_finite(base.get(k)) for k in (s_key, g_key)):
         ax.scatter([base[s_key]], [base[g_key]], marker="*", s=200, color="black", label="base")
-    unit = "mean of score / base × 100" if normalised else "raw mean"
-    ax.set_xlabel(f"specialization S ({unit})")
-    ax.set_ylabel(f"generalization G ({unit})")
+    ax.set_xlabel(AXIS_NAMES[s_key])
+    ax.set_ylabel(AXIS_NAMES[g_key])
     ax.set_title("specialization vs generalization")
     ax.legend(fontsize=7)
     paths.append(_save(fig, out_dir / "s_vs_g.png"))
