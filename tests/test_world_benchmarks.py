@@ -150,3 +150,51 @@ def _noisy(root: Path) -> Path:
             row["eval"]["val_loss"] = {"detailed_caption": 1.0}
         (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return folder
+
+
+def test_rereport_of_stored_per_seed_scores_is_the_report_over_the_folders(tmp_path):
+    """benchmarks/rereport.py (world v2's tables regenerated) must give what `mmtune report` gives over the runs'
+    folders: the same chance and ceilings (read from the regenerated world's test records), the same S/head, G/adj,
+    H/head and tests — here with runs whose scores.json carry chance and ceiling as evaluation writes them today, then
+    stored in an old-style JSON without them."""
+    import rereport
+
+    from mmtune.data.synthetic import ensure_world, resolve_task_path
+    from mmtune.evaluate import ceiling_score, chance_score, load_tasks
+    from mmtune.report import build_report
+
+    world = {"seed": 3, "n_train": 4, "n_test": 6, "image_size": 16}
+    world_dir = ensure_world(tmp_path / "world", progress=False, **world)
+    facts = {}
+    for task, (_, metric) in TASKS.items():
+        records = load_tasks([resolve_task_path(f"synthetic:{task}", world_dir, "test")], 5)[task]
+        facts[task] = {"chance": chance_score(records), "ceiling": ceiling_score(metric, records)}
+    assert facts["detailed_caption"]["ceiling"] > 100 and facts["count_mc"]["chance"] == 25.0
+
+    def folder(method: str, seed: int, values: dict) -> Path:
+        run = tmp_path / f"{method}-{seed}"
+        for name, found in (("final", values), ("base", BASE)):
+            (run / "eval" / name).mkdir(parents=True)
+            scores = _scores(found)
+            for task, entry in scores["tasks"].items():
+                entry.update(facts[task])
+            (run / "eval" / name / "scores.json").write_text(json.dumps(scores))
+        (run / "config.yaml").write_text(yaml.safe_dump({
+            "method": {"name": method}, "train": {"seed": seed}, "eval": {"limit": 5, "max_new_tokens": 40},
+            "data": {"synthetic": world}}))
+        return run
+
+    runs = [folder(m, s, {"detailed_caption": 150 + 10 * s + 30 * (m == "vanilla"), "count_mc": 60 + s,
+                          "attribute_mc": 40 - s, "color_vqa": 60 + 5 * s * (m == "spider")})
+            for m in ("vanilla", "spider") for s in range(3)]
+    direct = build_report(runs)
+    stored = json.loads(json.dumps(direct))
+    stored["settings"]["world"] = world  # what the old JSONs hold (the synthetic config)
+    again = rereport.rereport(stored, tmp_path / "world")
+    for mine, theirs in zip(direct["rows"], again["rows"], strict=True):
+        for key in ("S/head", "G/adj", "H/head", "detailed_caption"):
+            assert theirs["values"][key]["mean"] == pytest.approx(mine["values"][key]["mean"])
+            assert (theirs["values"][key]["vs_vanilla"] or {}).get("p_holm") == \
+                pytest.approx((mine["values"][key]["vs_vanilla"] or {}).get("p_holm"))
+    assert again["rereported"]["task_facts"]["detailed_caption"]["ceiling"] == \
+        pytest.approx(facts["detailed_caption"]["ceiling"])
