@@ -18,6 +18,7 @@ import torch
 
 from helpers import base_weights, final_weights, free_port, losses
 from mmtune.config import save_config
+from mmtune.engine import Engine
 from mmtune.engines import configure_deepspeed, zero3_refusal
 from mmtune.methods import METHODS, build_methods
 from mmtune.methods.base import refusal
@@ -40,7 +41,7 @@ ACTIVE = {"half_ft": ["method.half_ft.round_steps=2"], "l2_reg": ["method.l2_reg
 # Every method runs on DeepSpeed ZeRO-1/2 (PCGrad, CAGrad, SAM and task-SAM build their gradient from autograd's
 # gradients and hand it to the engine's step; under ZeRO-3 from each process's slices of the engine's own gradients);
 # a method whose build_step reads or writes param.grad itself (sets_gradients) would refuse it.
-METHOD_NAMES = sorted(n for n, cls in METHODS.items() if refusal([cls()], "deepspeed") is None)
+METHOD_NAMES = sorted(n for n, cls in METHODS.items() if refusal([cls()], Engine("zero2")) is None)
 ACCUMULATED = ["vanilla", "spider"]  # also with grad_accum=2: DeepSpeed's accumulation boundary set by the loop
 # bf16 (the papers' precision): DeepSpeed's bf16 optimizer keeps the fp32 masters, mmtune's one process / DDP keep
 # theirs (mmtune.precision). A learning rate large enough that 3 steps move every weight, LayerNorms' ≈ 1.0 included,
@@ -67,6 +68,12 @@ ZERO2_ONE_PROCESS = [n for n in METHOD_NAMES if n not in ZERO3_PATH or n == "van
 ZERO3_DDP = ["vanilla", "spider", "random_mask", "nrca", "dare", "l2_reg", "lora", "ewc", "lora_sculpt", "asft",
              "cagrad", "sam", "task_sam"]
 ZERO3_BF16 = ["vanilla", "spider", "dare", "lora", "ewc", "asft", "lora_sculpt", "task_sam"]  # also bf16 with one process
+# A top-k over Adam's updates selects among near-equal values (Adam moves every element by about the learning rate):
+# LoRASculpt's mask over its adapters after 2 steps (from B = 0), grafting's top 10% of |W − W0|. Which of the near-ties
+# it keeps follows the last digit, which engines and CPUs round differently (issue 39: a k_proj weight beyond 1e-4 on
+# one machine, not on another). For them the comparison is what the engines promise: every weight the selection does
+# not touch equal, and the selected update the same but for a few swapped near-ties (``_assert_same_run``).
+SELECTS_OVER_NEAR_TIES = {"lora_sculpt", "grafting"}
 
 
 def _start(configs: list, cwd: Path, processes: int, deepspeed: bool, stage: int = 2) -> tuple:
@@ -174,8 +181,13 @@ def runs(world, tmp_path_factory):
                                  "eval.limit=4", "eval.max_new_tokens=4")[1])
     # The one-process launches (one thread each) side by side, with this process's reference runs beside them.
     one_process = [_start(paths["ds1"], root, 1, deepspeed=True), _start(paths["ds3"], root, 1, deepspeed=True, stage=3)]
-    for loaded in single:
-        train(loaded)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the launched processes (OMP_NUM_THREADS=1): the same kernels round alike
+    try:
+        for loaded in single:
+            train(loaded)
+    finally:
+        torch.set_num_threads(threads)
     for started in one_process:
         _finish(started)
     _launch(paths["ddp2"], root, 2, deepspeed=False)
@@ -185,10 +197,31 @@ def runs(world, tmp_path_factory):
 
 
 def _assert_same_run(reference: Path, other: Path) -> None:
+    """The same training to fp32 rounding: the logged losses and every final weight. For a method that selects over
+    near-ties (``SELECTS_OVER_NEAR_TIES``), a weight its selection touched may differ where a near-tie went the other
+    way: there the update W − W0 must still be the same but for a few swapped entries. A swap in LoRASculpt's mask
+    changes a row of the merged weight (B's entry times a row of A) and, with ~200 entries kept per adapter, ~10% of
+    the update's size; hence ≤ 10% of the entries and ≤ 25% of the size — a mask not applied on one engine, or applied
+    to the wrong partition, moves the update by 100% or more."""
     assert losses(other) == pytest.approx(losses(reference), rel=1e-4)
     one, two = final_weights(reference), final_weights(other)
+    near_ties = reference.name in SELECTS_OVER_NEAR_TIES
+    start = base_weights(_tiny_config()) if near_ties else {}
     for name in one:
+        if near_ties and not torch.allclose(two[name], one[name], rtol=1e-4, atol=1e-5):
+            a, b = one[name] - start[name], two[name] - start[name]
+            swapped = float((~torch.isclose(a, b, rtol=1e-4, atol=1e-5)).float().mean())
+            size = float((a - b).norm() / a.norm())
+            assert swapped <= 0.10 and size <= 0.25, f"{name}: {swapped:.2%} of entries, {size:.2%} of the update"
+            continue
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _tiny_config():
+    from conftest import TINY_CONFIG
+    from mmtune.config import load_config
+
+    return load_config(TINY_CONFIG)
 
 
 def _assert_same_bf16_run(reference: Path, other: Path, selects_near_ties: bool = False) -> None:

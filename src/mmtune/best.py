@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -80,16 +79,12 @@ class BestState:
 
 
 def update_best(state: BestState, summary: dict, step: int, save_model, root: Path) -> bool:
-    """Record one evaluation; on a new best, write ``<root>/best`` with ``save_model(folder)``. Returns whether it
+    """Record one evaluation; on a new best, write ``<root>/best`` with ``save_model(folder)`` (which replaces it whole). Returns whether it
     was a new best. (Call on the main process.)"""
     value = metric_value(summary, state.metric)
     improved = state.beaten_by(value)
     if improved:
-        partial, final = Path(root) / "best.partial", Path(root) / "best"
-        shutil.rmtree(partial, ignore_errors=True)
-        save_model(partial)
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
+        save_model(Path(root) / "best")  # atomic: mmtune.models.save.write_model_folder
         state.value, state.step, state.evaluations_without_improvement = value, step, 0
     else:
         state.evaluations_without_improvement += 1

@@ -407,8 +407,9 @@ def cmd_merge(args) -> int:
     args.run = args.run[0]
     from mmtune.config import load_config
     from mmtune.methods.wise_ft import interpolate
-    from mmtune.models.load import load_model, save_processor
-    from mmtune.train import load_base
+    from mmtune.models.base_model import load_base
+    from mmtune.models.load import load_model
+    from mmtune.models.save import write_model_folder
 
     run = Path(args.run)
     if not (run / "final" / "config.json").exists() or not (run / "config.yaml").exists():
@@ -416,14 +417,14 @@ def cmd_merge(args) -> int:
     out = Path(args.out) if args.out else run / f"merged-alpha{args.alpha:g}"
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    base, _ = load_base(load_config(run / "config.yaml"))
+    run_config = load_config(run / "config.yaml")
+    base, _ = load_base(run_config)
     final, processor = load_model(run / "final")
     base_state = base.state_dict()
     merged = {k: interpolate(base_state[k], v, args.alpha) if v.is_floating_point() else v
               for k, v in final.state_dict().items()}
     final.load_state_dict(merged)
-    final.save_pretrained(out)
-    save_processor(processor, out)
+    write_model_folder(final, processor, out, run_config=run_config, overwrite=args.overwrite)
     print(f"wrote {out} (alpha={args.alpha})")
     return 0
 

@@ -17,29 +17,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from mmtune.best import metric_value, update_best
-from mmtune.config import RunConfig
-from mmtune.data.synthetic import resolve_task_path
-from mmtune.evaluate import evaluate
-from mmtune.models.load import save_processor
+from mmtune.evaluate import run_evaluation  # noqa: F401 — public here too, as before
+from mmtune.models.save import write_model_folder
 from mmtune.precision import saved_dtype, to_saved_dtype
 from mmtune.preemption import EvaluationInterrupted
-from mmtune.report import GAP_KEYS, HALLUCINATION_KEYS
+from mmtune.summary import GAP_KEYS, HALLUCINATION_KEYS, summarize
 
 if TYPE_CHECKING:
+    from mmtune.run import Run
     from mmtune.step_log import StepLog
-    from mmtune.train import Run
-
-
-def run_evaluation(model, processor, config: RunConfig, world: Path | None, out: Path,
-                   limit: int | None = None) -> dict | None:
-    """Evaluate the configured downstream and held-out tasks (nothing if none are configured)."""
-    sides = {side: [resolve_task_path(p, world, "test") for p in getattr(config.eval, side)]
-             for side in ("downstream", "heldout")}
-    if not any(sides.values()):
-        return None
-    return evaluate(model, processor, sides, out, config.eval.batch_size, config.eval.max_new_tokens,
-                    limit or config.eval.limit, config.train.progress, overwrite=True,
-                    sample_temperature=config.eval.sample_temperature, sample_seed=config.eval.sample_seed)
 
 
 def base_needs_evaluation(run: Run) -> bool:
@@ -92,13 +78,13 @@ def keep_best(run: Run, eval_row: dict | None) -> None:
 
 
 def save_best_model(run: Run, folder: Path) -> None:
+    """``best/`` as ``final/`` is written (``mmtune.models.save``): in model.dtype; a PEFT model (LoRA) saves its adapter
+    (PEFT keeps adapters in fp32)."""
     model = run.ctx.unwrapped
-    if hasattr(model, "peft_config"):  # a PEFT model (LoRA) saves its adapter (PEFT keeps adapters in fp32)
-        model.save_pretrained(folder)
-    else:  # in model.dtype, as final/ is
-        dtype = saved_dtype(run.config.model.dtype, run.config.train.fp32_masters)
-        model.save_pretrained(folder, state_dict=to_saved_dtype(model.state_dict(), dtype))
-    save_processor(run.processor, folder)
+    dtype = saved_dtype(run.config.model.dtype, run.config.train.fp32_masters)
+    state = None if hasattr(model, "peft_config") else to_saved_dtype(model.state_dict(), dtype)
+    write_model_folder(model, run.processor, folder, state_dict=state, overwrite=True,
+                       checkpoints=run.paths.checkpoints)
 
 
 def evaluate_during_training(run: Run, name: str) -> dict | None:
@@ -106,8 +92,6 @@ def evaluate_during_training(run: Run, name: str) -> dict | None:
     into ``eval/during/<name>`` and return one metrics row: per-task scores and S / G / H, raw and normalised
     to the base on the same records (``name="base"``, evaluated once before training) — the trade-off as it
     forms."""
-    from mmtune.report import summarize
-
     row = None
     if run.is_main:
         model = run.ctx.unwrapped

@@ -45,11 +45,16 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from mmtune.methods.base import Method, TrainContext, partitioned, refusal
-
-
-def is_deepspeed(accelerator) -> bool:
-    return "DEEPSPEED" in str(getattr(accelerator, "distributed_type", ""))
+from mmtune.engine import (  # noqa: F401 — write_weight, partition_span: also public here, as before
+    Engine,
+    engine_of,
+    is_deepspeed,
+    partition_span,
+    partitioned,
+    release_gathered,
+    write_weight,
+)
+from mmtune.methods.base import Method, TrainContext, refusal
 
 
 def configure_deepspeed(accelerator, config, methods: list[Method]) -> None:
@@ -62,19 +67,16 @@ def configure_deepspeed(accelerator, config, methods: list[Method]) -> None:
     stage = plugin.zero_stage
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"DeepSpeed ZeRO-{stage}: mmtune takes ZeRO stages 1, 2 and 3")
+    refused = refusal(methods, Engine.of(accelerator))  # the one compatibility rule (mmtune.methods.base)
+    if refused:
+        raise ValueError(refused)
     if stage == 3:
-        refused = zero3_refusal(methods)
-        if refused:
-            raise ValueError(refused)
         # final/ is one Hugging Face folder: the weights are gathered to save it (Accelerate's default is false)
         ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
     precision = str(accelerator.mixed_precision)
     if precision == "fp16" or ds.get("fp16", {}).get("enabled") is True:
         raise ValueError("DeepSpeed with fp16: mmtune is tested under DeepSpeed in fp32 and bf16 (fp16's loss scaling "
                          "inside the engine is not); use bf16")
-    refused = refusal(methods, "deepspeed")
-    if refused:
-        raise ValueError(refused)
     if ds.get("optimizer") or ds.get("scheduler"):
         raise ValueError("the DeepSpeed config names an optimizer or scheduler: mmtune builds its own "
                          "(train.optimizer, train.scheduler); remove them from the DeepSpeed config")
@@ -92,19 +94,8 @@ def configure_deepspeed(accelerator, config, methods: list[Method]) -> None:
 
 
 def zero3_refusal(methods: list[Method]) -> str | None:
-    """Why ZeRO-3 can't run ``methods`` (one sentence), or None: a loss term that reads the trainable weights in the
-    forward pass reads ZeRO-3's empty partitions."""
-    for method in methods:
-        if method.partitioned_refusal:
-            return f"{method.name} can't run under DeepSpeed ZeRO-3: {method.partitioned_refusal}; use ZeRO-2 or FSDP2"
-        if method.reads_weights_in_loss and not method.overrides("weight_penalty"):
-            return (f"{method.name} can't run under DeepSpeed ZeRO-3: its loss term reads the trainable weights in the "
-                    "forward pass, where ZeRO-3 leaves each parameter an empty partition; use ZeRO-2 or FSDP2")
-    return None
-
-
-def engine_of(accelerator):
-    return accelerator.deepspeed_engine_wrapped.engine
+    """Why ZeRO-3 can't run ``methods``: ``refusal(methods, Engine("zero3"))``, the one rule (kept for callers of 0.x)."""
+    return refusal(methods, Engine("zero3"))
 
 
 def backward(accelerator, loss: torch.Tensor, last: bool) -> None:
@@ -147,37 +138,6 @@ def _write_back_masters(params: dict[str, nn.Parameter], full: dict[str, nn.Para
     for name, param in params.items():
         safe_set_full_fp32_param(param, full[name].detach())
         write_weight(param, full[name].detach())
-
-
-def write_weight(param: nn.Parameter, value: torch.Tensor) -> None:
-    """The model's copy of a weight ← ``value`` (the whole tensor): all of it, or under ZeRO-3 this process's
-    partition (DeepSpeed copies the masters into the partitions only at its next step)."""
-    partition = getattr(param, "ds_tensor", None)
-    if partition is None:
-        param.data.copy_(value.to(param.dtype))
-        return
-    start, _ = partition_span(param)
-    piece = value.flatten()[start:start + partition.numel()].to(partition.dtype)
-    partition.data.view(-1)[:piece.numel()].copy_(piece)
-    if param.data.numel() == value.numel():  # gathered now (a small parameter DeepSpeed keeps whole: ds_persist)
-        param.data.copy_(value.view_as(param.data).to(param.dtype))
-
-
-def partition_span(param: nn.Parameter) -> tuple[int, int]:
-    """Where this process's ZeRO-3 partition of ``param`` starts in the flattened weight, and how many of its elements
-    are the weight's (the last partitions are padded with elements that belong to no weight)."""
-    import deepspeed.comm as ds_comm
-
-    size = param.ds_tensor.numel()
-    start = size * ds_comm.get_rank(group=param.ds_process_group)
-    return start, max(0, min(size, param.ds_numel - start))
-
-
-def release_gathered(accelerator) -> None:
-    """Drop every weight ZeRO-3 holds gathered (it keeps some for their reuse, small ones for good), so that the
-    next forward gathers them anew from the partitions — after the partitions were written."""
-    engine = engine_of(accelerator)
-    getattr(engine.optimizer, "empty_partition_cache", engine.empty_partition_cache)()
 
 
 def _low_precision(params: dict[str, nn.Parameter]) -> bool:

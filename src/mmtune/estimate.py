@@ -58,7 +58,7 @@ def model_config(config, architecture: str | None = None):
     from transformers import CONFIG_MAPPING, AutoConfig
 
     if config.model.tiny:
-        from mmtune.train import load_base
+        from mmtune.models.base_model import load_base
 
         return load_base(config)[0].config
     folder = Path(config.model.path or "")
@@ -229,26 +229,14 @@ def estimate(config, engine: str = "ddp", devices: int = 1, sequence: int | None
     result.notes.append(f"activations for batch {batch} × sequence {sequence} per device (data.max_length unless "
                         "--seq-len), an upper bound: attention's s×s weights counted as PyTorch's math path keeps them"
                         + (f"; × {forwards} forwards kept per micro-batch (NRCA's noised view)" if forwards > 1 else ""))
-    if engine == "zero3":
-        from mmtune.engines import zero3_refusal
-        from mmtune.methods.base import METHODS
+    from mmtune.engine import Engine
+    from mmtune.methods.base import METHODS, refusal
 
-        reasons = {m: why for m in config.method.names or ["vanilla"] if (why := zero3_refusal([METHODS[m]()]))}
-        if reasons:
-            result.notes.append(f"{', '.join(reasons)}: refused under ZeRO-3 ({'; '.join(reasons.values())})")
-    if engine in ("zero2", "zero3"):
-        from mmtune.methods.base import METHODS, refusal
-
-        refused = [m for m in config.method.names or ["vanilla"] if refusal([METHODS[m]()], "deepspeed")]
-        if refused:
-            result.notes.append(f"{', '.join(refused)}: refused under DeepSpeed (docs/methods.md says why): use ddp "
-                                "or fsdp2")
-    if engine == "fsdp2":
-        from mmtune.methods.base import METHODS
-
-        refused = [m for m in config.method.names or ["vanilla"] if not METHODS[m].supports_sharding]
-        if refused:
-            result.notes.append(f"{', '.join(refused)}: refused under FSDP2 (docs/methods.md says why): use zero2")
+    where = {"ddp": "DDP", "fsdp2": "FSDP2", "zero2": "DeepSpeed", "zero3": "ZeRO-3"}[engine]
+    for name in config.method.names or ["vanilla"]:  # the one compatibility rule, as mmtune train applies it
+        why = refusal([METHODS[name]()], Engine(engine, devices))
+        if why:
+            result.notes.append(f"{name}: refused under {where} ({why})")
     return result
 
 

@@ -16,8 +16,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mmtune.config import RunConfig
 from mmtune.data.collate import IGNORE_INDEX, GenerationCollator, RecordDataset, TrainCollator, model_inputs
 from mmtune.data.records import Record, infer_metric, read_records
+from mmtune.data.synthetic import resolve_task_path
 from mmtune.files import atomic_write, safe_file_name
 from mmtune.losses import per_sample_mean, target_log_probs
 from mmtune.metrics import caption_ceiling, hallucinations, score
@@ -240,3 +242,15 @@ def evaluate(model, processor, sides: dict[str, list[Path]], out_dir: str | Path
                     results["tasks"][task]["sampled_hallucination"] = sampled_made_up["rate"]
     atomic_write(out / "scores.json", json.dumps(results, indent=2) + "\n")
     return results
+
+
+def run_evaluation(model, processor, config: RunConfig, world: Path | None, out: Path,
+                   limit: int | None = None) -> dict | None:
+    """Evaluate the configured downstream and held-out tasks (nothing if none are configured)."""
+    sides = {side: [resolve_task_path(p, world, "test") for p in getattr(config.eval, side)]
+             for side in ("downstream", "heldout")}
+    if not any(sides.values()):
+        return None
+    return evaluate(model, processor, sides, out, config.eval.batch_size, config.eval.max_new_tokens,
+                    limit or config.eval.limit, config.train.progress, overwrite=True,
+                    sample_temperature=config.eval.sample_temperature, sample_seed=config.eval.sample_seed)

@@ -26,7 +26,7 @@ from mmtune.engines import is_deepspeed
 from mmtune.methods.base import load_method_states, save_method_states
 
 if TYPE_CHECKING:
-    from mmtune.train import Run
+    from mmtune.run import Run
 
 # Config keys that may differ between a checkpoint and the run resuming it: where things go and how they are
 # shown. Everything else changes what is trained, so a resume with a different value is refused.

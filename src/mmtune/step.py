@@ -26,11 +26,21 @@ from dataclasses import dataclass, field
 import torch
 
 from mmtune.data.collate import IGNORE_INDEX
-from mmtune.engines import backward, engine_of, is_deepspeed, optimizer_step, partition_span, release_gathered
+from mmtune.engine import (
+    DTensor,
+    engine_of,
+    local_shard,
+    local_slice,
+    partition_span,
+    partitioned,
+    release_gathered,
+    sharded,
+)
+from mmtune.engines import backward, optimizer_step
 from mmtune.errors import NonFiniteError
 from mmtune.losses import compute_losses
-from mmtune.methods.base import DTensor, Method, TrainContext, local_shard, partitioned, sharded
-from mmtune.methods.multitask import combine, gram_of
+from mmtune.methods.base import Method, TrainContext
+from mmtune.task_gradients import combine, gram_of
 
 
 @dataclass
@@ -213,7 +223,7 @@ class Step:
     def deepspeed(self) -> bool:
         """Whether DeepSpeed drives the step: its gradients live in the engine's buffers, so a built gradient is handed
         to the engine's step (``set_gradient``) rather than written into ``param.grad``."""
-        return is_deepspeed(self.ctx.accelerator)
+        return self.ctx.engine.deepspeed
 
     @property
     def sharded(self) -> bool:
@@ -338,15 +348,8 @@ class Step:
         return list(zip(params, torch.split(flat, [local_slice(p).numel() for p in params]), strict=True))
 
     def _needs_gradients(self, what: str) -> None:
-        if is_deepspeed(self.ctx.accelerator):  # refused up front (Method.sets_gradients); this is the backstop
+        if self.ctx.engine.deepspeed:  # refused up front (Method.sets_gradients); this is the backstop
             raise RuntimeError(f"can't {what} under DeepSpeed: its engine keeps the gradients in its own buffers")
-
-
-def local_slice(param: torch.nn.Parameter) -> torch.Tensor:
-    """This process's slice of a trainable weight, a view (in-place writes reach the parameter): an FSDP2 shard's local
-    tensor, a ZeRO-3 partition (flat, padding included), else the whole weight."""
-    partition = getattr(param, "ds_tensor", None)
-    return partition.data if partition is not None else local_shard(param).data
 
 
 def step_tokens(accelerator, micro: list[dict]) -> torch.Tensor:

@@ -20,33 +20,19 @@ A lost process of a multi-process run is named (``mmtune.liveness``); a full dis
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import shutil
 import time
-from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.state import AcceleratorState
-from accelerate.utils import (
-    DistributedDataParallelKwargs,
-    InitProcessGroupKwargs,
-    ProjectConfiguration,
-    parse_flag_from_env,
-    set_seed,
-)
+from accelerate import Accelerator
 from transformers import get_scheduler
 from transformers.optimization import Adafactor
 
 from mmtune.best import BestState
-from mmtune.checkpoint import newest_complete, removed_unless_whole
-from mmtune.config import SCHEDULERS, TINY_ARCHITECTURES, RunConfig, save_config
-from mmtune.data.synthetic import vocabulary
+from mmtune.checkpoint import newest_complete
+from mmtune.config import SCHEDULERS, RunConfig, save_config
 from mmtune.during_training import (
     base_needs_evaluation,
     evaluate_during_training,
@@ -55,15 +41,14 @@ from mmtune.during_training import (
     redo_cut_evaluation,
     run_evaluation,
 )
-from mmtune.engines import configure_deepspeed, is_deepspeed, on_masters
+from mmtune.engines import is_deepspeed, on_masters
 from mmtune.errors import NonFiniteError, Preempted, RunInUseError  # noqa: F401  (RunInUseError: public here)
-from mmtune.liveness import Peers
-from mmtune.methods.base import TrainContext, build_methods, refusal, shards_parameters
-from mmtune.models.load import DTYPES, check_model_folder, load_model, save_processor, set_pixel_budget
+from mmtune.methods.base import TrainContext
+from mmtune.models.base_model import check_model_source, load_base, whole_init  # noqa: F401 — public here too
+from mmtune.models.load import load_model
+from mmtune.models.save import write_model_folder
 from mmtune.models.scope import apply_scope_config, parameter_groups, scope_summary
-from mmtune.models.tiny import build_tiny
 from mmtune.precision import (
-    compute_precision,
     describe,
     keep_fp32_masters,
     low_precision_dtype,
@@ -73,139 +58,11 @@ from mmtune.precision import (
 from mmtune.preemption import PreemptionWatch, preempted_error
 from mmtune.report import to_markdown, write_report
 from mmtune.resume import resume, save_checkpoint
-from mmtune.run_folder import RunPaths, prepare_output_dir, release_lock
+from mmtune.run import Run, open_run  # noqa: F401 — public here too
+from mmtune.run_folder import release_lock
 from mmtune.step import train_step
-from mmtune.step_log import StepLog, available_trackers
+from mmtune.step_log import StepLog
 from mmtune.train_data import build_loader, load_records, optimizer_steps
-
-
-@dataclass
-class Run:
-    """What the phases of one training share; filled phase by phase."""
-
-    config: RunConfig
-    accelerator: Accelerator
-    paths: RunPaths
-    methods: list
-    sharded: bool
-    lock: int | None = None
-    peers: Peers | None = None
-    world: Path | None = None
-    records: list = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    processor: object = None
-    model: object = None
-    optimizer: object = None
-    loader: object = None
-    scheduler: object = None
-    ctx: TrainContext | None = None
-    steps_per_epoch: int = 0
-    best: BestState | None = None
-    stopped_early: bool = False
-    preempted: Preempted | None = None  # set when a preemption signal stopped the loop after a checkpoint
-    watch: PreemptionWatch | None = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    def say(self, message: str) -> None:
-        self.accelerator.print(message)
-
-
-def load_base(config: RunConfig):
-    """The model a run starts from: a local checkpoint, or a tiny random model (tests, demos); its processor with
-    the run's pixel budget (``model.min_pixels`` / ``model.max_pixels``)."""
-    if config.model.tiny:
-        with whole_init():
-            model, processor = build_tiny(config.model.tiny, words=vocabulary(), image_size=config.model.tiny_image_size,
-                                          hidden_size=config.model.tiny_hidden_size,
-                                          num_layers=config.model.tiny_layers,
-                                          vision_hidden_size=config.model.tiny_vision_hidden_size,
-                                          vision_layers=config.model.tiny_vision_layers,
-                                          patch_size=config.model.tiny_patch_size, seed=config.train.seed)
-        model = model.to(DTYPES[config.model.dtype])
-    else:
-        check_model_source(config)
-        model, processor = load_model(config.model.path, config.model.dtype, config.model.attn_implementation,
-                                      config.model.quantization)
-    set_pixel_budget(processor, config.model.min_pixels, config.model.max_pixels)
-    return model, processor
-
-
-@contextlib.contextmanager
-def whole_init():
-    """Transformers as if DeepSpeed ZeRO-3 were off, inside. Under ZeRO-3 it builds a model partitioned
-    (``deepspeed.zero.Init``), which draws other random weights than a whole build — a tiny random model is built
-    whole so that it is the same model on every engine (a checkpoint loads the same either way, and is loaded
-    partitioned, as a large model must be) — and its ``generate`` waits for the other processes at every token,
-    which one process evaluating alone must not."""
-    plugin = AcceleratorState().deepspeed_plugin if AcceleratorState._shared_state else None
-    if plugin is None or plugin.zero_stage != 3:
-        yield
-        return
-    from transformers.integrations import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()  # what transformers reads to build under zero.Init
-    try:
-        yield
-    finally:
-        plugin.set_deepspeed_weakref()
-
-
-def check_model_source(config: RunConfig) -> None:
-    """Fail fast when the run names no model, or a folder that is not a model."""
-    if config.model.tiny:
-        return
-    if not config.model.path:
-        raise ValueError("set model.path (a local checkpoint folder) or model.tiny (one of "
-                         f"{', '.join(TINY_ARCHITECTURES)})")
-    check_model_folder(config.model.path)
-
-
-def deepspeed_launched() -> bool:
-    """Whether ``accelerate launch`` was told to use DeepSpeed (``--use_deepspeed`` or a DeepSpeed config)."""
-    return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
-
-
-def open_run(config: RunConfig) -> Run:
-    """Phase 1: the engine, the locked output folder, the methods (a bad name or option fails now)."""
-    cuda = torch.cuda.is_available()
-    mixed_precision = compute_precision(config.model.dtype, config.train.mixed_precision, config.train.fp32_masters)
-    if mixed_precision == "fp16" and not cuda:
-        raise ValueError("fp16 needs a CUDA GPU (train.mixed_precision=fp16, or model.dtype=fp16 with fp32 masters, "
-                         "which autocasts in fp16); on CPU it would silently do nothing: use bf16")
-    # Accelerate keeps one AcceleratorState per process; several runs in one process (the demo, notebooks)
-    # may differ in mixed precision, so start each run from a fresh state (the process group is kept).
-    AcceleratorState._reset_state(reset_partial_state=False)
-    if deepspeed_launched() and not cuda:
-        # Without a GPU, Accelerate picks no communication backend for DeepSpeed and each process would train alone
-        # on the whole data set (num_processes 1): name CPU's backend.
-        PartialState(backend="gloo", timeout=timedelta(seconds=config.train.ddp_timeout))
-    root = Path(config.train.output_dir)
-    accelerator = Accelerator(
-        # cpu=True would turn a DeepSpeed launch into DDP without a word: only force the CPU otherwise.
-        mixed_precision=mixed_precision, cpu=not cuda and not deepspeed_launched(),
-        log_with=available_trackers(config.train.report_to) or None,
-        project_config=ProjectConfiguration(project_dir=str(root), logging_dir=str(root / "tensorboard")),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False),
-                         InitProcessGroupKwargs(timeout=timedelta(seconds=config.train.ddp_timeout))],
-    )
-    methods = build_methods(config.method)
-    check_model_source(config)  # a bad model path fails now, before any data is generated or read
-    if config.model.quantization and (accelerator.num_processes > 1 or is_deepspeed(accelerator)):
-        raise ValueError("model.quantization (QLoRA) is tested in one process only; launch it without DDP / DeepSpeed")
-    sharded = shards_parameters(accelerator)
-    # FSDP's shards are DTensors the methods work on; under DeepSpeed ZeRO-3 the hooks see whole fp32 tensors and
-    # configure_deepspeed says what it refuses.
-    refused = refusal(methods, "sharded") if sharded and not is_deepspeed(accelerator) else None
-    if refused:
-        raise ValueError(refused)
-    configure_deepspeed(accelerator, config, methods)
-    paths, lock = prepare_output_dir(config, accelerator.is_main_process)
-    accelerator.wait_for_everyone()
-    set_seed(config.train.seed)
-    return Run(config, accelerator, paths, methods, sharded, lock, peers=Peers(accelerator, config.train.ddp_timeout))
 
 
 def build_optimizer(config: RunConfig, groups: list[dict], sharded: bool = False) -> torch.optim.Optimizer:
@@ -282,7 +139,8 @@ def prepare_training(run: Run) -> None:
     trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
     generator = torch.Generator(device=run.accelerator.device).manual_seed(config.train.seed)
     run.ctx = TrainContext(model=run.model, unwrapped=unwrapped, trainable=trainable, generator=generator,
-                           accelerator=run.accelerator, optimizer=run.optimizer, total_steps=total_steps,
+                           accelerator=run.accelerator, engine=run.engine, optimizer=run.optimizer,
+                           total_steps=total_steps,
                            output_dir=run.paths.root, tasks=sorted({r.task for r in run.records}),
                            batches=lambda: run.loader)
     with on_masters(run.ctx, write_back=False):  # W0 and the like from the fp32 masters, on every engine
@@ -411,16 +269,9 @@ def keyed_as(state: dict, model: torch.nn.Module) -> dict:
 
 
 def save_final(run: Run, full_state: dict | None) -> None:
-    """``final/`` written into ``final.partial`` and renamed when whole: a full disk (or a kill) never leaves a final/
-    that looks finished."""
-    final = run.paths.final
-    partial = final.with_name(final.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    with removed_unless_whole(partial, f"the final model ({final})", run.paths.checkpoints):
-        run.ctx.final_model.save_pretrained(partial, state_dict=full_state)
-        save_processor(run.processor, partial)
-        save_config(run.config, partial / "mmtune_config.yaml")
-    os.replace(partial, final)
+    """``final/`` (``mmtune.models.save``: written whole or not at all)."""
+    write_model_folder(run.ctx.final_model, run.processor, run.paths.final, state_dict=full_state,
+                       run_config=run.config, overwrite=True, checkpoints=run.paths.checkpoints)
 
 
 def train(config: RunConfig) -> Path:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from helpers import assembled, move_off_pretrained, nth_micro, step_gradient
+from mmtune.engine import Engine
 from mmtune.methods import FAMO, METHODS, NRCA, SAM, CAGrad, L2Reg, Lora, Method, Spider, TaskSAM
 from mmtune.methods.base import refusal
 from mmtune.methods.multitask import cagrad
@@ -15,20 +16,20 @@ def test_refusals_follow_the_hooks_and_declarations():
     assert refusal([NRCA(), Spider(), Lora(), L2Reg()], "trainer") is None
     assert "famo overrides balance_task_losses, build_step" in refusal([FAMO()], "trainer")
     assert "sam overrides build_step" in refusal([SAM()], "trainer")
-    assert refusal([FAMO()], "deepspeed") is None  # its step is the plain backward: DeepSpeed runs it
-    assert refusal([SAM()], "deepspeed") is None  # under DeepSpeed its step is built on Step's flat gradients
-    assert refusal([Spider()], "sharded") is None
-    assert refusal([L2Reg()], "sharded") is None  # tested on FSDP2 shards (test_methods_sharded.py)
-    assert refusal([SAM()], "sharded") is None  # its norm and move are DTensor operations on shards
-    assert refusal([TaskSAM()], "sharded") is None  # written on Gram matrices
-    assert refusal([METHODS["ewc"]()], "sharded") is None  # its Fisher one record at a time through FSDP
-    assert refusal([METHODS["asft"]()], "sharded") is None  # W0 written into the shards for its base forward
+    assert refusal([FAMO()], Engine("zero2")) is None  # its step is the plain backward: DeepSpeed runs it
+    assert refusal([SAM()], Engine("zero2")) is None  # under DeepSpeed its step is built on Step's flat gradients
+    assert refusal([Spider()], Engine("fsdp2")) is None
+    assert refusal([L2Reg()], Engine("fsdp2")) is None  # tested on FSDP2 shards (test_methods_sharded.py)
+    assert refusal([SAM()], Engine("fsdp2")) is None  # its norm and move are DTensor operations on shards
+    assert refusal([TaskSAM()], Engine("fsdp2")) is None  # written on Gram matrices
+    assert refusal([METHODS["ewc"]()], Engine("fsdp2")) is None  # its Fisher one record at a time through FSDP
+    assert refusal([METHODS["asft"]()], Engine("fsdp2")) is None  # W0 written into the shards for its base forward
 
     class Untested(Method):
         name = "untested"
 
     assert "untested can't run with parameters sharded over processes (FSDP): it is not tested" in \
-        refusal([Untested()], "sharded")
+        refusal([Untested()], Engine("fsdp2"))
 
     class OwnStep(Method):
         name = "own_step"
@@ -37,13 +38,51 @@ def test_refusals_follow_the_hooks_and_declarations():
             step.backward()
 
     assert "own_step overrides build_step" in refusal([OwnStep()], "trainer")
-    assert refusal([OwnStep()], "deepspeed") is None  # declares no gradient surgery (sets_gradients = False)
+    assert refusal([OwnStep()], Engine("zero2")) is None  # declares no gradient surgery (sets_gradients = False)
 
     class WritesGrad(OwnStep):
         name = "writes_grad"
         sets_gradients = True  # its build_step reads or writes param.grad itself
 
-    assert refusal([WritesGrad()], "deepspeed").startswith("writes_grad: builds the step's gradient itself")
+    assert refusal([WritesGrad()], Engine("zero2")).startswith("writes_grad: builds the step's gradient itself")
+
+
+def test_the_one_compatibility_rule_takes_every_host():
+    """refusal(methods, host) is the one place that decides (issue 39): the host is an Engine (mmtune's own loop on it)
+    or the Trainer, with the Trainer's engine when known; the 0.x strings still work, with a deprecation."""
+    reads = type("ReadsWeights", (Method,), {"name": "reads", "reads_weights_in_loss": True})
+    assert refusal([L2Reg()], Engine("zero3")) is None  # its penalty is added on ZeRO-3's masters by mmtune's step
+    assert "reads can't run under DeepSpeed ZeRO-3" in refusal([reads()], Engine("zero3"))
+    assert refusal([reads()], Engine("zero2")) is None and refusal([reads()], Engine("ddp", 2)) is None
+    assert "l2_reg: the loss term reads the trainable weights" in refusal([L2Reg()], "trainer", Engine("zero3"))
+    assert "lora: merging the adapters" in refusal([Lora()], "trainer", Engine("zero3"))
+    assert refusal([Lora(), L2Reg()], "trainer", Engine("zero2")) is None
+    for legacy, engine in (("deepspeed", "zero2"), ("sharded", "fsdp2"), ("loop", "single")):
+        with pytest.warns(DeprecationWarning, match=f'refusal\\(methods, "{legacy}"\\) is deprecated'):
+            old = refusal([FAMO(), reads()], legacy)
+        assert old == refusal([FAMO(), reads()], Engine(engine))
+    with pytest.raises(TypeError, match="host must be an Engine or 'trainer'"):
+        refusal([FAMO()], "fsdp")
+
+
+def test_the_engine_is_named_once_from_the_accelerator():
+    from types import SimpleNamespace
+
+    def accelerator(distributed: str, processes: int = 1, stage: int | None = None):
+        plugin = SimpleNamespace(zero_stage=stage) if stage is not None else None
+        return SimpleNamespace(distributed_type=f"DistributedType.{distributed}", num_processes=processes,
+                               state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    assert Engine.of(None) == Engine() == Engine("single", 1)
+    assert Engine.of(accelerator("MULTI_CPU", 2)) == Engine("ddp", 2)
+    assert Engine.of(accelerator("FSDP", 2)).tensors == "sliced"
+    zero3 = Engine.of(accelerator("DEEPSPEED", 2, stage=3))
+    assert (zero3.kind, zero3.zero_stage, zero3.deepspeed, zero3.shards_parameters, zero3.tensors) == \
+        ("zero3", 3, True, True, "partitioned")
+    zero2 = Engine.of(accelerator("DEEPSPEED", 2, stage=2))
+    assert zero2.deepspeed and not zero2.shards_parameters and zero2.tensors == "whole"
+    with pytest.raises(ValueError, match="engine 'zero9'"):
+        Engine("zero9")
 
 
 def _legacy(base: type, **attributes) -> type:

@@ -27,7 +27,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from mmtune.data.records import Record, RecordError, checked_records, image_path
+from mmtune.data.record import Record, RecordError, checked_records, image_path
 
 IMAGE_TOKEN = "<image>"
 FORMATS = ("messages", "sharegpt")

@@ -29,6 +29,7 @@ from safetensors import safe_open
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from mmtune.engine import Engine
 from mmtune.losses import compute_losses
 from mmtune.methods.base import Method, TrainContext, load_method_states, refusal, save_method_states
 
@@ -82,18 +83,10 @@ class MethodTrainerMixin:
         if methods:
             args, kwargs = _prepared(methods, args, kwargs)
         super().__init__(*args, **kwargs)
-        plugin = getattr(getattr(getattr(self, "accelerator", None), "state", None), "deepspeed_plugin", None)
-        weights = [m.name for m in methods or [] if m.reads_weights_in_loss]
-        if plugin is not None and plugin.zero_stage == 3 and weights:
-            # mmtune's own step adds L1/L2's penalty on the full masters under ZeRO-3; a Trainer's step can't
-            raise ValueError(f"{', '.join(weights)}: the loss term reads the trainable weights, which DeepSpeed ZeRO-3 "
-                             "leaves as empty partitions in a Hugging Face Trainer's step; train with mmtune train "
-                             "(which runs L1/L2 under ZeRO-3) or use ZeRO-2")
-        merged = [m.name for m in methods or [] if m.overrides("prepare_model")]
-        if plugin is not None and plugin.zero_stage == 3 and merged:
-            # mmtune's loop merges the adapters into ZeRO-3's partitioned weights from the fp32 masters it holds
-            raise ValueError(f"{', '.join(merged)}: merging the adapters into ZeRO-3's partitioned weights at the end "
-                             "is done and tested in mmtune train only; train with it, or use ZeRO-2 in a Trainer")
+        # the one compatibility rule again, now that the Trainer's engine is known (ZeRO-3's partitions)
+        refused = refusal(methods or [], "trainer", Engine.of(getattr(self, "accelerator", None)))
+        if refused:
+            raise ValueError(refused)
         self._term_sums: dict[str, float] = {}
         self._term_count = 0
         self.methods = methods or []

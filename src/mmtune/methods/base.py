@@ -36,6 +36,19 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from mmtune.engine import (  # noqa: F401 — also public here: methods import the tensor helpers from this module
+    DTensor,
+    Engine,
+    is_fsdp,
+    laid_out_as,
+    local_shard,
+    partitioned,
+    sharded,
+    shards_parameters,
+    sum_over_shards,
+    whole,
+)
+
 
 @dataclass
 class MethodConfig:
@@ -51,6 +64,7 @@ class TrainContext:
     trainable: dict[str, nn.Parameter]  # name → parameter, the tensors being fine-tuned
     generator: torch.Generator  # the method's seeded randomness (saved in checkpoints)
     accelerator: Any = None
+    engine: Engine | None = None  # where the weights live (mmtune.engine); None: the accelerator's (Engine.of)
     optimizer: Any = None
     step: int = 0  # optimizer steps done so far
     total_steps: int = 0
@@ -64,6 +78,10 @@ class TrainContext:
     # Under DeepSpeed, the step's gradient a method built itself (``Step.set_gradient``: full fp32 tensors by name),
     # which the engine's step uses in place of the one in its buffers (``mmtune.engines.deepspeed_step``).
     built_gradient: dict[str, torch.Tensor] | None = None
+
+    def __post_init__(self):
+        if self.engine is None:
+            self.engine = Engine.of(self.accelerator)
 
 
 # Every hook a method may override, in the order a run calls them.
@@ -260,22 +278,54 @@ ALWAYS = {"prepare_model", "setup", "extra_losses", "token_loss", "before_optimi
           "state_dict", "load_state_dict"}
 
 
-def refusal(methods: list[Method], host: str) -> str | None:
-    """Why ``host`` can't run ``methods`` (one sentence naming method and hook), or None. Hosts: ``"loop"``
-    (mmtune's training loop, one process / DDP), ``"trainer"`` (a Hugging Face Trainer), ``"deepspeed"``,
-    ``"sharded"`` (parameters sharded over processes as FSDP's DTensors; ZeRO-3: ``engines.zero3_refusal``)."""
+# The hosts of the 0.x string form of ``refusal``, as engines (deprecated: pass an Engine).
+LEGACY_HOSTS = {"loop": "single", "deepspeed": "zero2", "sharded": "fsdp2"}
+
+
+def refusal(methods: list[Method], host: Engine | str, engine: Engine | None = None) -> str | None:
+    """The one compatibility rule: why ``host`` can't run ``methods`` (one sentence naming the method and the reason), or
+    None. ``host``: an ``Engine`` (mmtune's own training loop on it: ``mmtune train``, ``mmtune estimate``), or
+    ``"trainer"`` (a Hugging Face Trainer, with its ``engine`` when it is known). Derived from what a method declares:
+
+    * a Trainer runs the hooks in ``ALWAYS`` only (its step is its own);
+    * DeepSpeed keeps gradients in its own buffers: a ``build_step`` that sets ``param.grad`` itself is refused;
+    * ZeRO-3 leaves each weight an empty partition: a loss term reading the weights (``reads_weights_in_loss``) runs
+      only as a ``weight_penalty`` (in mmtune's loop, which adds it on the masters; never in a Trainer), and a method
+      may declare its own reason (``partitioned_refusal``); in a Trainer, a model change merged at the end
+      (``prepare_model``: LoRA) is refused too;
+    * FSDP2's DTensor shards: only methods tested there (``supports_sharding``)."""
+    if isinstance(host, str) and host in LEGACY_HOSTS:
+        warnings.warn(f'refusal(methods, "{host}") is deprecated: pass an Engine (mmtune.engine.Engine('
+                      f'"{LEGACY_HOSTS[host]}"))', DeprecationWarning, stacklevel=2)
+        host = Engine(LEGACY_HOSTS[host])
+    trainer = host == "trainer"
+    engine = (engine or Engine()) if trainer else host
+    if not isinstance(engine, Engine):
+        raise TypeError(f"refusal: host must be an Engine or 'trainer', not {host!r}")
     for method in methods:
-        if host == "trainer":
-            extra = [h for h in HOOKS if h not in ALWAYS and method.overrides(h)]
-            if extra:
-                return (f"{method.name} overrides {', '.join(extra)}, which a Hugging Face Trainer's step can't run "
-                        "(it builds the step from per-task losses or gradients, or a second gradient): train it in "
-                        "mmtune's own training loop (mmtune train)")
-        if host == "deepspeed" and method.builds_step and method.sets_gradients:
+        if trainer and (extra := [h for h in HOOKS if h not in ALWAYS and method.overrides(h)]):
+            return (f"{method.name} overrides {', '.join(extra)}, which a Hugging Face Trainer's step can't run "
+                    "(it builds the step from per-task losses or gradients, or a second gradient): train it in "
+                    "mmtune's own training loop (mmtune train)")
+        if engine.deepspeed and method.builds_step and method.sets_gradients:
             return (f"{method.name}: builds the step's gradient itself (its build_step reads and sets param.grad: per "
                     "task, or a second pass), which DeepSpeed's engine keeps in its own buffers; use DDP or one "
                     "process")
-        if host == "sharded" and not method.supports_sharding:
+        if engine.kind == "zero3":
+            if method.partitioned_refusal:
+                return (f"{method.name} can't run under DeepSpeed ZeRO-3: {method.partitioned_refusal}; use ZeRO-2 or "
+                        "FSDP2")
+            if method.reads_weights_in_loss and trainer:
+                return (f"{method.name}: the loss term reads the trainable weights, which DeepSpeed ZeRO-3 leaves as "
+                        "empty partitions in a Hugging Face Trainer's step; train with mmtune train (which runs L1/L2 "
+                        "under ZeRO-3) or use ZeRO-2")
+            if method.reads_weights_in_loss and not method.overrides("weight_penalty"):
+                return (f"{method.name} can't run under DeepSpeed ZeRO-3: its loss term reads the trainable weights in "
+                        "the forward pass, where ZeRO-3 leaves each parameter an empty partition; use ZeRO-2 or FSDP2")
+            if trainer and method.overrides("prepare_model"):
+                return (f"{method.name}: merging the adapters into ZeRO-3's partitioned weights at the end is done and "
+                        "tested in mmtune train only; train with it, or use ZeRO-2 in a Trainer")
+        if engine.fsdp and not method.supports_sharding:
             ready = ", ".join(n for n, cls in sorted(METHODS.items()) if cls.supports_sharding)
             why = method.sharding_refusal or "it is not tested with parameters sharded over processes"
             return (f"{method.name} can't run with parameters sharded over processes (FSDP): {why}. "
@@ -284,32 +334,6 @@ def refusal(methods: list[Method], host: str) -> str | None:
 
 
 METHODS: dict[str, type[Method]] = {}
-
-
-def sharded(trainable: dict[str, torch.Tensor]) -> bool:
-    """Whether the trainable weights are FSDP2 shards (DTensors: each process holds its slice of every tensor)."""
-    return any(isinstance(p, DTensor) for p in trainable.values())
-
-
-def partitioned(trainable: dict[str, torch.Tensor]) -> bool:
-    """Whether the trainable weights are DeepSpeed ZeRO-3 partitions (a parameter's own tensor is empty outside the
-    engine's gather)."""
-    return any(hasattr(p, "ds_tensor") for p in trainable.values())
-
-
-def is_fsdp(accelerator) -> bool:
-    return str(getattr(accelerator, "distributed_type", "")).endswith("FSDP")
-
-
-def shards_parameters(accelerator) -> bool:
-    """Whether the engine splits parameters over processes (FSDP, DeepSpeed ZeRO-3): method state that
-    follows the parameters is then per process."""
-    if accelerator is None:
-        return False
-    if is_fsdp(accelerator):
-        return True
-    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
-    return plugin is not None and plugin.zero_stage == 3
 
 
 def method_state_file(accelerator) -> str:
@@ -371,46 +395,6 @@ def build_methods(section) -> list[Method]:
 def describe_config(cls: type[Method]) -> str:
     defaults = dataclasses.asdict(cls.config_class())
     return ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "—"
-
-
-try:  # FSDP2's sharded parameters are DTensors
-    from torch.distributed.tensor import DTensor, distribute_tensor
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = ()
-
-
-def local_shard(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor's (FSDP2's) local shard — a view, so in-place updates reach the parameter; else the tensor."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def whole(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: a DTensor's (an FSDP2 shard's) value gathered from every process, else the tensor itself.
-    For what needs the whole tensor (a top-k selection, a random draw over its shape), one tensor at a time."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def laid_out_as(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``value`` (a whole tensor, the same on every process) laid out as ``param``: for a sharded parameter, this
-    process's piece of it as a DTensor (no communication), else ``value`` itself."""
-    if not isinstance(param, DTensor):
-        return value
-    return distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
-
-
-def sum_over_shards(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """A sum computed on this process's shard of ``param`` (``local``, with its gradient) plus the other shards'
-    sums (their values only): the whole tensor's sum on every process, whose gradient reaches this process's shard
-    once — an all-reduce inside autograd would count it once per process."""
-    if not isinstance(param, DTensor):
-        return local
-    import torch.distributed as dist
-
-    total = local.detach().clone()
-    for dim, placement in enumerate(param.placements):
-        if placement.is_shard():
-            dist.all_reduce(total, group=param.device_mesh.get_group(dim))
-    return local + (total - local.detach())
 
 
 def snapshot(trainable: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ import torch
 from torch.func import functional_call
 
 from mmtune.data.collate import model_inputs
+from mmtune.engine import release_gathered, write_weight
 from mmtune.losses import target_logits
 from mmtune.methods.base import (
     Method,
@@ -68,8 +69,6 @@ def partitioned_base_logits(ctx, batch: dict, pretrained: dict[str, torch.Tensor
     and backward: each process writes its piece of W0 into its partitions (and W0 whole into a small parameter
     DeepSpeed keeps gathered), one forward gathers W0, then the very same W is copied back — the backward of the
     step's forward gathers W anew from the partitions."""
-    from mmtune.engines import release_gathered, write_weight
-
     current = {name: (param.ds_tensor.detach().clone(), param.data.clone()) for name, param in ctx.trainable.items()}
     try:
         for name, param in ctx.trainable.items():

@@ -18,7 +18,7 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.lora import LoraLayer
 
-from mmtune.methods.base import Method, MethodConfig, is_fsdp, laid_out_as, partitioned, register, whole
+from mmtune.methods.base import Method, MethodConfig, laid_out_as, partitioned, register, whole
 from mmtune.models.scope import part_of
 
 
@@ -73,7 +73,7 @@ class Lora(Method):
     def on_train_end(self, ctx):
         if not self.config.merge and ctx.output_dir is not None and ctx.accelerator.is_main_process:
             ctx.final_model.save_pretrained(ctx.output_dir / "adapter")
-        if is_fsdp(ctx.accelerator):  # PEFT's merge adds B·A into the weight in place, which shards don't allow
+        if ctx.engine.fsdp:  # PEFT's merge adds B·A into the weight in place, which shards don't allow
             merge_sharded(ctx.final_model)
             ctx.final_model = ctx.final_model.unload()
         elif partitioned(dict(ctx.final_model.named_parameters())):  # DeepSpeed ZeRO-3: W is an empty partition

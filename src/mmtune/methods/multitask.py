@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from mmtune.methods.base import Method, MethodConfig, register
+from mmtune.task_gradients import combine, gram_of  # noqa: F401 — public here too
 
 # Both build the step from the tasks' gradients (``mmtune.step.Step.weigh_task_gradients``): each task's share of the
 # loss has a gradient g_i (one flat [T, P] matrix over the tasks present in the step), and both rules return a
@@ -79,17 +80,6 @@ def cagrad_weights(gram: torch.Tensor, c: float = 0.5) -> torch.Tensor:
 def cagrad(grads: torch.Tensor, c: float = 0.5) -> torch.Tensor:
     """The released CAGrad update for ``grads`` [T, P] (rescale 1: divided by 1 + c²)."""
     return combine(grads, cagrad_weights(gram_of(grads), c))
-
-
-def gram_of(grads: torch.Tensor) -> torch.Tensor:
-    """``[g_i·g_j]`` of ``grads`` [T, P], in float64."""
-    grads = grads.double()
-    return grads @ grads.T
-
-
-def combine(grads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``Σ_i weights_i · grads_i`` in the gradients' dtype and device."""
-    return weights.to(grads.device, grads.dtype) @ grads
 
 
 def random_order(tasks: int, generator: torch.Generator) -> list[list[int]]:

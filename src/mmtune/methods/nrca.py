@@ -31,7 +31,7 @@ import torch
 
 from mmtune.data.collate import model_inputs, subset_batch
 from mmtune.losses import per_sample_mean, target_log_probs, target_token_counts
-from mmtune.methods.base import Method, MethodConfig, register, shards_parameters
+from mmtune.methods.base import Method, MethodConfig, register
 
 NOISES = ("gaussian_mix", "gaussian", "zeros")
 OPEN_RULES = ("kind", "tokens")
@@ -115,7 +115,7 @@ class NRCA(Method):
             open_mask = open_mask & batch["image_mask"].to(open_mask.device)
         rows = open_mask.nonzero(as_tuple=True)[0]
         if rows.numel() == 0:
-            if not shards_parameters(ctx.accelerator):
+            if not ctx.engine.shards_parameters:
                 return {"nrca_gap": sample_loss.sum() * 0.0}
             # FSDP / ZeRO-3: every forward and backward gathers the weights over the processes, so every process runs
             # the noised forward, this one on its image rows at weight 0 (else the others would wait for it forever).

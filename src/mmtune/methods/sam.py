@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from mmtune.methods.base import Method, MethodConfig, register
-from mmtune.methods.multitask import cagrad_weights, combine, gram_of, pcgrad_weights, random_order
+from mmtune.methods.multitask import cagrad_weights, pcgrad_weights, random_order
+from mmtune.task_gradients import combine, gram_of
 
 
 def sam_perturbation(grads: list[torch.Tensor], rho: float, norm: torch.Tensor | None = None) -> list[torch.Tensor]:

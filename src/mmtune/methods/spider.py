@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mmtune.methods.base import Method, MethodConfig, is_fsdp, local_shard, register  # noqa: F401
+from mmtune.methods.base import Method, MethodConfig, local_shard, register  # noqa: F401
 
 try:
     from torch.distributed.tensor import DTensor
@@ -218,7 +218,7 @@ class Spider(Method):
                              f"importance (e.g. {lora[0]}). Use full tuning of the scope (drop 'lora').")
         # Under DeepSpeed (ZeRO-3 included) the hooks see whole fp32 tensors (mmtune.engines); under FSDP the shards
         # must be DTensors (FSDP2) for the per-tensor statistics.
-        if is_fsdp(ctx.accelerator) and not all(isinstance(p, DTensor) for p in ctx.trainable.values()):
+        if ctx.engine.fsdp and not all(isinstance(p, DTensor) for p in ctx.trainable.values()):
             raise ValueError("spider needs each tensor's shards as DTensors to compute its mean/std across them; "
                              "FSDP1 flat parameters hide them. Use FSDP2 (accelerate launch --use_fsdp "
                              "--fsdp_version 2), DDP, or DeepSpeed ZeRO-2 / ZeRO-3.")
