@@ -69,12 +69,12 @@ def test_a_full_disk_during_a_checkpoint_is_a_clear_error_and_the_run_resumes_af
 
 
 def test_a_full_disk_while_writing_final_leaves_no_final(tiny_config, monkeypatch):
-    import mmtune.train as train_module
+    import mmtune.models.save as writer  # the one writer of a model folder (final/, best/, merges)
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(train_module, "save_processor", no_space)
+    monkeypatch.setattr(writer, "save_processor", no_space)
     config = tiny_config("train.max_steps=4", "train.save_every=2")
     with pytest.raises(DiskFullError, match=r"while writing the final model .*newest complete checkpoint is "
                                             r"step-000002"):

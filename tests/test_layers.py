@@ -39,3 +39,14 @@ def test_a_cycle_or_an_upward_import_put_back_breaks_a_contract(tmp_path, file, 
         handle.write(f"\n{line}  # noqa\n")
     result = _lint(tmp_path)
     assert result.returncode != 0 and broken in result.stdout, result.stdout[-3000:]
+
+
+def test_no_function_is_longer_than_a_screen():
+    """Issue 39: a reader finds each step of the algorithm in a function that fits on a screen (≤ 80 lines)."""
+    import ast
+
+    long = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in sorted((ROOT / "src" / "mmtune").rglob("*.py"))
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80]
+    assert not long, long

@@ -122,7 +122,7 @@ def test_mutation_checkpointing_and_autocast_switched_off_are_seen(tiny_config, 
     from transformers import PreTrainedModel
 
     monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable", lambda self, *args, **kwargs: None)
-    monkeypatch.setattr("mmtune.train.compute_precision", lambda *args: "no")  # the bf16 setting ignored
+    monkeypatch.setattr("mmtune.run.compute_precision", lambda *args: "no")  # the bf16 setting ignored
     assert _observed_run(tiny_config, monkeypatch, *CHECKPOINTED_BF16, out="off") == \
         {"forwards": 2, "dtypes": {torch.float32}}  # what the test above would then see, and fail on
 
@@ -134,12 +134,18 @@ def test_bad_method_option_fails_before_any_work(tiny_config, tmp_path):
     assert not (tmp_path / "typo" / "synthetic").exists()
 
 
+def _pretend_fsdp2(monkeypatch) -> None:
+    """The run's engine named FSDP2 (Engine.of: the one place an engine is named) in one CPU process."""
+    from mmtune.engine import Engine
+
+    monkeypatch.setattr(Engine, "of", classmethod(lambda cls, accelerator: cls("fsdp2")))
+
+
 def test_sharded_engine_bookkeeping(tiny_config, monkeypatch):
     """What the loop does differently when an engine shards parameters (FSDP2 / ZeRO-3), exercised in one
     process: Accelerate enables FSDP on accelerators only, so CI can't shard the whole loop (SPIDER's own
     sharded math runs on real FSDP2 shards in tests/methods/test_spider_sharded.py)."""
-    monkeypatch.setattr("mmtune.train.shards_parameters", lambda accelerator: True)
-    monkeypatch.setattr("mmtune.methods.base.shards_parameters", lambda accelerator: True)
+    _pretend_fsdp2(monkeypatch)
     from mmtune.methods.base import METHODS, Method
 
     class Unsharded(Method):  # every registered method runs on shards; one that does not declare it is refused
@@ -164,8 +170,7 @@ def test_sharded_engine_bookkeeping(tiny_config, monkeypatch):
 
 def test_spider_refuses_shards_it_cannot_see(tiny_config, monkeypatch):
     # FSDP1's flat parameters are plain tensors: SPIDER can't find the rest of each tensor.
-    monkeypatch.setattr("mmtune.train.shards_parameters", lambda accelerator: True)
-    monkeypatch.setattr("mmtune.methods.spider.is_fsdp", lambda accelerator: True)
+    _pretend_fsdp2(monkeypatch)
     with pytest.raises(ValueError, match="Use FSDP2"):
         train(tiny_config("method.name=spider", out="refused"))
 

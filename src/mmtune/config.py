@@ -378,7 +378,11 @@ def from_dict(cls, data: dict, prefix: str = ""):
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as error:
+    except ValueError as error:
+        if all(hasattr(error, a) for a in ("key", "value", "rule")):  # a method option out of its declared range
+            raise ConfigError(f"{prefix}.{error.key}={error.value!r} {error.rule}" if prefix else str(error)) from None
+        raise ConfigError(f"{prefix or cls.__name__}: {error}") from None
+    except TypeError as error:
         raise ConfigError(f"{prefix or cls.__name__}: {error}") from None
 
 

@@ -39,25 +39,26 @@ def is_due(run: Run) -> bool:
     return bool(every) and not run.sharded and (step % every == 0 or step == run.ctx.total_steps)
 
 
-def redo_cut_evaluation(run: Run, log: StepLog) -> None:
-    """At the start of a resumed loop: an evaluation of the checkpoint's step that a preemption cut short is redone."""
+def redo_cut_evaluation(run: Run, log: StepLog) -> bool:
+    """At the start of a resumed loop: an evaluation of the checkpoint's step that a preemption cut short is redone.
+    Returns whether it stops the run early (``keep_best``)."""
     if run.ctx.step and is_due(run) and not (run.paths.during(f"step-{run.ctx.step:06d}") / "scores.json").exists():
-        evaluation_row(run, log)
+        return evaluation_row(run, log)
+    return False
 
 
-def evaluation_row(run: Run, log: StepLog) -> None:
+def evaluation_row(run: Run, log: StepLog) -> bool:
     """An evaluation during training at the current step: its row into ``metrics.jsonl`` and the trackers, then the
-    best model / early stopping bookkeeping."""
+    best model / early stopping bookkeeping. Returns whether the run stops early."""
     eval_row = evaluate_during_training(run, f"step-{run.ctx.step:06d}")
     log.evaluation(eval_row)
-    if run.best is not None:
-        keep_best(run, eval_row)
+    return keep_best(run, eval_row) if run.best is not None else False
 
 
-def keep_best(run: Run, eval_row: dict | None) -> None:
+def keep_best(run: Run, eval_row: dict | None) -> bool:
     """After an evaluation during training (on every process; ``eval_row`` is the main process's): a new best of
     ``train.best_metric`` writes ``<run>/best``; after ``train.early_stopping_patience`` evaluations in a row without
-    one, every process agrees to stop."""
+    one, every process agrees to stop — the return value (True: stop)."""
     if run.is_main and eval_row is not None:
         improved = update_best(run.best, eval_row["eval"], run.ctx.step, lambda folder: save_best_model(run, folder),
                                run.paths.root)
@@ -66,15 +67,16 @@ def keep_best(run: Run, eval_row: dict | None) -> None:
                 f"({mark})")
     patience = run.config.train.early_stopping_patience
     if not patience:
-        return
+        return False
     count = torch.tensor(float(run.best.evaluations_without_improvement if run.is_main else 0),
                          device=run.accelerator.device)
     if run.accelerator.num_processes > 1:
         count = run.accelerator.reduce(count, "sum")
-    if float(count) >= patience:
-        run.stopped_early = True
-        run.say(f"early stop at step {run.ctx.step}: no new best {run.best.metric} in {patience} evaluations "
-                f"(best {run.best.describe()}, in {run.paths.root / 'best'})")
+    if float(count) < patience:
+        return False
+    run.say(f"early stop at step {run.ctx.step}: no new best {run.best.metric} in {patience} evaluations "
+            f"(best {run.best.describe()}, in {run.paths.root / 'best'})")
+    return True
 
 
 def save_best_model(run: Run, folder: Path) -> None:

@@ -109,14 +109,14 @@ def backward(accelerator, loss: torch.Tensor, last: bool) -> None:
 
 
 @contextlib.contextmanager
-def _full_tensors(ctx: TrainContext, with_masters: bool, with_grads: bool) -> Iterator[dict[str, nn.Parameter]]:
+def _full_tensors(ctx: TrainContext, with_masters: bool, with_grads: bool,
+                  built: dict[str, torch.Tensor] | None = None) -> Iterator[dict[str, nn.Parameter]]:
     """``ctx.trainable`` swapped for full fp32 tensors holding DeepSpeed's master weights (when ``with_masters``;
-    else the model's weights), with the full gradient in ``.grad`` when ``with_grads`` (DeepSpeed frees it at the step);
-    restored on exit."""
+    else the model's weights), with the full gradient in ``.grad`` when ``with_grads`` (DeepSpeed frees it at the step;
+    ``built``: a step's gradient a method built itself, ``Step.set_gradient``, in its place); restored on exit."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     params = ctx.trainable
-    built, ctx.built_gradient = ctx.built_gradient, None  # a step a method built itself (Step.set_gradient)
     full: dict[str, nn.Parameter] = {}
     for name, param in params.items():
         weight = safe_get_full_fp32_param(param) if with_masters else None
@@ -177,7 +177,7 @@ def add_weight_penalties(ctx: TrainContext, methods: list[Method]) -> dict[str, 
 
 
 def deepspeed_step(ctx: TrainContext, methods: list[Method], max_grad_norm: float,
-                   check: Callable[..., float]) -> float:
+                   check: Callable[..., float], built: dict[str, torch.Tensor] | None = None) -> float:
     """One optimizer step under DeepSpeed ZeRO-1/2/3 (see the module docstring); returns the gradient norm."""
     from deepspeed.utils import safe_set_full_grad
 
@@ -185,7 +185,7 @@ def deepspeed_step(ctx: TrainContext, methods: list[Method], max_grad_norm: floa
     params = ctx.trainable
     # Before the step, fp32 model weights are the masters (DeepSpeed copied them in after the last step); bf16 ones
     # are their rounding and ZeRO-3's are partitions, so the hooks are given DeepSpeed's full fp32 masters instead.
-    with _full_tensors(ctx, with_masters=_low_precision(params), with_grads=True) as full:
+    with _full_tensors(ctx, with_masters=_low_precision(params), with_grads=True, built=built) as full:
         penalties = add_weight_penalties(ctx, methods) if partitioned(params) else {}
         grads = [p for p in full.values() if p.grad is not None]
         grad_norm = check(torch.nn.utils.clip_grad_norm_(grads, max_grad_norm), penalties)
@@ -205,13 +205,13 @@ def deepspeed_step(ctx: TrainContext, methods: list[Method], max_grad_norm: floa
 
 
 def optimizer_step(ctx: TrainContext, methods: list[Method], optimizer, max_grad_norm: float | None,
-                   check: Callable[[torch.Tensor], float]) -> float:
+                   check: Callable[[torch.Tensor], float], built: dict[str, torch.Tensor] | None = None) -> float:
     """Clip, check (``check(grad_norm)`` raises to stop before the step, else returns the norm as a number: the one
     place the step waits for the device), run the methods' step hooks around the
     optimizer step, zero the gradients; returns the gradient norm (measured before clipping)."""
     limit = max_grad_norm or math.inf  # without clipping, an infinite threshold still measures the norm
     if is_deepspeed(ctx.accelerator):
-        return deepspeed_step(ctx, methods, limit, check)
+        return deepspeed_step(ctx, methods, limit, check, built)
     grad_norm = check(ctx.accelerator.clip_grad_norm_(list(ctx.trainable.values()), limit))
     for method in methods:
         method.before_optimizer_step(ctx)

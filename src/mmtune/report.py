@@ -722,60 +722,72 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
     paths.append(_save(fig, out_dir / "s_vs_g.png"))
 
     curves = [(row, curve) for row in rows for curve in row.get("curves", [])]
-    if curves:  # eval.every_steps: the trade-off as it formed
-        def finite(value) -> bool:
-            return isinstance(value, (int, float)) and math.isfinite(value)
-
-        # normalised when every point has it (the base scored above 0 on the subset), else raw
-        keys = ("S/base", "G/base") if all(finite(p.get("S/base")) and finite(p.get("G/base"))
-                                           for _, curve in curves for p in curve) else ("S", "G")
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        labelled = set()
-        for row, curve in curves:
-            color, marker = method_style(row["method"])
-            steps = [point["step"] for point in curve]
-            for key, style in zip(keys, ("-", "--"), strict=True):
-                label = None if (row["method"], key) in labelled else f"{row['method']} {key.split('/')[0]}"
-                labelled.add((row["method"], key))
-                ax.plot(steps, [point.get(key) for point in curve], style, marker=marker, color=color, label=label)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("S (solid), G (dashed): " + ("mean of score / base × 100" if keys[0] == "S/base"
-                                                    else "raw mean"))
-        ax.set_title("specialization and generalization during training")
-        ax.legend(fontsize=7)
-        paths.append(_save(fig, out_dir / "s_g_over_steps.png"))
-        # every task's score and validation loss over the steps, per method (mean over seeds): where each overfits
-        made_up = any((point.get("hallucination") or {}) for _, curve in curves for point in curve)
-        fig, axes = plt.subplots(3 + made_up, len(columns), figsize=(3.2 * len(columns), 8 + 2.5 * made_up),
-                                 squeeze=False)
-        for row in rows:
-            color, marker = method_style(row["method"])
-            for j, task in enumerate(columns):
-                # the gap over the whole answer (solid), its image-dependent tokens (dashed) and template (dotted)
-                panels = [(0, "tasks", "-"), (0, "sampled", "--"), (1, "val_loss", "-"),
-                          *((2, key, style) for key, style in zip(GAP_KEYS, ("-", "--", ":"), strict=True)),
-                          *(((3, "hallucination", "-"), (3, "sampled_hallucination", "--")) if made_up else ())]
-                for i, key, style in panels:
-                    points = defaultdict(list)
-                    for curve in row.get("curves", []):
-                        for point in curve:
-                            if finite((point.get(key) or {}).get(task)):
-                                points[point["step"]].append(point[key][task])
-                    steps = sorted(points)
-                    if not steps and key != "tasks":
-                        continue
-                    axes[i][j].plot(steps, [statistics.mean(points[s]) for s in steps], style, marker=marker,
-                                    color=color, label=row["method"] if (i, j, key) == (0, 0, "tasks") else None)
-                    key = {0: "tasks", 1: "val_loss", 2: "confidence_gap", 3: "hallucination"}[i]
-                    what = {"tasks": "score (-- sampled)", "val_loss": "validation loss",
-                            "confidence_gap": "clean − noised conf. (-- image words, : template)",
-                            "hallucination": "hallucinating answers % (-- sampled)"}
-                    axes[i][j].set_title(f"{task}: {what[key]}", fontsize=8)
-        for ax in axes[-1]:
-            ax.set_xlabel("optimizer step", fontsize=8)
-        axes[0][0].legend(fontsize=7)
-        paths.append(_save(fig, out_dir / "tasks_over_steps.png"))
+    if curves:  # eval.every_steps: the trade-off as it formed, and every task over the steps
+        paths.append(_plot_s_g_over_steps(curves, out_dir))
+        paths.append(_plot_tasks_over_steps(rows, columns, curves, out_dir))
     return paths
+
+
+def _plot_s_g_over_steps(curves: list[tuple[dict, list[dict]]], out_dir: Path) -> Path:
+    """S (solid) and G (dashed) of each run at each evaluation during training."""
+    import matplotlib.pyplot as plt
+
+    # the primary summary where every point has it, else normalised to the base (the base above 0 on the subset), else raw
+    points = [p for _, curve in curves for p in curve]
+    keys = next((pair for pair in (("S/head", "G/adj"), ("S/base", "G/base"))
+                 if all(_finite(p.get(k)) for p in points for k in pair)), ("S", "G"))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    labelled = set()
+    for row, curve in curves:
+        color, marker = method_style(row["method"])
+        steps = [point["step"] for point in curve]
+        for key, style in zip(keys, ("-", "--"), strict=True):
+            label = None if (row["method"], key) in labelled else f"{row['method']} {key.split('/')[0]}"
+            labelled.add((row["method"], key))
+            ax.plot(steps, [point.get(key) for point in curve], style, marker=marker, color=color, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("solid: " + AXIS_NAMES[keys[0]] + "\ndashed: " + AXIS_NAMES[keys[1]], fontsize=8)
+    ax.set_title("specialization and generalization during training")
+    ax.legend(fontsize=7)
+    return _save(fig, out_dir / "s_g_over_steps.png")
+
+
+def _plot_tasks_over_steps(rows: list[dict], columns: list[str], curves: list[tuple[dict, list[dict]]],
+                           out_dir: Path) -> Path:
+    """Every task's score, validation loss, confidence gap (and hallucination rate) over the steps, per method (mean
+    over seeds): where each overfits."""
+    import matplotlib.pyplot as plt
+
+    made_up = any((point.get("hallucination") or {}) for _, curve in curves for point in curve)
+    fig, axes = plt.subplots(3 + made_up, len(columns), figsize=(3.2 * len(columns), 8 + 2.5 * made_up),
+                             squeeze=False)
+    for row in rows:
+        color, marker = method_style(row["method"])
+        for j, task in enumerate(columns):
+            # the gap over the whole answer (solid), its image-dependent tokens (dashed) and template (dotted)
+            panels = [(0, "tasks", "-"), (0, "sampled", "--"), (1, "val_loss", "-"),
+                      *((2, key, style) for key, style in zip(GAP_KEYS, ("-", "--", ":"), strict=True)),
+                      *(((3, "hallucination", "-"), (3, "sampled_hallucination", "--")) if made_up else ())]
+            for i, key, style in panels:
+                points = defaultdict(list)
+                for curve in row.get("curves", []):
+                    for point in curve:
+                        if _finite((point.get(key) or {}).get(task)):
+                            points[point["step"]].append(point[key][task])
+                steps = sorted(points)
+                if not steps and key != "tasks":
+                    continue
+                axes[i][j].plot(steps, [statistics.mean(points[s]) for s in steps], style, marker=marker,
+                                color=color, label=row["method"] if (i, j, key) == (0, 0, "tasks") else None)
+                key = {0: "tasks", 1: "val_loss", 2: "confidence_gap", 3: "hallucination"}[i]
+                what = {"tasks": "score (-- sampled)", "val_loss": "validation loss",
+                        "confidence_gap": "clean − noised conf. (-- image words, : template)",
+                        "hallucination": "hallucinating answers % (-- sampled)"}
+                axes[i][j].set_title(f"{task}: {what[key]}", fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("optimizer step", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    return _save(fig, out_dir / "tasks_over_steps.png")
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path, allow_mixed: bool = False,

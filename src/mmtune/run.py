@@ -23,7 +23,6 @@ from mmtune.best import BestState
 from mmtune.config import RunConfig
 from mmtune.engine import Engine
 from mmtune.engines import configure_deepspeed
-from mmtune.errors import Preempted
 from mmtune.liveness import Peers
 from mmtune.methods.base import TrainContext, build_methods, refusal
 from mmtune.models.base_model import check_model_source
@@ -55,8 +54,6 @@ class Run:
     ctx: TrainContext | None = None
     steps_per_epoch: int = 0
     best: BestState | None = None
-    stopped_early: bool = False
-    preempted: Preempted | None = None  # set when a preemption signal stopped the loop after a checkpoint
     watch: PreemptionWatch | None = None
 
     @property

@@ -54,6 +54,9 @@ class Step:
     tokens: torch.Tensor | None = None  # target tokens per micro-batch (token reduction), over all processes
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # each loss term's step mean, detached (logged)
     task_totals: list[torch.Tensor] = field(default_factory=list)  # per micro-batch: per-task loss sums, counts [2, T]
+    # Under DeepSpeed ZeRO-1/2, the gradient a method built (``set_gradient``: full fp32 tensors by name), handed to
+    # the engine's step in place of the one in its buffers (``mmtune.engines.optimizer_step``).
+    built: dict[str, torch.Tensor] | None = None
     _primed: bool = False  # under DeepSpeed: the engine holds this step's gradient buffers (``_prime_engine``)
 
     @property
@@ -312,7 +315,7 @@ class Step:
     def set_gradient(self, flat: torch.Tensor) -> None:
         """``param.grad`` from one flat vector laid out as ``task_gradients`` lays them out (on shards: this process's
         slices, as ``sharded_task_gradients`` lays them out). Under DeepSpeed ZeRO-1/2, for the engine's step
-        (``ctx.built_gradient``), which clips it and writes it into the engine's buffers; under ZeRO-3 (this
+(``Step.built``, an argument of ``optimizer_step``), which clips it and writes it into the engine's buffers; under ZeRO-3 (this
         process's slices) straight into the engine's partitioned buffers, where its step reads the gradient."""
         if self.partitioned:
             from deepspeed.utils import safe_set_local_grad
@@ -321,7 +324,7 @@ class Step:
                 safe_set_local_grad(param, grad.float())
             return
         if self.deepspeed:  # whole tensors (ZeRO-1/2 leave the weights whole): local_slice is the parameter
-            self.ctx.built_gradient = {name: grad.view(param.shape).float() for name, (param, grad) in zip(
+            self.built = {name: grad.view(param.shape).float() for name, (param, grad) in zip(
                 self.ctx.trainable, self._per_param(flat), strict=True)}
             return
         for param, grad in self._per_param(flat):
@@ -380,10 +383,23 @@ def step_builder(methods: list[Method]) -> Method | None:
     return next((m for m in methods if m.builds_step), None)
 
 
-def train_step(ctx: TrainContext, methods: list[Method], micro: list[dict], optimizer, scheduler, train) -> tuple[
-        dict[str, float], float]:
+@dataclass
+class StepResult:
+    """What one optimizer step returns: each loss term's step mean, the gradient norm before clipping, and the step's
+    per-task loss sums and counts ``[2, T]`` (None without per-task totals). Unpacks as ``terms, grad_norm``."""
+
+    terms: dict[str, float]
+    grad_norm: float
+    task_losses: torch.Tensor | None = None
+
+    def __iter__(self):  # ``terms, grad_norm = train_step(...)``, as before StepResult
+        return iter((self.terms, self.grad_norm))
+
+
+def train_step(ctx: TrainContext, methods: list[Method], micro: list[dict], optimizer, scheduler,
+               train) -> StepResult:
     """One optimizer step over ``micro`` (``train``: the run's ``train`` config section); returns each loss term's
-    step mean (one host sync for all of them) and the gradient norm before clipping."""
+    step mean (one host sync for all of them), the gradient norm before clipping and the per-task losses."""
     accelerator = ctx.accelerator
     tokens = step_tokens(accelerator, micro) / len(micro) if train.loss_reduction == "token" else None
     step = Step(ctx, methods, micro, train.loss_reduction, tokens)
@@ -405,10 +421,9 @@ def train_step(ctx: TrainContext, methods: list[Method], micro: list[dict], opti
         check_finite(ctx.step + 1, terms, numbers[-1], scaled=accelerator.mixed_precision == "fp16")
         return numbers[-1]
 
-    grad_norm = optimizer_step(ctx, methods, optimizer, train.max_grad_norm, check)
-    ctx.step_task_losses = torch.stack(step.task_totals).sum(0) if step.task_totals else None
+    grad_norm = optimizer_step(ctx, methods, optimizer, train.max_grad_norm, check, built=step.built)
     with warnings.catch_warnings():  # under DeepSpeed the step is the engine's, which torch can't see
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
         scheduler.step()
     ctx.step += 1
-    return terms, grad_norm
+    return StepResult(terms, grad_norm, torch.stack(step.task_totals).sum(0) if step.task_totals else None)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -148,37 +149,47 @@ def prepare_training(run: Run) -> None:
             method.setup(run.ctx)
 
 
-def train_loop(run: Run, epoch: int, step_in_epoch: int) -> float:
-    """Phase 5: optimizer steps until ``total_steps`` (or an early stop, or a preemption); returns the seconds spent."""
+@dataclass
+class LoopEnd:
+    """How the loop ended: the seconds it took, whether early stopping ended it, and the preemption that did."""
+
+    seconds: float
+    stopped_early: bool = False
+    preempted: Preempted | None = None
+
+
+def train_loop(run: Run, epoch: int, step_in_epoch: int) -> LoopEnd:
+    """Phase 5: optimizer steps until ``total_steps`` (or an early stop, or a preemption); returns how it ended."""
     config, accelerator, ctx = run.config, run.accelerator, run.ctx
     run.say(f"training {ctx.total_steps} steps ({run.steps_per_epoch} per epoch), methods: {config.method.name}")
     log = StepLog(accelerator, config, run.paths, ctx.total_steps, ctx.step)
     run.watch = watch = PreemptionWatch(config.train.preempt_signals).__enter__()
     started = time.time()
+    stopped, preempted = False, None
     try:
-        redo_cut_evaluation(run, log)
+        stopped = redo_cut_evaluation(run, log)
         steps = optimizer_steps(run.loader, accelerator.skip_first_batches, config.train.grad_accum,
                                 run.steps_per_epoch, epoch, step_in_epoch, count=ctx.total_steps - ctx.step)
         for epoch, step_in_epoch, micro in steps:
-            terms, grad_norm = train_step(ctx, run.methods, micro, run.optimizer, run.scheduler, config.train)
-            log.step(ctx.step, epoch + step_in_epoch / run.steps_per_epoch, terms, run.scheduler.get_last_lr()[0],
-                     grad_norm, ctx.step_task_losses, ctx.tasks)
+            done = train_step(ctx, run.methods, micro, run.optimizer, run.scheduler, config.train)
+            log.step(ctx.step, epoch + step_in_epoch / run.steps_per_epoch, done.terms,
+                     run.scheduler.get_last_lr()[0], done.grad_norm, done.task_losses, ctx.tasks)
             done_epoch = step_in_epoch >= run.steps_per_epoch
             position = {"step": ctx.step, "epoch": epoch + int(done_epoch),
                         "step_in_epoch": 0 if done_epoch else step_in_epoch}
             if is_due(run):
-                evaluation_row(run, log)
+                stopped = evaluation_row(run, log) or stopped
             if watch.agreed(accelerator):  # every process stops at this step, after saving it
-                run.preempted = preempted_error(watch.requested, ctx.step, save_checkpoint(run, position))
+                preempted = preempted_error(watch.requested, ctx.step, save_checkpoint(run, position))
                 break
             if config.train.save_every and ctx.step % config.train.save_every == 0 and ctx.step < ctx.total_steps:
                 save_checkpoint(run, position)
-            if run.stopped_early:
+            if stopped:
                 break
     finally:
         watch.__exit__(None, None, None)
         log.close()
-    return time.time() - started
+    return LoopEnd(time.time() - started, stopped, preempted)
 
 
 def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
@@ -203,7 +214,7 @@ def records_digest(records: list) -> str:
     return hashlib.sha256("\n".join(sorted(str(r.id) for r in records)).encode()).hexdigest()[:16]
 
 
-def finish(run: Run, seconds: float) -> None:
+def finish(run: Run, seconds: float, stopped_early: bool = False) -> None:
     """Phase 6: post-training hooks, ``final/`` (finite weights only), summary, final evaluation and report."""
     config, accelerator, ctx, paths = run.config, run.accelerator, run.ctx, run.paths
     accelerator.wait_for_everyone()
@@ -233,7 +244,7 @@ def finish(run: Run, seconds: float) -> None:
                    "precision": describe(config.model.dtype, config.train.fp32_masters, config.train.mixed_precision)}
         if run.best is not None:
             summary["best"] = {"metric": run.best.metric, "value": run.best.value, "step": run.best.step,
-                               "folder": str(paths.root / "best"), "stopped_early": run.stopped_early}
+                               "folder": str(paths.root / "best"), "stopped_early": stopped_early}
         paths.summary.write_text(json.dumps(summary, indent=2) + "\n")
         # A sharded model can't be evaluated by one process: evaluate the saved model instead.
         # Under ZeRO-3 transformers would load the model partitioned and generate in step with the other processes
@@ -271,7 +282,8 @@ def keyed_as(state: dict, model: torch.nn.Module) -> dict:
 def save_final(run: Run, full_state: dict | None) -> None:
     """``final/`` (``mmtune.models.save``: written whole or not at all)."""
     write_model_folder(run.ctx.final_model, run.processor, run.paths.final, state_dict=full_state,
-                       run_config=run.config, overwrite=True, checkpoints=run.paths.checkpoints)
+                       run_config=run.config, overwrite=True, checkpoints=run.paths.checkpoints,
+                       what=f"the final model ({run.paths.final})")
 
 
 def train(config: RunConfig) -> Path:
@@ -292,11 +304,11 @@ def train(config: RunConfig) -> Path:
             save_config(config, run.paths.root / "config.yaml")
         if config.train.best_metric:
             run.best = BestState.replay(run.paths.metrics, config.train.best_metric)
-        seconds = train_loop(run, epoch, step_in_epoch)
-        if run.preempted is not None:
-            run.say(str(run.preempted))
-            raise run.preempted
-        finish(run, seconds)
+        end = train_loop(run, epoch, step_in_epoch)
+        if end.preempted is not None:
+            run.say(str(end.preempted))
+            raise end.preempted
+        finish(run, end.seconds, end.stopped_early)
     except Exception as error:
         lost = run.peers.lost(error, run.ctx.step if run.ctx else 0, newest_complete(run.paths.checkpoints))
         if lost is not None:

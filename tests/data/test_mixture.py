@@ -71,8 +71,9 @@ def test_per_task_losses_average_to_the_cross_entropy(tiny_config):
 
     with assembled(tiny_config("train.loss_reduction=sample")) as run:
         micro = nth_micro(run)
-        terms, _ = train_step(run.ctx, run.methods, micro, run.optimizer, run.scheduler, run.config.train)
-        sums, counts = run.ctx.step_task_losses.tolist()
+        done = train_step(run.ctx, run.methods, micro, run.optimizer, run.scheduler, run.config.train)
+        terms = done.terms
+        sums, counts = done.task_losses.tolist()  # returned with the terms (issue 39: no longer a field of ctx)
         assert sum(counts) == 4 and sorted(run.ctx.tasks) == run.ctx.tasks
         tasks = micro[0]["tasks"]
         assert [counts[run.ctx.tasks.index(t)] for t in sorted(set(tasks))] == [tasks.count(t) for t in sorted(set(tasks))]

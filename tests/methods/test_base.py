@@ -150,3 +150,32 @@ def test_persistent_state_round_trips_through_a_checkpoint_file(tmp_path):
     restored.pretrained["w"].add_(1)  # a copy: the saved state is not changed through it
     assert torch.equal(method.pretrained["w"], torch.ones(2))
     assert CAGrad().state_dict() == {}
+
+
+def test_every_numeric_method_option_declares_its_range_and_is_held_to_it():
+    """Issue 39: a method's options are checked from one declaration (MethodConfig.ranges / choices), with one message
+    form naming the key — for every registered method, every int or float option, a value just outside its range."""
+    import dataclasses
+    import typing
+
+    from mmtune.config import ConfigError, from_dict
+
+    outside = {"≥ 0": -1, "> 0": 0, "≥ 1": 0, "≥ 2": 1, "[0, 1]": 1.5, "[0, 1)": 1.0, "(0, 1]": 0.0}
+    checked = 0
+    for name, cls in sorted(METHODS.items()):
+        config = cls.config_class
+        hints = typing.get_type_hints(config)
+        for field in dataclasses.fields(config):
+            if hints[field.name] not in (int, float):
+                continue
+            assert field.name in config.ranges, f"method.{name}.{field.name} declares no range"
+            allowed = config.ranges[field.name]
+            value = hints[field.name](outside[allowed])  # as the config coerces it
+            with pytest.raises(ConfigError, match=rf"^method\.{name}\.{field.name}={value!r} must be "):
+                from_dict(config, {field.name: value}, f"method.{name}")
+            from_dict(config, {field.name: field.default}, f"method.{name}")  # the default is inside
+            checked += 1
+        for key, allowed in config.choices.items():
+            with pytest.raises(ConfigError, match=rf"^method\.{name}\.{key}='nope' is not one of"):
+                from_dict(config, {key: "nope"}, f"method.{name}")
+    assert checked >= 25

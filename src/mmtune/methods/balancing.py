@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -111,9 +112,7 @@ class LearnedTaskVector(Method):
 class UncertaintyConfig(MethodConfig):
     lr: float = 0.025  # learning rate of the log-variances' own Adam
 
-    def __post_init__(self):
-        if not self.lr >= 0:
-            raise ValueError(f"method.uncertainty.lr={self.lr} must be ≥ 0")
+    ranges: ClassVar[dict[str, str]] = {"lr": "≥ 0"}
 
 
 @register
@@ -145,9 +144,7 @@ class FAMOConfig(MethodConfig):
     lr: float = 0.025  # learning rate of the task logits (released default)
     gamma: float = 0.01  # L2 regularisation of the logits (released default)
 
-    def __post_init__(self):
-        if not (self.lr >= 0 and self.gamma >= 0):
-            raise ValueError(f"method.famo: lr={self.lr} and gamma={self.gamma} must be ≥ 0")
+    ranges: ClassVar[dict[str, str]] = {"lr": "≥ 0", "gamma": "≥ 0"}
 
 
 @register

@@ -52,7 +52,41 @@ from mmtune.engine import (  # noqa: F401 — also public here: methods import t
 
 @dataclass
 class MethodConfig:
-    """Base of every method's hyperparameters (``method.<name>.<key>`` in a run config)."""
+    """Base of every method's hyperparameters (``method.<name>.<key>`` in a run config). What each option may be is
+    declared once — ``ranges`` (``"≥ 0"``, ``"> 0"``, ``"≥ 1"``, ``"[0, 1]"``, ``"[0, 1)"``, ``"(0, 1]"``) and
+    ``choices`` (the allowed values) — and checked on construction, with one message form naming the key
+    (``method.nrca.lam=-1.0 must be ≥ 0``)."""
+
+    ranges: ClassVar[dict[str, str]] = {}
+    choices: ClassVar[dict[str, tuple]] = {}
+
+    def __post_init__(self):
+        for key, allowed in self.ranges.items():
+            if not within(getattr(self, key), allowed):
+                raise OutOfRange(key, getattr(self, key), f"must be {'' if allowed[0] in '≥>' else 'in '}{allowed}")
+        for key, allowed in self.choices.items():
+            if getattr(self, key) not in allowed:
+                raise OutOfRange(key, getattr(self, key), f"is not one of {', '.join(map(str, allowed))}")
+
+
+class OutOfRange(ValueError):
+    """A method option outside what its config declares; ``mmtune.config.from_dict`` names it ``method.<name>.<key>``."""
+
+    def __init__(self, key: str, value, rule: str):
+        self.key, self.value, self.rule = key, value, rule
+        super().__init__(f"{key}={value!r} {rule}")
+
+
+def within(value, allowed: str) -> bool:
+    """Whether ``value`` is in ``allowed``: ``"≥ a"``, ``"> a"``, or an interval ``"[a, b]"`` / ``"[a, b)"`` /
+    ``"(a, b]"`` / ``"(a, b)"`` (NaN is in none)."""
+    if allowed.startswith(("≥", ">")):
+        bound = float(allowed[1:])
+        return value >= bound if allowed[0] == "≥" else value > bound
+    low, high = (float(x) for x in allowed[1:-1].split(","))
+    above = value >= low if allowed[0] == "[" else value > low
+    below = value <= high if allowed[-1] == "]" else value < high
+    return bool(above and below)
 
 
 @dataclass
@@ -74,10 +108,6 @@ class TrainContext:
     # The training batches (on the device, in the run's order), for methods that estimate something from the data
     # before training (EWC's Fisher information): ``for batch in ctx.batches()``. None where the host has no loader.
     batches: Callable[[], Iterable[dict]] | None = None
-    step_task_losses: torch.Tensor | None = None  # the last step's per-task loss sums and counts [2, T] (logged)
-    # Under DeepSpeed, the step's gradient a method built itself (``Step.set_gradient``: full fp32 tensors by name),
-    # which the engine's step uses in place of the one in its buffers (``mmtune.engines.deepspeed_step``).
-    built_gradient: dict[str, torch.Tensor] | None = None
 
     def __post_init__(self):
         if self.engine is None:

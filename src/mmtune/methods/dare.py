@@ -9,6 +9,7 @@ comes from the run's seeded generator.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -27,9 +28,7 @@ def drop_and_rescale(pretrained: torch.Tensor, finetuned: torch.Tensor, p: float
 class DareConfig(MethodConfig):
     p: float = 0.9
 
-    def __post_init__(self):
-        if not 0 <= self.p < 1:
-            raise ValueError(f"method.dare.p={self.p} must be in [0, 1)")
+    ranges: ClassVar[dict[str, str]] = {"p": "[0, 1)"}
 
 
 @register

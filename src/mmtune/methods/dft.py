@@ -20,6 +20,7 @@ twice. Both terms are reduced over target tokens like the cross-entropy (``train
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch.func import functional_call
@@ -123,9 +124,7 @@ class DFT(Method):
 class ASFTConfig(MethodConfig):
     lam: float = 0.1  # λ, the KL anchor's weight (the paper's and LLaMA-Factory's default)
 
-    def __post_init__(self):
-        if not self.lam >= 0:
-            raise ValueError(f"method.asft.lam={self.lam} must be ≥ 0")
+    ranges: ClassVar[dict[str, str]] = {"lam": "≥ 0"}
 
 
 @register

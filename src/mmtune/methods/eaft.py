@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -43,11 +44,7 @@ class EAFTConfig(MethodConfig):
     alpha: float = 1.0  # the entropy weight's exponent (0: plain SFT)
     top_k: int = 20  # logits the entropy is taken over
 
-    def __post_init__(self):
-        if not self.alpha >= 0:
-            raise ValueError(f"method.eaft.alpha={self.alpha} must be ≥ 0")
-        if self.top_k < 2:
-            raise ValueError(f"method.eaft.top_k={self.top_k} must be ≥ 2")
+    ranges: ClassVar[dict[str, str]] = {"alpha": "≥ 0", "top_k": "≥ 2"}
 
 
 @register

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -136,11 +137,7 @@ class EWCConfig(MethodConfig):
     lam: float = 1e-3  # λ, on l2_reg's scale (F normalised to mean 1)
     samples: int = 64  # training records the Fisher information is estimated on
 
-    def __post_init__(self):
-        if not self.lam >= 0:
-            raise ValueError(f"method.ewc.lam={self.lam} must be ≥ 0")
-        if self.samples < 1:
-            raise ValueError(f"method.ewc.samples={self.samples} must be ≥ 1")
+    ranges: ClassVar[dict[str, str]] = {"lam": "≥ 0", "samples": "≥ 1"}
 
 
 @register

@@ -9,6 +9,7 @@ Panigrahi et al., "Task-Specific Skill Localization in Fine-tuned Language Model
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -25,9 +26,7 @@ def graft(pretrained: torch.Tensor, finetuned: torch.Tensor, keep_ratio: float) 
 class GraftingConfig(MethodConfig):
     keep_ratio: float = 0.1
 
-    def __post_init__(self):
-        if not 0 <= self.keep_ratio <= 1:
-            raise ValueError(f"keep_ratio={self.keep_ratio} must be in [0, 1]")
+    ranges: ClassVar[dict[str, str]] = {"keep_ratio": "[0, 1]"}
 
 
 @register

@@ -10,6 +10,7 @@ each step, so AdamW's momentum cannot move them). Hyperparameters: ``frozen_frac
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -26,11 +27,7 @@ class HalfFTConfig(MethodConfig):
     frozen_fraction: float = 0.5
     round_steps: int = 50
 
-    def __post_init__(self):
-        if self.round_steps < 1:
-            raise ValueError("method.half_ft.round_steps must be at least 1")
-        if not 0 <= self.frozen_fraction <= 1:
-            raise ValueError(f"frozen_fraction={self.frozen_fraction} must be in [0, 1]")
+    ranges: ClassVar[dict[str, str]] = {"round_steps": "≥ 1", "frozen_fraction": "[0, 1]"}
 
 
 @register

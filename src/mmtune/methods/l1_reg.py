@@ -7,6 +7,7 @@ L1(W, W0)``. Hyperparameter: ``lam`` λ = 1e-6 (λ = 0 is vanilla).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from mmtune.methods.base import MethodConfig, register
 from mmtune.methods.l2_reg import L2Reg
@@ -16,9 +17,7 @@ from mmtune.methods.l2_reg import L2Reg
 class L1RegConfig(MethodConfig):
     lam: float = 1e-6
 
-    def __post_init__(self):
-        if not self.lam >= 0:
-            raise ValueError(f"lam={self.lam} must be ≥ 0")
+    ranges: ClassVar[dict[str, str]] = {"lam": "≥ 0"}
 
 
 @register

@@ -7,6 +7,7 @@ tensors of MSE(W, W0)``. Hyperparameter: ``lam`` λ = 1e-3 (λ = 0 is vanilla).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -32,9 +33,7 @@ def distance_penalty(trainable: dict[str, torch.Tensor], pretrained: dict[str, t
 class L2RegConfig(MethodConfig):
     lam: float = 1e-3
 
-    def __post_init__(self):
-        if not self.lam >= 0:
-            raise ValueError(f"lam={self.lam} must be ≥ 0")
+    ranges: ClassVar[dict[str, str]] = {"lam": "≥ 0"}
 
 
 @register

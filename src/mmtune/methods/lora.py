@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -31,13 +32,9 @@ class LoraMethodConfig(MethodConfig):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     merge: bool = True  # false: also keep the unmerged adapter in <run>/adapter (final/ stays a merged model)
 
+    ranges: ClassVar[dict[str, str]] = {"r": "≥ 1", "alpha": "> 0", "dropout": "[0, 1)"}
     def __post_init__(self):
-        if self.r < 1:
-            raise ValueError(f"r={self.r} must be ≥ 1")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha={self.alpha} must be > 0")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        super().__post_init__()
         if not self.target_modules:
             raise ValueError("target_modules is empty: name the modules that get adapters")
 

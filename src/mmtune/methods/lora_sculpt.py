@@ -22,6 +22,7 @@ Defaults from the authors' training script: ``r`` 32, ``alpha`` 64, ``keep_ratio
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -55,16 +56,7 @@ class LoraSculptConfig(LoraMethodConfig):
     omega: float = 1.0  # ω, the steepness of M
     cmr_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
 
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0 < self.keep_ratio <= 1:
-            raise ValueError(f"method.lora_sculpt.keep_ratio={self.keep_ratio} must be in (0, 1]")
-        if self.sculpt_step < 0:
-            raise ValueError(f"method.lora_sculpt.sculpt_step={self.sculpt_step} must be ≥ 0")
-        if not self.cmr_lam >= 0:
-            raise ValueError(f"method.lora_sculpt.cmr_lam={self.cmr_lam} must be ≥ 0")
-        if not self.omega > 0:
-            raise ValueError(f"method.lora_sculpt.omega={self.omega} must be > 0")
+    ranges: ClassVar[dict[str, str]] = {**LoraMethodConfig.ranges, "keep_ratio": "(0, 1]", "sculpt_step": "≥ 0", "cmr_lam": "≥ 0", "omega": "> 0"}
 
 
 @register

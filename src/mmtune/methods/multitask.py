@@ -16,6 +16,7 @@ step (see docs/benchmarks.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -112,9 +113,7 @@ class PCGrad(Method):
 class CAGradConfig(MethodConfig):
     c: float = 0.5  # the conflict-averse radius (0: vanilla)
 
-    def __post_init__(self):
-        if not self.c >= 0:
-            raise ValueError(f"method.cagrad.c={self.c} must be ≥ 0")
+    ranges: ClassVar[dict[str, str]] = {"c": "≥ 0"}
 
 
 @register

@@ -26,6 +26,7 @@ values are exactly the reference's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -84,15 +85,8 @@ class NRCAConfig(MethodConfig):
     open_rule: str = "kind"
     noise: str = "gaussian_mix"
 
-    def __post_init__(self):
-        if self.open_rule not in OPEN_RULES:
-            raise ValueError(f"method.nrca.open_rule={self.open_rule!r}; choose one of {OPEN_RULES}")
-        if self.noise not in NOISES:
-            raise ValueError(f"method.nrca.noise={self.noise!r}; choose one of {NOISES}")
-        if not 0 <= self.delta <= 1:
-            raise ValueError(f"method.nrca.delta={self.delta} must be in [0, 1]")
-        if not self.lam >= 0:  # also refuses NaN
-            raise ValueError(f"method.nrca.lam={self.lam} must be ≥ 0")
+    ranges: ClassVar[dict[str, str]] = {"delta": "[0, 1]", "lam": "≥ 0"}
+    choices: ClassVar[dict[str, tuple]] = {"open_rule": OPEN_RULES, "noise": NOISES}
 
 
 @register

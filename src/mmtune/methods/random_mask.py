@@ -9,6 +9,7 @@ frozen fraction (0 is vanilla).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -32,9 +33,7 @@ def restore_frozen(param: torch.Tensor, pretrained: torch.Tensor, mask: torch.Te
 class MaskConfig(MethodConfig):
     ratio: float = 0.5
 
-    def __post_init__(self):
-        if not 0 <= self.ratio <= 1:
-            raise ValueError(f"ratio={self.ratio} must be in [0, 1]")
+    ranges: ClassVar[dict[str, str]] = {"ratio": "[0, 1]"}
 
 
 @register

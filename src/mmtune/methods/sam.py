@@ -18,6 +18,7 @@ one backward per task, then a forward and a backward per task at its perturbed w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -41,9 +42,7 @@ def sam_perturbation(grads: list[torch.Tensor], rho: float, norm: torch.Tensor |
 class SAMConfig(MethodConfig):
     rho: float = 0.05  # radius of the neighbourhood (0: vanilla)
 
-    def __post_init__(self):
-        if not self.rho >= 0:
-            raise ValueError(f"method.sam.rho={self.rho} must be ≥ 0")
+    ranges: ClassVar[dict[str, str]] = {"rho": "≥ 0"}
 
 
 @register
@@ -87,11 +86,8 @@ class TaskSAMConfig(MethodConfig):
     combine: str = "pcgrad"  # the gradient-surgery rule applied to the loss parts and the flatness parts
     c: float = 0.5  # CAGrad's radius, with combine=cagrad
 
-    def __post_init__(self):
-        if not self.rho >= 0:
-            raise ValueError(f"method.task_sam.rho={self.rho} must be ≥ 0")
-        if self.combine not in TASK_SAM_RULES:
-            raise ValueError(f"method.task_sam.combine={self.combine!r}: choose one of {', '.join(TASK_SAM_RULES)}")
+    ranges: ClassVar[dict[str, str]] = {"rho": "≥ 0", "c": "≥ 0"}
+    choices: ClassVar[dict[str, tuple]] = {"combine": TASK_SAM_RULES}
 
 
 @register

@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -190,9 +191,7 @@ class SpiderConfig(MethodConfig):
 
     constant_magnitude: str = "freeze"
 
-    def __post_init__(self):
-        if self.constant_magnitude not in CONSTANT_MAGNITUDE:
-            raise ValueError(f"constant_magnitude={self.constant_magnitude!r}; choose one of {CONSTANT_MAGNITUDE}")
+    choices: ClassVar[dict[str, tuple]] = {"constant_magnitude": CONSTANT_MAGNITUDE}
 
 
 @register

@@ -8,6 +8,7 @@ Also usable on any finished run: ``mmtune merge --alpha A RUN``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -22,9 +23,7 @@ def interpolate(pretrained: torch.Tensor, finetuned: torch.Tensor, alpha: float)
 class WiseFTConfig(MethodConfig):
     alpha: float = 0.5
 
-    def __post_init__(self):
-        if not 0 <= self.alpha <= 1:
-            raise ValueError(f"alpha={self.alpha} must be in [0, 1]")
+    ranges: ClassVar[dict[str, str]] = {"alpha": "[0, 1]"}
 
 
 @register

@@ -17,17 +17,17 @@ from mmtune.models.load import save_processor
 
 def write_model_folder(model: torch.nn.Module, processor, folder: str | Path, *,
                        state_dict: dict[str, torch.Tensor] | None = None, run_config: RunConfig | None = None,
-                       overwrite: bool = False, checkpoints: Path | None = None) -> Path:
+                       overwrite: bool = False, checkpoints: Path | None = None, what: str | None = None) -> Path:
     """``model.save_pretrained`` (with ``state_dict`` when given: gathered shards, or weights cast to ``model.dtype``;
     a PEFT model without one saves its adapter), its processor and ``mmtune_config.yaml`` (``run_config``) into
     ``folder``, atomically. An existing ``folder`` is refused unless ``overwrite``; a full disk is a ``DiskFullError``
-    naming the newest complete checkpoint in ``checkpoints``."""
+    naming ``what`` was written and the newest complete checkpoint in ``checkpoints``."""
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} exists; pass --overwrite to replace it")
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    with removed_unless_whole(partial, f"the model folder {folder}", checkpoints or folder.parent / "checkpoints"):
+    with removed_unless_whole(partial, what or f"the model folder {folder}", checkpoints or folder.parent / "checkpoints"):
         model.save_pretrained(partial, state_dict=state_dict)
         save_processor(processor, partial)
         if run_config is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -159,6 +160,144 @@ def build_tokenizer(architecture: str, words: Iterable[str] = ()) -> PreTrainedT
     return tokenizer
 
 
+@dataclass
+class _Shape:
+    """What every tiny architecture is built from: the tokenizer and the sizes (``build_tiny``'s arguments)."""
+
+    tokenizer: object
+    image_size: int
+    patch_size: int
+    hidden_size: int
+    heads: int
+    vision_hidden_size: int
+    vision_layers: int
+    text_sizes: dict
+    vision_sizes: dict
+
+    def token_id(self, token: str) -> int:
+        return self.tokenizer.convert_tokens_to_ids(token)
+
+    @property
+    def text(self) -> LlamaConfig:
+        return LlamaConfig(**self.text_sizes)  # the language model of LLaVA and Idefics3
+
+
+def _llava(shape: _Shape) -> tuple:
+    """LLaVA-1.5's shape: CLIP, a projector, Llama."""
+    vision = CLIPVisionConfig(**shape.vision_sizes, projection_dim=shape.vision_hidden_size)
+    config = LlavaConfig(
+        vision_config=vision, text_config=shape.text, image_token_id=shape.tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default", vision_feature_layer=-1,
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": shape.image_size}, crop_size={"height": shape.image_size, "width": shape.image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=shape.tokenizer, patch_size=shape.patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    return config, processor
+
+
+def _idefics3(shape: _Shape) -> tuple:
+    """SmolVLM's (Idefics3): a pixel-shuffle connector."""
+    scale_factor = 2  # the connector's pixel shuffle: (image/patch)² patches → that / scale² image tokens
+    vision = Idefics3VisionConfig(**shape.vision_sizes)
+    config = Idefics3Config(
+        vision_config=vision.to_dict(), text_config=shape.text.to_dict(), scale_factor=scale_factor,
+        image_token_id=shape.tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=shape.tokenizer.pad_token_id,
+    )
+    image_processor = Idefics3ImageProcessorPil(
+        do_image_splitting=False, size={"longest_edge": shape.image_size},
+        max_image_size={"longest_edge": shape.image_size},
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=shape.tokenizer, chat_template=IDEFICS3_CHAT_TEMPLATE,
+        image_seq_len=(shape.image_size // shape.patch_size) ** 2 // scale_factor**2,
+    )
+    return config, processor
+
+
+def _qwen_vl(shape: _Shape, architecture: str) -> tuple:
+    """Qwen2-VL / Qwen3-VL: M-RoPE, merged patches (Qwen3-VL: DeepStack mergers)."""
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(shape.hidden_size // shape.heads)}
+    vision = {"depth": shape.vision_layers, "hidden_size": shape.hidden_size, "num_heads": max(1, shape.vision_hidden_size // 16),
+              "patch_size": shape.patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    qwen_ids = {"image_token_id": shape.token_id("<|image_pad|>"), "video_token_id": shape.token_id("<|video_pad|>"),
+                "vision_start_token_id": shape.token_id("<|vision_start|>"),
+                "vision_end_token_id": shape.token_id("<|vision_end|>")}
+    if architecture == "qwen2_vl":
+        config = Qwen2VLConfig(vision_config={**vision, "embed_dim": shape.vision_hidden_size},
+                               text_config={**shape.text_sizes, "rope_parameters": rope}, **qwen_ids)
+    else:  # Qwen3-VL: its vision tower's own width, learned position embeddings, DeepStack mergers
+        vision = {**vision, "hidden_size": shape.vision_hidden_size, "intermediate_size": shape.vision_hidden_size * 2,
+                  "out_hidden_size": shape.hidden_size, "num_position_embeddings": (shape.image_size // shape.patch_size) ** 2,
+                  "deepstack_visual_indexes": [0]}
+        config = Qwen3VLConfig(vision_config=vision, **qwen_ids, text_config={
+            **shape.text_sizes, "head_dim": shape.hidden_size // shape.heads, "rope_parameters": {**rope, "mrope_interleaved": True}})
+    pixels = shape.image_size * shape.image_size
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=shape.patch_size,
+        merge_size=2, temporal_patch_size=2,
+    )
+    processor_class = Qwen2VLProcessor if architecture == "qwen2_vl" else Qwen3VLProcessor
+    processor = image_only(processor_class)(image_processor=image_processor, tokenizer=shape.tokenizer,
+                                            chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    return config, processor
+
+
+def _gemma3(shape: _Shape) -> tuple:
+    """Gemma 3: SigLIP, 2 × 2 pooled patches."""
+    tokens_per_image = (shape.image_size // shape.patch_size // 2) ** 2  # Gemma 3 pools the patches 2 × 2
+    config = Gemma3Config(
+        text_config=Gemma3TextConfig(**shape.text_sizes, head_dim=shape.hidden_size // shape.heads, sliding_window=64),
+        vision_config=SiglipVisionConfig(**shape.vision_sizes), mm_tokens_per_image=tokens_per_image,
+        boi_token_index=shape.token_id("<start_of_image>"), eoi_token_index=shape.token_id("<end_of_image>"),
+        image_token_index=shape.token_id("<image_soft_token>"),
+    )
+    image_processor = Gemma3ImageProcessorPil(size={"height": shape.image_size, "width": shape.image_size},
+                                              do_pan_and_scan=False)
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=shape.tokenizer,
+                                chat_template=GEMMA3_CHAT_TEMPLATE, image_seq_length=tokens_per_image)
+    return config, processor
+
+
+def _internvl(shape: _Shape) -> tuple:
+    """InternVL: dynamic tiling, pixel shuffle."""
+    tokens_per_tile = (shape.image_size // shape.patch_size // 2) ** 2  # pixel shuffle with downsample_ratio 0.5
+    vision = InternVLVisionConfig(hidden_size=shape.vision_hidden_size, intermediate_size=shape.vision_hidden_size * 2,
+                                  num_hidden_layers=shape.vision_layers,
+                                  num_attention_heads=max(1, shape.vision_hidden_size // 16),
+                                  image_size=[shape.image_size, shape.image_size], patch_size=[shape.patch_size, shape.patch_size])
+    config = InternVLConfig(text_config=Qwen2Config(**shape.text_sizes), vision_config=vision,
+                            image_token_id=shape.token_id("<IMG_CONTEXT>"), image_seq_length=tokens_per_tile,
+                            downsample_ratio=0.5)
+    # Dynamic tiling as InternVL's: a wide image becomes up to 4 tiles plus a thumbnail, a square one 1 tile.
+    image_processor = GotOcr2ImageProcessorPil(size={"height": shape.image_size, "width": shape.image_size},
+                                               crop_to_patches=True, max_patches=4)
+    processor = image_only(InternVLProcessor)(image_processor=image_processor, tokenizer=shape.tokenizer,
+                                              chat_template=INTERNVL_CHAT_TEMPLATE,
+                                              image_seq_length=tokens_per_tile)
+    return config, processor
+
+
+def _llava_onevision(shape: _Shape) -> tuple:
+    """LLaVA-OneVision: SigLIP, anyres tiles beside the base view."""
+    pinpoints = [[shape.image_size, shape.image_size], [shape.image_size, 2 * shape.image_size], [2 * shape.image_size, shape.image_size]]
+    config = LlavaOnevisionConfig(
+        text_config=Qwen2Config(**shape.text_sizes), vision_config=SiglipVisionConfig(**shape.vision_sizes),
+        image_token_index=shape.token_id("<image>"), video_token_index=shape.token_id("<video>"),
+        image_grid_pinpoints=pinpoints, vision_feature_select_strategy="full",
+    )
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": shape.image_size, "width": shape.image_size},
+                                                      image_grid_pinpoints=pinpoints)
+    processor = image_only(LlavaOnevisionProcessor)(
+        image_processor=image_processor, tokenizer=shape.tokenizer, chat_template=ONEVISION_CHAT_TEMPLATE,
+        num_image_tokens=(shape.image_size // shape.patch_size) ** 2, vision_feature_select_strategy="full")
+    return config, processor
+
+
 def build_tiny(
     architecture: str = "llava",
     words: Iterable[str] = (),
@@ -184,100 +323,12 @@ def build_tiny(
                   "num_hidden_layers": num_layers, "num_attention_heads": heads, "num_key_value_heads": heads,
                   "max_position_embeddings": 512, "pad_token_id": tokenizer.pad_token_id,
                   "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-    text = LlamaConfig(**text_sizes)  # the language model of LLaVA and Idefics3
-    token_id = tokenizer.convert_tokens_to_ids
-    if architecture == "llava":
-        vision = CLIPVisionConfig(**vision_sizes, projection_dim=vision_hidden_size)
-        config = LlavaConfig(
-            vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-            vision_feature_select_strategy="default", vision_feature_layer=-1,
-        )
-        image_processor = CLIPImageProcessorPil(
-            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-        )
-        processor = LlavaProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-            vision_feature_select_strategy="default", num_additional_image_tokens=1,
-            chat_template=LLAVA_CHAT_TEMPLATE,
-        )
-    elif architecture == "idefics3":
-        scale_factor = 2  # the connector's pixel shuffle: (image/patch)² patches → that / scale² image tokens
-        vision = Idefics3VisionConfig(**vision_sizes)
-        config = Idefics3Config(
-            vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=scale_factor,
-            image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=tokenizer.pad_token_id,
-        )
-        image_processor = Idefics3ImageProcessorPil(
-            do_image_splitting=False, size={"longest_edge": image_size},
-            max_image_size={"longest_edge": image_size},
-        )
-        processor = Idefics3Processor(
-            image_processor=image_processor, tokenizer=tokenizer, chat_template=IDEFICS3_CHAT_TEMPLATE,
-            image_seq_len=(image_size // patch_size) ** 2 // scale_factor**2,
-        )
-    elif architecture in ("qwen2_vl", "qwen3_vl"):
-        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(hidden_size // heads)}
-        vision = {"depth": vision_layers, "hidden_size": hidden_size, "num_heads": max(1, vision_hidden_size // 16),
-                  "patch_size": patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2}
-        qwen_ids = {"image_token_id": token_id("<|image_pad|>"), "video_token_id": token_id("<|video_pad|>"),
-                    "vision_start_token_id": token_id("<|vision_start|>"),
-                    "vision_end_token_id": token_id("<|vision_end|>")}
-        if architecture == "qwen2_vl":
-            config = Qwen2VLConfig(vision_config={**vision, "embed_dim": vision_hidden_size},
-                                   text_config={**text_sizes, "rope_parameters": rope}, **qwen_ids)
-        else:  # Qwen3-VL: its vision tower's own width, learned position embeddings, DeepStack mergers
-            vision = {**vision, "hidden_size": vision_hidden_size, "intermediate_size": vision_hidden_size * 2,
-                      "out_hidden_size": hidden_size, "num_position_embeddings": (image_size // patch_size) ** 2,
-                      "deepstack_visual_indexes": [0]}
-            config = Qwen3VLConfig(vision_config=vision, **qwen_ids, text_config={
-                **text_sizes, "head_dim": hidden_size // heads, "rope_parameters": {**rope, "mrope_interleaved": True}})
-        pixels = image_size * image_size
-        image_processor = Qwen2VLImageProcessorPil(
-            size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=patch_size,
-            merge_size=2, temporal_patch_size=2,
-        )
-        processor_class = Qwen2VLProcessor if architecture == "qwen2_vl" else Qwen3VLProcessor
-        processor = image_only(processor_class)(image_processor=image_processor, tokenizer=tokenizer,
-                                                chat_template=QWEN2_VL_CHAT_TEMPLATE)
-    elif architecture == "gemma3":
-        tokens_per_image = (image_size // patch_size // 2) ** 2  # Gemma 3 pools the patches 2 × 2
-        config = Gemma3Config(
-            text_config=Gemma3TextConfig(**text_sizes, head_dim=hidden_size // heads, sliding_window=64),
-            vision_config=SiglipVisionConfig(**vision_sizes), mm_tokens_per_image=tokens_per_image,
-            boi_token_index=token_id("<start_of_image>"), eoi_token_index=token_id("<end_of_image>"),
-            image_token_index=token_id("<image_soft_token>"),
-        )
-        image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size},
-                                                  do_pan_and_scan=False)
-        processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
-                                    chat_template=GEMMA3_CHAT_TEMPLATE, image_seq_length=tokens_per_image)
-    elif architecture == "internvl":
-        tokens_per_tile = (image_size // patch_size // 2) ** 2  # pixel shuffle with downsample_ratio 0.5
-        vision = InternVLVisionConfig(hidden_size=vision_hidden_size, intermediate_size=vision_hidden_size * 2,
-                                      num_hidden_layers=vision_layers,
-                                      num_attention_heads=max(1, vision_hidden_size // 16),
-                                      image_size=[image_size, image_size], patch_size=[patch_size, patch_size])
-        config = InternVLConfig(text_config=Qwen2Config(**text_sizes), vision_config=vision,
-                                image_token_id=token_id("<IMG_CONTEXT>"), image_seq_length=tokens_per_tile,
-                                downsample_ratio=0.5)
-        # Dynamic tiling as InternVL's: a wide image becomes up to 4 tiles plus a thumbnail, a square one 1 tile.
-        image_processor = GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size},
-                                                   crop_to_patches=True, max_patches=4)
-        processor = image_only(InternVLProcessor)(image_processor=image_processor, tokenizer=tokenizer,
-                                                  chat_template=INTERNVL_CHAT_TEMPLATE,
-                                                  image_seq_length=tokens_per_tile)
-    else:  # llava_onevision: SigLIP, anyres tiles of the image beside its base view
-        pinpoints = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
-        config = LlavaOnevisionConfig(
-            text_config=Qwen2Config(**text_sizes), vision_config=SiglipVisionConfig(**vision_sizes),
-            image_token_index=token_id("<image>"), video_token_index=token_id("<video>"),
-            image_grid_pinpoints=pinpoints, vision_feature_select_strategy="full",
-        )
-        image_processor = LlavaOnevisionImageProcessorPil(size={"height": image_size, "width": image_size},
-                                                          image_grid_pinpoints=pinpoints)
-        processor = image_only(LlavaOnevisionProcessor)(
-            image_processor=image_processor, tokenizer=tokenizer, chat_template=ONEVISION_CHAT_TEMPLATE,
-            num_image_tokens=(image_size // patch_size) ** 2, vision_feature_select_strategy="full")
+    shape = _Shape(tokenizer, image_size, patch_size, hidden_size, heads, vision_hidden_size, vision_layers,
+                   text_sizes, vision_sizes)
+    builders = {"llava": _llava, "idefics3": _idefics3, "gemma3": _gemma3, "internvl": _internvl,
+                "llava_onevision": _llava_onevision,
+                "qwen2_vl": lambda s: _qwen_vl(s, "qwen2_vl"), "qwen3_vl": lambda s: _qwen_vl(s, "qwen3_vl")}
+    config, processor = builders[architecture](shape)
     model = AutoModelForImageTextToText.from_config(config)
     if architecture == "gemma3":  # transformers starts Gemma 3's projection at zero: a model blind to its images
         torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.02)
