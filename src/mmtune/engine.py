@@ -54,6 +54,8 @@ class Engine:
         distributed = str(getattr(accelerator, "distributed_type", ""))
         plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
         if plugin is not None or "DEEPSPEED" in distributed:  # (a Trainer's accelerator: its state names the plugin)
+            if plugin.zero_stage not in (0, 1, 2, 3):
+                raise ValueError(f"DeepSpeed ZeRO-{plugin.zero_stage}: mmtune takes ZeRO stages 1, 2 and 3")
             return cls(f"zero{plugin.zero_stage}", processes)
         if distributed.endswith("FSDP"):
             return cls("fsdp2", processes)

@@ -176,6 +176,6 @@ def test_every_numeric_method_option_declares_its_range_and_is_held_to_it():
             from_dict(config, {field.name: field.default}, f"method.{name}")  # the default is inside
             checked += 1
         for key in config.choices:
-            with pytest.raises(ConfigError, match=rf"^method\.{name}\.{key}='nope' is not one of"):
+            with pytest.raises(ConfigError, match=rf"^method\.{name}\.{key}='nope' — choose one of"):
                 from_dict(config, {key: "nope"}, f"method.{name}")
     assert checked >= 25

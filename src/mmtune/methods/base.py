@@ -66,7 +66,7 @@ class MethodConfig:
                 raise OutOfRange(key, getattr(self, key), f"must be {'' if allowed[0] in '≥>' else 'in '}{allowed}")
         for key, allowed in self.choices.items():
             if getattr(self, key) not in allowed:
-                raise OutOfRange(key, getattr(self, key), f"is not one of {', '.join(map(str, allowed))}")
+                raise OutOfRange(key, getattr(self, key), f"— choose one of {', '.join(map(str, allowed))}")
 
 
 class OutOfRange(ValueError):
