@@ -87,10 +87,13 @@ def test_conversations_learn_every_answer_and_text_only_records_batch_with_image
         assert tokens[3] == 2 * tokens[2]  # the second image is shown too
     out = model(**model_inputs(batch))
     assert out.logits.shape[:2] == batch["input_ids"].shape
-    for rows in ([3], [1, 3], [2]):  # a sub-batch carries exactly its rows' images (what NRCA, EWC, per-task use)
+    # a sub-batch carries exactly its rows' images (what NRCA, EWC, per-task use) — none for a text-only row alone
+    # (issue 36: EWC's one-record Fisher batches crashed in the vision tower on a 0-image pixel_values)
+    for rows in ([3], [1, 3], [2], [1]):
         part = subset_batch(batch, torch.tensor(rows))
         logits = model(**model_inputs(part)).logits
-        torch.testing.assert_close(logits, out.logits[rows], rtol=1e-4, atol=1e-4)
+        real = part["attention_mask"].bool()  # (a padded position's logits follow its position ids, which differ)
+        torch.testing.assert_close(logits[real], out.logits[rows][real], rtol=1e-4, atol=1e-4)
     generation = GenerationCollator(processor)(samples)  # the conversation's history is in its prompt
     assert model.generate(**model_inputs(generation), max_new_tokens=2).shape[0] == 4
 
@@ -159,6 +162,18 @@ def test_training_on_conversations_and_text_only_records(world, tmp_path, tiny_c
                             "train.max_steps=2",
                             f"data.tasks=[{{path: '{tmp_path / 'chat.jsonl'}', weight: 2}}, "
                             "{path: 'synthetic:detailed_caption', n: 4}]"))
+    assert (run / "final" / "config.json").exists()
+
+
+def test_ewc_estimates_its_fisher_over_text_only_records_too(world, tmp_path, tiny_config):
+    """Issue 36, item 1: EWC's Fisher takes one record at a time; a text-only record's one-row batch carried a 0-image
+    pixel_values and the vision tower crashed (`cannot reshape tensor of 0 elements`), depending on which records
+    the Fisher drew. Every record of the mix is drawn here (samples ≥ the records)."""
+    from mmtune.train import train
+
+    _conversation_records(world, tmp_path)
+    run = train(tiny_config("method.name=ewc", "method.ewc.samples=64", "train.batch_size=4", "train.max_steps=1",
+                            f"data.tasks=[{{path: '{tmp_path / 'chat.jsonl'}'}}]", out="ewc-text-only"))
     assert (run / "final" / "config.json").exists()
 
 

@@ -278,6 +278,11 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in MODEL_INPUT_EXCLUDE}
 
 
+# What the processors add for images (one entry per image or per row's images): absent from a batch without images.
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask", "batch_num_images",
+                "pixel_counts")
+
+
 def subset_batch(batch: dict, rows: torch.Tensor) -> dict:
     """The batch restricted to ``rows`` (a 1-D index tensor), for every processor layout.
 
@@ -300,6 +305,10 @@ def subset_batch(batch: dict, rows: torch.Tensor) -> dict:
     tiles = batch.get("pixel_counts")
     tile_rows = _entries(tiles.tolist(), row_list) if tiles is not None else None
     per_image = ("pixel_values", "image_grid_thw", "image_sizes")
+    if counts is not None and int(counts[rows.to(counts.device)].sum()) == 0:
+        # Rows without an image (text-only records): the batch the collator would make of them alone has no image
+        # inputs at all — a vision tower given zero images fails (issue 36: EWC's one-record Fisher batches).
+        batch = {k: v for k, v in batch.items() if k not in IMAGE_INPUTS}
     for key, value in batch.items():
         if key == "pixel_values" and grid is not None:
             out[key] = value[_entries(grid.prod(dim=-1).tolist(), images.tolist()).to(value.device)]
