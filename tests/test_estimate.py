@@ -57,6 +57,9 @@ def test_the_papers_recipe_fits_on_the_papers_cards_under_their_engine(capsys):
                  "--engine", "ddp"]) == 1  # DDP keeps masters, gradients and Adam's moments whole on every card
     out = capsys.readouterr().out
     assert "does not fit" in out and "--engine zero2" in out
+    # issue 36 (10): the advice named methods FSDP2 once refused (asft, ewc, LoRA, gradient surgery): every one shards
+    # now, and which engine takes which method is the compatibility rule's to say (the estimate under it names any)
+    assert "--engine fsdp2 or --engine zero3" in out and "not for asft" not in out
 
 
 def test_a_missing_model_folder_says_how_to_estimate_anyway(capsys):

@@ -283,7 +283,9 @@ def suggestions(result: Estimate) -> list[str]:
     if result.engine == "ddp":
         ideas.append("--engine zero2 (partitions masters, gradients and optimizer state over the devices)")
     if result.engine in ("ddp", "zero2"):
-        ideas.append("--engine fsdp2 (partitions the weights too; not for asft, ewc, LoRA or the gradient-surgery "
-                     "methods)")
+        # (which methods an engine takes is the one compatibility rule's to say: the estimate under that engine
+        # names any it refuses, as mmtune train would)
+        ideas.append("--engine fsdp2 or --engine zero3 (partition the weights too; the estimate under either names "
+                     "any of the run's methods it refuses)")
     ideas.append("method.name=lora (adapters instead of full blocks) or fewer scope.last_n_blocks")
     return ideas
