@@ -79,8 +79,8 @@ class BestState:
 
 
 def update_best(state: BestState, summary: dict, step: int, save_model, root: Path) -> bool:
-    """Record one evaluation; on a new best, write ``<root>/best`` with ``save_model(folder)`` (which replaces it whole). Returns whether it
-    was a new best. (Call on the main process.)"""
+    """Record one evaluation; on a new best, write ``<root>/best`` with ``save_model(folder)`` (which replaces it
+    whole). Returns whether it was a new best. (Call on the main process.)"""
     value = metric_value(summary, state.metric)
     improved = state.beaten_by(value)
     if improved:

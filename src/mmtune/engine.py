@@ -53,7 +53,7 @@ class Engine:
         processes = getattr(accelerator, "num_processes", 1)
         distributed = str(getattr(accelerator, "distributed_type", ""))
         plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
-        if plugin is not None or "DEEPSPEED" in distributed:  # (a Trainer's accelerator: its state names the plugin)
+        if plugin is not None:  # DeepSpeed (Accelerate's state names its plugin only then; a Trainer's too)
             if plugin.zero_stage not in (0, 1, 2, 3):
                 raise ValueError(f"DeepSpeed ZeRO-{plugin.zero_stage}: mmtune takes ZeRO stages 1, 2 and 3")
             return cls(f"zero{plugin.zero_stage}", processes)

@@ -57,7 +57,7 @@ from mmtune.engine import (  # noqa: F401 — write_weight, partition_span: also
 from mmtune.methods.base import Method, TrainContext, refusal
 
 
-def configure_deepspeed(accelerator, config, methods: list[Method]) -> None:
+def configure_deepspeed(accelerator, config, methods: list[Method] | None = None) -> None:
     """Check a DeepSpeed launch against what is tested, and set the engine's config so that it agrees with the run's
     (call before ``accelerator.prepare``). Refuses, naming the setting, anything that would silently differ."""
     if not is_deepspeed(accelerator):
@@ -67,7 +67,7 @@ def configure_deepspeed(accelerator, config, methods: list[Method]) -> None:
     stage = plugin.zero_stage
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"DeepSpeed ZeRO-{stage}: mmtune takes ZeRO stages 1, 2 and 3")
-    refused = refusal(methods, Engine.of(accelerator))  # the one compatibility rule (mmtune.methods.base)
+    refused = refusal(methods or [], Engine.of(accelerator))  # the one compatibility rule (mmtune.methods.base)
     if refused:
         raise ValueError(refused)
     if stage == 3:

@@ -22,7 +22,6 @@ from mmtune.checkpoint import (
     step_dir_name,
 )
 from mmtune.config import RunConfig, flat_config, load_config, save_config, to_dict
-from mmtune.engines import is_deepspeed
 from mmtune.methods.base import load_method_states, save_method_states
 
 if TYPE_CHECKING:
@@ -62,7 +61,7 @@ def resume(run: Run) -> tuple[int, int]:
     if differences:
         raise ValueError(f"{checkpoint} was trained with another configuration; resuming would silently mix "
                          f"two runs. Differences: {'; '.join(differences)}")
-    if is_deepspeed(run.accelerator):
+    if run.engine.deepspeed:
         check_engine_files(checkpoint)
     run.accelerator.load_state(str(checkpoint))
     state = load_run_state(checkpoint)

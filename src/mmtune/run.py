@@ -105,7 +105,7 @@ def open_run(config: RunConfig) -> Run:
     refused = refusal(methods, engine)  # the one compatibility rule (mmtune.methods.base)
     if refused:
         raise ValueError(refused)
-    configure_deepspeed(accelerator, config, [])  # DeepSpeed's own settings against the run's
+    configure_deepspeed(accelerator, config)  # DeepSpeed's own settings against the run's (methods: checked above)
     paths, lock = prepare_output_dir(config, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     set_seed(config.train.seed)

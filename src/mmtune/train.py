@@ -42,7 +42,7 @@ from mmtune.during_training import (
     redo_cut_evaluation,
     run_evaluation,
 )
-from mmtune.engines import is_deepspeed, on_masters
+from mmtune.engines import on_masters
 from mmtune.errors import NonFiniteError, Preempted, RunInUseError  # noqa: F401  (RunInUseError: public here)
 from mmtune.methods.base import TrainContext
 from mmtune.models.base_model import check_model_source, load_base, whole_init  # noqa: F401 — public here too
@@ -93,7 +93,7 @@ def build_model(run: Run) -> None:
     layout = apply_scope_config(model, config.scope)
     for method in run.methods:
         model = method.prepare_model(model, layout)
-    if config.train.fp32_masters and low_precision_dtype(config.model.dtype) and not is_deepspeed(run.accelerator):
+    if config.train.fp32_masters and low_precision_dtype(config.model.dtype) and not run.engine.deepspeed:
         added = keep_fp32_masters(model)  # DeepSpeed keeps its own masters
         run.say(f"fp32 masters of the trainable parameters: +{added / 2**20:.1f} MiB; frozen weights stay "
                 f"{config.model.dtype}, compute under {run.accelerator.mixed_precision} autocast")
