@@ -160,6 +160,10 @@ class DataConfig:
         _check(0 <= self.replay_share < 1, f"data.replay_share={self.replay_share} must be in [0, 1)")
         _check(bool(self.replay) == (self.replay_share > 0), "data.replay and data.replay_share go together: name "
                "the replay sources and the share of every batch they fill")
+        for i, spec in enumerate(self.replay):
+            _check(spec.weight == 1.0 and spec.probability is None, f"data.replay.{i} ({spec.path}): weight and "
+                   "probability are not read for a replay source — data.replay_share sets its share of every batch "
+                   "and n how many of its records it draws")
 
     def draw_seed(self, train_seed: int) -> int:
         """The seed of which records each task draws: ``data.seed``, or the training seed where it is null (how every

@@ -50,6 +50,7 @@ class Run:
     model: object = None
     optimizer: object = None
     loader: object = None
+    plan: object = None  # a sampled mixture's MixturePlan (which records each epoch draws); None: the fixed mixture
     scheduler: object = None
     ctx: TrainContext | None = None
     steps_per_epoch: int = 0

@@ -34,6 +34,7 @@ from transformers.optimization import Adafactor
 from mmtune.best import BestState
 from mmtune.checkpoint import newest_complete
 from mmtune.config import SCHEDULERS, RunConfig, save_config
+from mmtune.data.mixture import drawn_indices
 from mmtune.during_training import (
     base_needs_evaluation,
     evaluate_during_training,
@@ -114,6 +115,7 @@ def prepare_training(run: Run) -> None:
     ``setup`` (on the fp32 masters, whatever the engine)."""
     config = run.config
     loader, run.records = build_loader(config, run.records, run.processor, run.skipped, run.say)
+    run.plan = getattr(loader.sampler, "plan", None)
     if run.sharded and base_needs_evaluation(run):
         # A sharded model can't be evaluated by one process: evaluate the base before sharding it (under ZeRO-3 a
         # checkpoint is loaded already partitioned, so the main process loads it whole for this).
@@ -214,6 +216,15 @@ def records_digest(records: list) -> str:
     return hashlib.sha256("\n".join(sorted(str(r.id) for r in records)).encode()).hexdigest()[:16]
 
 
+def trained_records(run: Run) -> list:
+    """The records training drew from: the run's records, or — a sampled mixture, whose record list holds every
+    source whole — each task's and the replay's drawn n (every epoch trained, where they are drawn afresh)."""
+    if run.plan is None:
+        return run.records
+    epochs = range(max(1, math.ceil(run.ctx.step / run.steps_per_epoch))) if run.plan.resample else [0]
+    return [run.records[i] for i in sorted({i for epoch in epochs for i in drawn_indices(run.plan, epoch)})]
+
+
 def finish(run: Run, seconds: float, stopped_early: bool = False) -> None:
     """Phase 6: post-training hooks, ``final/`` (finite weights only), summary, final evaluation and report."""
     config, accelerator, ctx, paths = run.config, run.accelerator, run.ctx, run.paths
@@ -236,9 +247,10 @@ def finish(run: Run, seconds: float, stopped_early: bool = False) -> None:
             raise NonFiniteError(f"the trained model has non-finite values in {len(bad)} tensors (first: {bad[0]}); "
                                  "final/ is not written")
         save_final(run, full_state)
-        summary = {"steps": ctx.step, "records": len(run.records), "skipped_records": len(run.skipped),
+        trained = trained_records(run)
+        summary = {"steps": ctx.step, "records": len(trained), "skipped_records": len(run.skipped),
                    # which records trained (data.seed): runs with the same digest trained on the same records
-                   "data_seed": config.data.draw_seed(config.train.seed), "records_digest": records_digest(run.records),
+                   "data_seed": config.data.draw_seed(config.train.seed), "records_digest": records_digest(trained),
                    "skipped_examples": run.skipped[:20], "methods": config.method.name,
                    "train_seconds": round(seconds, 2), **engine_summary(accelerator),
                    "precision": describe(config.model.dtype, config.train.fp32_masters, config.train.mixed_precision)}

@@ -14,6 +14,7 @@ from mmtune.data.mixture import (
     MixturePlan,
     MixtureSampler,
     build_mixture,
+    draw_records,
     mixture_summary,
     read_task,
     temperature_probabilities,
@@ -121,7 +122,10 @@ def mixture_plan(config: RunConfig, records: list) -> MixturePlan:
         raise ValueError(f"data.replay_share={data.replay_share} of train.batch_size={config.train.batch_size} is "
                          f"{data.replay_share * config.train.batch_size:g} records: it must round to 1 … "
                          f"{config.train.batch_size - 1}")
-    replay = [i for pool in pools[len(tasks):] for i in pool]
+    # each replay source's n records, drawn once per run with data.seed (its share of every batch is replay_share)
+    draw = data.draw_seed(config.train.seed)
+    replay = [i for source, (spec, pool) in enumerate(zip(data.replay, pools[len(tasks):], strict=True))
+              for i in draw_records(pool, min(spec.n or len(pool), len(pool)), draw * 7919 + 2 + source)]
     return MixturePlan(pools=pools[:len(tasks)], counts=counts, weights=[t.weight for t in tasks],
                        probabilities=probabilities, replay=replay, replay_per_batch=replay_per_batch,
                        batch_size=config.train.batch_size, resample=data.resample_each_epoch, seed=config.train.seed,

@@ -49,13 +49,24 @@ def test_resampling_draws_new_records_each_epoch_only_when_asked():
     assert len(chosen(True, 1)) == 64 and sum(i >= 300 for i in chosen(True, 1)) == 16  # still 48 + 16
 
 
-def test_a_run_with_replay_and_probabilities_logs_each_tasks_training_loss(tiny_config):
+def test_probabilities_draw_from_each_tasks_n_records_only():
+    """A task's n holds under probabilities too: its slots cycle through n drawn records, not its whole pool."""
+    indices = epoch_indices(plan(probabilities=[0.5, 0.5], counts=[300, 20]), 0)
+    assert len({i for i in indices if i >= 300}) == 20
+    assert len({i for i in indices if i < 300}) > 20
+
+
+def test_a_run_with_replay_and_probabilities_logs_each_tasks_training_loss(tiny_config, capsys):
+    """Each replay source draws its n (8 of the 128 in its pool), and train_summary.json counts what trained: each
+    task's n and the replay's, not every record of every source."""
     from mmtune.train import train
 
     run = train(tiny_config(
-        "data.tasks=[{path: 'synthetic:detailed_caption', probability: 0.5}, {path: 'synthetic:count_mc', "
-        "probability: 0.5}]", "data.replay=[{path: 'synthetic:color_vqa', n: 8}]", "data.replay_share=0.25",
+        "data.tasks=[{path: 'synthetic:detailed_caption', n: 12, probability: 0.5}, {path: 'synthetic:count_mc', "
+        "n: 12, probability: 0.5}]", "data.replay=[{path: 'synthetic:color_vqa', n: 8}]", "data.replay_share=0.25",
         "train.loss_reduction=sample", "train.max_steps=2"))
+    assert "(8 in its pool)" in capsys.readouterr().out
+    assert json.loads((run / "train_summary.json").read_text())["records"] == 12 + 12 + 8
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
         per_task = {k: v for k, v in row.items() if k.startswith("loss/")}
@@ -87,6 +98,8 @@ def test_mixed_probability_settings_are_refused(tiny_config):
         tiny_config("data.tasks=[{path: 'synthetic:detailed_caption', probability: 0.5}, 'synthetic:count_mc']")
     with pytest.raises(ConfigError, match="go together"):
         tiny_config("data.replay_share=0.25")
+    with pytest.raises(ConfigError, match=r"data.replay.0 \(synthetic:color_vqa\): weight and probability are not read"):
+        tiny_config("data.replay=[{path: 'synthetic:color_vqa', weight: 2}]", "data.replay_share=0.25")
 
 
 def test_a_sampled_mixture_resumes_exactly_across_an_epoch(tiny_config):

@@ -108,7 +108,7 @@ class MixturePlan:
     """How the sampled mode draws each epoch: indices into the run's record list, per source."""
 
     pools: list[list[int]]  # per training task: the indices of its records
-    counts: list[int]  # per training task: records per epoch in proportion mode (its N)
+    counts: list[int]  # per training task: the records it draws (its n; in proportion mode, records per epoch)
     weights: list[float]  # per training task: its repeat weight (proportion mode)
     probabilities: list[float] | None  # per training task: the chance each slot is drawn from it (None: proportions)
     replay: list[int]  # the indices of the replay (general) records
@@ -133,6 +133,13 @@ class MixturePlan:
         return text + ("; each task's records drawn afresh every epoch" if self.resample else "")
 
 
+def draw_records(pool: list[int], n: int, seed: int) -> list[int]:
+    """``n`` of ``pool``'s records drawn at random with ``seed`` (the whole pool, unchanged, when ``n`` covers it)."""
+    if n >= len(pool):
+        return pool
+    return [pool[j] for j in torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n].tolist()]
+
+
 def _stream(pool: list[int], generator: torch.Generator) -> Iterator[int]:
     """``pool``'s indices in random order, again and again (a new order each pass)."""
     while True:
@@ -151,8 +158,8 @@ def epoch_indices(plan: MixturePlan, epoch: int) -> list[int]:
     if plan.probabilities is not None:
         tasks = torch.multinomial(torch.tensor(plan.probabilities, dtype=torch.float64), slots, replacement=True,
                                   generator=order).tolist()
-        streams = [_stream(pool, torch.Generator().manual_seed(draw_seed + 104729 * (i + 1)))
-                   for i, pool in enumerate(plan.pools)]
+        streams = [_stream(draw_records(pool, n, draw_seed + 104729 * (i + 1)), torch.Generator().manual_seed(
+            draw_seed + 104729 * (i + 1))) for i, (pool, n) in enumerate(zip(plan.pools, plan.counts, strict=True))]
         main = [next(streams[task]) for task in tasks]
     else:
         main = []
@@ -172,6 +179,16 @@ def epoch_indices(plan: MixturePlan, epoch: int) -> list[int]:
         indices += main[batch * per_batch:(batch + 1) * per_batch]
         indices += [next(replay) for _ in range(plan.replay_per_batch)]
     return indices
+
+
+def drawn_indices(plan: MixturePlan, epoch: int = 0) -> list[int]:
+    """The records an epoch's batches are drawn from: each task's n (its whole pool without one) and the replay's
+    drawn records, sorted — what trains, where the run's record list holds every source whole."""
+    which = plan.seed if plan.data_seed is None else plan.data_seed
+    draw_seed = which * 7919 + (epoch if plan.resample else 0)
+    tasks = [i for t, (pool, n) in enumerate(zip(plan.pools, plan.counts, strict=True))
+             for i in draw_records(pool, n, draw_seed + 104729 * (t + 1))]
+    return sorted({*tasks, *plan.replay})
 
 
 class MixtureSampler(Sampler):

@@ -1,8 +1,9 @@
 """lora — low-rank adapters (PEFT) on the scope's LLM blocks instead of tuning them fully.
 
 Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022, through Hugging Face
-``peft``. The adapters go on the linear layers of the last ``scope.last_n_blocks`` LLM blocks whose
-names end in one of ``target_modules``; the projector stays fully trainable, as in the other methods.
+``peft``. The adapters go on the linear layers of the scope's LLM blocks (``scope.last_n_blocks`` / ``scope.layers``,
+and within them only the parts ``scope.modules`` names) whose names end in one of ``target_modules``; the projector
+stays fully trainable, as in the other methods.
 At the end the adapters are merged, so ``final/`` is a plain model any tool loads; with ``merge=false`` the
 unmerged adapter (and the trained projector, saved as PEFT ``modules_to_save``) is also written to ``<run>/adapter``,
 loadable with ``peft.PeftModel.from_pretrained(base_model, "<run>/adapter")``.
@@ -47,15 +48,7 @@ class Lora(Method):
     config_class = LoraMethodConfig
 
     def prepare_model(self, model, layout):
-        # The scope's blocks: those holding a trainable tensor (with QLoRA only their norms are: the linear layers'
-        # weights are quantized storage); the adapters go on their linear layers named in target_modules.
-        blocks = {layout.blocks + "." + n[len(layout.blocks) + 1:].split(".", 1)[0]
-                  for n, p in model.named_parameters() if p.requires_grad and part_of(n, layout) == "llm_blocks"}
-        targets = sorted(name for name, _ in model.named_modules()
-                         if any(name.startswith(block + ".") for block in blocks)
-                         and name.rsplit(".", 1)[-1] in self.config.target_modules)
-        if not targets:
-            raise ValueError(f"lora: no module of the trainable LLM blocks ends in {self.config.target_modules}")
+        targets = lora_targets(model, layout, self.config.target_modules)
         # The projector trains fully, as in the other methods: PEFT keeps it as modules_to_save, so a saved adapter
         # carries it too.
         projector = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters()
@@ -78,6 +71,30 @@ class Lora(Method):
             ctx.final_model = ctx.final_model.unload()
         else:
             ctx.final_model = ctx.final_model.merge_and_unload()
+
+
+def lora_targets(model, layout, target_modules: list[str]) -> list[str]:
+    """The linear layers that get adapters: those named in ``target_modules`` inside what the scope trains — its
+    blocks, or only the submodules ``scope.modules`` chose (``layout.scoped``; QLoRA's quantized layers included,
+    which the scope cannot unfreeze). On a layout no scope was applied to (a user's own Trainer), the blocks holding
+    a trainable tensor, minus layers whose weight is a frozen floating-point tensor."""
+    blocks = {layout.blocks + "." + n[len(layout.blocks) + 1:].split(".", 1)[0]
+              for n, p in model.named_parameters() if p.requires_grad and part_of(n, layout) == "llm_blocks"}
+    within = layout.scoped or tuple(blocks)
+    targets = []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in target_modules or not any(name.startswith(path + ".") or name == path
+                                                                     for path in within):
+            continue
+        weight = getattr(module, "weight", None)
+        if not layout.scoped and weight is not None and weight.is_floating_point() and not weight.requires_grad:
+            continue  # the user froze it: an adapter would train what they chose to keep
+        targets.append(name)
+    if not targets:
+        chosen = f"the scope's {', '.join(layout.scoped)}" if layout.scoped else "the trainable LLM blocks"
+        raise ValueError(f"lora: no module of {chosen} ends in {target_modules} (method.lora.target_modules; "
+                         "scope.modules chooses which parts of the blocks train)")
+    return sorted(targets)
 
 
 def lora_layers(model) -> Iterator[tuple[str, LoraLayer, list[str]]]:

@@ -7,6 +7,7 @@ blocks found by the names transformers gives them), with an error naming what co
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -21,6 +22,9 @@ class Layout:
     # More connector modules, trained and counted with the projector (Qwen3-VL's DeepStack mergers, which project
     # intermediate vision features into the LLM as its merger projects the last ones)
     more_projectors: tuple[str, ...] = ()
+    # What ``apply_scope`` unfroze inside the blocks (whole blocks, or the submodules ``scope.modules`` chose): what a
+    # method that re-decides what trains (LoRA's adapters) must stay within. Empty on a layout no scope was applied to.
+    scoped: tuple[str, ...] = ()
 
     @property
     def projectors(self) -> tuple[str, ...]:
@@ -103,7 +107,7 @@ def apply_scope(model: nn.Module, train_projector: bool = True, last_n_blocks: i
     layout = layout_of(model)
     model.requires_grad_(full)
     if full:
-        return layout
+        return dataclasses.replace(layout, scoped=(layout.blocks,))
     if train_projector:
         for projector in layout.projectors:
             _unfreeze(model.get_submodule(projector))
@@ -111,19 +115,23 @@ def apply_scope(model: nn.Module, train_projector: bool = True, last_n_blocks: i
         _unfreeze(model.get_submodule(layout.vision))
     names = block_names(model, layout, last_n_blocks) if layers is None else \
         [f"{layout.blocks}.{i}" for i in block_indices(layers, len(model.get_submodule(layout.blocks)))]
+    scoped: list[str] = []
     for name in names:
         block = model.get_submodule(name)
         if not modules:
             _unfreeze(block)
+            scoped.append(name)
             continue
-        chosen = [child for child_name, child in block.named_modules() if child_name and module_matches(child_name, modules)]
+        chosen = [(child_name, child) for child_name, child in block.named_modules()
+                  if child_name and module_matches(child_name, modules)]
         if not chosen:
             available = sorted({n.rsplit(".", 1)[-1] for n, _ in block.named_modules() if n})
             raise ValueError(f"scope.modules={list(modules)} matches nothing in {name}; its submodules: "
                              f"{', '.join(available)} (or the groups {', '.join(MODULE_GROUPS)})")
-        for child in chosen:
+        for child_name, child in chosen:
             _unfreeze(child)
-    return layout
+            scoped.append(f"{name}.{child_name}")
+    return dataclasses.replace(layout, scoped=tuple(scoped))
 
 
 def apply_scope_config(model: nn.Module, scope) -> Layout:
