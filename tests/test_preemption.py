@@ -183,3 +183,55 @@ def test_the_interruption_passes_through_handlers_that_catch_exception():
         except Exception:  # noqa: BLE001 — what a reader deep in the evaluation does
             pytest.fail("the interruption was caught as an ordinary error")
     assert watch.requested == "SIGTERM"
+
+
+def test_ctrl_c_is_a_preemption_by_default_and_twice_aborts_at_once(tiny_config, monkeypatch, capsys):
+    """No setting: Ctrl-C during step 2 finishes it, checkpoints it and stops (exit 75 from the command line) with one
+    line saying so; a second Ctrl-C while that checkpoint is written aborts at once, the command printing one line."""
+    import mmtune.train as train_module
+    from mmtune.errors import Preempted
+
+    real_agreed = PreemptionWatch.agreed
+    calls = {"agreed": 0}
+
+    def agreed(self, accelerator):
+        calls["agreed"] += 1
+        if calls["agreed"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_agreed(self, accelerator)
+
+    monkeypatch.setattr(PreemptionWatch, "agreed", agreed)
+    config = tiny_config("train.max_steps=6")
+    with pytest.raises(Preempted, match="preempted \\(SIGINT\\) at step 2"):
+        train(config)
+    assert "SIGINT received: finishing the step in flight, then a checkpoint (Ctrl-C again aborts at once)" in \
+        capsys.readouterr().err
+    assert [p.name for p in complete_checkpoints(Path(config.train.output_dir) / "checkpoints")] == ["step-000002"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    real_save = train_module.save_checkpoint
+
+    def save_after_a_second_ctrl_c(run, position):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_save(run, position)
+
+    calls["agreed"] = 0
+    monkeypatch.setattr(train_module, "save_checkpoint", save_after_a_second_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config("train.max_steps=6", out="twice"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_abort_prints_one_line_not_a_traceback(monkeypatch, capsys):
+    from mmtune import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args", lambda argv: type("Args", (), {"func": staticmethod(interrupted)})())
+    assert cli.main(["train"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "mmtune: aborted (Ctrl-C); a run continues from its last checkpoint with " \
+                          "train.resume_from=latest" and "Traceback" not in err

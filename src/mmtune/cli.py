@@ -579,6 +579,10 @@ def main(argv: list[str] | None = None) -> int:
     except PeerLostError as error:
         print(f"mmtune: error: {error}", file=sys.stderr)
         return 4
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or one outside it: one line, not a traceback
+        print("\nmmtune: aborted (Ctrl-C); a run continues from its last checkpoint with train.resume_from=latest",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -209,7 +209,7 @@ class TrainConfig:
     progress: bool = True  # progress bars
     best_metric: str | None = None  # keep <run>/best: highest S | G | H | S/base | G/base | H/base | S/adj | G/adj | H/adj | S/head | H/head | <task>, or lowest val_loss | val_loss/<task>, of the evaluations during training
     early_stopping_patience: int | None = None  # stop after this many evaluations during training without a new best
-    preempt_signals: list = field(default_factory=lambda: ["SIGTERM"])  # finish the step, checkpoint, exit 75 (mmtune.preemption); e.g. [SIGTERM, SIGUSR1]
+    preempt_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGINT"])  # finish the step, checkpoint, exit 75 (mmtune.preemption); SIGINT = Ctrl-C (twice: abort now); e.g. add SIGUSR1
     ddp_timeout: int = 600  # seconds a process waits for the others in a collective before the run stops (the Trainer's name)
     report_to: list = field(default_factory=lambda: ["tensorboard"])  # trackers (Accelerate): tensorboard | wandb | mlflow; [] for none
 

@@ -1,5 +1,6 @@
-"""Preemption: on SIGTERM (and any signal of ``train.preempt_signals``) finish the optimizer step in flight, write a
-verified checkpoint, and exit with ``PREEMPTED_EXIT`` — a run loses at most the step it was in.
+"""Preemption: on SIGTERM or Ctrl-C (SIGINT; any signal of ``train.preempt_signals``) finish the optimizer step in
+flight, write a verified checkpoint, and exit with ``PREEMPTED_EXIT`` — a run loses at most the step it was in.
+A second Ctrl-C aborts at once (``KeyboardInterrupt``): the user asked twice, and the last checkpoint stays whole.
 
 Cluster schedulers (SLURM, Kubernetes, spot instances) send SIGTERM (SLURM can send SIGUSR1 ahead of time with
 ``--signal``) and kill the job seconds to minutes later. The handler only sets a flag; the loop reads it once per
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -33,8 +35,9 @@ class EvaluationInterrupted(BaseException):
 class PreemptionWatch:
     """Install the handlers for the life of the loop (``with``); ``requested`` names the first signal received."""
 
-    def __init__(self, signals: list[str]):
+    def __init__(self, signals: list[str], announce: bool = True):
         self.signals = [getattr(signal, name) for name in signals]
+        self.announce = announce  # say what the signal does (the main process; every process receives Ctrl-C)
         self.requested: str | None = None
         self._interruptible = False
         self._previous: dict = {}
@@ -51,8 +54,15 @@ class PreemptionWatch:
         self._previous.clear()
 
     def _handle(self, number: int, frame) -> None:
+        if self.requested is not None and number == signal.SIGINT:  # Ctrl-C twice: the user wants out now
+            self.__exit__()
+            raise KeyboardInterrupt
         if self.requested is None:
             self.requested = signal.Signals(number).name
+            if self.announce:
+                again = " (Ctrl-C again aborts at once)" if number == signal.SIGINT else ""
+                print(f"\nmmtune: {self.requested} received: finishing the step in flight, then a checkpoint{again}",
+                      file=sys.stderr, flush=True)
         if self._interruptible:
             self._interruptible = False
             raise EvaluationInterrupted(self.requested)

@@ -165,7 +165,7 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> LoopEnd:
     config, accelerator, ctx = run.config, run.accelerator, run.ctx
     run.say(f"training {ctx.total_steps} steps ({run.steps_per_epoch} per epoch), methods: {config.method.name}")
     log = StepLog(accelerator, config, run.paths, ctx.total_steps, ctx.step)
-    run.watch = watch = PreemptionWatch(config.train.preempt_signals).__enter__()
+    run.watch = watch = PreemptionWatch(config.train.preempt_signals, announce=run.is_main).__enter__()
     started = time.time()
     stopped, preempted = False, None
     try:
