@@ -27,8 +27,74 @@ def test_overrides_are_typed_and_nested(tmp_path):
 
 
 def test_unknown_key_names_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"unknown key train\.lr.*valid keys of train: output_dir, seed"):
-        load_config(ROOT / "configs/tiny.yaml", ["train.lr=0.1"])
+    with pytest.raises(ConfigError, match=r"unknown key train\.bogus.*valid keys of train: output_dir, seed"):
+        load_config(ROOT / "configs/tiny.yaml", ["train.bogus=0.1"])
+
+
+# The flat keys of the three toolkits' common training YAMLs (LLaMA-Factory's examples/train_lora/*_sft.yaml and
+# train_full, ms-swift's sft command-line / YAML, TRL's SFTConfig / ScriptArguments): each must get a hint.
+LLAMA_FACTORY = ["model_name_or_path", "image_max_pixels", "video_max_pixels", "trust_remote_code", "stage",
+                 "do_train", "finetuning_type", "lora_rank", "lora_target", "freeze_vision_tower",
+                 "freeze_multi_modal_projector", "freeze_language_model", "dataset", "template", "cutoff_len",
+                 "max_samples", "overwrite_cache", "preprocessing_num_workers", "dataloader_num_workers",
+                 "output_dir", "logging_steps", "save_steps", "plot_loss", "overwrite_output_dir", "save_only_model",
+                 "report_to", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+                 "num_train_epochs", "lr_scheduler_type", "warmup_ratio", "bf16", "ddp_timeout",
+                 "resume_from_checkpoint", "val_size", "per_device_eval_batch_size", "eval_strategy", "eval_steps",
+                 "deepspeed", "quantization_bit", "dataset_dir", "use_dft_loss", "freeze_trainable_layers",
+                 "freeze_trainable_modules"]
+MS_SWIFT = ["model", "model_type", "train_type", "torch_dtype", "num_train_epochs", "per_device_train_batch_size",
+            "learning_rate", "lora_rank", "lora_alpha", "target_modules", "gradient_accumulation_steps", "eval_steps",
+            "save_steps", "save_total_limit", "logging_steps", "max_length", "output_dir", "warmup_ratio",
+            "dataloader_num_workers", "freeze_vit", "freeze_aligner", "freeze_llm", "vit_lr", "aligner_lr", "system",
+            "attn_impl", "max_pixels", "split_dataset_ratio", "deepspeed", "dataset_num_proc", "packing", "seed"]
+TRL = ["model_name_or_path", "dataset_name", "dataset_text_field", "learning_rate", "num_train_epochs",
+       "per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "logging_steps",
+       "eval_strategy", "eval_steps", "output_dir", "push_to_hub", "bf16", "use_peft", "lora_r", "lora_alpha",
+       "lora_target_modules", "max_length", "max_seq_length", "packing", "seed", "weight_decay", "max_grad_norm",
+       "optim", "warmup_steps", "save_strategy", "save_total_limit", "load_best_model_at_end",
+       "metric_for_best_model", "torch_dtype", "attn_implementation", "remove_unused_columns", "max_steps",
+       "lr_scheduler_type", "report_to", "run_name", "data_seed", "fsdp", "fsdp_config"]
+
+
+@pytest.mark.parametrize("toolkit, keys", [("LLaMA-Factory", LLAMA_FACTORY), ("ms-swift", MS_SWIFT), ("TRL", TRL)])
+def test_another_toolkits_config_gets_every_key_answered_at_once(tmp_path, toolkit, keys):
+    """A whole foreign YAML: one error listing every key, each with its mmtune key (or why there is none)."""
+    import yaml
+
+    path = tmp_path / "theirs.yaml"
+    path.write_text(yaml.safe_dump({key: "Qwen/Qwen2-VL-2B-Instruct" if key == "model" else 1 for key in keys}))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    lines = str(caught.value).splitlines()
+    unknown = [key for key in keys if key != "model"]
+    assert lines[0] == f"{path}: {len(keys)} {'problems' if 'model' in keys else 'unknown keys'}:"
+    for key in unknown:
+        line = next(line for line in lines if line.strip().startswith(f"unknown key {key} "))
+        assert "did you mean" in line or "no mmtune key" in line, line
+        assert "valid keys" not in line, line
+    if "model" in keys:  # ms-swift's model id: model is a section here
+        assert any("model is a section here: model.path" in line for line in lines)
+
+
+def test_every_unknown_key_is_reported_at_once_across_sections():
+    with pytest.raises(ConfigError) as caught:
+        load_config(ROOT / "configs/tiny.yaml", ["train.bogus=1", "eval.nope=2", "scope.freeze_vit=false"])
+    message = str(caught.value)
+    assert "3 unknown keys" in message
+    assert all(f"unknown key {key}" in message for key in ("train.bogus", "eval.nope", "scope.freeze_vit"))
+
+
+def test_an_override_indexes_a_list():
+    """data.tasks.0.path=…: a list item by position (a task given as a path becomes {path: …} to take a key)."""
+    config = load_config(ROOT / "configs/tiny.yaml", ["data.tasks.0.n=7", "data.tasks.1=synthetic:color_vqa",
+                                                      "data.tasks.-1.weight=2"])
+    assert config.data.tasks[0].n == 7 and config.data.tasks[1].path == "synthetic:color_vqa"
+    assert config.data.tasks[-1].weight == 2
+    with pytest.raises(ConfigError, match=r"data.tasks has \d+ items \(data.tasks.0 … data.tasks.\d+\)"):
+        load_config(ROOT / "configs/tiny.yaml", ["data.tasks.9.n=1"])
+    with pytest.raises(ConfigError, match="data.tasks is a list; index it by position"):
+        load_config(ROOT / "configs/tiny.yaml", ["data.tasks.first.n=1"])
 
 
 def test_wrong_type_is_an_error():

@@ -21,6 +21,15 @@ class ConfigError(ValueError):
     pass
 
 
+class UnknownKeys(ConfigError):
+    """Every unknown key of a config at once (one line each), so a converted config is fixed in one pass."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+        what = "unknown keys" if all(line.startswith("unknown key") for line in lines) else "problems"
+        super().__init__(lines[0] if len(lines) == 1 else f"{len(lines)} {what}:\n  " + "\n  ".join(lines))
+
+
 def _check(ok: bool, message: str) -> None:
     """Range checks of the config sections; written ``not (x > 0)``-style by callers so NaN fails too."""
     if not ok:
@@ -331,6 +340,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and tp is TaskSpec:
             value = {"path": value}
         if not isinstance(value, dict):
+            if tp is ModelConfig and isinstance(value, str):  # ms-swift's `model: Qwen/Qwen2-VL-2B-Instruct`
+                raise ConfigError(f"{key}: {value!r} — model is a section here: model.path: <a local checkpoint "
+                                  "folder> (mmtune downloads nothing)")
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return from_dict(tp, value, key)
     if origin is list:
@@ -374,12 +386,19 @@ def from_dict(cls, data: dict, prefix: str = ""):
             raise ConfigError(str(error)) from None
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]}{suggest(unknown[0], names)}; valid keys"
-                          f"{' of ' + prefix if prefix else ''}: {', '.join(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    where = f"{prefix}." if prefix else ""
+    problems = [_unknown_key_line(where + key, key, names, prefix) for key in data if key not in names]
+    kwargs = {}
+    for key, value in data.items():
+        if key in names:
+            try:
+                kwargs[key] = _coerce(value, hints[key], where + key)
+            except UnknownKeys as error:  # a section below has unknown keys too: report them all together
+                problems += error.lines
+            except ConfigError as error:  # a wrong value: reported with the unknown keys
+                problems.append(str(error))
+    if problems:
+        raise UnknownKeys(problems)
     try:
         return cls(**kwargs)
     except ValueError as error:
@@ -388,6 +407,14 @@ def from_dict(cls, data: dict, prefix: str = ""):
         raise ConfigError(f"{prefix or cls.__name__}: {error}") from None
     except TypeError as error:
         raise ConfigError(f"{prefix or cls.__name__}: {error}") from None
+
+
+def _unknown_key_line(full: str, key: str, names: list[str], prefix: str) -> str:
+    """``unknown key train.lr (did you mean …?)``: another toolkit's name gets its mmtune key; a key with no hint
+    lists the valid keys of its section."""
+    hint = suggest(key, names)
+    return f"unknown key {full}{hint}" + ("" if key in FOREIGN_KEYS else
+                                          f"; valid keys{' of ' + prefix if prefix else ''}: {', '.join(names)}")
 
 
 def flat_config(data, prefix: str = "") -> dict:
@@ -417,12 +444,37 @@ def apply_override(data: dict, override: str) -> None:
     except yaml.YAMLError as error:
         raise ConfigError(f"override {override!r}: the value is not valid YAML ({error})") from None
     parts = key.strip().split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {key}: {part} is not a section")
-    node[parts[-1]] = value
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):  # data.tasks.0.path=…: a list item by its index
+            index = _list_index(node, part, key, ".".join(parts[:depth]))
+            if last:
+                node[index] = value
+            elif isinstance(node[index], str):  # a task given as its path: becomes {path: …} to take the key
+                node[index] = {"path": node[index]}
+            node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"override {key}: {'.'.join(parts[:depth])} is not a section or a list")
+
+
+def _list_index(items: list, part: str, key: str, where: str) -> int:
+    try:
+        index = int(part)
+    except ValueError:
+        raise ConfigError(f"override {key}: {where} is a list; index it by position ({where}.0 … "
+                          f"{where}.{len(items) - 1})") from None
+    if not items:
+        raise ConfigError(f"override {key}: {where} is empty; set the whole list ({where}=[…])")
+    if not -len(items) <= index < len(items):
+        raise ConfigError(f"override {key}: {where} has {len(items)} items ({where}.0 … {where}.{len(items) - 1}); "
+                          f"to add one, set the whole list ({where}=[…])")
+    return index
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -516,6 +568,76 @@ FOREIGN_KEYS = {
     "dataset": "data.tasks (a list of task files or registry names)", "max_samples": "data.tasks[].n",
     "interleave_probs": "data.tasks[].probability", "mix_strategy": "data.tasks[].probability or data.temperature",
     "dataset_dir": "data.registry (a dataset_info.json-style file)",
+    # the flat keys of LLaMA-Factory's, ms-swift's and TRL's training YAMLs (transformers' TrainingArguments)
+    "model_name_or_path": "model.path (a local checkpoint folder: mmtune downloads nothing)",
+    "model_id": "model.path (a local checkpoint folder: mmtune downloads nothing)",
+    "model_type": "nothing: mmtune reads the architecture from model.path's config.json",
+    "torch_dtype": "model.dtype (fp32 | bf16 | fp16)", "dtype": "model.dtype (fp32 | bf16 | fp16)",
+    "bf16": "model.dtype: bf16 (bf16 weights, fp32 masters: train.fp32_masters) or train.mixed_precision: bf16 "
+            "(fp32 weights, bf16 compute — the Trainer's bf16: true)",
+    "fp16": "train.mixed_precision: fp16 (on a GPU) or model.dtype: fp16",
+    "pure_bf16": "model.dtype: bf16 with train.fp32_masters: false",
+    "attn_implementation": "model.attn_implementation", "attn_impl": "model.attn_implementation",
+    "flash_attn": "model.attn_implementation: flash_attention_2 (or sdpa)",
+    "gradient_checkpointing": "model.gradient_checkpointing",
+    "quantization_bit": "model.quantization: 4bit | 8bit (with method.name: lora)",
+    "quant_bits": "model.quantization: 4bit | 8bit (with method.name: lora)",
+    "load_in_4bit": "model.quantization: 4bit (with method.name: lora)",
+    "load_in_8bit": "model.quantization: 8bit (with method.name: lora)",
+    "image_max_pixels": "model.max_pixels", "max_pixels": "model.max_pixels",
+    "image_min_pixels": "model.min_pixels", "min_pixels": "model.min_pixels",
+    "image_resolution": "model.max_pixels (a pixel count: side × side)",
+    "video_max_pixels": "nothing: mmtune trains on images (no video)",
+    "video_fps": "nothing: mmtune trains on images (no video)",
+    "trust_remote_code": "nothing: mmtune loads transformers' own architectures, never a checkpoint's code",
+    "template": "nothing: conversations are rendered with the processor's chat template from model.path",
+    "system": "a system message in each conversation (data files in messages format)",
+    "stage": "nothing: mmtune train is supervised fine-tuning; method.name picks how",
+    "rlhf_type": "nothing: mmtune train is supervised fine-tuning; method.name picks how",
+    "do_train": "nothing: mmtune train trains (and evaluates eval.downstream / eval.heldout)",
+    "do_eval": "eval.every_steps (during training) or mmtune eval", "do_predict": "mmtune eval",
+    "use_peft": "method.name: lora", "lora_r": "method.lora.r", "lora_target_modules": "method.lora.target_modules",
+    "dataset_name": "data.tasks (a local file or saved Hugging Face dataset: mmtune downloads nothing)",
+    "dataset_text_field": "data.tasks[].columns (e.g. {prompt: question, answer: answer})",
+    "max_seq_length": "data.max_length", "max_source_length": "data.max_length", "max_target_length": "data.max_length",
+    "packing": "nothing: mmtune pads each batch (no packing)",
+    "neat_packing": "nothing: mmtune pads each batch (no packing)",
+    "streaming": "nothing: task files are read whole",
+    "overwrite_cache": "nothing: mmtune caches no tokenised data",
+    "preprocessing_num_workers": "nothing: records are tokenised as batches are made (data.num_workers)",
+    "dataset_num_proc": "nothing: records are tokenised as batches are made (data.num_workers)",
+    "dataloader_num_workers": "data.num_workers",
+    "remove_unused_columns": "nothing: only a record's known fields are read (unknown ones are an error)",
+    "val_size": "eval.downstream (a test file per task: mmtune does not split the training data)",
+    "split_dataset_ratio": "eval.downstream (a test file per task: mmtune does not split the training data)",
+    "eval_dataset": "eval.downstream / eval.heldout",
+    "output_dir": "train.output_dir", "run_name": "train.output_dir (the run is its folder)",
+    "logging_dir": "train.output_dir (logs and trackers write there)",
+    "overwrite_output_dir": "train.overwrite", "logging_steps": "train.log_every",
+    "logging_first_step": "train.log_every (the first step is always logged)",
+    "plot_loss": "nothing: mmtune report plots every run (<run>/report)",
+    "report_to": "train.report_to (tensorboard | wandb | mlflow, or [])",
+    "save_steps": "train.save_every", "save_strategy": "train.save_every (steps; null: only the end)",
+    "save_total_limit": "train.keep_checkpoints",
+    "save_only_model": "nothing: checkpoints always hold what an exact resume needs; final/ is the model alone",
+    "resume_from_checkpoint": "train.resume_from (a checkpoint folder or latest)",
+    "ddp_timeout": "train.ddp_timeout (seconds)", "seed": "train.seed (and data.seed: which records each n draws)",
+    "lr": "train.learning_rate", "data_seed": "data.seed", "max_steps": "train.max_steps", "warmup_ratio": "train.warmup_ratio",
+    "warmup_steps": "train.warmup_ratio (a share of the steps: warmup_steps / total steps)",
+    "weight_decay": "train.weight_decay", "max_grad_norm": "train.max_grad_norm",
+    "optim": "train.optimizer (adamw | sgd | adafactor)",
+    "per_device_eval_batch_size": "eval.batch_size",
+    "eval_strategy": "eval.every_steps (steps; null: only before and after training)",
+    "evaluation_strategy": "eval.every_steps (steps; null: only before and after training)",
+    "eval_steps": "eval.every_steps", "max_new_tokens": "eval.max_new_tokens",
+    "load_best_model_at_end": "train.best_metric (keeps <run>/best; final/ stays the last step)",
+    "metric_for_best_model": "train.best_metric", "early_stopping_patience": "train.early_stopping_patience",
+    "deepspeed": "accelerate launch --use_deepspeed --zero_stage N (or --deepspeed_config_file <json>) "
+                 "mmtune train …: engines come from the launch, not the config",
+    "fsdp": "accelerate launch --use_fsdp --fsdp_version 2 mmtune train …: engines come from the launch",
+    "fsdp_config": "accelerate launch --use_fsdp --fsdp_version 2 mmtune train …: engines come from the launch",
+    "push_to_hub": "nothing: upload <run>/final yourself (huggingface-cli upload)",
+    "hub_model_id": "nothing: upload <run>/final yourself (huggingface-cli upload)",
 }
 
 
@@ -524,6 +646,9 @@ def suggest(key: str, valid: list[str]) -> str:
     import difflib
 
     if key in FOREIGN_KEYS and key not in valid:
-        return f" (did you mean {FOREIGN_KEYS[key]}? {key} is another toolkit's name)"
+        hint = FOREIGN_KEYS[key]
+        if hint.startswith("nothing: "):
+            return f" ({key} is another toolkit's setting with no mmtune key: {hint[len('nothing: '):]})"
+        return f" (did you mean {hint}? {key} is another toolkit's name)"
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else ""
