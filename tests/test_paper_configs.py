@@ -54,7 +54,7 @@ def test_paper_config_dry_runs_with_a_tiny_model(path, world, tmp_path):
         f"data.tasks=[{tasks}]", f"data.synthetic.dir={world}", "data.synthetic.n_train=128", "data.synthetic.n_test=32",
         "data.synthetic.image_size=32", f"train.output_dir={tmp_path / 'run'}",
         "train.max_steps=2", "train.progress=false", "train.save_every=null",
-        f"eval.downstream=[{', '.join(repr(_synthetic(p)) for p in config.eval.downstream)}]",
-        f"eval.heldout=[{', '.join(repr(_synthetic(p)) for p in config.eval.heldout)}]",
+        f"eval.downstream=[{', '.join(repr(_synthetic(p.path)) for p in config.eval.downstream)}]",
+        f"eval.heldout=[{', '.join(repr(_synthetic(p.path)) for p in config.eval.heldout)}]",
         "eval.limit=2", "eval.max_new_tokens=4", "eval.before=false"]))
     assert (run / "final" / "config.json").exists() and (run / "eval" / "final" / "scores.json").exists()

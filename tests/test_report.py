@@ -96,6 +96,12 @@ def test_runs_that_are_not_comparable_are_refused_unless_asked(tmp_path):
     (d / "config.yaml").write_text(yaml.safe_dump({"method": {"name": "spider"}, "eval": {"limit": 5}}))
     with pytest.raises(ValueError, match="their eval differ \\(limit: None vs 5\\)"):
         build_report([a, d])
+    e = _run(tmp_path, "spider", 2, {"cap": 100.0, "mc": 50.0, "vqa": 50.0})  # a task scored by another metric
+    scores = json.loads((e / "eval" / "final" / "scores.json").read_text())
+    scores["tasks"]["vqa"]["metric"] = "exact"
+    (e / "eval" / "final" / "scores.json").write_text(json.dumps(scores))
+    with pytest.raises(ValueError, match="their task_metrics differ \\(vqa: 'x' vs 'exact'\\)"):
+        build_report([a, e])
 
 
 def test_holm_by_hand():

@@ -36,6 +36,8 @@ def cmd_eval(args) -> int:
     import json
     from pathlib import Path
 
+    from mmtune.config import TaskSpec
+    from mmtune.data.registry import load_registry
     from mmtune.data.synthetic import SYNTHETIC_PREFIX, resolve_task_path
     from mmtune.evaluate import evaluate
     from mmtune.files import atomic_write
@@ -48,15 +50,18 @@ def cmd_eval(args) -> int:
     world = Path(args.world) if args.world else None
     if world is not None and not (world / "world.json").exists():
         raise FileNotFoundError(f"--world {world}: no world.json (generate one with `mmtune data synth --out {world}`)")
-    model, processor = load_model(args.model, args.dtype)
-    sides = {"downstream": [resolve_task_path(p, world, "test") for p in args.tasks],
-             "heldout": [resolve_task_path(p, world, "test") for p in args.heldout]}
+    metrics = source_metrics(args.metric, [*args.tasks, *args.heldout])
+    sides = {"downstream": [TaskSpec(path=p, metric=metrics.get(p)) for p in args.tasks],
+             "heldout": [TaskSpec(path=p, metric=metrics.get(p)) for p in args.heldout]}
     out = Path(args.out or Path(args.model) / "eval")
     if args.sample_temperature is not None and args.sample_temperature <= 0:
         raise ValueError(f"--sample-temperature {args.sample_temperature} must be > 0")
+    model, processor = load_model(args.model, args.dtype)
+    sources = {"resolve": lambda p: resolve_task_path(p, world, "test"),
+               "registry": load_registry(args.registry) if args.registry else None}
     results = evaluate(model, processor, sides, out, args.batch_size, args.max_new_tokens, args.limit,
                        overwrite=args.overwrite, sample_temperature=args.sample_temperature,
-                       sample_seed=args.sample_seed)
+                       sample_seed=args.sample_seed, sources=sources, say=print)
     # What `mmtune report` needs to put this evaluation in a table (a row labelled --label).
     info = {"label": args.label or Path(args.model).resolve().name, "model": str(Path(args.model).resolve()),
             "eval": {"max_new_tokens": args.max_new_tokens, "limit": args.limit,
@@ -69,6 +74,21 @@ def cmd_eval(args) -> int:
         print(f"{task:<24} {result['metric']:<6} {result['score']:7.2f}  (n={result['n']}, {result['side']}{sampled})")
     print(f"wrote {out / 'scores.json'} and {out / 'predictions'}/")
     return 0
+
+
+def source_metrics(pairs: list[str], sources: list[str]) -> dict[str, str]:
+    """``--metric SOURCE=METRIC`` pairs as ``{source: metric}``; each source must be one of the evaluated ones."""
+    from mmtune.config import METRICS
+
+    metrics = {}
+    for pair in pairs:
+        source, _, metric = pair.rpartition("=")
+        if not source or metric not in METRICS:
+            raise ValueError(f"--metric {pair!r}: expected SOURCE=METRIC with METRIC one of {', '.join(METRICS)}")
+        if source not in sources:
+            raise ValueError(f"--metric {pair!r}: {source} is not among --tasks / --heldout ({', '.join(sources)})")
+        metrics[source] = metric
+    return metrics
 
 
 def cmd_infer(args) -> int:
@@ -219,6 +239,14 @@ def cmd_data(args) -> int:
         records = [r for path in args.files for r in read_records(path)]
         count = export(records, args.out, args.image_root, args.overwrite)
         print(f"wrote {count} conversations to {args.out}")
+        return 0
+    if args.data_command == "preview":
+        from mmtune.config import load_config
+        from mmtune.preview import preview
+
+        if args.count < 1:
+            raise ValueError(f"--count {args.count} must be ≥ 1")
+        print(preview(load_config(args.config, args.overrides), args.count))
         return 0
     if args.data_command == "stats":
         for path in args.files:
@@ -386,8 +414,14 @@ def _add_evaluation_commands(sub) -> None:
     """``mmtune eval``, ``infer``, ``score``, ``report``."""
     ev = sub.add_parser("eval", help="batched greedy generation + metrics on task files")
     ev.add_argument("--model", required=True, help="a local Hugging Face model folder (e.g. RUN/final)")
-    ev.add_argument("--tasks", nargs="+", required=True, help="task files (JSONL records) to evaluate")
-    ev.add_argument("--heldout", nargs="*", default=[], help="task files counted as held-out (generalization)")
+    ev.add_argument("--tasks", nargs="+", required=True,
+                    help="task sources to evaluate: task files, conversation files, saved HF datasets, "
+                         "synthetic:<family> (with --world) or dataset:<name> (with --registry)")
+    ev.add_argument("--heldout", nargs="*", default=[], help="task sources counted as held-out (generalization)")
+    ev.add_argument("--metric", nargs="*", default=[], metavar="SOURCE=METRIC",
+                    help="how a source is scored (cider | vqa | mc | exact), e.g. data/chart.jsonl=exact; "
+                         "default: its records' own, else the rule printed for each task")
+    ev.add_argument("--registry", help="a dataset registry (dataset_info.json style) for dataset:<name> sources")
     ev.add_argument("--out", help="output folder (default: MODEL/eval)")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--max-new-tokens", type=int, default=128)
@@ -495,6 +529,11 @@ def _add_data_command(sub) -> None:
     export.add_argument("--out", required=True)
     export.add_argument("--image-root", help="image paths are written relative to this (default: the JSON's folder)")
     export.add_argument("--overwrite", action="store_true")
+    preview = data_sub.add_parser("preview", help="training examples as the model sees them: chat template, image "
+                                                  "tokens, which tokens are learned (no training)")
+    preview.add_argument("--config", required=True, help="the run's YAML config")
+    preview.add_argument("--count", type=int, default=1, help="examples per training task")
+    preview.add_argument("overrides", nargs="*", help="key=value overrides, as for mmtune train")
     stats = data_sub.add_parser("stats", help="counts per task/kind and answer-length statistics")
     stats.add_argument("files", nargs="+")
     synth = data_sub.add_parser("synth", help="generate the synthetic world (task files + images)")

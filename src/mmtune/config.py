@@ -37,6 +37,8 @@ def _check(ok: bool, message: str) -> None:
 
 
 DTYPES = ("fp32", "bf16", "fp16")
+# How a task is scored (mmtune.metrics): CIDEr, the VQA accuracy over 10 annotators, a choice's letter, exact match
+METRICS = ("cider", "vqa", "mc", "exact")
 TINY_ARCHITECTURES = ("llava", "qwen2_vl", "idefics3", "qwen3_vl", "gemma3", "internvl", "llava_onevision")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")
@@ -114,9 +116,15 @@ class TaskSpec:
     defaults: dict = field(default_factory=dict)  # HF dataset / Parquet source: values of fields it lacks, e.g. {task: okvqa, kind: open}
     split: str | None = None  # HF dataset saved as a DatasetDict: the split to read
     probability: float | None = None  # sampled mixture: the chance each training slot is drawn from this task (set on every task, or none)
+    metric: str | None = None  # evaluation: how this task is scored (cider | vqa | mc | exact); null: the records' own, else inferred
+
+    def __fspath__(self) -> str:  # eval.downstream held paths before it held specs: Path(spec) still works
+        return self.path
 
     def __post_init__(self):
         _check(bool(self.path.strip()), "a task's path is empty")
+        _check(self.metric is None or self.metric in METRICS,
+               f"task {self.path}: metric={self.metric!r}; choose one of {', '.join(METRICS)}")
         _check(self.n is None or self.n >= 1, f"task {self.path}: n={self.n} must be ≥ 1 (or null: all records)")
         _check(self.weight > 0, f"task {self.path}: weight={self.weight} must be > 0")
         _check(self.probability is None or self.probability > 0,
@@ -258,8 +266,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    downstream: list[str] = field(default_factory=list)  # specialization tasks (test files or synthetic:<family>)
-    heldout: list[str] = field(default_factory=list)  # generalization tasks
+    downstream: list[TaskSpec] = field(default_factory=list)  # specialization tasks: as data.tasks ({path, metric, n}, a path, dataset:<name>, synthetic:<family>)
+    heldout: list[TaskSpec] = field(default_factory=list)  # generalization tasks (the same specs)
     batch_size: int = 16  # generation batch size
     max_new_tokens: int = 128  # longest generated answer (the papers: 128)
     limit: int | None = None  # at most this many records per task
@@ -272,6 +280,10 @@ class EvalConfig:
     overfit_reference_step: int | None = None  # the report's overfitting test compares this step (fixed in advance, e.g. the end of epoch 1) with the end; null: the largest fall over all steps
 
     def __post_init__(self):
+        for side in ("downstream", "heldout"):
+            for i, spec in enumerate(getattr(self, side)):
+                _check(spec.weight == 1.0 and spec.probability is None, f"eval.{side}.{i} ({spec.path}): weight and "
+                       "probability are training settings, not read for an evaluation task (n draws its records)")
         for key in ("batch_size", "max_new_tokens", "during_limit"):
             _check(getattr(self, key) >= 1, f"eval.{key}={getattr(self, key)} must be ≥ 1")
         _check(self.limit is None or self.limit >= 1, f"eval.limit={self.limit} must be ≥ 1 (or null: all)")

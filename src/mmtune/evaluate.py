@@ -16,25 +16,48 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mmtune.config import RunConfig
+from mmtune.config import RunConfig, TaskSpec
 from mmtune.data.collate import IGNORE_INDEX, GenerationCollator, RecordDataset, TrainCollator, model_inputs
-from mmtune.data.records import Record, infer_metric, read_records
+from mmtune.data.mixture import draw, read_task
+from mmtune.data.records import Record, metric_choice
+from mmtune.data.registry import load_registry
 from mmtune.data.synthetic import resolve_task_path
 from mmtune.files import atomic_write, safe_file_name
 from mmtune.losses import per_sample_mean, target_log_probs
 from mmtune.metrics import caption_ceiling, hallucinations, score
 
 
-def load_tasks(paths: list[Path], limit: int | None = None) -> dict[str, list[Record]]:
-    """Records grouped by task name (a file may hold several tasks); at most ``limit`` per task."""
+def load_tasks(sources: list, limit: int | None = None, resolve=Path, registry: dict | None = None,
+               data_seed: int = 0, skip_bad_records: bool = False,
+               skipped: list[str] | None = None) -> dict[str, list[Record]]:
+    """Records grouped by task name (a source may hold several tasks); at most ``limit`` per task. A source is a
+    path or a task spec as in ``data.tasks`` (a ``TaskSpec``: a file, a Hugging Face dataset, ``dataset:<name>``):
+    its ``metric`` is stamped on its records, its ``n`` draws that many with ``data_seed`` (kept in file order)."""
     tasks: dict[str, list[Record]] = defaultdict(list)
-    for path in paths:
-        for record in read_records(path):
+    for source in sources:
+        spec = source if isinstance(source, TaskSpec) else TaskSpec(path=str(source))
+        records = read_task(spec, resolve, skip_bad_records, skipped, registry)
+        if spec.metric is not None:
+            records = with_metric(records, spec.metric, spec.path)
+        if spec.n is not None:
+            chosen = {id(r) for r in draw(records, spec.n, data_seed)}
+            records = [r for r in records if id(r) in chosen]
+        for record in records:
             if limit is None or len(tasks[record.task]) < limit:
                 tasks[record.task].append(record)
     if not tasks:
-        raise ValueError(f"no records in {[str(p) for p in paths]}")
+        raise ValueError(f"no records in {[str(getattr(s, 'path', s)) for s in sources]}")
     return dict(tasks)
+
+
+def with_metric(records: list[Record], metric: str, where: str) -> list[Record]:
+    """``records`` scored by their task spec's ``metric``; a record that declares another one is an error."""
+    for record in records:
+        if record.metric not in (None, metric):
+            raise ValueError(f"{record.source or where}: record {record.id!r} declares metric {record.metric!r}, but "
+                             f"its task spec ({where}) says metric: {metric}")
+        record.metric = metric
+    return records
 
 
 @torch.no_grad()
@@ -183,10 +206,13 @@ def sampled_answers(model, processor, records: list[Record], temperature: float,
                         sampling={"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0})
 
 
-def evaluate(model, processor, sides: dict[str, list[Path]], out_dir: str | Path, batch_size: int = 16,
+def evaluate(model, processor, sides: dict[str, list], out_dir: str | Path, batch_size: int = 16,
              max_new_tokens: int = 128, limit: int | None = None, progress: bool = True,
-             overwrite: bool = False, sample_temperature: float | None = None, sample_seed: int = 0) -> dict:
-    """Evaluate every task of every side (``{"downstream": [...], "heldout": [...]}``); write and return scores.
+             overwrite: bool = False, sample_temperature: float | None = None, sample_seed: int = 0,
+             sources: dict | None = None, say=None) -> dict:
+    """Evaluate every task of every side (``{"downstream": [...], "heldout": [...]}``: paths or task specs, read by
+    ``load_tasks`` with ``sources``' keywords — resolve, registry, data_seed, skip_bad_records); write and return
+    scores. ``say`` (e.g. ``print``) is told how each task is scored where no one chose its metric.
 
     With ``sample_temperature``, open-response tasks (scored by CIDEr) are also scored on sampled answers
     (``sampled_score``; their lines in ``predictions/<task>.sampled.jsonl``): a greedy caption keeps the most likely
@@ -197,11 +223,14 @@ def evaluate(model, processor, sides: dict[str, list[Path]], out_dir: str | Path
         raise FileExistsError(f"{out / 'scores.json'} exists; choose another --out or pass --overwrite")
     (out / "predictions").mkdir(parents=True, exist_ok=True)
     results: dict = {"tasks": {}}
+    skipped: list[str] = []
     for side, paths in sides.items():
         if not paths:
             continue
-        for task, records in load_tasks(paths, limit).items():
-            metric = infer_metric(records)
+        for task, records in load_tasks(paths, limit, skipped=skipped, **(sources or {})).items():
+            metric, chosen = metric_choice(records)
+            if say is not None and chosen != "declared":
+                say(f"{task}: scored by {metric} ({chosen}; choose with metric: in its task spec or records)")
             predictions = generate(model, processor, records, batch_size, max_new_tokens, progress, f"eval {task}")
             items = [{"id": r.id, "prediction": p, "answers": r.answers, "choices": r.choices,
                       "answer_index": r.answer_index} for r, p in zip(records, predictions, strict=True)]
@@ -218,7 +247,8 @@ def evaluate(model, processor, sides: dict[str, list[Path]], out_dir: str | Path
                                  **({"hallucinated": absent[record.id]} if record.id in absent else {})}) + "\n"
                      for record, item, value in zip(records, items, result.per_sample, strict=True)]
             atomic_write(out / "predictions" / f"{safe_file_name(task)}.jsonl", "".join(lines))
-            results["tasks"][task] = {**result.as_dict(), "side": side, "target_confidence": forced["confidence"],
+            results["tasks"][task] = {**result.as_dict(), "side": side, "metric_choice": chosen,
+                                      "target_confidence": forced["confidence"],
                                       "target_loss": forced["loss"], "chance": chance_score(records),
                                       "ceiling": ceiling_score(metric, records),
                                       **{k: forced[k] for k in DIAGNOSTIC_KEYS if k in forced}}
@@ -240,17 +270,26 @@ def evaluate(model, processor, sides: dict[str, list[Path]], out_dir: str | Path
                 sampled_made_up = hallucination(records, sampled)
                 if sampled_made_up:
                     results["tasks"][task]["sampled_hallucination"] = sampled_made_up["rate"]
+    if skipped:  # data.skip_bad_records: what the evaluation left out, counted where its scores are
+        results["skipped_records"] = {"count": len(skipped), "examples": skipped[:20]}
+        if say is not None:
+            say(f"evaluation skipped {len(skipped)} bad records (data.skip_bad_records=true); first: {skipped[0]}")
     atomic_write(out / "scores.json", json.dumps(results, indent=2) + "\n")
     return results
 
 
 def run_evaluation(model, processor, config: RunConfig, world: Path | None, out: Path,
-                   limit: int | None = None) -> dict | None:
-    """Evaluate the configured downstream and held-out tasks (nothing if none are configured)."""
-    sides = {side: [resolve_task_path(p, world, "test") for p in getattr(config.eval, side)]
-             for side in ("downstream", "heldout")}
+                   limit: int | None = None, say=None) -> dict | None:
+    """Evaluate the configured downstream and held-out tasks (nothing if none are configured): their specs read as
+    ``data.tasks`` are (synthetic tasks from the world's test split, ``dataset:`` names from ``data.registry``), an
+    ``n`` drawn with ``data.seed`` (0 where null: every training seed is scored on the same records)."""
+    sides = {side: getattr(config.eval, side) for side in ("downstream", "heldout")}
     if not any(sides.values()):
         return None
+    sources = {"resolve": lambda p: resolve_task_path(p, world, "test"),
+               "registry": load_registry(config.data.registry) if config.data.registry else None,
+               "data_seed": config.data.seed or 0, "skip_bad_records": config.data.skip_bad_records}
     return evaluate(model, processor, sides, out, config.eval.batch_size, config.eval.max_new_tokens,
                     limit or config.eval.limit, config.train.progress, overwrite=True,
-                    sample_temperature=config.eval.sample_temperature, sample_seed=config.eval.sample_seed)
+                    sample_temperature=config.eval.sample_temperature, sample_seed=config.eval.sample_seed,
+                    sources=sources, say=say)

@@ -67,6 +67,9 @@ def comparable_settings(config: dict, scores: dict, base_scores: dict | None) ->
         # (keys added in later versions are null by default: a run from before them compares equal)
         "model": {k: model.get(k) for k in sorted(model) if k != "gradient_checkpointing" and model.get(k) is not None},
         "tasks": {k: v["side"] for k, v in sorted(scores["tasks"].items())},
+        # a task scored by another metric, or on another number of records, is another measurement
+        "task_metrics": {k: v.get("metric") for k, v in sorted(scores["tasks"].items())},
+        "task_sizes": {k: v.get("n") for k, v in sorted(scores["tasks"].items())},
         "eval": {k: evaluation.get(k) for k in ("max_new_tokens", "limit")},
         "world": synthetic,
         "base_scores": None if base_scores is None else

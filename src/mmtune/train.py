@@ -90,6 +90,9 @@ def build_model(run: Run) -> None:
     checkpointing — and the optimizer over its parameter groups."""
     config = run.config
     model, run.processor = load_base(config)
+    if config.model.tiny and (config.eval.downstream or config.eval.heldout):
+        run.say(f"model.tiny={config.model.tiny}: a random-init model — its scores (and the base's) are noise; "
+                "configs/quickstart.yaml fine-tunes the shipped pre-trained base instead")
     model.train()  # from_pretrained returns eval mode, where activation checkpointing (and dropout) would not act
     layout = apply_scope_config(model, config.scope)
     for method in run.methods:
@@ -123,7 +126,8 @@ def prepare_training(run: Run) -> None:
             base = run.model
             if any(hasattr(p, "ds_tensor") for p in base.parameters()):
                 base = load_base(config)[0]
-            run_evaluation(base.to(run.accelerator.device), run.processor, config, run.world, run.paths.base_eval)
+            run_evaluation(base.to(run.accelerator.device), run.processor, config, run.world, run.paths.base_eval,
+                           say=run.say)
         del base
     run.peers.wait_for_main(run.accelerator)
     run.model, run.optimizer, run.loader = run.accelerator.prepare(run.model, run.optimizer, loader)
@@ -264,7 +268,8 @@ def finish(run: Run, seconds: float, stopped_early: bool = False) -> None:
         with whole_init():
             final_model = load_model(paths.final, config.model.dtype)[0].to(accelerator.device) if run.sharded \
                 else ctx.final_model
-            evaluated = run_evaluation(final_model, run.processor, config, run.world, paths.root / "eval" / "final")
+            evaluated = run_evaluation(final_model, run.processor, config, run.world, paths.root / "eval" / "final",
+                                       say=None if config.eval.before else run.say)  # the base's said it
         if evaluated:
             report = write_report([paths.root], paths.root / "report")
             run.say(to_markdown(report))
@@ -307,7 +312,8 @@ def train(config: RunConfig) -> Path:
         prepare_training(run)
         if not run.sharded and base_needs_evaluation(run):
             with run.accelerator.autocast():
-                run_evaluation(run.ctx.unwrapped, run.processor, config, run.world, run.paths.base_eval)
+                run_evaluation(run.ctx.unwrapped, run.processor, config, run.world, run.paths.base_eval,
+                               say=run.say)
         run.peers.wait_for_main(run.accelerator)
         epoch, step_in_epoch = resume(run) if config.train.resume_from else (0, 0)
         if config.eval.every_steps and not run.sharded and not (run.paths.during("base") / "scores.json").exists():

@@ -42,7 +42,7 @@ class EpochSampler(Sampler):
 
 
 def world_dir(config: RunConfig) -> Path | None:
-    paths = [t.path for t in [*config.data.tasks, *config.data.replay]] + config.eval.downstream + config.eval.heldout
+    paths = [t.path for t in [*config.data.tasks, *config.data.replay, *config.eval.downstream, *config.eval.heldout]]
     if not any(p.startswith(SYNTHETIC_PREFIX) for p in paths):
         return None
     synth = config.data.synthetic

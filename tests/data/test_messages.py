@@ -38,9 +38,10 @@ def test_messages_with_placeholders_and_parts(folder):
     first, second, text_only = read_records(path)
     assert first.task == "chart" and first.kind == "open" and first.id == "0"
     assert first.prompt == "And the shape?" and first.target == "A square."
-    assert first.history == [{"prompt": "Be brief.\nWhat colour?", "answer": "Red."}]
+    # the image stays where its placeholder stands; the system message goes to the template's system slot
+    assert first.history == [{"prompt": "<image>What colour?", "answer": "Red."}] and first.system == "Be brief."
     assert first.image == str(folder / "img" / "a.png")
-    assert (second.id, second.task, second.prompt, second.target) == ("b", "colours", "Colour?", "Blue.")
+    assert (second.id, second.task, second.prompt, second.target) == ("b", "colours", "<image> Colour?", "Blue.")
     assert text_only.image is None
 
 
@@ -127,3 +128,49 @@ def test_bad_registry_entries_are_named(tmp_path, entry, message):
     (tmp_path / "r.json").write_text(json.dumps({"mine": entry}))
     with pytest.raises(ValueError, match=f"r.json: dataset 'mine': .*{message}"):
         load_registry(tmp_path / "r.json")
+
+
+def test_conversations_keep_their_shape_as_the_template_renders_them(folder):
+    """An image placed after the text stays there; a system message goes to the template's system slot (Qwen2-VL's
+    ChatML has one); a template without one (the tiny LLaVA's) gets it before the first user text, with a warning."""
+    from mmtune.data.collate import prompt_text
+    from mmtune.models.tiny import build_tiny
+
+    path = write_jsonl(folder / "shape.jsonl", [
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "Look: <image> What colour?"},
+                      {"role": "assistant", "content": "Red."}], "images": ["img/a.png"]}])
+    record, = read_records(path)
+    _, qwen = build_tiny("qwen2_vl")
+    rendered = prompt_text(qwen, record)
+    assert rendered.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nLook:<|vision_start|>")
+    assert "<|vision_end|>What colour?" in rendered
+    _, llava = build_tiny("llava")
+    with pytest.warns(UserWarning, match="has no system slot"):
+        rendered = prompt_text(llava, record)
+    assert "ASSISTANT: Be brief." not in rendered and "USER: Be brief.\nLook:<image>\nWhat colour?" in rendered
+
+
+def test_a_later_turns_image_is_moved_and_said(folder):
+    path = write_jsonl(folder / "later.jsonl", [
+        {"messages": [{"role": "user", "content": "Hello there."}, {"role": "assistant", "content": "Hi."},
+                      {"role": "user", "content": "What is  <image>  this?"},
+                      {"role": "assistant", "content": "A square."}], "images": ["img/a.png"]}])
+    with pytest.warns(UserWarning, match="later.jsonl: 1 conversation.* in a later user turn; mmtune shows every image"):
+        record, = read_records(path)
+    assert record.prompt == "What is this?" and record.history[0]["prompt"] == "Hello there."
+
+
+@pytest.mark.parametrize("key, value", [("videos", ["v.mp4"]), ("rejected", "No."), ("tools", "[]")])
+def test_keys_mmtune_would_not_honour_are_refused(folder, key, value):
+    path = write_jsonl(folder / "other.jsonl", [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], key: value}])
+    with pytest.raises(RecordError, match=f"other.jsonl:1: '{key}' .*not read by mmtune"):
+        read_records(path)
+
+
+def test_a_system_column_goes_to_the_system_slot(folder):
+    path = write_jsonl(folder / "sys.jsonl", [
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}], "system": "Be kind."}])
+    record, = read_records(path)
+    assert record.system == "Be kind." and record.prompt == "Hi"

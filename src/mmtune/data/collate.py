@@ -8,34 +8,76 @@ so the boundary between what is masked and what is learned is exact for every to
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mmtune.data.records import Record, RecordError
+from mmtune.data.records import IMAGE_TOKEN, Record, RecordError
 
 IGNORE_INDEX = -100
 _MARKER = "MMTUNEANSWERMARKER"
 
 
 def user_message(prompt: str, image: bool | int = True) -> list[dict]:
-    """A user turn: ``image`` images (``True``: one) before the text."""
-    content = [{"type": "image"}] * int(image)
-    return [{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}]
+    """A user turn: ``image`` images (``True``: one) where the text's ``<image>`` placeholders stand, or before the
+    text where it has none."""
+    count = int(image)
+    if count and prompt.count(IMAGE_TOKEN) == count:
+        pieces = [piece.strip() for piece in prompt.split(IMAGE_TOKEN)]  # the template separates image and text
+        content = [{"type": "text", "text": pieces[0]}] if pieces[0] else []
+        for piece in pieces[1:]:
+            content.append({"type": "image"})
+            if piece:
+                content.append({"type": "text", "text": piece})
+        return [{"role": "user", "content": content}]
+    return [{"role": "user", "content": [*[{"type": "image"}] * count, {"type": "text", "text": prompt}]}]
+
+
+def has_system_slot(processor) -> bool:
+    """Whether the processor's chat template renders a system message as one (before the first user turn, unlike a
+    user or an assistant turn) — LLaVA-1.5's tiny template, for one, renders any other role as the assistant's."""
+    cached = getattr(processor, "_mmtune_system_slot", None)
+    if cached is not None:
+        return cached
+    marker, user = "MMTUNESYSTEMMARKER", user_message("question", 0)
+    try:
+        alone = processor.apply_chat_template(user, tokenize=False)
+        with_system = processor.apply_chat_template(
+            [{"role": "system", "content": [{"type": "text", "text": marker}]}, *user], tokenize=False)
+        as_other = {processor.apply_chat_template([{"role": role, "content": [{"type": "text", "text": marker}]}],
+                                                  tokenize=False) for role in ("user", "assistant")}
+        supported = with_system.endswith(alone) and marker in with_system[:len(with_system) - len(alone)] and \
+            with_system[:len(with_system) - len(alone)] not in as_other
+    except Exception:  # noqa: BLE001 — a template that raises on a system role ("System role not supported")
+        supported = False
+    if not supported:
+        warnings.warn(f"{type(processor).__name__}'s chat template has no system slot: a conversation's system "
+                      "message is put before its first user turn's text", stacklevel=2)
+    try:
+        processor._mmtune_system_slot = supported  # asked once per processor
+    except AttributeError:
+        pass
+    return supported
 
 
 def assistant_message(answer: str) -> list[dict]:
     return [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
 
 
-def conversation(record: Record, upto: int | None = None) -> list[dict]:
+def conversation(record: Record, upto: int | None = None, processor=None) -> list[dict]:
     """The chat messages of ``record`` up to the user turn of exchange ``upto`` (default: the last, the record's
-    own prompt), with the record's images (if any) in the first user turn."""
+    own prompt), with the record's images (if any) in the first user turn and its system message in the template's
+    system slot (before the first user turn's text where ``processor``'s template has none)."""
     exchanges = [(turn["prompt"], turn["answer"]) for turn in record.history] + [(record.prompt, None)]
     upto = len(exchanges) - 1 if upto is None else upto
     messages: list[dict] = []
+    if record.system and processor is not None and has_system_slot(processor):
+        messages.append({"role": "system", "content": [{"type": "text", "text": record.system}]})
+    elif record.system:
+        exchanges[0] = (f"{record.system}\n{exchanges[0][0]}", exchanges[0][1])
     for index, (prompt, answer) in enumerate(exchanges[:upto + 1]):
         messages += user_message(prompt, image=len(record.images) if index == 0 else 0)
         if index < upto:
@@ -45,7 +87,7 @@ def conversation(record: Record, upto: int | None = None) -> list[dict]:
 
 def prompt_text(processor, prompt: str | Record) -> str:
     """The text the model sees before it answers: a prompt, or a whole record (its history and image included)."""
-    messages = conversation(prompt) if isinstance(prompt, Record) else user_message(prompt)
+    messages = conversation(prompt, processor=processor) if isinstance(prompt, Record) else user_message(prompt)
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
@@ -55,11 +97,12 @@ def later_segments(processor, record: Record, prefix: str, suffix: str) -> list[
     if not record.history:
         return []
     answers = [turn["answer"] for turn in record.history] + [record.target]
-    rendered = processor.apply_chat_template(conversation(record, 0), add_generation_prompt=True, tokenize=False)
+    rendered = processor.apply_chat_template(conversation(record, 0, processor), add_generation_prompt=True,
+                                             tokenize=False)
     segments = []
     for index in range(1, len(answers)):
         done = rendered + prefix + answers[index - 1] + suffix
-        rendered = processor.apply_chat_template(conversation(record, index), add_generation_prompt=True,
+        rendered = processor.apply_chat_template(conversation(record, index, processor), add_generation_prompt=True,
                                                  tokenize=False)
         if not rendered.startswith(done):
             where = f"{record.source}: " if record.source else ""
@@ -241,7 +284,8 @@ def processor_prompt(processor, record: Record) -> str:
     """The first user turn (a single-turn record's whole prompt), rendered for the processor."""
     if not record.history:
         return prompt_text(processor, record)
-    return processor.apply_chat_template(conversation(record, 0), add_generation_prompt=True, tokenize=False)
+    return processor.apply_chat_template(conversation(record, 0, processor), add_generation_prompt=True,
+                                         tokenize=False)
 
 
 def batch_images(samples: list[dict]):

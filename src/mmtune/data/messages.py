@@ -24,19 +24,25 @@ import hashlib
 import io
 import json
 import os
+import re
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from mmtune.data.record import Record, RecordError, checked_records, image_path
+from mmtune.data.record import IMAGE_TOKEN, Record, RecordError, checked_records, image_path
 
-IMAGE_TOKEN = "<image>"
 FORMATS = ("messages", "sharegpt")
 DEFAULT_TAGS = {
-    "messages": {"messages": "messages", "images": "images", "role_tag": "role", "content_tag": "content",
-                 "user_tag": "user", "assistant_tag": "assistant", "system_tag": "system"},
-    "sharegpt": {"messages": "conversations", "images": "images", "role_tag": "from", "content_tag": "value",
-                 "user_tag": "human", "assistant_tag": "gpt", "system_tag": "system"},
+    "messages": {"messages": "messages", "images": "images", "system": "system", "role_tag": "role",
+                 "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant", "system_tag": "system"},
+    "sharegpt": {"messages": "conversations", "images": "images", "system": "system", "role_tag": "from",
+                 "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt", "system_tag": "system"},
 }
+# Keys of a conversation item other toolkits read and mmtune does not honour: refused (a video or a preference pair
+# must not train as if it were not there).
+NOT_HONOURED = {"videos": "videos (mmtune trains on images)", "audios": "audio (mmtune trains on images)",
+                "tools": "tool definitions", "chosen": "preference pairs (mmtune trains supervised)",
+                "rejected": "preference pairs (mmtune trains supervised)", "kto_tag": "KTO labels"}
 
 
 def is_conversation(item: dict, tags: dict | None = None) -> bool:
@@ -57,31 +63,38 @@ def format_tags(formatting: str = "messages", columns: dict | None = None, tags:
 
 
 def _text(content, where_turn: str) -> tuple[str, int]:
-    """A turn's text without image placeholders, and how many images it refers to."""
+    """A turn's text with its images as ``<image>`` placeholders where they stand, and how many there are."""
     if isinstance(content, str):
-        return content.replace(IMAGE_TOKEN, " ").strip(), content.count(IMAGE_TOKEN)
+        return content.strip(), content.count(IMAGE_TOKEN)
     if isinstance(content, list):
-        texts, images = [], 0
+        texts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") not in ("text", "image"):
                 raise ValueError(f"{where_turn}: a content part must be {{'type': 'text' | 'image', ...}}, got "
                                  f"{part!r}"[:200])
-            if part["type"] == "image":
-                images += 1
-            else:
-                text = part.get("text") or ""
-                images += text.count(IMAGE_TOKEN)
-                texts.append(text.replace(IMAGE_TOKEN, " "))
-        return " ".join(t.strip() for t in texts if t.strip()), images
+            texts.append(IMAGE_TOKEN if part["type"] == "image" else (part.get("text") or "").strip())
+        text = " ".join(t for t in texts if t)
+        return text, text.count(IMAGE_TOKEN)
     raise ValueError(f"{where_turn}: content must be text or a list of parts, got {type(content).__name__}")
 
 
+def without_placeholders(text: str) -> str:
+    """``text`` with its ``<image>`` placeholders taken out (and no double space where one stood)."""
+    return re.sub(r"[ \t]{2,}", " ", re.sub(rf"[ \t]*{re.escape(IMAGE_TOKEN)}[ \t]*\n?", " ", text)).strip()
+
+
 def conversation_record(item: dict, index: int, tags: dict, defaults: dict,
-                        image_path: Callable[[object, int], str]) -> Record:
-    """One conversation as a record (``image_path(image, k)``: the path of the item's k-th image entry)."""
+                        image_path: Callable[[object, int], str], moved_images: list[int] | None = None) -> Record:
+    """One conversation as a record (``image_path(image, k)``: the path of the item's k-th image entry). An image
+    placed in a later user turn moves to the first one (counted in ``moved_images[0]``)."""
+    moved_images = moved_images if moved_images is not None else [0]
     turns = item.get(tags["messages"])
     if not isinstance(turns, list) or not turns:
         raise ValueError(f"'{tags['messages']}' must be a non-empty list of turns")
+    refused = [f"'{key}' ({NOT_HONOURED[key]})" for key in item if key in NOT_HONOURED and item[key]]
+    if refused:
+        raise ValueError(f"{', '.join(refused)}: not read by mmtune, so this conversation would train without them; "
+                         "drop the key (or the conversation)")
     role, content = tags["role_tag"], tags["content_tag"]
     system, exchanges, pending, placeholders = [], [], None, 0
     for number, turn in enumerate(turns):
@@ -113,10 +126,18 @@ def conversation_record(item: dict, index: int, tags: dict, defaults: dict,
     if placeholders != len(images):
         raise ValueError(f"{placeholders} image placeholder(s) ({IMAGE_TOKEN} or image parts) but {len(images)} "
                          f"image(s) in '{tags['images']}'")
-    if system:
-        exchanges[0]["prompt"] = "\n".join([*system, exchanges[0]["prompt"]]).strip()
+    column = item.get(tags["system"])  # LLaMA-Factory's system column
+    if column is not None:
+        if not isinstance(column, str):
+            raise ValueError(f"'{tags['system']}' must be a string, got {column!r}"[:200])
+        system.insert(0, column)
+    if any(IMAGE_TOKEN in exchange["prompt"] for exchange in exchanges[1:]):
+        # mmtune's collator expands images in the first user turn only: a later turn's image moves there
+        for exchange in exchanges:
+            exchange["prompt"] = without_placeholders(exchange["prompt"])
+        moved_images[0] += 1
     for number, exchange in enumerate(exchanges):
-        if not exchange["prompt"] or not exchange["answer"].strip():
+        if not without_placeholders(exchange["prompt"]) or not exchange["answer"].strip():
             raise ValueError(f"exchange {number}: a user turn with no text besides its image, or an empty answer "
                              "(mmtune needs an instruction and a target in every exchange)")
     last = exchanges[-1]
@@ -125,7 +146,8 @@ def conversation_record(item: dict, index: int, tags: dict, defaults: dict,
                     task=item.get("task", defaults.get("task")), kind=item.get("kind", defaults.get("kind", "open")),
                     image=([image_path(image, k) for k, image in enumerate(images)] if len(images) > 1 else
                            image_path(images[0], 0) if images else None), prompt=last["prompt"],
-                    answers=[last["answer"]], history=exchanges[:-1])
+                    answers=[last["answer"]], history=exchanges[:-1], metric=item.get("metric", defaults.get("metric")),
+                    system="\n".join(s for s in system if s.strip()) or None)
     record.validate()
     return record
 
@@ -152,7 +174,7 @@ def iter_conversation_file(path: Path, tags: dict | None, defaults: dict, skip_b
             raise ValueError("a conversation must be a JSON object")
         if tags is None:
             tags = format_tags("messages" if "messages" in item else "sharegpt")
-        return conversation_record(item, index, tags, defaults, image)
+        return conversation_record(item, index, tags, defaults, image, moved)
 
     def candidates():
         text = path.read_text(encoding="utf-8")
@@ -170,7 +192,17 @@ def iter_conversation_file(path: Path, tags: dict | None, defaults: dict, skip_b
                 if line.strip():
                     yield f"{path}:{number}", (lambda line=line, number=number: build(line, number - 1))
 
+    moved = [0]
     yield from checked_records(candidates(), skip_bad_records, check_images, skipped)
+    announce_moved_images(path, moved[0])
+
+
+def announce_moved_images(source, count: int) -> None:
+    """Say (once per source) that conversations had images in later user turns, which mmtune shows in the first."""
+    if count:
+        warnings.warn(f"{source}: {count} conversation(s) place an image in a later user turn; mmtune shows every "
+                      "image of a conversation in its first user turn (its collator expands images there only)",
+                      stacklevel=2)
 
 
 def decoded_image_writer(cache: Path, source: str) -> Callable[[object, int, int], str]:

@@ -6,7 +6,9 @@ open-response (captions, free-form answers: what NRCA protects) or fixed-choice 
 Instruction data also holds conversations and text-only samples (the LLaVA-1.5 mix has both): ``history``
 lists a conversation's earlier exchanges (``{"prompt", "answer"}``, trained on like the last one: loss on
 every assistant turn), and ``image`` is null for a text-only record — or a list of paths for a record with several
-images (all shown in its first user turn, in order; for processors that take several images per sample).
+images (all shown in its first user turn, in order, where its ``<image>`` placeholders stand or else before its
+text; for processors that take several images per sample). ``system`` is a conversation's system message, rendered
+in the chat template's system slot.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from typing import ClassVar
 
 from PIL import Image
 
+from mmtune.config import METRICS  # noqa: F401 — the one list (config), public here too
+
 KINDS = ("open", "choice")
-METRICS = ("cider", "vqa", "mc", "exact")
+IMAGE_TOKEN = "<image>"  # where an image stands in a first user turn's text (none: its images go before the text)
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
@@ -44,6 +48,7 @@ class Record:
     metric: str | None = None  # optional: how evaluation scores this task (inferred when absent)
     extra: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)  # earlier exchanges of a conversation: {"prompt", "answer"}
+    system: str | None = None  # a conversation's system message: the chat template's system slot
     source: ClassVar[str] = ""  # "file:line" it was read from (set by iter_records; not a field)
 
     @property
@@ -77,6 +82,17 @@ class Record:
             if not isinstance(turn, dict) or set(turn) != {"prompt", "answer"} or not all(
                     isinstance(turn[k], str) and turn[k].strip() for k in ("prompt", "answer")):
                 raise ValueError(f"'history'[{number}] must be {{\"prompt\": text, \"answer\": text}}, got {turn!r}"[:200])
+        if self.system is not None and (not isinstance(self.system, str) or not self.system.strip()):
+            raise ValueError(f"'system' must be a non-empty string (or absent), got {self.system!r}"[:200])
+        first = self.history[0]["prompt"] if self.history else self.prompt
+        placed = first.count(IMAGE_TOKEN)
+        if placed not in (0, len(self.images)):
+            raise ValueError(f"the first user turn has {placed} {IMAGE_TOKEN} placeholder(s) for {len(self.images)} "
+                             f"image(s): place every image or none (unplaced images go before its text)")
+        if any(IMAGE_TOKEN in text for text in [*(t["prompt"] for t in self.history[1:]),
+                                                *([self.prompt] if self.history else [])]):
+            raise ValueError(f"an {IMAGE_TOKEN} placeholder after the first user turn: a record's images are shown "
+                             "in its first user turn")
         if self.kind not in KINDS:
             raise ValueError(f"'kind' is {self.kind!r}; must be one of {KINDS}")
         if not isinstance(self.answers, list) or not self.answers or \
@@ -110,7 +126,7 @@ class Record:
         data = asdict(self)
         if not data["extra"]:
             del data["extra"]
-        for key in ("choices", "answer_index", "metric"):
+        for key in ("choices", "answer_index", "metric", "system"):
             if data[key] is None:
                 del data[key]
         if not data["history"]:
@@ -140,17 +156,31 @@ def multiple_choice_prompt(question: str, choices: list[str], context: str | Non
     return "\n".join(lines)
 
 
-def infer_metric(records: list[Record]) -> str:
-    """How to score a task when its records don't say: choice → mc; 10 annotators → vqa; long → cider."""
+def metric_choice(records: list[Record]) -> tuple[str, str]:
+    """How a task is scored, and why: the one metric its records declare (a task spec's ``metric`` is stamped on its
+    records), else the rule — multiple choice → ``mc``; most records with ≥ 10 references (VQA annotators) → ``vqa``;
+    a mean answer longer than 3 words → ``cider``; else ``exact``. Records that declare different metrics are an
+    error: a task is scored with one."""
     declared = {r.metric for r in records if r.metric}
-    if len(declared) == 1:
-        return declared.pop()
+    if len(declared) > 1:
+        task = records[0].task if records else "?"
+        raise ValueError(f"task {task}: its records declare several metrics ({', '.join(sorted(declared))}); a task "
+                         "is scored with one — set metric on its task spec or make its records agree")
+    if declared:
+        return declared.pop(), "declared"
     if any(r.kind == "choice" for r in records):
-        return "mc"
+        return "mc", "inferred: multiple-choice records"
     if records and sum(len(r.answers) >= 10 for r in records) > len(records) / 2:
-        return "vqa"
+        return "vqa", "inferred: most records have ≥ 10 reference answers"
     mean_words = sum(len(r.target.split()) for r in records) / max(1, len(records))
-    return "cider" if mean_words > 3 else "exact"
+    if mean_words > 3:
+        return "cider", f"inferred: mean answer {mean_words:.1f} words > 3"
+    return "exact", f"inferred: mean answer {mean_words:.1f} words ≤ 3"
+
+
+def infer_metric(records: list[Record]) -> str:
+    """How to score a task (``metric_choice``'s metric)."""
+    return metric_choice(records)[0]
 
 
 def image_path(path: str, base_dir: str | Path) -> str:
@@ -163,7 +193,7 @@ def _parse_line(line: str, base_dir: Path) -> Record:
     if not isinstance(data, dict):
         raise ValueError("a record must be a JSON object")
     known = {"id", "task", "kind", "image", "prompt", "answers", "choices", "answer_index", "metric", "extra",
-             "history"}
+             "history", "system"}
     missing = {"id", "task", "kind", "image", "prompt", "answers"} - data.keys()
     if missing:
         raise ValueError(f"missing field(s) {sorted(missing)}")

@@ -11,6 +11,7 @@ from pathlib import Path
 from mmtune.data.messages import is_conversation, iter_conversation_file
 from mmtune.data.record import (  # noqa: F401 — the schema's names, public here too (most callers import them here)
     CAPTION_PROMPT,
+    IMAGE_TOKEN,
     KINDS,
     MC_INSTRUCTION,
     METRICS,
@@ -24,6 +25,7 @@ from mmtune.data.record import (  # noqa: F401 — the schema's names, public he
     image_path,
     infer_metric,
     letter,
+    metric_choice,
     multiple_choice_prompt,
 )
 from mmtune.files import atomic_write

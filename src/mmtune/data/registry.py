@@ -11,7 +11,8 @@ The file follows LLaMA-Factory's ``dataset_info.json`` for the keys both need, s
 ``file_name``: a task file, a JSON / JSONL file of conversations, a dataset saved with ``save_to_disk`` or Parquet
 files, relative to the registry file. ``formatting``: ``records`` (mmtune's, the default for a ``.jsonl`` task file),
 ``messages`` or ``sharegpt`` (``mmtune.data.messages``). ``columns``: record fields → dataset columns, or for
-conversations ``messages`` / ``images``. ``tags``: conversation role and content names. ``split``, ``task``, ``kind``.
+conversations ``messages`` / ``images``. ``tags``: conversation role and content names. ``split``, ``task``, ``kind``,
+``metric`` (how evaluation scores it: cider | vqa | mc | exact).
 ``hf_hub_url`` / ``ms_hub_url`` entries are refused: nothing is downloaded at run time (download it, then
 ``file_name``).
 """
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DATASET_PREFIX = "dataset:"
-ENTRY_KEYS = {"file_name", "formatting", "columns", "tags", "split", "task", "kind"}
+ENTRY_KEYS = {"file_name", "formatting", "columns", "tags", "split", "task", "kind", "metric"}
 FORMATTINGS = ("records", "messages", "sharegpt")
 
 
@@ -35,7 +36,7 @@ class DatasetEntry:
     columns: dict = field(default_factory=dict)
     tags: dict = field(default_factory=dict)
     split: str | None = None
-    defaults: dict = field(default_factory=dict)  # task, kind
+    defaults: dict = field(default_factory=dict)  # task, kind, metric
 
 
 def load_registry(path: str | Path) -> dict[str, DatasetEntry]:
@@ -74,7 +75,7 @@ def load_registry(path: str | Path) -> dict[str, DatasetEntry]:
         entries[name] = DatasetEntry(name=name, path=(path.parent / entry["file_name"]).resolve(), formatting=formatting,
                                      columns=dict(entry.get("columns", {})), tags=dict(entry.get("tags", {})),
                                      split=entry.get("split"),
-                                     defaults={k: entry[k] for k in ("task", "kind") if k in entry})
+                                     defaults={k: entry[k] for k in ("task", "kind", "metric") if k in entry})
     return entries
 
 
