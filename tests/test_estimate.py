@@ -110,3 +110,14 @@ def test_the_estimate_names_the_methods_an_engine_refuses(tiny_config, monkeypat
             assert not any("refused" in note for note in estimate(tiny_config(f"method.name={name}"), engine, 2).notes)
     assert not any("refused" in note for note in estimate(tiny_config("method.name=nrca+spider"), "zero3", 2).notes)
     assert not any("refused" in note for note in estimate(tiny_config("method.name=nrca+spider"), "fsdp2", 2).notes)
+
+
+@pytest.mark.parametrize("architecture, parameters", [("qwen2_vl-2b", 2.209e9), ("qwen2_vl-7b", 8.291e9)])
+def test_qwen2_vl_estimates_its_released_sizes(architecture, parameters):
+    """Qwen2-VL's transformers default is a 73B shape; the released 2B and 7B (2.21B / 8.29B parameters on their
+    model cards) are named sizes."""
+    from mmtune.config import load_config
+    from mmtune.estimate import estimate
+
+    config = load_config(PAPERS, ["model.path=/nowhere"])
+    assert estimate(config, "ddp", 1, None, architecture).parameters == pytest.approx(parameters, rel=1e-3)

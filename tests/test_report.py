@@ -419,3 +419,27 @@ def test_the_report_says_whether_pairing_by_seed_pairs_the_data(tmp_path):
     (runs[-1] / "config.yaml").write_text(yaml.safe_dump({**config, "data": {"seed": 7}}))
     text = to_markdown(build_report(runs))
     assert "pairing by seed does not pair the data" in text and "same records" not in text
+
+
+def test_tasks_over_steps_names_rows_and_columns_without_overlap():
+    """Long task names side by side: each column's title (the task) clears its neighbours', every row says what it
+    plots on its left, every bottom axis says the x axis is the optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from mmtune.report import STEP_ROWS, tasks_over_steps_figure
+
+    columns = ["detailed_caption", "attribute_mc", "background_mc", "position_vqa", "brief_caption"]
+    curve = [{"step": step, "tasks": {t: 50.0 + step for t in columns}, "val_loss": {t: 1.0 for t in columns}}
+             for step in (10, 20)]
+    fig = tasks_over_steps_figure([{"method": "vanilla", "curves": [curve]}], columns, [({}, curve)])
+    fig.tight_layout()
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    axes = fig.axes
+    titles = [ax.title.get_window_extent(renderer) for ax in axes[:len(columns)]]
+    assert [ax.get_title() for ax in axes[:len(columns)]] == columns
+    assert all(left.x1 <= right.x0 for left, right in zip(titles, titles[1:]))
+    rows = len(axes) // len(columns)
+    assert [axes[i * len(columns)].get_ylabel() for i in range(rows)] == list(STEP_ROWS.values())[:rows]
+    assert all(ax.get_xlabel() == "optimizer step" for ax in axes[-len(columns):])

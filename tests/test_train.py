@@ -276,3 +276,20 @@ def test_gathered_weights_of_a_wrapped_model_are_saved_under_the_final_models_na
     assert keyed_as(state, final) is state  # already keyed: as it is
     with pytest.raises(RuntimeError, match="don't name the final model's"):
         keyed_as({"something.else": torch.zeros(1)}, final)
+
+
+def test_records_an_epoch_leaves_out_are_said(tiny_config, capsys):
+    """32 records in batches of 5 with grad_accum 2: 3 steps of 10 records, 2 left out of every epoch — said once."""
+    train(tiny_config("train.batch_size=5", "train.grad_accum=2", "train.max_steps=1"))
+    out = capsys.readouterr().out
+    assert "each epoch trains 3 steps of 10 records: 2 of its 32 records fill no whole step" in out
+    train(tiny_config("train.batch_size=4", "train.max_steps=1", out="even"))
+    assert "fill no whole step" not in capsys.readouterr().out
+
+
+def test_an_fsdp_launch_that_accelerate_turns_into_another_engine_is_said(tiny_config, monkeypatch, capsys):
+    """`accelerate launch --use_fsdp` on a CPU: Accelerate trains without FSDP and says nothing; mmtune says it."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    train(tiny_config("train.max_steps=1"))
+    assert "accelerate launch asked for FSDP, but Accelerate enables FSDP on GPUs only: this run trains with" in \
+        capsys.readouterr().out

@@ -405,7 +405,8 @@ def _add_training_commands(sub) -> None:
     est.add_argument("--engine", default="ddp", help="ddp (default) | fsdp2 | zero2 | zero3")
     est.add_argument("--seq-len", type=int, help="tokens per sample (default data.max_length, the worst case)")
     est.add_argument("--architecture", help="when model.path is not here: the architecture's reference shape "
-                                            "(llava = LLaVA-1.5-7B; qwen2_vl, idefics3: transformers' default shapes)")
+                                            "(llava = LLaVA-1.5-7B; qwen2_vl-2b, qwen2_vl-7b: the released sizes; "
+                                            "qwen2_vl, idefics3: transformers' default shapes)")
     est.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=1")
     est.set_defaults(func=cmd_estimate)
 

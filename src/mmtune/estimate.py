@@ -35,7 +35,20 @@ GB = 1e9
 # Reference shapes for an architecture without a local folder: transformers' default config of each model type is
 # the model it was written for (LlavaConfig() is LLaVA-1.5-7B: CLIP-L/336 + Llama-2-7B shape).
 REFERENCE = {"llava": "LlavaConfig (LLaVA-1.5-7B)", "qwen2_vl": "Qwen2VLConfig (a 73B shape)",
+             "qwen2_vl-2b": "Qwen2-VL-2B-Instruct's shape", "qwen2_vl-7b": "Qwen2-VL-7B-Instruct's shape",
              "idefics3": "Idefics3Config (6.9B)"}
+# The released sizes' shapes (their config.json: language model; the vision tower is the same 675M ViT in both)
+SIZES = {
+    "qwen2_vl-2b": ("qwen2_vl", {"text_config": {"hidden_size": 1536, "intermediate_size": 8960,
+                                                 "num_hidden_layers": 28, "num_attention_heads": 12,
+                                                 "num_key_value_heads": 2, "vocab_size": 151936,
+                                                 "tie_word_embeddings": True},
+                                 "vision_config": {"hidden_size": 1536}}),
+    "qwen2_vl-7b": ("qwen2_vl", {"text_config": {"hidden_size": 3584, "intermediate_size": 18944,
+                                                 "num_hidden_layers": 28, "num_attention_heads": 28,
+                                                 "num_key_value_heads": 4, "vocab_size": 152064},
+                                 "vision_config": {"hidden_size": 3584}}),
+}
 
 
 @dataclass
@@ -70,6 +83,9 @@ def model_config(config, architecture: str | None = None):
                                 f"({', '.join(f'{k}: {v}' for k, v in REFERENCE.items())})")
     if architecture not in REFERENCE:
         raise ValueError(f"--architecture {architecture!r}: choose one of {', '.join(REFERENCE)}")
+    if architecture in SIZES:
+        model_type, shape = SIZES[architecture]
+        return CONFIG_MAPPING[model_type](**shape)
     return CONFIG_MAPPING[architecture]()
 
 

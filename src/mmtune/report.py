@@ -757,12 +757,23 @@ def _plot_s_g_over_steps(curves: list[tuple[dict, list[dict]]], out_dir: Path) -
 
 def _plot_tasks_over_steps(rows: list[dict], columns: list[str], curves: list[tuple[dict, list[dict]]],
                            out_dir: Path) -> Path:
+    return _save(tasks_over_steps_figure(rows, columns, curves), out_dir / "tasks_over_steps.png")
+
+
+# What each row of tasks_over_steps.png shows (its y label)
+STEP_ROWS = {"tasks": "score\n(-- sampled)", "val_loss": "validation loss",
+             "confidence_gap": "clean − noised confidence\n(-- image words, : template)",
+             "hallucination": "hallucinating answers %\n(-- sampled)"}
+
+
+def tasks_over_steps_figure(rows: list[dict], columns: list[str], curves: list[tuple[dict, list[dict]]]):
     """Every task's score, validation loss, confidence gap (and hallucination rate) over the steps, per method (mean
-    over seeds): where each overfits."""
+    over seeds): where each overfits. One column per task (its name on top), one row per quantity (its name on the
+    left), the steps on every bottom axis."""
     import matplotlib.pyplot as plt
 
     made_up = any((point.get("hallucination") or {}) for _, curve in curves for point in curve)
-    fig, axes = plt.subplots(3 + made_up, len(columns), figsize=(3.2 * len(columns), 8 + 2.5 * made_up),
+    fig, axes = plt.subplots(3 + made_up, len(columns), figsize=(3.2 * len(columns) + 1, 8 + 2.5 * made_up),
                              squeeze=False)
     for row in rows:
         color, marker = method_style(row["method"])
@@ -782,15 +793,15 @@ def _plot_tasks_over_steps(rows: list[dict], columns: list[str], curves: list[tu
                     continue
                 axes[i][j].plot(steps, [statistics.mean(points[s]) for s in steps], style, marker=marker,
                                 color=color, label=row["method"] if (i, j, key) == (0, 0, "tasks") else None)
-                key = {0: "tasks", 1: "val_loss", 2: "confidence_gap", 3: "hallucination"}[i]
-                what = {"tasks": "score (-- sampled)", "val_loss": "validation loss",
-                        "confidence_gap": "clean − noised conf. (-- image words, : template)",
-                        "hallucination": "hallucinating answers % (-- sampled)"}
-                axes[i][j].set_title(f"{task}: {what[key]}", fontsize=8)
+    for j, task in enumerate(columns):
+        axes[0][j].set_title(task, fontsize=9)
+    for i, what in enumerate(list(STEP_ROWS.values())[:len(axes)]):
+        axes[i][0].set_ylabel(what, fontsize=7)
     for ax in axes[-1]:
         ax.set_xlabel("optimizer step", fontsize=8)
-    axes[0][0].legend(fontsize=7)
-    return _save(fig, out_dir / "tasks_over_steps.png")
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7)
+    return fig
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path, allow_mixed: bool = False,

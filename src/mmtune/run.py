@@ -110,4 +110,14 @@ def open_run(config: RunConfig) -> Run:
     paths, lock = prepare_output_dir(config, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     set_seed(config.train.seed)
-    return Run(config, accelerator, paths, methods, engine, lock, peers=Peers(accelerator, config.train.ddp_timeout))
+    run = Run(config, accelerator, paths, methods, engine, lock, peers=Peers(accelerator, config.train.ddp_timeout))
+    if fsdp_launched() and not engine.fsdp:  # Accelerate enables FSDP on accelerators only, without a word
+        run.say(f"accelerate launch asked for FSDP, but Accelerate enables FSDP on GPUs only: this run trains with "
+                f"{str(accelerator.distributed_type).split('.')[-1]} ({engine.kind}), every process holding the whole "
+                "model")
+    return run
+
+
+def fsdp_launched() -> bool:
+    """Whether ``accelerate launch`` was told to use FSDP (``--use_fsdp`` or an FSDP config)."""
+    return parse_flag_from_env("ACCELERATE_USE_FSDP")

@@ -85,6 +85,18 @@ def build_optimizer(config: RunConfig, groups: list[dict], sharded: bool = False
     return torch.optim.AdamW(groups)
 
 
+def say_what_an_epoch_leaves_out(run: Run, epoch_records: int) -> None:
+    """Announce the records of each epoch's order that fill no whole optimizer step (drop_last, and micro-batches
+    short of grad_accum): they are not trained that epoch — a new order each epoch leaves out others."""
+    train = run.config.train
+    per_step = train.batch_size * train.grad_accum * run.accelerator.num_processes
+    left_out = epoch_records - run.steps_per_epoch * per_step
+    if left_out > 0:
+        run.say(f"each epoch trains {run.steps_per_epoch} steps of {per_step} records: {left_out} of its "
+                f"{epoch_records} records fill no whole step and are left out of that epoch (a new order each epoch "
+                "leaves out others); a multiple of train.batch_size × grad_accum × processes trains them all")
+
+
 def build_model(run: Run) -> None:
     """Phase 3a: the model as it will train — scope, the methods' model changes (LoRA), fp32 masters, gradient
     checkpointing — and the optimizer over its parameter groups."""
@@ -135,6 +147,7 @@ def prepare_training(run: Run) -> None:
     if run.steps_per_epoch == 0:
         raise ValueError(f"{len(run.records)} records are too few for batch_size={config.train.batch_size} × "
                          f"grad_accum={config.train.grad_accum} × {run.accelerator.num_processes} processes")
+    say_what_an_epoch_leaves_out(run, len(loader.sampler))
     total_steps = config.train.max_steps or math.ceil(config.train.epochs * run.steps_per_epoch)
     # Stepped by hand once per optimizer step (not prepared: Accelerate would step it once per process), so
     # the schedule is the same for 1 or N processes; its state goes into mmtune's JSON run state.
