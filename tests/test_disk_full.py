@@ -133,3 +133,38 @@ def test_disk_full_is_recognised_through_the_writers_own_errors(tmp_path):
                         tmp_path)
     assert not disk_is_full(RuntimeError("something else"), tmp_path)  # with free space on tmp_path
     assert shutil.disk_usage(tmp_path).free > 16 << 20
+
+
+@pytest.mark.parametrize("where", ["world", "report", "scores", "unnamed"])
+def test_a_full_disk_anywhere_names_what_was_being_written(tmp_path, monkeypatch, capsys, where):
+    """Not only checkpoints: the synthetic world, the report's plots, an evaluation's files — and a write no writer
+    named still says it is the disk and where to look (it was `[Errno 28] No space left on device`, naming nothing)."""
+    from mmtune.cli import described
+    from mmtune.data.synthetic import ensure_world
+    from mmtune.files import atomic_write
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "world":
+        monkeypatch.setattr("mmtune.data.synthetic.generate_world", full)
+        with pytest.raises(DiskFullError, match=f"while writing the synthetic world into {tmp_path / 'w'}"):
+            ensure_world(tmp_path / "w", 0, 4, 4, 16)
+    elif where == "report":
+        import matplotlib.pyplot as plt
+
+        from mmtune.report import _save
+
+        fig = plt.figure()
+        monkeypatch.setattr(fig, "savefig", full)
+        with pytest.raises(DiskFullError, match="while writing .*s_vs_g.png"):
+            _save(fig, tmp_path / "s_vs_g.png")
+    elif where == "scores":
+        monkeypatch.setattr("os.fdopen", full)
+        with pytest.raises(DiskFullError, match="while writing .*scores.json") as caught:
+            atomic_write(tmp_path / "scores.json", "{}")
+        assert described(caught.value).startswith(f"no space left on device while writing {tmp_path}")
+        assert not list(tmp_path.iterdir())  # nothing half-written left
+    else:
+        message = described(OSError(errno.ENOSPC, "No space left on device"))
+        assert message.startswith("no space left on device — free space where mmtune writes (train.output_dir")

@@ -24,33 +24,12 @@ from pathlib import Path
 import torch
 
 from mmtune.errors import CheckpointError, DiskFullError
+from mmtune.files import NEARLY_FULL_BYTES, disk_is_full  # noqa: F401 — public here too
 
 MANIFEST = "mmtune_manifest.json"
 STATE_FILE = "mmtune_state.json"
 LEGACY_STATE_FILE = "mmtune_state.pt"  # mmtune 0.1 checkpoints: their scheduler is a pickle, so they are refused
 PARTIAL_SUFFIX = ".partial"
-
-
-# A write that failed leaving less than this free is taken as a full disk: torch.save reports ENOSPC as
-# "unexpected pos 576 vs 534", safetensors as a SafetensorError, neither as an OSError with its errno.
-NEARLY_FULL_BYTES = 16 << 20
-
-
-def disk_is_full(error: BaseException, folder: Path) -> bool:
-    """Whether ``error``, raised while writing into ``folder``, came from a full disk (or an exhausted quota)."""
-    import errno
-
-    cause: BaseException | None = error
-    while cause is not None:
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(cause) or "os error 28" in str(cause):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    try:
-        return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
-    except OSError:
-        return False
 
 
 def newest_complete(checkpoints: Path) -> str:

@@ -592,6 +592,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def described(error: BaseException) -> str:
+    """An error as the user reads it: a full disk that no writer named says so and where to look."""
+    import errno
+
+    from mmtune.errors import DiskFullError
+
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) and \
+            not isinstance(error, DiskFullError):
+        where = f" while writing {error.filename}" if error.filename else ""
+        return (f"no space left on device{where} — free space where mmtune writes (train.output_dir, "
+                "data.synthetic.dir, $MMTUNE_CACHE, the --out folder) and run the command again")
+    if isinstance(error, DiskFullError) and error.strerror:
+        return error.strerror  # it names what was being written; "[Errno 28]" adds nothing
+    return str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
     from mmtune.config import ConfigError
     from mmtune.data.records import RecordError
@@ -608,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, RecordError, ValueError, OSError, CheckpointError, RunInUseError) as error:
-        print(f"mmtune: error: {error}", file=sys.stderr)
+        print(f"mmtune: error: {described(error)}", file=sys.stderr)
         return 2
     except NonFiniteError as error:
         print(f"mmtune: error: {error}", file=sys.stderr)

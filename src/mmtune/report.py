@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from mmtune.files import atomic_write
+from mmtune.files import atomic_write, naming_a_full_disk
 from mmtune.stats import (  # noqa: F401 — also this module's public names (benchmarks and users import them here)
     ALPHA,
     difference_interval,
@@ -615,8 +615,11 @@ def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with naming_a_full_disk(path, path.parent):
+            fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mmtune.data.record import IMAGE_TOKEN, Record, RecordError, checked_records, image_path
+from mmtune.files import naming_a_full_disk
 
 FORMATS = ("messages", "sharegpt")
 DEFAULT_TAGS = {
@@ -224,10 +225,11 @@ def decoded_image_writer(cache: Path, source: str) -> Callable[[object, int, int
             if not hasattr(image, "save"):
                 raise ValueError(f"an image must be a path, a decoded image or {{'bytes': ...}}, got "
                                  f"{type(image).__name__}")
-            folder.mkdir(parents=True, exist_ok=True)
-            partial = target.with_suffix(".partial.png")
-            image.convert("RGB").save(partial)
-            os.replace(partial, target)
+            with naming_a_full_disk(f"decoded images into the image cache {folder} ($MMTUNE_CACHE)", cache):
+                folder.mkdir(parents=True, exist_ok=True)
+                partial = target.with_suffix(".partial.png")
+                image.convert("RGB").save(partial)
+                os.replace(partial, target)
         return str(target)
 
     return write

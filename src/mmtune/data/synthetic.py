@@ -44,6 +44,7 @@ from mmtune.data.records import (
     multiple_choice_prompt,
     write_records,
 )
+from mmtune.files import naming_a_full_disk
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = {
@@ -501,8 +502,10 @@ def ensure_world(world_dir: str | Path, seed: int, n_train: int, n_test: int, im
             raise FileExistsError(f"{world_dir} holds a different synthetic world ({found}); wanted {wanted}. "
                                   "Point data.synthetic.dir elsewhere or remove it.")
         return world_dir
-    generate_world(world_dir, seed, n_train, n_test, image_size, progress=progress, version=version,
-                   caption_errors=caption_errors)
+    with naming_a_full_disk(f"the synthetic world into {world_dir} (data.synthetic.dir; it is made again, whole, "
+                            "on the next run)", world_dir.parent):
+        generate_world(world_dir, seed, n_train, n_test, image_size, progress=progress, version=version,
+                       caption_errors=caption_errors)
     return world_dir
 
 
