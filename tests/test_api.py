@@ -29,3 +29,16 @@ def test_unknown_public_name_is_an_attribute_error():
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         mmtune.nope  # noqa: B018
+
+
+def test_a_usage_error_comes_before_torch_and_importing_is_quiet():
+    """A mistyped command is answered without importing torch (it took 2–4 s before); `import mmtune` quietens
+    bitsandbytes' import-time kernel notice for library users too, not only on the command line."""
+    code = ("import sys, logging\n"
+            "from mmtune.cli import main\n"
+            "try:\n    main(['train'])\nexcept SystemExit as done:\n    assert done.code == 2\n"
+            "assert 'torch' not in sys.modules, 'torch imported before the usage error'\n"
+            "assert logging.getLogger('bitsandbytes.backends.cpu.ops').getEffectiveLevel() >= logging.ERROR\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "the following arguments are required: --config" in result.stderr

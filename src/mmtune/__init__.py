@@ -5,9 +5,15 @@ The public API (imported on first use, so ``import mmtune`` stays light)::
     from mmtune import load_config, train, evaluate, write_report, NRCA, Spider, MethodTrainer, with_methods
 """
 
+import logging
 from importlib import import_module
 
 __version__ = "0.2.0"
+
+# bitsandbytes (imported by peft when installed) logs at import, on CPUs with AVX512-BF16, that an optional kernel could
+# not be fetched ("Failed to load CPU gemm_4bit_forward from kernels-community"); its built-in fallback is what runs,
+# so the line is noise for every command and every `import mmtune.train`. Only that logger is quietened.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _API = {
     "load_config": "mmtune.config", "RunConfig": "mmtune.config",

@@ -610,17 +610,18 @@ def described(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from mmtune.config import ConfigError
-    from mmtune.data.records import RecordError
-    from mmtune.errors import CheckpointError, NonFiniteError, PeerLostError, Preempted, RunInUseError
-    from mmtune.preemption import PREEMPTED_EXIT
+    from mmtune.data.record import RecordError
+    from mmtune.errors import (  # torch-free: a usage error is printed before torch is imported
+        PREEMPTED_EXIT,
+        CheckpointError,
+        NonFiniteError,
+        PeerLostError,
+        Preempted,
+        RunInUseError,
+    )
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    # bitsandbytes (imported by peft when installed) warns at import on CPUs with AVX512-BF16 that an optional
-    # kernel could not be fetched; its built-in fallback is what runs, so the warning is noise for every command.
-    import logging
-
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except (ConfigError, RecordError, ValueError, OSError, CheckpointError, RunInUseError) as error:

@@ -1,6 +1,9 @@
 """The errors mmtune raises on purpose, importable without torch (the CLI maps them to exit codes)."""
 
 
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later" — a preempted run can be resumed with train.resume_from=latest
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupted or unsafe to load."""
 

@@ -21,9 +21,7 @@ from collections.abc import Iterator
 
 import torch
 
-from mmtune.errors import Preempted
-
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later" — the run can be resumed with train.resume_from=latest
+from mmtune.errors import PREEMPTED_EXIT, Preempted  # noqa: F401 — PREEMPTED_EXIT: public here too
 
 
 class EvaluationInterrupted(BaseException):
