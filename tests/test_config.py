@@ -222,3 +222,40 @@ def test_bad_method_options_are_refused_before_any_work(tiny_config, override, m
 def test_fp16_on_cpu_is_refused(tiny_config):
     with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
         train(tiny_config("train.mixed_precision=fp16"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.tiny=null", "model.path=/m", "model.tiny_layers=6"], "model.tiny_layers=6: the tiny model's shape, but "
+     "model.tiny is not set"),
+    (["scope.full=true", "scope.modules=[attention]"], "scope.full trains every parameter"),
+    (["scope.lr_vision=1e-5"], "scope.train_vision is false"),
+    (["data.tasks=[{path: a.jsonl, weight: 2, probability: 0.5}, {path: b.jsonl, probability: 0.5}]"],
+     "weight set on a.jsonl together with probabilities"),
+    (["data.temperature=2", "data.tasks=[{path: a.jsonl, weight: 2}]"], "together with data.temperature"),
+    (["eval.sample_seed=3"], "eval.sample_temperature is null"),
+    (["eval.overfit_reference_step=10"], "eval.every_steps is null"),
+    (["train.keep_checkpoints=2"], "train.save_every is null"),
+])
+def test_settings_that_would_not_be_read_are_refused(overrides, message):
+    """The audit of issue 36: a key mmtune would read and not honour (a silent default) is an error naming it."""
+    import re
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(ROOT / "configs/tiny.yaml", overrides)
+
+
+def test_the_quickstart_fine_tunes_the_shipped_pretrained_base():
+    """The README's first training command starts from the pre-trained base (not a random model whose scores are
+    noise), on the world that base was trained on (version 2, its image size)."""
+    import json
+
+    from mmtune.demo import SHIPPED_BASE
+
+    config = load_config(ROOT / "configs/quickstart.yaml")
+    assert (ROOT / config.model.path).resolve() == SHIPPED_BASE.resolve() and config.model.tiny is None
+    vision = json.loads((SHIPPED_BASE / "config.json").read_text())["vision_config"]
+    assert config.data.synthetic.image_size == vision["image_size"] and config.data.synthetic.version == 2
+    assert config.eval.downstream and config.eval.heldout
+    readme = (ROOT / "README.md").read_text()
+    training = readme[readme.index("## Training"):]
+    assert training.index("configs/quickstart.yaml") < training.index("configs/tiny.yaml")

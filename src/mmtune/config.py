@@ -77,9 +77,14 @@ class ModelConfig:
             _check(getattr(self, key) is None or getattr(self, key) >= 1, f"model.{key}={getattr(self, key)} must be ≥ 1")
         _check(not (self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels),
                f"model.min_pixels={self.min_pixels} is above model.max_pixels={self.max_pixels}")
-        for key in ("tiny_hidden_size", "tiny_layers", "tiny_image_size", "tiny_patch_size", "tiny_vision_hidden_size",
-                    "tiny_vision_layers"):
+        tiny_keys = ("tiny_hidden_size", "tiny_layers", "tiny_image_size", "tiny_patch_size",
+                     "tiny_vision_hidden_size", "tiny_vision_layers")
+        for key in tiny_keys:
             _check(getattr(self, key) >= 1, f"model.{key}={getattr(self, key)} must be ≥ 1")
+        shaped = [f"model.{key}={getattr(self, key)}" for key in tiny_keys
+                  if not self.tiny and getattr(self, key) != getattr(ModelConfig, key)]
+        _check(not shaped, f"{', '.join(shaped)}: the tiny model's shape, but model.tiny is not set (a checkpoint "
+               "in model.path has its own shape)")
 
 
 @dataclass
@@ -105,6 +110,12 @@ class ScopeConfig:
             self.layers = str(self.layers)
             _check(bool(self.layers.strip()), "scope.layers is empty: name blocks like 28-31, or leave it null for "
                    "scope.last_n_blocks")
+        _check(not (self.full and (self.layers is not None or self.modules or self.train_vision)),
+               "scope.full trains every parameter: scope.layers / scope.modules / scope.train_vision would not be "
+               "read; drop them, or scope.full")
+        _check(self.lr_vision is None or self.train_vision or self.full,
+               f"scope.lr_vision={self.lr_vision} is the vision tower's rate, but scope.train_vision is false (the "
+               "tower is frozen); set scope.train_vision: true, or drop lr_vision")
 
 
 @dataclass
@@ -174,6 +185,11 @@ class DataConfig:
         _check(not (any(given) and self.temperature is not None),
                "data.temperature and tasks' probabilities both set: choose one way to weigh the tasks")
         _check(self.temperature is None or self.temperature > 0, f"data.temperature={self.temperature} must be > 0")
+        weighted = [t.path for t in self.tasks if t.weight != 1.0]
+        _check(not (weighted and (any(given) or self.temperature is not None)),
+               f"data.tasks: weight set on {', '.join(weighted)} together with "
+               f"{'probabilities' if any(given) else 'data.temperature'}, which decide each task's share of the "
+               "slots (a weight would only lengthen the epoch); choose one way to weigh the tasks")
         _check(0 <= self.replay_share < 1, f"data.replay_share={self.replay_share} must be in [0, 1)")
         _check(bool(self.replay) == (self.replay_share > 0), "data.replay and data.replay_share go together: name "
                "the replay sources and the share of every batch they fill")
@@ -251,6 +267,9 @@ class TrainConfig:
         for key in ("save_every", "keep_checkpoints"):
             value = getattr(self, key)
             _check(value is None or value >= 1, f"train.{key}={value} must be ≥ 1 (or null)")
+        _check(self.keep_checkpoints is None or self.save_every is not None,
+               f"train.keep_checkpoints={self.keep_checkpoints} keeps the newest periodic checkpoints, but "
+               "train.save_every is null (none are written): set train.save_every")
         _check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
                f"train.early_stopping_patience={self.early_stopping_patience} must be ≥ 1 (or null)")
         _check(self.early_stopping_patience is None or self.best_metric is not None,
@@ -293,6 +312,12 @@ class EvalConfig:
                f"eval.every_steps={self.every_steps} must be ≥ 1 (or null: only before and after training)")
         _check(self.sample_temperature is None or self.sample_temperature > 0,
                f"eval.sample_temperature={self.sample_temperature} must be > 0 (or null: greedy only)")
+        _check(self.sample_seed == 0 or self.sample_temperature is not None,
+               f"eval.sample_seed={self.sample_seed} seeds sampled answers, but eval.sample_temperature is null "
+               "(greedy only): set a temperature, or drop the seed")
+        _check(self.overfit_reference_step is None or self.every_steps is not None,
+               "eval.overfit_reference_step names a step of the evaluations during training, but eval.every_steps "
+               "is null (none are made): set eval.every_steps")
 
 
 @dataclass
