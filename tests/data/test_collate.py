@@ -198,3 +198,47 @@ def test_image_tokens_mark_exactly_the_image_words_of_the_answer(world):
     choices = RecordDataset(read_records(world / "count_mc_train.jsonl")[:2])
     plain = TrainCollator(processor, mark_image_tokens=True)([choices[i] for i in range(2)])
     assert "image_tokens" not in plain
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_an_image_in_a_later_turn_stays_there(world, architecture):
+    """A conversation whose second user turn shows the image (and one showing an image in each turn): the row is the
+    processor's own rendering of the whole conversation in one piece — the image's tokens in the turn that placed
+    it — every answer learned and nothing else; the model runs on it, and a sub-batch gives the same logits."""
+    import torch
+
+    from mmtune.data.collate import conversation, subset_batch
+    from mmtune.data.records import Record
+
+    model, processor = build_tiny(architecture, words=vocabulary())
+    caption, count = read_records(world / "detailed_caption_train.jsonl")[0], read_records(world / "count_vqa_train.jsonl")[0]
+    other = read_records(world / "detailed_caption_train.jsonl")[1]
+    later = Record(id="later", task="chat", kind="open", image=caption.image, prompt="<image>" + count.prompt,
+                   answers=count.answers, history=[{"prompt": caption.prompt, "answer": caption.target}])
+    each = Record(id="each", task="chat", kind="open", image=[caption.image, other.image],
+                  prompt="<image>" + count.prompt, answers=count.answers,
+                  history=[{"prompt": "<image>" + caption.prompt, "answer": caption.target}])
+    records = [later, caption, each]
+    samples = [RecordDataset(records)[i] for i in range(3)]
+    batch = TrainCollator(processor)(samples)
+    tokenizer = processor.tokenizer
+    for row, record in ((0, later), (2, each)):
+        whole = processor.apply_chat_template(conversation(record, processor=processor), add_generation_prompt=True,
+                                              tokenize=False)
+        expected = processor(text=[whole], images=[samples[row]["image"]], return_tensors="pt")["input_ids"][0]
+        real = batch["attention_mask"][row].bool()
+        ids = batch["input_ids"][row][real]
+        prompt_part = ids[:len(expected)]
+        if architecture in FIXED_TOKENS_PER_IMAGE:  # (tiles and anyres size an image by what is shown with it)
+            assert prompt_part.tolist() == expected.tolist()
+        first_image = (ids == processor.image_token_id).nonzero()[0].item()
+        first_answer_end = (batch["labels"][row][real] != IGNORE_INDEX).nonzero()[0].item()
+        assert (first_image > first_answer_end) == (record is later)  # the image comes after the first answer
+        learned = tokenizer.decode(ids[batch["labels"][row][real] != IGNORE_INDEX], skip_special_tokens=True)
+        assert learned.replace(" ", "") == (caption.target + count.target).lower().replace(" ", "")
+    out = model(**model_inputs(batch))
+    for rows in ([0], [2], [1, 2]):
+        part = subset_batch(batch, torch.tensor(rows))
+        logits = model(**model_inputs(part)).logits
+        real = part["attention_mask"].bool()
+        torch.testing.assert_close(logits[real], out.logits[rows][real], rtol=1e-4, atol=1e-4)

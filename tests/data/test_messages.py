@@ -151,14 +151,18 @@ def test_conversations_keep_their_shape_as_the_template_renders_them(folder):
     assert "ASSISTANT: Be brief." not in rendered and "USER: Be brief.\nLook:<image>\nWhat colour?" in rendered
 
 
-def test_a_later_turns_image_is_moved_and_said(folder):
+def test_a_later_turns_image_stays_in_its_turn(folder):
+    """Its placeholder is kept where it stands (tests/data/test_collate.py renders it there); no double space."""
+    import warnings
+
     path = write_jsonl(folder / "later.jsonl", [
         {"messages": [{"role": "user", "content": "Hello there."}, {"role": "assistant", "content": "Hi."},
-                      {"role": "user", "content": "What is  <image>  this?"},
+                      {"role": "user", "content": "What is <image> this?"},
                       {"role": "assistant", "content": "A square."}], "images": ["img/a.png"]}])
-    with pytest.warns(UserWarning, match="later.jsonl: 1 conversation.* in a later user turn; mmtune shows every image"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         record, = read_records(path)
-    assert record.prompt == "What is this?" and record.history[0]["prompt"] == "Hello there."
+    assert record.prompt == "What is <image> this?" and record.history[0]["prompt"] == "Hello there."
 
 
 @pytest.mark.parametrize("key, value", [("videos", ["v.mp4"]), ("rejected", "No."), ("tools", "[]")])

@@ -67,10 +67,20 @@ def assistant_message(answer: str) -> list[dict]:
     return [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
 
 
+def images_by_turn(record: Record) -> list[int]:
+    """How many of the record's images each user turn shows, in order: as its ``<image>`` placeholders say (a
+    conversation keeps its shape), or all in the first turn where the record places none."""
+    turns = [turn["prompt"] for turn in record.history] + [record.prompt]
+    placed = [turn.count(IMAGE_TOKEN) for turn in turns]
+    if record.images and sum(placed) == len(record.images):
+        return placed
+    return [len(record.images)] + [0] * (len(turns) - 1)
+
+
 def conversation(record: Record, upto: int | None = None, processor=None) -> list[dict]:
     """The chat messages of ``record`` up to the user turn of exchange ``upto`` (default: the last, the record's
-    own prompt), with the record's images (if any) in the first user turn and its system message in the template's
-    system slot (before the first user turn's text where ``processor``'s template has none)."""
+    own prompt), each image in the user turn that places it (``images_by_turn``) and the system message in the
+    template's system slot (before the first user turn's text where ``processor``'s template has none)."""
     exchanges = [(turn["prompt"], turn["answer"]) for turn in record.history] + [(record.prompt, None)]
     upto = len(exchanges) - 1 if upto is None else upto
     messages: list[dict] = []
@@ -78,8 +88,9 @@ def conversation(record: Record, upto: int | None = None, processor=None) -> lis
         messages.append({"role": "system", "content": [{"type": "text", "text": record.system}]})
     elif record.system:
         exchanges[0] = (f"{record.system}\n{exchanges[0][0]}", exchanges[0][1])
+    counts = images_by_turn(record)
     for index, (prompt, answer) in enumerate(exchanges[:upto + 1]):
-        messages += user_message(prompt, image=len(record.images) if index == 0 else 0)
+        messages += user_message(prompt, image=counts[index])
         if index < upto:
             messages += assistant_message(answer)
     return messages
@@ -204,6 +215,63 @@ class TrainCollator:
                                  return_offsets_mapping=True)["offset_mapping"]
         return [any(start < end_span and end > start_span for start_span, end_span in spans) for start, end in offsets]
 
+    def turn_by_turn(self, record: Record, images: list, keys: list[str]) -> tuple[list[int], list[int], dict, int]:
+        """A conversation whose later turns show images: every user turn that shows one goes through the processor
+        with its own images, the others through the tokenizer; the answers are appended as everywhere. Returns the
+        row, its labels, its per-token extras (``keys``) and where the last image turn ends (before its answer)."""
+        counts = images_by_turn(record)
+        answers = [turn["answer"] for turn in record.history] + [record.target]
+        first = self.processor.apply_chat_template(conversation(record, 0, self.processor),
+                                                   add_generation_prompt=True, tokenize=False)
+        turns = [first, *(text for text, _ in later_segments(self.processor, record, self.answer_prefix,
+                                                             self.answer_suffix))]
+        row, label, extras, taken, split = [], [], {key: [] for key in keys}, 0, 0
+        for index, (text, answer) in enumerate(zip(turns, answers, strict=True)):
+            shown = images[taken:taken + counts[index]]
+            taken += counts[index]
+            if shown or index == 0:
+                encoded = self.processor(text=[text], images=[shown] if shown else None, add_special_tokens=index == 0,
+                                         return_tensors="pt")
+                ids = encoded["input_ids"][0].tolist()
+                for key in keys:
+                    extras[key] += encoded[key][0].tolist() if key in encoded else [0] * len(ids)
+            else:
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                for key in keys:
+                    extras[key] += [0] * len(ids)
+            target = self.answer_ids(answer)
+            row, label = row + ids, label + [IGNORE_INDEX] * len(ids)
+            split = len(row) if index == last_image_turn(record) else split
+            row, label = row + target, label + target
+            for key in keys:
+                extras[key] += [0] * len(target)
+        return row, label, extras, split
+
+    def as_one_piece(self, record: Record, row: list[int], label: list[int], own: dict, split: int,
+                     whole: list[int], whole_extras: dict) -> tuple[list[int], list[int], dict]:
+        """The row with its part up to the last image turn replaced by the processor's one piece (``whole``), for a
+        processor that sizes an image by the others shown with it (LLaVA-OneVision: several images are not tiled
+        as one is): the text tokens of both agree, so the answers' labels carry over; else an error names it."""
+        image_ids = image_token_ids(self.processor)
+        mine = [(token, tag) for token, tag in zip(row[:split], label[:split], strict=True) if token not in image_ids]
+        theirs = [j for j, token in enumerate(whole) if token not in image_ids]
+        if [token for token, _ in mine] != [whole[j] for j in theirs]:
+            where = f"{record.source}: " if record.source else ""
+            raise RecordError(f"{where}record {record.id!r}: {type(self.processor).__name__} lays out this "
+                              "conversation's images differently turn by turn than in one piece, and its text does "
+                              "not line up; put its images in the first user turn")
+        labels = [IGNORE_INDEX] * len(whole)
+        for j, (_, tag) in zip(theirs, mine, strict=True):
+            labels[j] = tag
+        extras = {key: whole_extras[key] + own[key][split:] for key in own}
+        return whole + row[split:], labels + label[split:], extras
+
+    def check_length(self, record: Record, row: list[int]) -> None:
+        if len(row) > self.max_length:
+            where = f"{record.source}: " if record.source else ""
+            raise RecordError(f"{where}record {record.id!r} (task {record.task}): prompt + answer is "
+                              f"{len(row)} tokens, longer than data.max_length={self.max_length}")
+
     def __call__(self, samples: list[dict]) -> dict:
         samples = [as_sample(s) for s in samples]
         records: list[Record] = [s["record"] for s in samples]
@@ -217,8 +285,21 @@ class TrainCollator:
                      and encoded[k].shape[:2] == prompt_ids.shape}
         rows, labels, extras = [], [], {k: [] for k in per_token}
         flags = [self.image_token_flags(r) if self.mark_image_tokens else None for r in records]
+        images = batch_images(samples) or [[] for _ in records]
         for i, record in enumerate(records):
             n = int(prompt_mask[i].sum())
+            if last_image_turn(record) > 0:  # images in later turns: each turn through the processor on its own
+                row, label, own, split = self.turn_by_turn(record, images[i], list(per_token))
+                whole = prompt_ids[i, :n].tolist()  # the processor's one piece, whose pixels the batch carries
+                if not same_image_tokens(self.processor, row[:split], whole):
+                    row, label, own = self.as_one_piece(record, row, label, own, split, whole,
+                                                        {k: v[i, :n].tolist() for k, v in per_token.items()})
+                for key in per_token:
+                    extras[key].append(own[key])
+                rows.append(row)
+                labels.append(label)
+                self.check_length(record, row)
+                continue
             row, label = prompt_ids[i, :n].tolist(), [IGNORE_INDEX] * n
             first_answer = record.history[0]["answer"] if record.history else record.target
             answer = self.answer_ids(first_answer)
@@ -228,10 +309,7 @@ class TrainCollator:
                 user = self.tokenizer(user_text, add_special_tokens=False)["input_ids"]
                 answer = self.answer_ids(later_answer)
                 row, label = row + user + answer, label + [IGNORE_INDEX] * len(user) + answer
-            if len(row) > self.max_length:
-                where = f"{record.source}: " if record.source else ""
-                raise RecordError(f"{where}record {record.id!r} (task {record.task}): prompt + answer is "
-                                  f"{len(row)} tokens, longer than data.max_length={self.max_length}")
+            self.check_length(record, row)
             rows.append(row)
             labels.append(label)
             for key, value in per_token.items():
@@ -262,6 +340,23 @@ class TrainCollator:
         return batch
 
 
+def image_token_ids(processor) -> set[int]:
+    """The ids the processor writes for image content (the image token; and Qwen-VL's vision start / end)."""
+    ids = {getattr(processor, "image_token_id", None)}
+    tokenizer = getattr(processor, "tokenizer", processor)
+    for name in ("<|vision_start|>", "<|vision_end|>", "<fake_token_around_image>", "<global-img>", "<img>",
+                 "</img>", "<start_of_image>", "<end_of_image>"):
+        token = tokenizer.convert_tokens_to_ids(name) if name in tokenizer.get_vocab() else None
+        ids.add(token)
+    return {i for i in ids if i is not None}
+
+
+def same_image_tokens(processor, row: list[int], whole: list[int]) -> bool:
+    """Whether a turn-by-turn row holds the image tokens the processor gave the conversation in one piece."""
+    image_id = getattr(processor, "image_token_id", None)
+    return image_id is None or row.count(image_id) == whole.count(image_id)
+
+
 def pixel_counts(processor, batch: dict) -> torch.Tensor | None:
     """Rows of ``pixel_values`` per record where an image takes a varying number of them (InternVL's tiles: a wide
     image is cut into several, plus a thumbnail), from the image tokens of each row; None for the other layouts (one
@@ -281,11 +376,18 @@ def pixel_counts(processor, batch: dict) -> torch.Tensor | None:
 
 
 def processor_prompt(processor, record: Record) -> str:
-    """The first user turn (a single-turn record's whole prompt), rendered for the processor."""
+    """What goes through the processor in one piece: the first user turn (a single-turn record's whole prompt) — or,
+    where a later turn shows an image, the conversation up to that turn (the processor lays out every image)."""
     if not record.history:
         return prompt_text(processor, record)
-    return processor.apply_chat_template(conversation(record, 0, processor), add_generation_prompt=True,
-                                         tokenize=False)
+    return processor.apply_chat_template(conversation(record, last_image_turn(record), processor),
+                                         add_generation_prompt=True, tokenize=False)
+
+
+def last_image_turn(record: Record) -> int:
+    """The index of the last user turn that shows an image (0 where none does: the first turn)."""
+    counts = images_by_turn(record)
+    return max((index for index, count in enumerate(counts) if count), default=0)
 
 
 def batch_images(samples: list[dict]):

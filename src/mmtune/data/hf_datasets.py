@@ -117,7 +117,7 @@ def _load(path: Path, split: str | None):
 
 def _read_conversations(data, path: Path, base: Path, split, formatting: str, columns, tags, defaults,
                         skip_bad_records: bool, skipped) -> list[Record]:
-    from mmtune.data.messages import announce_moved_images, conversation_record, decoded_image_writer, format_tags
+    from mmtune.data.messages import conversation_record, decoded_image_writer, format_tags
 
     tags = format_tags(formatting, columns, tags)
     if tags["messages"] not in data.column_names:
@@ -127,12 +127,8 @@ def _read_conversations(data, path: Path, base: Path, split, formatting: str, co
     # Decoded images are written once per dataset version (its fingerprint: a changed dataset gets new files).
     write = decoded_image_writer(image_cache_dir(), f"{path.resolve()}|{split}|{getattr(data, '_fingerprint', '')}")
 
-    moved = [0]
-
     def build(index: int, row: dict) -> Record:
-        return conversation_record(row, index, tags, defaults, lambda image, k: write(image, index, k, base), moved)
+        return conversation_record(row, index, tags, defaults, lambda image, k: write(image, index, k, base))
 
     candidates = ((f"{path}[{index}]", functools.partial(build, index, row)) for index, row in enumerate(data))
-    records = list(checked_records(candidates, skip_bad_records, True, skipped))
-    announce_moved_images(path, moved[0])
-    return records
+    return list(checked_records(candidates, skip_bad_records, True, skipped))

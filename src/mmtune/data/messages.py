@@ -25,7 +25,6 @@ import io
 import json
 import os
 import re
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -85,10 +84,9 @@ def without_placeholders(text: str) -> str:
 
 
 def conversation_record(item: dict, index: int, tags: dict, defaults: dict,
-                        image_path: Callable[[object, int], str], moved_images: list[int] | None = None) -> Record:
-    """One conversation as a record (``image_path(image, k)``: the path of the item's k-th image entry). An image
-    placed in a later user turn moves to the first one (counted in ``moved_images[0]``)."""
-    moved_images = moved_images if moved_images is not None else [0]
+                        image_path: Callable[[object, int], str]) -> Record:
+    """One conversation as a record (``image_path(image, k)``: the path of the item's k-th image entry); its images
+    stay where their placeholders stand, in whichever user turn."""
     turns = item.get(tags["messages"])
     if not isinstance(turns, list) or not turns:
         raise ValueError(f"'{tags['messages']}' must be a non-empty list of turns")
@@ -132,11 +130,6 @@ def conversation_record(item: dict, index: int, tags: dict, defaults: dict,
         if not isinstance(column, str):
             raise ValueError(f"'{tags['system']}' must be a string, got {column!r}"[:200])
         system.insert(0, column)
-    if any(IMAGE_TOKEN in exchange["prompt"] for exchange in exchanges[1:]):
-        # mmtune's collator expands images in the first user turn only: a later turn's image moves there
-        for exchange in exchanges:
-            exchange["prompt"] = without_placeholders(exchange["prompt"])
-        moved_images[0] += 1
     for number, exchange in enumerate(exchanges):
         if not without_placeholders(exchange["prompt"]) or not exchange["answer"].strip():
             raise ValueError(f"exchange {number}: a user turn with no text besides its image, or an empty answer "
@@ -175,7 +168,7 @@ def iter_conversation_file(path: Path, tags: dict | None, defaults: dict, skip_b
             raise ValueError("a conversation must be a JSON object")
         if tags is None:
             tags = format_tags("messages" if "messages" in item else "sharegpt")
-        return conversation_record(item, index, tags, defaults, image, moved)
+        return conversation_record(item, index, tags, defaults, image)
 
     def candidates():
         text = path.read_text(encoding="utf-8")
@@ -193,17 +186,7 @@ def iter_conversation_file(path: Path, tags: dict | None, defaults: dict, skip_b
                 if line.strip():
                     yield f"{path}:{number}", (lambda line=line, number=number: build(line, number - 1))
 
-    moved = [0]
     yield from checked_records(candidates(), skip_bad_records, check_images, skipped)
-    announce_moved_images(path, moved[0])
-
-
-def announce_moved_images(source, count: int) -> None:
-    """Say (once per source) that conversations had images in later user turns, which mmtune shows in the first."""
-    if count:
-        warnings.warn(f"{source}: {count} conversation(s) place an image in a later user turn; mmtune shows every "
-                      "image of a conversation in its first user turn (its collator expands images there only)",
-                      stacklevel=2)
 
 
 def decoded_image_writer(cache: Path, source: str) -> Callable[[object, int, int], str]:

@@ -6,8 +6,8 @@ open-response (captions, free-form answers: what NRCA protects) or fixed-choice 
 Instruction data also holds conversations and text-only samples (the LLaVA-1.5 mix has both): ``history``
 lists a conversation's earlier exchanges (``{"prompt", "answer"}``, trained on like the last one: loss on
 every assistant turn), and ``image`` is null for a text-only record — or a list of paths for a record with several
-images (all shown in its first user turn, in order, where its ``<image>`` placeholders stand or else before its
-text; for processors that take several images per sample). ``system`` is a conversation's system message, rendered
+images (in order, each where its ``<image>`` placeholder stands — in any user turn — or, where none is placed,
+all before the first user turn's text; for processors that take several images per sample). ``system`` is a conversation's system message, rendered
 in the chat template's system slot.
 """
 
@@ -25,7 +25,7 @@ from PIL import Image
 from mmtune.config import METRICS  # noqa: F401 — the one list (config), public here too
 
 KINDS = ("open", "choice")
-IMAGE_TOKEN = "<image>"  # where an image stands in a first user turn's text (none: its images go before the text)
+IMAGE_TOKEN = "<image>"  # where an image stands in a user turn's text (none placed: all go before the first turn's)
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
@@ -84,15 +84,10 @@ class Record:
                 raise ValueError(f"'history'[{number}] must be {{\"prompt\": text, \"answer\": text}}, got {turn!r}"[:200])
         if self.system is not None and (not isinstance(self.system, str) or not self.system.strip()):
             raise ValueError(f"'system' must be a non-empty string (or absent), got {self.system!r}"[:200])
-        first = self.history[0]["prompt"] if self.history else self.prompt
-        placed = first.count(IMAGE_TOKEN)
+        placed = sum(text.count(IMAGE_TOKEN) for text in [*(t["prompt"] for t in self.history), self.prompt])
         if placed not in (0, len(self.images)):
-            raise ValueError(f"the first user turn has {placed} {IMAGE_TOKEN} placeholder(s) for {len(self.images)} "
-                             f"image(s): place every image or none (unplaced images go before its text)")
-        if any(IMAGE_TOKEN in text for text in [*(t["prompt"] for t in self.history[1:]),
-                                                *([self.prompt] if self.history else [])]):
-            raise ValueError(f"an {IMAGE_TOKEN} placeholder after the first user turn: a record's images are shown "
-                             "in its first user turn")
+            raise ValueError(f"{placed} {IMAGE_TOKEN} placeholder(s) in the user turns for {len(self.images)} "
+                             "image(s): place every image or none (unplaced images go before the first turn's text)")
         if self.kind not in KINDS:
             raise ValueError(f"'kind' is {self.kind!r}; must be one of {KINDS}")
         if not isinstance(self.answers, list) or not self.answers or \
