@@ -242,3 +242,5 @@ def test_an_image_in_a_later_turn_stays_there(world, architecture):
         logits = model(**model_inputs(part)).logits
         real = part["attention_mask"].bool()
         torch.testing.assert_close(logits[real], out.logits[rows][real], rtol=1e-4, atol=1e-4)
+    generation = GenerationCollator(processor)(samples)  # evaluation's prompt: the image in its turn as well
+    assert model.generate(**model_inputs(generation), max_new_tokens=2).shape[0] == 3
