@@ -78,7 +78,9 @@ def test_best_state_without_a_comparable_value_says_so(tmp_path):
 
 
 def test_best_metric_must_be_in_the_evaluation(tiny_config):
-    with pytest.raises(ValueError, match="train.best_metric='Q' is not in the evaluation; choose one of S, G, H"):
+    # issue 36 (10): the primary summaries are offered too (H/adj was once refused)
+    with pytest.raises(ValueError, match="train.best_metric='Q' is not in the evaluation; choose one of S, G, H, .*"
+                                         "G/adj, H/adj, S/head, H/head"):
         train(tiny_config("eval.every_steps=1", "eval.during_limit=2", "eval.limit=2", "eval.max_new_tokens=2",
                           "eval.downstream=['synthetic:count_mc']", "eval.heldout=['synthetic:color_vqa']",
                           "train.best_metric=Q", "train.max_steps=2"))
