@@ -185,7 +185,7 @@ def test_the_interruption_passes_through_handlers_that_catch_exception():
     assert watch.requested == "SIGTERM"
 
 
-def test_ctrl_c_is_a_preemption_by_default_and_twice_aborts_at_once(tiny_config, monkeypatch, capsys):
+def test_ctrl_c_is_a_preemption_by_default_and_twice_aborts_at_once(tiny_config, monkeypatch, capsys, request):
     """No setting: Ctrl-C during step 2 finishes it, checkpoints it and stops (exit 75 from the command line) with one
     line saying so; a second Ctrl-C while that checkpoint is written aborts at once, the command printing one line."""
     import mmtune.train as train_module
@@ -201,6 +201,9 @@ def test_ctrl_c_is_a_preemption_by_default_and_twice_aborts_at_once(tiny_config,
         return real_agreed(self, accelerator)
 
     monkeypatch.setattr(PreemptionWatch, "agreed", agreed)
+    # as in a terminal (a background job of a script, CI's, starts with Ctrl-C ignored: that is kept, see below)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, outer))
     config = tiny_config("train.max_steps=6")
     with pytest.raises(Preempted, match="preempted \\(SIGINT\\) at step 2"):
         train(config)
@@ -220,6 +223,9 @@ def test_ctrl_c_is_a_preemption_by_default_and_twice_aborts_at_once(tiny_config,
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config("train.max_steps=6", out="twice"))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # started with Ctrl-C ignored: the watch leaves it ignored
+    with PreemptionWatch(["SIGTERM", "SIGINT"]):
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
 
 
 def test_an_abort_prints_one_line_not_a_traceback(monkeypatch, capsys):

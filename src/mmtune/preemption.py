@@ -43,6 +43,8 @@ class PreemptionWatch:
     def __enter__(self) -> PreemptionWatch:
         if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
             for number in self.signals:
+                if number == signal.SIGINT and signal.getsignal(number) == signal.SIG_IGN:
+                    continue  # a process started with Ctrl-C ignored (nohup, `&` in a script) keeps it so, as Python does
                 self._previous[number] = signal.signal(number, self._handle)
         return self
 
