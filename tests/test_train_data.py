@@ -25,3 +25,41 @@ def test_skip_bad_records_counts_them_in_the_summary(tiny_config, tmp_path, worl
     run = train(tiny_config(f"data.tasks=[{{path: '{bad}'}}]", "data.skip_bad_records=true", out="lenient"))
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["skipped_records"] == 2 and summary["records"] == 11
+
+
+def test_length_grouped_batches_pad_less_and_keep_a_random_order_per_epoch():
+    """data.group_by_length: every record once per epoch, a function of (seed, epoch); batches of similar length —
+    on a mix of short answers and long captions the padded share falls several-fold."""
+    import random
+
+    from mmtune.train_data import EpochSampler, LengthGroupedSampler, padded_share
+
+    rng = random.Random(0)
+    lengths = [rng.choice([70, 72, 75]) for _ in range(300)] + [rng.randint(90, 140) for _ in range(200)]
+    sampler = LengthGroupedSampler(lengths, batch_size=8, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(500)) and list(sampler) == first  # a permutation, the same when redrawn
+    sampler.set_epoch(1)
+    assert list(sampler) != first and sorted(sampler) == list(range(500))
+    assert lengths[first[0]] == max(lengths)  # the longest first: an out-of-memory shows at step 1
+    grouped = padded_share(lengths, first, 8)
+    plain = padded_share(lengths, list(EpochSampler(500, 3)), 8)
+    assert grouped < plain / 4, (grouped, plain)
+
+
+def test_a_length_grouped_run_resumes_exactly(tiny_config, capsys):
+    import torch
+
+    from helpers import final_weights, losses
+
+    settings = ["data.group_by_length=true", "train.max_steps=6", "train.batch_size=4"]
+    full = train(tiny_config(*settings, "train.save_every=3", out="full"))
+    assert "data.group_by_length: batches of similar length — padding is" in capsys.readouterr().out
+    resumed = train(tiny_config(*settings, f"train.resume_from={full / 'checkpoints' / 'step-000003'}", out="again"))
+    assert losses(resumed) == losses(full)[3:]
+    again = final_weights(resumed)
+    assert all(torch.equal(value, again[key]) for key, value in final_weights(full).items())
+    from mmtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="group_by_length works on the fixed mixture"):
+        tiny_config("data.group_by_length=true", "data.temperature=1")

@@ -175,6 +175,7 @@ class DataConfig:
     replay_share: float = 0.0  # the share of every batch taken from data.replay (e.g. 0.25: 4 of 16)
     registry: str | None = None  # a dataset registry (LLaMA-Factory dataset_info.json style): tasks then name dataset:<name>
     seed: int | None = 0  # which records each task's n draws (and their repeats): the same for every train.seed; null: train.seed's (before data.seed)
+    group_by_length: bool = False  # batches of records of similar length (the Trainer's group_by_length): less padding, an order still random per epoch
 
     def __post_init__(self):
         _check(self.max_length >= 1, f"data.max_length={self.max_length} must be ≥ 1")
@@ -193,6 +194,8 @@ class DataConfig:
         _check(0 <= self.replay_share < 1, f"data.replay_share={self.replay_share} must be in [0, 1)")
         _check(bool(self.replay) == (self.replay_share > 0), "data.replay and data.replay_share go together: name "
                "the replay sources and the share of every batch they fill")
+        _check(not (self.group_by_length and self.sampled), "data.group_by_length works on the fixed mixture: the "
+               "sampled one (probabilities, temperature, replay, resample_each_epoch) composes each batch itself")
         for i, spec in enumerate(self.replay):
             _check(spec.weight == 1.0 and spec.probability is None, f"data.replay.{i} ({spec.path}): weight and "
                    "probability are not read for a replay source — data.replay_share sets its share of every batch "
@@ -659,7 +662,7 @@ FOREIGN_KEYS = {
     "save_only_model": "nothing: checkpoints always hold what an exact resume needs; final/ is the model alone",
     "resume_from_checkpoint": "train.resume_from (a checkpoint folder or latest)",
     "ddp_timeout": "train.ddp_timeout (seconds)", "seed": "train.seed (and data.seed: which records each n draws)",
-    "lr": "train.learning_rate", "data_seed": "data.seed", "max_steps": "train.max_steps", "warmup_ratio": "train.warmup_ratio",
+    "lr": "train.learning_rate", "data_seed": "data.seed", "group_by_length": "data.group_by_length", "max_steps": "train.max_steps", "warmup_ratio": "train.warmup_ratio",
     "warmup_steps": "train.warmup_ratio (a share of the steps: warmup_steps / total steps)",
     "weight_decay": "train.weight_decay", "max_grad_norm": "train.max_grad_norm",
     "optim": "train.optimizer (adamw | sgd | adafactor)",
