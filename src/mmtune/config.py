@@ -237,6 +237,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU); a low-precision model.dtype autocasts anyway
     fp32_masters: bool = True  # with model.dtype bf16 | fp16: train fp32 copies of what trains (mmtune.precision)
     loss_reduction: str = "token"  # token: mean over target tokens (Hugging Face, SPIDER) | sample: NRCA's code
+    target_logits: bool = True  # the model's head only where a loss reads it (the target positions: logits_to_keep); false: at every position
     log_every: int = 1  # optimizer steps between rows of metrics.jsonl
     save_every: int | None = None  # optimizer steps between checkpoints (None: only at the end)
     keep_checkpoints: int | None = None  # keep the newest N periodic checkpoints (None: all)

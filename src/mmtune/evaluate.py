@@ -17,7 +17,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mmtune.config import RunConfig, TaskSpec
-from mmtune.data.collate import IGNORE_INDEX, GenerationCollator, RecordDataset, TrainCollator, model_inputs
+from mmtune.data.collate import (
+    IGNORE_INDEX,
+    KEEP,
+    GenerationCollator,
+    RecordDataset,
+    TrainCollator,
+    accepts_logits_to_keep,
+    model_inputs,
+)
 from mmtune.data.mixture import draw, read_task
 from mmtune.data.records import Record, metric_choice
 from mmtune.data.registry import load_registry
@@ -106,7 +114,7 @@ def teacher_forced(model, processor, records: list[Record], batch_size: int = 16
     from mmtune.methods.nrca import noisy_view
 
     model.eval()
-    collate = TrainCollator(processor, max_length, mark_image_tokens=True)
+    collate = TrainCollator(processor, max_length, mark_image_tokens=True, target_logits=accepts_logits_to_keep(model))
     loader = DataLoader(RecordDataset(records), batch_size=batch_size, collate_fn=collate)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(0)
@@ -117,14 +125,14 @@ def teacher_forced(model, processor, records: list[Record], batch_size: int = 16
     for batch in loader:
         inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
         labels = batch["labels"].to(device)
-        log_probs, index = target_log_probs(model(**inputs).logits, labels)
+        log_probs, index = target_log_probs(model(**inputs).logits, labels, inputs.get(KEEP))
         per_record = per_sample_mean(log_probs.exp(), index, labels.shape[0])
         confidence += per_record.sum().item()
         loss += per_sample_mean(-log_probs, index, labels.shape[0]).sum().item()
         if "pixel_values" in inputs:
             rows = batch["image_mask"].to(device) if "image_mask" in batch else torch.ones_like(per_record, dtype=bool)
             noisy = {**inputs, "pixel_values": noisy_view(inputs["pixel_values"], 0.5, generator)}
-            noisy_log_probs, noisy_index = target_log_probs(model(**noisy).logits, labels)
+            noisy_log_probs, noisy_index = target_log_probs(model(**noisy).logits, labels, inputs.get(KEEP))
             noisy_record = per_sample_mean(noisy_log_probs.exp(), noisy_index, labels.shape[0])
             clean_pictured += per_record[rows].sum().item()
             noised += noisy_record[rows].sum().item()

@@ -5,18 +5,33 @@ from __future__ import annotations
 import torch
 
 from mmtune.config import LOSS_REDUCTIONS
-from mmtune.data.collate import IGNORE_INDEX, model_inputs
+from mmtune.data.collate import IGNORE_INDEX, KEEP, model_inputs, target_positions
 
 
-def target_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def shifted(logits: torch.Tensor, labels: torch.Tensor,
+            kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logits, labels, mask)`` lined up for the causal shift (logits at t predict labels at t+1). ``logits`` cover
+    the whole sequence, or only the positions ``kept`` (``batch["logits_to_keep"]``: ``train.target_logits``; where
+    not given, the positions of these labels' targets) — the targets come out in the same order either way."""
+    shift_labels = labels[:, 1:]
+    if logits.shape[1] == labels.shape[1]:
+        return logits[:, :-1], shift_labels, shift_labels != IGNORE_INDEX
+    kept = target_positions(labels) if kept is None else kept.to(labels.device)
+    if kept.numel() != logits.shape[1]:
+        raise ValueError(f"logits at {logits.shape[1]} positions for labels of length {labels.shape[1]} and "
+                         f"{kept.numel()} kept positions: pass the batch's logits_to_keep")
+    shift_labels = shift_labels[:, kept]
+    return logits, shift_labels, shift_labels != IGNORE_INDEX
+
+
+def target_log_probs(logits: torch.Tensor, labels: torch.Tensor,
+                     kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of the target tokens (causal shift: logits at t predict labels at t+1).
 
     Returns ``(log_probs [N], sample_index [N])`` for the N non-ignored target tokens of the batch; the
-    softmax runs over those positions only, never over the whole ``[B, L, V]`` tensor.
+    softmax runs over those positions only, never over the whole ``[B, L, V]`` tensor. ``kept``: see ``shifted``.
     """
-    shift_logits = logits[:, :-1]
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != IGNORE_INDEX
+    shift_logits, shift_labels, mask = shifted(logits, labels, kept)
     selected = shift_logits[mask].float()
     log_probs = torch.log_softmax(selected, dim=-1).gather(-1, shift_labels[mask].unsqueeze(-1)).squeeze(-1)
     sample_index = mask.nonzero(as_tuple=True)[0]
@@ -31,13 +46,13 @@ def per_sample_mean(values: torch.Tensor, sample_index: torch.Tensor, batch_size
     return sums / counts.clamp(min=1)
 
 
-def sample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def sample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample cross-entropy: the mean over that sample's target tokens, shape ``[B]``.
 
     The training loss is the plain mean of these over samples (as NRCA's reference code computes
     it), so a long caption and a one-letter answer weigh the same.
     """
-    log_probs, index = target_log_probs(logits, labels)
+    log_probs, index = target_log_probs(logits, labels, kept)
     return per_sample_mean(-log_probs, index, labels.shape[0])
 
 
@@ -45,10 +60,11 @@ def target_token_counts(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
 
 
-def target_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def target_logits(logits: torch.Tensor, labels: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
     """The logits that predict the target tokens, ``[N, V]`` in ``target_log_probs``' order (for token losses that
-    need the whole distribution: an entropy, a KL divergence)."""
-    return logits[:, :-1][labels[:, 1:] != IGNORE_INDEX]
+    need the whole distribution: an entropy, a KL divergence). ``kept``: see ``shifted``."""
+    shift_logits, _, mask = shifted(logits, labels, kept)
+    return shift_logits[mask]
 
 
 def reduce_token_values(values: torch.Tensor, index: torch.Tensor, batch_size: int, reduction: str,
@@ -120,7 +136,7 @@ def compute_losses(ctx, methods, batch: dict, reduction: str = "sample", tokens:
     methods) and the sum of the terms is the method's loss.
     """
     outputs = ctx.model(**model_inputs(batch))
-    log_probs, index = target_log_probs(outputs.logits, batch["labels"])
+    log_probs, index = target_log_probs(outputs.logits, batch["labels"], batch.get(KEEP))
     batch_size = batch["labels"].shape[0]
     sample_loss = per_sample_mean(-log_probs, index, batch_size)
     ce = sample_loss.mean() if reduction == "sample" else \

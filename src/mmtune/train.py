@@ -34,6 +34,7 @@ from transformers.optimization import Adafactor
 from mmtune.best import BestState
 from mmtune.checkpoint import newest_complete
 from mmtune.config import SCHEDULERS, RunConfig, save_config
+from mmtune.data.collate import accepts_logits_to_keep
 from mmtune.data.mixture import drawn_indices
 from mmtune.during_training import (
     base_needs_evaluation,
@@ -129,7 +130,11 @@ def prepare_training(run: Run) -> None:
     """Phase 3b: the data loader; model, optimizer and loader handed to the engine; the schedule; the methods'
     ``setup`` (on the fp32 masters, whatever the engine)."""
     config = run.config
-    loader, run.records = build_loader(config, run.records, run.processor, run.skipped, run.say)
+    target_logits = config.train.target_logits and accepts_logits_to_keep(run.model)
+    if config.train.target_logits and not target_logits:
+        run.say(f"train.target_logits: {type(run.model).__name__}'s forward takes no logits_to_keep; its head runs at "
+                "every position")
+    loader, run.records = build_loader(config, run.records, run.processor, run.skipped, run.say, target_logits)
     run.plan = getattr(loader.sampler, "plan", None)
     if run.sharded and base_needs_evaluation(run):
         # A sharded model can't be evaluated by one process: evaluate the base before sharding it (under ZeRO-3 a

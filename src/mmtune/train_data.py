@@ -107,10 +107,12 @@ def load_records(config: RunConfig, accelerator, say) -> tuple[Path | None, list
     return world, records, skipped
 
 
-def build_loader(config: RunConfig, records: list, processor, skipped: list[str], say) -> tuple[DataLoader, list]:
+def build_loader(config: RunConfig, records: list, processor, skipped: list[str], say,
+                 target_logits: bool = False) -> tuple[DataLoader, list]:
     """The training data loader (records longer than ``data.max_length`` refused before training, or skipped and
-    counted in ``skipped``); returns it with the records it holds."""
-    collator = TrainCollator(processor, config.data.max_length)
+    counted in ``skipped``; ``target_logits``: batches name the positions whose logits the losses read); returns it
+    with the records it holds."""
+    collator = TrainCollator(processor, config.data.max_length, target_logits=target_logits)
     lengths = record_lengths(records, collator)
     too_long = over_length(records, lengths, collator.max_length)
     if too_long and not config.data.skip_bad_records:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import assembled
-from mmtune.data.collate import model_inputs, subset_batch
+from mmtune.data.collate import KEEP, model_inputs, subset_batch
 from mmtune.losses import sample_cross_entropy
 from mmtune.methods.ewc import diagonal_fisher, ewc_penalty, normalized
 
@@ -27,14 +27,14 @@ def test_fisher_is_the_mean_of_per_record_squared_gradients(tiny_config):
         expected = {name: torch.zeros_like(p) for name, p in params.items()}
         for row in range(3):
             one = subset_batch(batch, torch.tensor([row]))
-            loss = sample_cross_entropy(run.model(**model_inputs(one)).logits, one["labels"]).sum()
+            loss = sample_cross_entropy(run.model(**model_inputs(one)).logits, one["labels"], one.get(KEEP)).sum()
             for name, grad in zip(params, torch.autograd.grad(loss, list(params.values())), strict=True):
                 expected[name] += grad.pow(2) / 3
         for name in params:
             torch.testing.assert_close(fisher[name], expected[name], rtol=1e-4, atol=1e-12)
         # not the square of the batch's mean gradient (what a cheaper estimate would give)
         loss = sample_cross_entropy(run.model(**model_inputs(subset_batch(batch, torch.arange(3)))).logits,
-                                    batch["labels"][:3]).mean()
+                                    batch["labels"][:3], batch.get(KEEP)).mean()
         squared = {n: g.pow(2) for n, g in zip(params, torch.autograd.grad(loss, list(params.values())), strict=True)}
         assert sum(float((fisher[n] - squared[n]).abs().sum()) for n in params) > 1e-3 * sum(
             float(fisher[n].sum()) for n in params)

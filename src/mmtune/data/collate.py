@@ -18,6 +18,9 @@ from torch.utils.data import Dataset
 from mmtune.data.records import IMAGE_TOKEN, Record, RecordError
 
 IGNORE_INDEX = -100
+# The batch key of the positions whose logits a loss reads (train.target_logits): named as the models' forward
+# argument, so the model computes its head there only (hidden states gathered at the targets, then the head).
+KEEP = "logits_to_keep"
 _MARKER = "MMTUNEANSWERMARKER"
 
 
@@ -193,6 +196,8 @@ class TrainCollator:
     # batch["image_tokens"] (NRCA's diagnostic split, ``image_token_flags``): evaluation asks for it; training
     # batches skip it, as it tokenizes each caption a second time
     mark_image_tokens: bool = False
+    # batch["logits_to_keep"]: the positions that predict a target (the model's head runs there only)
+    target_logits: bool = False
 
     def __post_init__(self):
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
@@ -330,6 +335,8 @@ class TrainCollator:
             batch["image_tokens"] = torch.tensor(
                 [[False] * (len(row) - len(f or [])) + (f or []) + [False] * (width - len(row))
                  for row, f in zip(rows, flags, strict=True)], dtype=torch.bool)
+        if self.target_logits:
+            batch[KEEP] = target_positions(batch["labels"])
         batch["open_mask"] = torch.tensor([r.kind == "open" for r in records])
         batch["image_mask"] = torch.tensor([r.image is not None for r in records])
         batch["image_counts"] = torch.tensor([len(r.images) for r in records])
@@ -338,6 +345,19 @@ class TrainCollator:
             batch["pixel_counts"] = tiles
         batch["tasks"] = [r.task for r in records]  # for methods that need each task's loss (multi-task optimisation)
         return batch
+
+
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions whose logits predict a target token of some row (logits at t predict labels at t+1), sorted."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (through a PEFT wrapper, to the model it wraps)."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def image_token_ids(processor) -> set[int]:
@@ -470,6 +490,8 @@ def subset_batch(batch: dict, rows: torch.Tensor) -> dict:
         elif key == "batch_num_images" and counts is not None:  # LLaVA-OneVision: images of each record that has any
             chosen = counts.to(value.device)[rows.to(value.device)]
             out[key] = chosen[chosen > 0].to(value.dtype)
+        elif key == KEEP:  # positions, not rows: the union over the batch holds every subset's targets
+            out[key] = value
         elif torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == size:
             out[key] = value[rows.to(value.device)]
         elif key in ("records", "tasks"):

@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 from torch.func import functional_call
 
-from mmtune.data.collate import model_inputs
+from mmtune.data.collate import KEEP, model_inputs
 from mmtune.engine import release_gathered, write_weight
 from mmtune.losses import target_logits
 from mmtune.methods.base import (
@@ -140,6 +140,7 @@ class ASFT(PretrainedSnapshotMethod):
         loss = dft_token_loss(log_probs)
         if self.config.lam == 0:
             return loss
-        anchor = base_kl(target_logits(outputs.logits, batch["labels"]),
-                         target_logits(base_logits(ctx, batch, self.pretrained), batch["labels"]))
+        kept = batch.get(KEEP)
+        anchor = base_kl(target_logits(outputs.logits, batch["labels"], kept),
+                         target_logits(base_logits(ctx, batch, self.pretrained), batch["labels"], kept))
         return loss + self.config.lam * anchor

@@ -19,6 +19,7 @@ from typing import ClassVar
 
 import torch
 
+from mmtune.data.collate import KEEP
 from mmtune.losses import target_logits
 from mmtune.methods.base import Method, MethodConfig, register
 
@@ -58,5 +59,5 @@ class EAFT(Method):
     def token_loss(self, ctx, batch, outputs, log_probs, index):
         if self.config.alpha == 0:
             return None  # plain SFT
-        entropy = normalized_topk_entropy(target_logits(outputs.logits, batch["labels"]), self.config.top_k)
+        entropy = normalized_topk_entropy(target_logits(outputs.logits, batch["labels"], batch.get(KEEP)), self.config.top_k)
         return eaft_token_loss(log_probs, entropy, self.config.alpha)

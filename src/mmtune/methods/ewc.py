@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import torch
 
-from mmtune.data.collate import model_inputs, subset_batch
+from mmtune.data.collate import KEEP, model_inputs, subset_batch
 from mmtune.losses import sample_cross_entropy
 from mmtune.methods.base import (
     MethodConfig,
@@ -83,7 +83,7 @@ def _single_records(batches: Iterable[dict], samples: int) -> list[dict]:
 def _record_loss(ctx: TrainContext, one: dict) -> torch.Tensor:
     with ctx.accelerator.autocast() if ctx.accelerator is not None else contextlib.nullcontext():
         logits = ctx.unwrapped(**model_inputs(one)).logits
-    return sample_cross_entropy(logits, one["labels"]).sum()
+    return sample_cross_entropy(logits, one["labels"], one.get(KEEP)).sum()
 
 
 def _sharded_fisher(ctx: TrainContext, params: dict[str, torch.Tensor], records: list[dict]) -> dict[str, torch.Tensor]:

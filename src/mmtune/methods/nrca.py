@@ -30,7 +30,7 @@ from typing import ClassVar
 
 import torch
 
-from mmtune.data.collate import model_inputs, subset_batch
+from mmtune.data.collate import KEEP, model_inputs, subset_batch
 from mmtune.losses import per_sample_mean, target_log_probs, target_token_counts
 from mmtune.methods.base import Method, MethodConfig, register
 
@@ -52,9 +52,11 @@ def noisy_view(pixel_values: torch.Tensor, delta: float = 0.5, generator: torch.
     return ((1 - delta) * x + delta * epsilon).to(pixel_values.dtype)
 
 
-def token_confidence(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample: mean cross-entropy over its target tokens and mean probability of those tokens."""
-    log_probs, index = target_log_probs(logits, labels)
+def token_confidence(logits: torch.Tensor, labels: torch.Tensor,
+                     kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample: mean cross-entropy over its target tokens and mean probability of those tokens (``kept``: the
+    positions the logits cover, ``batch["logits_to_keep"]``, where they don't cover the whole sequence)."""
+    log_probs, index = target_log_probs(logits, labels, kept)
     batch = labels.shape[0]
     return per_sample_mean(-log_probs, index, batch), per_sample_mean(log_probs.exp(), index, batch)
 
@@ -116,9 +118,9 @@ class NRCA(Method):
             with_image = batch["image_mask"].to(open_mask.device) if "image_mask" in batch else ~open_mask
             idle = subset_batch({**batch, "pixel_values": noisy_pixels}, with_image.nonzero(as_tuple=True)[0])
             return {"nrca_gap": sample_loss.sum() * 0.0 + ctx.model(**model_inputs(idle)).logits.sum() * 0.0}
-        _, clean_conf = token_confidence(outputs.logits[rows], batch["labels"][rows])
+        _, clean_conf = token_confidence(outputs.logits[rows], batch["labels"][rows], batch.get(KEEP))
         noisy_batch = subset_batch({**batch, "pixel_values": noisy_pixels}, rows)
         noisy_logits = ctx.model(**model_inputs(noisy_batch)).logits
-        _, noisy_conf = token_confidence(noisy_logits, noisy_batch["labels"])
+        _, noisy_conf = token_confidence(noisy_logits, noisy_batch["labels"], noisy_batch.get(KEEP))
         gap = confidence_gap_loss(sample_loss[rows], clean_conf, noisy_conf, torch.ones_like(noisy_conf))
         return {"nrca_gap": self.config.lam * gap}

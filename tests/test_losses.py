@@ -1,0 +1,88 @@
+"""Target-only logits (train.target_logits, issue 37): the model's head runs only where a loss reads it, and every
+loss and gradient equals the full-logits one."""
+
+import pytest
+import torch
+
+from helpers import assembled, move_off_pretrained, nth_micro, step_gradient
+from mmtune.data.collate import KEEP, RecordDataset, TrainCollator, model_inputs, subset_batch
+from mmtune.data.records import Record, read_records
+from mmtune.data.synthetic import vocabulary
+from mmtune.losses import sample_cross_entropy, shifted, target_log_probs
+from mmtune.models.tiny import build_tiny
+
+ARCHITECTURES = ["llava", "qwen2_vl", "idefics3", "qwen3_vl", "gemma3", "internvl", "llava_onevision"]
+
+
+def _records(world):
+    caption, count = read_records(world / "detailed_caption_train.jsonl")[0], read_records(world / "count_mc_train.jsonl")[0]
+    other = read_records(world / "detailed_caption_train.jsonl")[1]
+    return [caption, count,
+            Record(id="talk", task="chat", kind="open", image=caption.image, prompt="<image>" + count.prompt,
+                   answers=count.answers, history=[{"prompt": caption.prompt, "answer": caption.target}]),
+            Record(id="text", task="chat", kind="open", image=None, prompt=caption.prompt, answers=[caption.target]),
+            Record(id="pair", task="chat", kind="open", image=[caption.image, other.image], prompt=caption.prompt,
+                   answers=[other.target])]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_target_logits_give_the_full_logits_loss_and_gradient(world, architecture):
+    """Captions, a letter, a conversation, a text-only and a two-image record in one batch, fp32: the head on the
+    target positions only (the union over the batch's rows) gives the same per-sample cross-entropy and the same
+    gradient to 1e-6 — for the batch and for a sub-batch (NRCA's, EWC's), which keeps the batch's positions."""
+    model, processor = build_tiny(architecture, words=vocabulary())
+    samples = [RecordDataset(_records(world))[i] for i in range(5)]
+    full = TrainCollator(processor)(samples)
+    kept = TrainCollator(processor, target_logits=True)(samples)
+    assert KEEP not in full and torch.equal(kept["input_ids"], full["input_ids"])
+    positions = kept[KEEP]  # every position that predicts some row's target, and no other
+    targets = (full["labels"][:, 1:] != -100).any(dim=0).nonzero().squeeze(1)
+    assert torch.equal(positions, targets) and positions.numel() < full["input_ids"].shape[1] - 1
+    for rows in (None, torch.tensor([2, 4])):
+        a, b = (batch if rows is None else subset_batch(batch, rows) for batch in (full, kept))
+        model.zero_grad()
+        logits = model(**model_inputs(a)).logits
+        loss_full = sample_cross_entropy(logits, a["labels"])
+        loss_full.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        small = model(**model_inputs(b)).logits
+        assert small.shape[1] == positions.numel()  # the head ran on the kept positions only
+        loss_kept = sample_cross_entropy(small, b["labels"], b[KEEP])
+        loss_kept.sum().backward()
+        torch.testing.assert_close(loss_kept, loss_full, rtol=1e-6, atol=1e-6)
+        for name, grad in grads.items():
+            torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-5, atol=1e-6,
+                                       msg=name)
+
+
+def test_kept_logits_without_their_positions_are_refused_not_misread():
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, -100, -100]])
+    logits = torch.randn(2, 3, 10)  # positions 0, 1, 2 all predict a target
+    log_probs, index = target_log_probs(logits, labels)  # the positions follow from the labels
+    assert index.tolist() == [0, 0, 1]
+    with pytest.raises(ValueError, match="pass the batch's logits_to_keep"):
+        shifted(logits[:1], labels[:1])  # a sub-batch's labels name fewer positions than its logits cover
+
+
+# The methods whose loss reads the logits (beyond the cross-entropy): each must give the full-logits step.
+LOGIT_METHODS = ["vanilla", "nrca", "dft", "asft", "eaft", "ewc", "uncertainty", "famo", "nrca+spider"]
+
+
+@pytest.mark.parametrize("method", LOGIT_METHODS)
+def test_every_method_that_reads_logits_takes_the_same_step(tiny_config, method):
+    """One step of each method from the same state on the same micro-batch: terms and gradient with
+    train.target_logits on equal those with it off (fp32, 1e-6)."""
+    results = []
+    for on in ("true", "false"):
+        with assembled(tiny_config(f"method.name={method}", f"train.target_logits={on}", out=f"run-{on}")) as run:
+            micro = nth_micro(run)
+            assert (KEEP in micro[0]) == (on == "true")
+            move_off_pretrained(run)
+            torch.manual_seed(0)
+            run.ctx.generator.manual_seed(0)
+            results.append(step_gradient(run, micro))
+    on, off = results
+    for name, grad in off.items():
+        torch.testing.assert_close(on[name], grad, rtol=1e-5, atol=1e-6, msg=f"{method}: {name}")
+    assert any(float(g.abs().sum()) > 0 for g in off.values())
