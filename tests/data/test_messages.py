@@ -145,6 +145,9 @@ def test_conversations_keep_their_shape_as_the_template_renders_them(folder):
     rendered = prompt_text(qwen, record)
     assert rendered.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nLook:<|vision_start|>")
     assert "<|vision_end|>What colour?" in rendered
+    _, opened = build_tiny("qwen2_vl")  # a template that opens every rendering with a BOS (Llama 3's, Mistral's)
+    opened.chat_template = "<s>" + opened.chat_template
+    assert prompt_text(opened, record).startswith("<s><|im_start|>system\nBe brief.<|im_end|>")
     _, llava = build_tiny("llava")
     with pytest.warns(UserWarning, match="has no system slot"):
         rendered = prompt_text(llava, record)

@@ -7,6 +7,7 @@ so the boundary between what is masked and what is learned is exact for every to
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -50,10 +51,12 @@ def has_system_slot(processor) -> bool:
         alone = processor.apply_chat_template(user, tokenize=False)
         with_system = processor.apply_chat_template(
             [{"role": "system", "content": [{"type": "text", "text": marker}]}, *user], tokenize=False)
-        as_other = {processor.apply_chat_template([{"role": role, "content": [{"type": "text", "text": marker}]}],
-                                                  tokenize=False) for role in ("user", "assistant")}
-        supported = with_system.endswith(alone) and marker in with_system[:len(with_system) - len(alone)] and \
-            with_system[:len(with_system) - len(alone)] not in as_other
+        as_other = [processor.apply_chat_template([{"role": role, "content": [{"type": "text", "text": marker}]}],
+                                                  tokenize=False) for role in ("user", "assistant")]
+        start = len(os.path.commonprefix([alone, with_system]))  # what every rendering opens with (a BOS)
+        added = with_system[start:len(with_system) - len(alone) + start]
+        supported = with_system[start:].endswith(alone[start:]) and marker in added and \
+            all(added != other[start:] and added != other for other in as_other)
     except Exception:  # noqa: BLE001 — a template that raises on a system role ("System role not supported")
         supported = False
     if not supported:
