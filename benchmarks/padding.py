@@ -17,7 +17,7 @@ from mmtune.config import load_config
 from mmtune.data.collate import TrainCollator
 from mmtune.data.mixture import build_mixture
 from mmtune.data.synthetic import resolve_task_path
-from mmtune.preview import preview_processor, preview_records  # noqa: F401 — preview_records makes the world
+from mmtune.preview import preview_processor, preview_records
 from mmtune.train_data import EpochSampler, LengthGroupedSampler, padded_share, record_lengths, world_dir
 
 

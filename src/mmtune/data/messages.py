@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import os
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -78,11 +77,6 @@ def _text(content, where_turn: str) -> tuple[str, int]:
     raise ValueError(f"{where_turn}: content must be text or a list of parts, got {type(content).__name__}")
 
 
-def without_placeholders(text: str) -> str:
-    """``text`` with its ``<image>`` placeholders taken out (and no double space where one stood)."""
-    return re.sub(r"[ \t]{2,}", " ", re.sub(rf"[ \t]*{re.escape(IMAGE_TOKEN)}[ \t]*\n?", " ", text)).strip()
-
-
 def conversation_record(item: dict, index: int, tags: dict, defaults: dict,
                         image_path: Callable[[object, int], str]) -> Record:
     """One conversation as a record (``image_path(image, k)``: the path of the item's k-th image entry); its images
@@ -131,7 +125,7 @@ def conversation_record(item: dict, index: int, tags: dict, defaults: dict,
             raise ValueError(f"'{tags['system']}' must be a string, got {column!r}"[:200])
         system.insert(0, column)
     for number, exchange in enumerate(exchanges):
-        if not without_placeholders(exchange["prompt"]) or not exchange["answer"].strip():
+        if not exchange["prompt"].replace(IMAGE_TOKEN, "").strip() or not exchange["answer"].strip():
             raise ValueError(f"exchange {number}: a user turn with no text besides its image, or an empty answer "
                              "(mmtune needs an instruction and a target in every exchange)")
     last = exchanges[-1]

@@ -147,11 +147,16 @@ def _stream(pool: list[int], generator: torch.Generator) -> Iterator[int]:
             yield pool[position]
 
 
+def records_seed(plan: MixturePlan, epoch: int) -> int:
+    """The seed of which records an epoch draws (``data.seed``, else ``train.seed``): fixed unless resampling."""
+    which = plan.seed if plan.data_seed is None else plan.data_seed
+    return which * 7919 + (epoch if plan.resample else 0)
+
+
 def epoch_indices(plan: MixturePlan, epoch: int) -> list[int]:
     """The record indices of one epoch, batch after batch: every batch ``batch_size − replay_per_batch`` training
     records then ``replay_per_batch`` replay records. A function of (plan, epoch) alone: a resumed run redraws it."""
-    which = plan.seed if plan.data_seed is None else plan.data_seed
-    draw_seed = which * 7919 + (epoch if plan.resample else 0)  # which records: fixed unless resampling
+    draw_seed = records_seed(plan, epoch)
     order = torch.Generator().manual_seed(plan.seed + epoch)  # their order: new every epoch
     per_batch = plan.batch_size - plan.replay_per_batch
     slots = plan.batches_per_epoch * per_batch
@@ -184,8 +189,7 @@ def epoch_indices(plan: MixturePlan, epoch: int) -> list[int]:
 def drawn_indices(plan: MixturePlan, epoch: int = 0) -> list[int]:
     """The records an epoch's batches are drawn from: each task's n (its whole pool without one) and the replay's
     drawn records, sorted — what trains, where the run's record list holds every source whole."""
-    which = plan.seed if plan.data_seed is None else plan.data_seed
-    draw_seed = which * 7919 + (epoch if plan.resample else 0)
+    draw_seed = records_seed(plan, epoch)
     tasks = [i for t, (pool, n) in enumerate(zip(plan.pools, plan.counts, strict=True))
              for i in draw_records(pool, n, draw_seed + 104729 * (t + 1))]
     return sorted({*tasks, *plan.replay})
