@@ -439,7 +439,7 @@ def test_tasks_over_steps_names_rows_and_columns_without_overlap():
     axes = fig.axes
     titles = [ax.title.get_window_extent(renderer) for ax in axes[:len(columns)]]
     assert [ax.get_title() for ax in axes[:len(columns)]] == columns
-    assert all(left.x1 <= right.x0 for left, right in zip(titles, titles[1:]))
+    assert all(left.x1 <= right.x0 for left, right in zip(titles, titles[1:], strict=False))
     rows = len(axes) // len(columns)
     assert [axes[i * len(columns)].get_ylabel() for i in range(rows)] == list(STEP_ROWS.values())[:rows]
     assert all(ax.get_xlabel() == "optimizer step" for ax in axes[-len(columns):])

@@ -63,3 +63,33 @@ def test_a_length_grouped_run_resumes_exactly(tiny_config, capsys):
 
     with pytest.raises(ConfigError, match="group_by_length works on the fixed mixture"):
         tiny_config("data.group_by_length=true", "data.temperature=1")
+
+
+@pytest.mark.parametrize("architecture", ["qwen2_vl", "llava"])
+def test_record_lengths_count_each_images_tokens_at_its_size(world, tmp_path, architecture):
+    """Qwen2-VL's dynamic resolution gives a 128×128 image 16× the tokens of a 32×32 one: the lengths that
+    group_by_length sorts by are each record's collated length (LLaVA: one count for every size)."""
+    from PIL import Image
+
+    from mmtune.data.collate import RecordDataset, TrainCollator
+    from mmtune.data.records import Record, read_records
+    from mmtune.data.synthetic import vocabulary
+    from mmtune.models.tiny import build_tiny
+    from mmtune.train_data import record_lengths
+
+    _, processor = build_tiny(architecture, words=vocabulary())
+    if architecture == "qwen2_vl":
+        processor.image_processor.size = {"shortest_edge": 32 * 32, "longest_edge": 128 * 128}
+    records, record = [], read_records(world / "detailed_caption_train.jsonl")[0]
+    for i, size in enumerate([(32, 32), (128, 128), (96, 64), (64, 128)]):  # one caption, four image sizes
+        path = tmp_path / f"{i}.png"
+        with Image.open(record.image) as image:
+            image.convert("RGB").resize(size).save(path)
+        records.append(Record(id=record.id, task="caption", kind="open", image=str(path), prompt=record.prompt,
+                              answers=record.answers))
+    records.append(Record(id="two", task="caption", kind="open", image=[records[1].image, records[2].image],
+                          prompt=records[0].prompt, answers=records[0].answers))
+    collator = TrainCollator(processor)
+    collated = [int(collator([RecordDataset(records)[i]])["attention_mask"].sum()) for i in range(len(records))]
+    assert record_lengths(records, collator) == collated
+    assert (len(set(collated[:4])) > 1) == (architecture == "qwen2_vl")

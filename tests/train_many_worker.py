@@ -7,6 +7,7 @@ others waiting)."""
 
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from accelerate import PartialState
@@ -16,6 +17,7 @@ from mmtune.train import train
 
 if __name__ == "__main__":
     for argument in sys.argv[1:]:
+        started = time.perf_counter()
         if argument.startswith("resume:"):
             _, saved, argument = argument.split(":", 2)
             config = load_config(Path(argument))
@@ -29,3 +31,4 @@ if __name__ == "__main__":
             train(config)
         else:
             train(load_config(Path(argument)))
+        print(f"worker: {argument} took {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)

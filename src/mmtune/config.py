@@ -176,6 +176,7 @@ class DataConfig:
     registry: str | None = None  # a dataset registry (LLaMA-Factory dataset_info.json style): tasks then name dataset:<name>
     seed: int | None = 0  # which records each task's n draws (and their repeats): the same for every train.seed; null: train.seed's (before data.seed)
     group_by_length: bool = False  # batches of records of similar length (the Trainer's group_by_length): less padding, an order still random per epoch
+    padding_free: bool = False  # the model sees each batch's records concatenated without padding, attention inside each record (TRL's padding_free)
 
     def __post_init__(self):
         _check(self.max_length >= 1, f"data.max_length={self.max_length} must be ≥ 1")
@@ -641,8 +642,10 @@ FOREIGN_KEYS = {
     "dataset_name": "data.tasks (a local file or saved Hugging Face dataset: mmtune downloads nothing)",
     "dataset_text_field": "data.tasks[].columns (e.g. {prompt: question, answer: answer})",
     "max_seq_length": "data.max_length", "max_source_length": "data.max_length", "max_target_length": "data.max_length",
-    "packing": "nothing: mmtune pads each batch (no packing)",
-    "neat_packing": "nothing: mmtune pads each batch (no packing)",
+    "packing": "data.padding_free (each batch's records concatenated without padding; mmtune does not pack records "
+               "of several batches into one)",
+    "neat_packing": "data.padding_free (each batch's records concatenated, attention inside each record)",
+    "padding_free": "data.padding_free",
     "streaming": "nothing: task files are read whole",
     "overwrite_cache": "nothing: mmtune caches no tokenised data",
     "preprocessing_num_workers": "nothing: records are tokenised as batches are made (data.num_workers)",

@@ -93,6 +93,19 @@ def configure_deepspeed(accelerator, config, methods: list[Method] | None = None
     ds["gradient_clipping"] = 0.0  # mmtune clips (step 3 above); DeepSpeed must not clip a second time
 
 
+def skip_cpu_inference_kernels() -> None:
+    """DeepSpeed on CPU compiles a shared-memory all-reduce with the machine's C++ compiler when its process group
+    starts — 1–2 minutes at the first launch from each environment — which only its inference engine calls
+    (``inference_all_reduce``); training's collectives go through torch.distributed. Marked unavailable, it is not
+    built. (Where a DeepSpeed release stops reading the mark, it is built as before: nothing else changes.)"""
+    try:
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    except (ImportError, AttributeError, TypeError):  # no DeepSpeed, or one that keeps no such table
+        pass
+
+
 def zero3_refusal(methods: list[Method]) -> str | None:
     """Why ZeRO-3 can't run ``methods``: ``refusal(methods, Engine("zero3"))``, the one rule (kept for callers of 0.x)."""
     return refusal(methods, Engine("zero3"))

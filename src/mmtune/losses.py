@@ -6,6 +6,21 @@ import torch
 
 from mmtune.config import LOSS_REDUCTIONS
 from mmtune.data.collate import IGNORE_INDEX, KEEP, model_inputs, target_positions
+from mmtune.data.padding_free import PADDING_FREE, pack, rope_index_of, unpack
+
+
+def forward(model, batch: dict, call=None):
+    """The model's outputs on a collated batch, logits in the batch's padded layout — with ``data.padding_free``, from
+    one forward over the rows concatenated without padding (``mmtune.data.padding_free``). ``call``: what runs the
+    model's forward on its inputs where it is not ``model(**inputs)`` (a functional call with other weights)."""
+    call = call or model
+    inputs = model_inputs(batch)
+    if not batch.get(PADDING_FREE):
+        return call(**inputs)
+    packed, packing = pack(inputs, batch["labels"], rope_index_of(model))
+    outputs = call(**packed)
+    outputs.logits = unpack(outputs.logits, packing)
+    return outputs
 
 
 def shifted(logits: torch.Tensor, labels: torch.Tensor,
@@ -135,7 +150,7 @@ def compute_losses(ctx, methods, batch: dict, reduction: str = "sample", tokens:
     the same way: its term is ``reduced − ce``, so ``ce`` stays the plain cross-entropy in the log (comparable across
     methods) and the sum of the terms is the method's loss.
     """
-    outputs = ctx.model(**model_inputs(batch))
+    outputs = forward(ctx.model, batch)
     log_probs, index = target_log_probs(outputs.logits, batch["labels"], batch.get(KEEP))
     batch_size = batch["labels"].shape[0]
     sample_loss = per_sample_mean(-log_probs, index, batch_size)

@@ -22,7 +22,7 @@ from accelerate.utils import (
 from mmtune.best import BestState
 from mmtune.config import RunConfig
 from mmtune.engine import Engine
-from mmtune.engines import configure_deepspeed
+from mmtune.engines import configure_deepspeed, skip_cpu_inference_kernels
 from mmtune.liveness import Peers
 from mmtune.methods.base import TrainContext, build_methods, refusal
 from mmtune.models.base_model import check_model_source
@@ -88,6 +88,7 @@ def open_run(config: RunConfig) -> Run:
     if deepspeed_launched() and not cuda:
         # Without a GPU, Accelerate picks no communication backend for DeepSpeed and each process would train alone
         # on the whole data set (num_processes 1): name CPU's backend.
+        skip_cpu_inference_kernels()
         PartialState(backend="gloo", timeout=timedelta(seconds=config.train.ddp_timeout))
     root = Path(config.train.output_dir)
     accelerator = Accelerator(

@@ -36,6 +36,7 @@ from mmtune.checkpoint import newest_complete
 from mmtune.config import SCHEDULERS, RunConfig, save_config
 from mmtune.data.collate import accepts_logits_to_keep
 from mmtune.data.mixture import drawn_indices
+from mmtune.data.padding_free import padding_free_refusal
 from mmtune.during_training import (
     base_needs_evaluation,
     evaluate_during_training,
@@ -130,6 +131,9 @@ def prepare_training(run: Run) -> None:
     """Phase 3b: the data loader; model, optimizer and loader handed to the engine; the schedule; the methods'
     ``setup`` (on the fp32 masters, whatever the engine)."""
     config = run.config
+    refused = config.data.padding_free and padding_free_refusal(run.model)
+    if refused:
+        raise ValueError(refused)
     target_logits = config.train.target_logits and accepts_logits_to_keep(run.model)
     if config.train.target_logits and not target_logits:
         run.say(f"train.target_logits: {type(run.model).__name__}'s forward takes no logits_to_keep; its head runs at "

@@ -112,7 +112,8 @@ def build_loader(config: RunConfig, records: list, processor, skipped: list[str]
     """The training data loader (records longer than ``data.max_length`` refused before training, or skipped and
     counted in ``skipped``; ``target_logits``: batches name the positions whose logits the losses read); returns it
     with the records it holds."""
-    collator = TrainCollator(processor, config.data.max_length, target_logits=target_logits)
+    collator = TrainCollator(processor, config.data.max_length, target_logits=target_logits,
+                             padding_free=config.data.padding_free)
     lengths = record_lengths(records, collator)
     too_long = over_length(records, lengths, collator.max_length)
     if too_long and not config.data.skip_bad_records:
@@ -135,6 +136,12 @@ def build_loader(config: RunConfig, records: list, processor, skipped: list[str]
             f"(in a random order: {plain:.1f}%)")
     else:
         sampler = EpochSampler(len(records), config.train.seed)
+    if config.data.padding_free and not config.data.sampled:
+        padded = 100 * padded_share(lengths, list(sampler), config.train.batch_size)
+        say(f"data.padding_free: the model sees each batch's records concatenated, without the {padded:.1f}% of "
+            "epoch 1's positions that padding would fill")
+    elif config.data.padding_free:
+        say("data.padding_free: the model sees each batch's records concatenated, without padding")
     loader = DataLoader(RecordDataset(records), batch_size=config.train.batch_size, drop_last=True, sampler=sampler,
                         collate_fn=collator, num_workers=config.data.num_workers)
     return loader, records
@@ -209,8 +216,9 @@ def over_length(records, lengths: list[int], max_length: int) -> list[tuple]:
 
 def record_lengths(records, collator: TrainCollator) -> list[int]:
     """Each record's prompt + answer in tokens, image tokens included (what a padded batch pads to): the image's
-    token count measured once on the first record with an image (fixed-resolution processors give every image the
-    same count; variable-resolution ones are measured exactly in the collator)."""
+    token count measured on the first record with an image; where the processor sizes images by their resolution
+    (Qwen2-VL's dynamic resolution, InternVL's tiles), each image's own count from its size (read from the file's
+    header) as the processor reports it. (The over-length check of the collator measures every batch exactly.)"""
     if not records:
         return []
     from mmtune.data.collate import prompt_text
@@ -218,13 +226,39 @@ def record_lengths(records, collator: TrainCollator) -> list[int]:
     tokenizer, processor = collator.tokenizer, collator.processor
     image_tokens = 0
     pictured = next((r for r in records if r.image is not None), None)
+    per_image = None
     if pictured is not None:
         first_prompt = prompt_text(processor, pictured.prompt)
         text_only = len(tokenizer(first_prompt, add_special_tokens=False)["input_ids"])
         image = RecordDataset([pictured])[0]["image"]
-        with_image = processor(text=[first_prompt], images=[image[0] if isinstance(image, list) else image],
-                               return_tensors="pt")["input_ids"].shape[1]
+        image = image[0] if isinstance(image, list) else image
+        with_image = processor(text=[first_prompt], images=[image], return_tensors="pt")["input_ids"].shape[1]
         image_tokens = with_image - text_only
+        per_image = image_token_counter(processor, image.size, image_tokens)
     # (a conversation's earlier answers are in its rendered prompt already)
     return [len(tokenizer(prompt_text(processor, record), add_special_tokens=False)["input_ids"]) +
-            image_tokens * len(record.images) + len(collator.answer_ids(record.target)) for record in records]
+            (sum(map(per_image, record.images)) if per_image else image_tokens * len(record.images)) +
+            len(collator.answer_ids(record.target)) for record in records]
+
+
+def image_token_counter(processor, first_size: tuple[int, int], first_tokens: int):
+    """For a processor whose image token count follows the image's size: ``path → tokens`` (the first image's
+    measured count, moved by the processor's own count for each size: ``_get_num_multimodal_tokens``, what vLLM
+    reads); None where every size gets the same count, or the processor can't say."""
+    from PIL import Image
+
+    count = getattr(processor, "_get_num_multimodal_tokens", None)
+    try:
+        def tokens(size: tuple[int, int]) -> int:  # PIL's (width, height) → the processor's (height, width)
+            return int(count(image_sizes=[(size[1], size[0])]).num_image_tokens[0])
+
+        base = tokens(first_size)
+        if tokens((first_size[0] * 4 + 7, first_size[1] * 3 + 5)) == base:
+            return None
+    except Exception:  # noqa: BLE001 — no counter, or one this processor does not implement
+        return None
+
+    def counted(path: str) -> int:
+        with Image.open(path) as image:  # the header only: no pixels decoded
+            return first_tokens + tokens(image.size) - base
+    return counted

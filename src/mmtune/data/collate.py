@@ -201,6 +201,8 @@ class TrainCollator:
     mark_image_tokens: bool = False
     # batch["logits_to_keep"]: the positions that predict a target (the model's head runs there only)
     target_logits: bool = False
+    # batch["padding_free"]: the model sees the rows concatenated without their padding (mmtune.data.padding_free)
+    padding_free: bool = False
 
     def __post_init__(self):
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
@@ -340,6 +342,8 @@ class TrainCollator:
                  for row, f in zip(rows, flags, strict=True)], dtype=torch.bool)
         if self.target_logits:
             batch[KEEP] = target_positions(batch["labels"])
+        if self.padding_free:
+            batch["padding_free"] = True
         batch["open_mask"] = torch.tensor([r.kind == "open" for r in records])
         batch["image_mask"] = torch.tensor([r.image is not None for r in records])
         batch["image_counts"] = torch.tensor([len(r.images) for r in records])
@@ -439,7 +443,7 @@ class GenerationCollator:
 
 
 MODEL_INPUT_EXCLUDE = ("labels", "open_mask", "image_mask", "image_counts", "pixel_counts", "image_tokens", "records",
-                       "tasks")
+                       "tasks", "padding_free")
 
 
 def model_inputs(batch: dict) -> dict:

@@ -29,9 +29,9 @@ from typing import ClassVar
 
 import torch
 
-from mmtune.data.collate import KEEP, model_inputs
+from mmtune.data.collate import KEEP
 from mmtune.files import atomic_write
-from mmtune.losses import sample_cross_entropy, task_mean_losses
+from mmtune.losses import forward, sample_cross_entropy, task_mean_losses
 from mmtune.methods.base import Method, MethodConfig, TrainContext, register
 
 
@@ -183,7 +183,7 @@ class FAMO(LearnedTaskVector):
         sums, counts = torch.zeros_like(self.loss_sums), torch.zeros_like(self.loss_counts)
         for batch in self.batches:
             with ctx.accelerator.autocast():  # only mmtune's loop runs FAMO (the Trainer integration refuses it)
-                outputs = ctx.model(**model_inputs(batch))
+                outputs = forward(ctx.model, batch)
             values, index = present(ctx, task_mean_losses(batch, sample_cross_entropy(outputs.logits, batch["labels"], batch.get(KEEP))))
             sums[index] += values.float()
             counts[index] += 1

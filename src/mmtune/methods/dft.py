@@ -25,9 +25,9 @@ from typing import ClassVar
 import torch
 from torch.func import functional_call
 
-from mmtune.data.collate import KEEP, model_inputs
+from mmtune.data.collate import KEEP
 from mmtune.engine import release_gathered, write_weight
-from mmtune.losses import target_logits
+from mmtune.losses import forward, target_logits
 from mmtune.methods.base import (
     Method,
     MethodConfig,
@@ -61,7 +61,8 @@ def base_logits(ctx, batch: dict, pretrained: dict[str, torch.Tensor]) -> torch.
         return partitioned_base_logits(ctx, batch, pretrained)
     dtypes = {name: param.dtype for name, param in ctx.unwrapped.named_parameters() if name in pretrained}
     swapped = {name: value.to(dtypes.get(name, value.dtype)) for name, value in pretrained.items()}
-    return functional_call(ctx.unwrapped, swapped, args=(), kwargs=model_inputs(batch)).logits
+    return forward(ctx.unwrapped, batch,
+                   lambda **inputs: functional_call(ctx.unwrapped, swapped, args=(), kwargs=inputs)).logits
 
 
 @torch.no_grad()
@@ -74,7 +75,7 @@ def partitioned_base_logits(ctx, batch: dict, pretrained: dict[str, torch.Tensor
     try:
         for name, param in ctx.trainable.items():
             write_weight(param, pretrained[name])
-        return ctx.unwrapped(**model_inputs(batch)).logits
+        return forward(ctx.unwrapped, batch).logits
     finally:
         # DeepSpeed keeps the weights it gathered for that forward (for their reuse in the backward): release them
         # (without the engine's gc.collect; 1.2e-4 off in 2 processes when they are kept)
@@ -102,7 +103,7 @@ def sharded_base_logits(ctx, batch: dict, pretrained: dict[str, torch.Tensor]) -
             local_shard(param).copy_(local_shard(pretrained[name]))
         for module in modules:
             module.reshard()
-        return ctx.unwrapped(**model_inputs(batch)).logits
+        return forward(ctx.unwrapped, batch).logits
     finally:
         for name, param in ctx.trainable.items():
             local_shard(param).copy_(current[name])

@@ -26,8 +26,8 @@ from typing import ClassVar
 
 import torch
 
-from mmtune.data.collate import KEEP, model_inputs, subset_batch
-from mmtune.losses import sample_cross_entropy
+from mmtune.data.collate import KEEP, subset_batch
+from mmtune.losses import forward, sample_cross_entropy
 from mmtune.methods.base import (
     MethodConfig,
     PretrainedSnapshotMethod,
@@ -82,7 +82,7 @@ def _single_records(batches: Iterable[dict], samples: int) -> list[dict]:
 
 def _record_loss(ctx: TrainContext, one: dict) -> torch.Tensor:
     with ctx.accelerator.autocast() if ctx.accelerator is not None else contextlib.nullcontext():
-        logits = ctx.unwrapped(**model_inputs(one)).logits
+        logits = forward(ctx.unwrapped, one).logits
     return sample_cross_entropy(logits, one["labels"], one.get(KEEP)).sum()
 
 

@@ -30,8 +30,8 @@ from typing import ClassVar
 
 import torch
 
-from mmtune.data.collate import KEEP, model_inputs, subset_batch
-from mmtune.losses import per_sample_mean, target_log_probs, target_token_counts
+from mmtune.data.collate import KEEP, subset_batch
+from mmtune.losses import forward, per_sample_mean, target_log_probs, target_token_counts
 from mmtune.methods.base import Method, MethodConfig, register
 
 NOISES = ("gaussian_mix", "gaussian", "zeros")
@@ -117,10 +117,10 @@ class NRCA(Method):
             # the noised forward, this one on its image rows at weight 0 (else the others would wait for it forever).
             with_image = batch["image_mask"].to(open_mask.device) if "image_mask" in batch else ~open_mask
             idle = subset_batch({**batch, "pixel_values": noisy_pixels}, with_image.nonzero(as_tuple=True)[0])
-            return {"nrca_gap": sample_loss.sum() * 0.0 + ctx.model(**model_inputs(idle)).logits.sum() * 0.0}
+            return {"nrca_gap": sample_loss.sum() * 0.0 + forward(ctx.model, idle).logits.sum() * 0.0}
         _, clean_conf = token_confidence(outputs.logits[rows], batch["labels"][rows], batch.get(KEEP))
         noisy_batch = subset_batch({**batch, "pixel_values": noisy_pixels}, rows)
-        noisy_logits = ctx.model(**model_inputs(noisy_batch)).logits
+        noisy_logits = forward(ctx.model, noisy_batch).logits
         _, noisy_conf = token_confidence(noisy_logits, noisy_batch["labels"], noisy_batch.get(KEEP))
         gap = confidence_gap_loss(sample_loss[rows], clean_conf, noisy_conf, torch.ones_like(noisy_conf))
         return {"nrca_gap": self.config.lam * gap}
