@@ -4,6 +4,8 @@ A ~1B-parameter LLaVA-architecture model built from config (random weights: noth
 fp32 masters of what trains (projector + last 2 blocks), the synthetic world's downstream mix. Measured:
 
 - step time, tokens/s and peak memory of mmtune's loop with ``vanilla``, ``nrca`` and ``spider``;
+- vanilla with the head at every position (``train.target_logits=false``) and with ``data.padding_free`` (through
+  flash-attention's variable-length kernels when flash-attn is installed);
 - a plain Hugging Face ``Trainer`` step on the same model, batches and scope (autocast over an fp32 model: its
   fp32 masters), the reference mmtune's vanilla step is held to;
 - DeepSpeed ZeRO-2 in bf16 in one process (NCCL on a GPU), through ``accelerate launch`` as users run it;
@@ -89,16 +91,41 @@ def tokens_per_sample(config) -> float:
     return float(batch["attention_mask"].sum()) / 16
 
 
-def mmtune_step(method: str, size: dict, world: Path, tmp: Path, device: str) -> dict:
+def mmtune_step(method: str, size: dict, world: Path, tmp: Path, device: str, extra: tuple = (),
+                name: str | None = None) -> dict:
     from mmtune.config import load_config
     from mmtune.train import train
 
-    config = load_config(ROOT / "configs" / "tiny.yaml", overrides(size, world, tmp / method, method))
+    config = load_config(ROOT / "configs" / "tiny.yaml",
+                         [*overrides(size, world, tmp / (name or method), method), *extra])
     reset_peak(device)
     run = train(config)
     seconds = step_seconds(run, size["warm"])
     return {"step_s": statistics.median(seconds), "peak_mb": peak_mb(device),
             "tokens_per_s": size["batch_size"] * tokens_per_sample(config) / statistics.median(seconds)}
+
+
+def tokens_that_count(size: dict, world: Path, tmp: Path, device: str, default: dict) -> dict:
+    """Issue 37 on the accelerator: vanilla's step with the head at every position (``train.target_logits=false``)
+    against the default (targets only), and with ``data.padding_free`` — through flash-attention's variable-length
+    kernels where flash-attn is installed (else SDPA with the block-diagonal mask)."""
+    import importlib.util
+
+    parts = {"target_logits (default)": default,
+             "every_position_logits": mmtune_step("vanilla", size, world, tmp, device, ("train.target_logits=false",),
+                                                  "every-position"),
+             "padding_free": mmtune_step("vanilla", size, world, tmp, device, ("data.padding_free=true",),
+                                         "padding-free")}
+    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        parts["padding_free_flash_attention_2"] = mmtune_step(
+            "vanilla", size, world, tmp, device,
+            ("data.padding_free=true", "model.attn_implementation=flash_attention_2"), "padding-free-flash")
+    else:
+        parts["padding_free_flash_attention_2"] = {"skipped": "flash-attn is not installed (pip install flash-attn)"
+                                                   if device == "cuda" else "no GPU"}
+    for name, part in parts.items():
+        print(f"{name}: {part}", flush=True)
+    return parts
 
 
 def trainer_step(size: dict, world: Path, tmp: Path, device: str) -> dict:
@@ -208,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         for method in METHODS:
             results["methods"][method] = mmtune_step(method, size, world, tmp, device)
             print(f"{method}: {results['methods'][method]}", flush=True)
+        results["tokens_that_count"] = tokens_that_count(size, world, tmp, device, results["methods"]["vanilla"])
         results["hf_trainer"] = trainer_step(size, world, tmp, device)
         results["vanilla_vs_hf_trainer"] = results["methods"]["vanilla"]["step_s"] / results["hf_trainer"]["step_s"]
         results["deepspeed_zero2_bf16"] = deepspeed_step(size, world, tmp)

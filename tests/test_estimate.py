@@ -121,3 +121,19 @@ def test_qwen2_vl_estimates_its_released_sizes(architecture, parameters):
 
     config = load_config(PAPERS, ["model.path=/nowhere"])
     assert estimate(config, "ddp", 1, None, architecture).parameters == pytest.approx(parameters, rel=1e-3)
+
+
+def test_the_estimate_counts_the_logits_and_what_target_logits_removes(tiny_config, capsys):
+    """Issue 37: the head's logits (model dtype + the fp32 log-softmax) at the target positions, or at every position
+    with train.target_logits=false — the size of a real forward's logits tensor, and said in the table."""
+    on = estimate(tiny_config("data.max_length=96", "train.batch_size=2"), "ddp", 1, target_tokens=8)
+    off = estimate(tiny_config("data.max_length=96", "train.batch_size=2", "train.target_logits=false"), "ddp", 1)
+    real, _ = load_base(tiny_config())
+    vocabulary = real.get_output_embeddings().out_features
+    logits = real(input_ids=torch.zeros(2, 96, dtype=torch.long)).logits
+    assert off.parts["logits (every position)"] == logits.numel() * (logits.element_size() + 4)
+    assert on.parts["logits (target positions)"] == 2 * 8 * vocabulary * 8
+    assert off.total - off.parts["logits (every position)"] == on.total - on.parts["logits (target positions)"]
+    assert any("logits at 8 target positions per record" in note for note in on.notes)
+    assert main(["estimate", "--config", PAPERS, "--architecture", "qwen2_vl-7b", "--target-tokens", "32"]) in (0, 1)
+    assert "logits at 32 target positions per record" in capsys.readouterr().out

@@ -27,7 +27,7 @@ def cmd_estimate(args) -> int:
     from mmtune.estimate import describe, estimate, fits
 
     config = load_config(args.config, args.overrides)
-    result = estimate(config, args.engine, args.gpus, args.seq_len, args.architecture)
+    result = estimate(config, args.engine, args.gpus, args.seq_len, args.architecture, args.target_tokens)
     print(describe(result, args.gpu_memory))
     return 0 if args.gpu_memory is None or fits(result, args.gpu_memory) else 1
 
@@ -404,6 +404,8 @@ def _add_training_commands(sub) -> None:
     est.add_argument("--gpu-memory", type=float, help="memory of one device in GB: say whether the run fits")
     est.add_argument("--engine", default="ddp", help="ddp (default) | fsdp2 | zero2 | zero3")
     est.add_argument("--seq-len", type=int, help="tokens per sample (default data.max_length, the worst case)")
+    est.add_argument("--target-tokens", type=int, help="answer tokens per sample, where train.target_logits computes "
+                                                       "the logits (default 64)")
     est.add_argument("--architecture", help="when model.path is not here: the architecture's reference shape "
                                             "(llava = LLaVA-1.5-7B; qwen2_vl-2b, qwen2_vl-7b: the released sizes; "
                                             "qwen2_vl, idefics3: transformers' default shapes)")

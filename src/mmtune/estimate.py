@@ -8,6 +8,9 @@ methods' model changes are applied (so LoRA adapters are counted), and then, per
 * **optimizer state**: AdamW's two moments in fp32 (8 B per trainable parameter; SGD's momentum 4 B);
 * **method state**: measured by running each method's ``setup`` on a small tensor (SPIDER keeps W0 and G: 8 B per
   trainable parameter; L2 / DARE / WiSE-FT keep W0; masks keep a bool);
+* **logits**: the head's output (``model.dtype``) and the fp32 log-softmax the loss keeps, at the target positions
+  (``train.target_logits``; ``--target-tokens`` per record, default 64) or at every position — the largest part with
+  a 150k vocabulary and long sequences;
 * **activations**: what autograd saves in one forward of the language model over a ``batch × sequence`` of
   embeddings that need a gradient (as the trainable projector's output does), counted exactly by a saved-tensor hook
   on the meta device — with activation checkpointing, what is kept outside the checkpointed blocks plus one block
@@ -187,9 +190,19 @@ def tensors_in(state) -> list[torch.Tensor]:
     return []
 
 
+TARGET_TOKENS = 64  # the target positions per record assumed with train.target_logits (--target-tokens)
+
+
+def logits_bytes(batch: int, positions: int, vocabulary: int, width: int) -> int:
+    """The logits of one forward: the head's output in the model's dtype and the fp32 log-softmax the loss keeps for
+    the backward, at ``positions`` per record."""
+    return batch * positions * vocabulary * (width + 4)
+
+
 def estimate(config, engine: str = "ddp", devices: int = 1, sequence: int | None = None,
-             architecture: str | None = None) -> Estimate:
-    """Per-device memory of ``config`` on ``devices`` devices under ``engine``."""
+             architecture: str | None = None, target_tokens: int | None = None) -> Estimate:
+    """Per-device memory of ``config`` on ``devices`` devices under ``engine`` (``target_tokens``: answer tokens per
+    record, where ``train.target_logits`` computes the logits)."""
     from mmtune.methods.base import build_methods
     from mmtune.models.load import DTYPES
     from mmtune.precision import uses_masters
@@ -242,6 +255,20 @@ def estimate(config, engine: str = "ddp", devices: int = 1, sequence: int | None
         parts["activations without checkpointing"] = full
     else:
         parts["activations"] = full
+    head = base_of(model).get_output_embeddings()
+    vocabulary = head.out_features if head is not None else 0
+    targets = min(sequence, target_tokens or TARGET_TOKENS)
+    every = logits_bytes(batch, sequence, vocabulary, width) * forwards
+    if config.train.target_logits:
+        parts["logits (target positions)"] = logits_bytes(batch, targets, vocabulary, width) * forwards
+        result.notes.append(f"logits at {targets} target positions per record (train.target_logits; --target-tokens "
+                            f"sets the answers' mean length); at all {sequence} positions the {vocabulary:,}-word "
+                            f"head's logits would take {_size(every).strip()}")
+    else:
+        parts["logits (every position)"] = every
+        result.notes.append(f"logits at all {sequence} positions (train.target_logits=false): "
+                            f"{_size(logits_bytes(batch, targets, vocabulary, width) * forwards).strip()} at "
+                            f"{targets} target positions per record with train.target_logits=true")
     result.notes.append(f"activations for batch {batch} × sequence {sequence} per device (data.max_length unless "
                         "--seq-len), an upper bound: attention's s×s weights counted as PyTorch's math path keeps them"
                         + (f"; × {forwards} forwards kept per micro-batch (NRCA's noised view)" if forwards > 1 else ""))

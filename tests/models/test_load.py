@@ -80,3 +80,16 @@ def test_a_pixel_budget_where_it_cannot_apply_is_refused(tiny_config, overrides,
 
     with pytest.raises(ValueError, match=message):
         load_base(tiny_config(*overrides))
+
+
+def test_a_tiny_model_takes_the_attention_implementation_asked_for(tiny_config):
+    """model.attn_implementation reaches a tiny model as it reaches a checkpoint (it was silently not read)."""
+    import importlib.util
+
+    from mmtune.models.base_model import load_base
+
+    assert load_base(tiny_config("model.attn_implementation=eager"))[0].config._attn_implementation == "eager"
+    if importlib.util.find_spec("flash_attn") is not None:
+        return
+    with pytest.raises(ImportError, match="FlashAttention2"):  # no flash-attn here: transformers says so
+        load_base(tiny_config("model.attn_implementation=flash_attention_2"))

@@ -25,6 +25,8 @@ def load_base(config: RunConfig):
                                           vision_layers=config.model.tiny_vision_layers,
                                           patch_size=config.model.tiny_patch_size, seed=config.train.seed)
         model = model.to(DTYPES[config.model.dtype])
+        if config.model.attn_implementation:  # as a checkpoint would load it (transformers says when it can't)
+            model.set_attn_implementation(config.model.attn_implementation)
     else:
         check_model_source(config)
         model, processor = load_model(config.model.path, config.model.dtype, config.model.attn_implementation,
