@@ -32,6 +32,8 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
 	$(BIN)/python benchmarks/step_tax.py
+	$(BIN)/python benchmarks/target_logits.py
+	$(BIN)/python benchmarks/tokens_that_count.py
 
 # On a machine with a CUDA GPU (≤ 8 minutes on one): step time, tokens/s, peak memory → gpu_check.json.
 gpu-check: setup

@@ -212,11 +212,20 @@ def main() -> None:
     lines += [f"| {b} | {v:.1f} |" for b, v in throughput.items()]
     lines += ["", f"Batch 16 is {throughput[16] / throughput[1]:.1f}× faster than one sample at a time.", ""]
     doc = ROOT / "docs" / "benchmarks.md"
-    # Sections other scripts own (benchmarks/merging.py: "## Model merging") are kept.
-    kept = doc.read_text()[doc.read_text().index("\n## Model merging"):] if doc.exists() and \
-        "\n## Model merging" in doc.read_text() else ""
-    doc.write_text("\n".join(lines) + READING.format(rounds=args.rounds, warm=WARM) + kept)
+    doc.write_text("\n".join(lines) + READING.format(rounds=args.rounds, warm=WARM) + others_sections(doc))
     print("\n".join(lines))
+
+
+OWN = ("## Training step", "## Evaluation throughput", "## Reading these numbers")
+
+
+def others_sections(doc: Path) -> str:
+    """The sections of ``doc`` that other scripts own (target logits, tokens that count, merging): kept as they are."""
+    if not doc.exists():
+        return ""
+    sections = doc.read_text().split("\n## ")[1:]
+    kept = [section for section in sections if not any(f"## {section}".startswith(own) for own in OWN)]
+    return "".join(f"\n## {section}" for section in kept)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ Trainer computes from ``labels``) on the same batches.
 A tiny Qwen2-VL (LLM width 64, 4 blocks) with a real-size vocabulary (150,000 extra words, as Qwen2-VL's 151,646), on
 a mix with real variance: detailed captions, two-turn conversations (a caption, then a counting question), lettered
 counting answers and one-word colour answers, every image drawn at one of five sizes (32×32 to 128×128 pixels: 4 to
-64 image tokens with Qwen2-VL's dynamic resolution). The records of each epoch are the same in every setting; the
-grouped layout orders them by ``data.group_by_length``'s sampler, the others by the plain epoch order. Each setting
+64 image tokens with Qwen2-VL's dynamic resolution). Every setting draws the same epoch of records; the grouped
+layout orders it by ``data.group_by_length``'s sampler, the others by the plain epoch order, and every 8th batch of the
+epoch is measured (the epoch's spread of lengths: grouped batches run from the longest to the shortest) — so the HF
+forward and mmtune's losses of one layout see the very same batches. Each setting
 runs in its own process (its peak memory is its own): a forward and backward of the loss per batch, timed over the
 epoch's batches (median of the rounds); real tokens per second count the records' tokens, not the padding::
 
@@ -71,7 +73,7 @@ def mixed_records(world: Path, count: int) -> list:
             records.append(Record(id=r.id, task="count", kind=r.kind, image=sized(r.image), prompt=r.prompt,
                                   answers=r.answers, choices=r.choices))
         else:
-            r = colors[i]
+            r = colors[i % len(colors)]
             records.append(Record(id=r.id, task="color", kind=r.kind, image=sized(r.image), prompt=r.prompt,
                                   answers=r.answers))
     rng.shuffle(records)
@@ -91,8 +93,9 @@ def measure(setting: dict, vocab: int, batch_size: int, batches: int, rounds: in
     from mmtune.train_data import EpochSampler, LengthGroupedSampler, record_lengths
 
     torch.manual_seed(0)
-    ensure_world(world, 0, 256, 16, 32, progress=False)
-    records = mixed_records(world, batch_size * batches)
+    spread = 8  # the epoch holds 8× the measured batches: every 8th batch is measured, the epoch's spread of lengths
+    ensure_world(world, 0, batch_size * batches * spread, 16, 32, progress=False)
+    records = mixed_records(world, batch_size * batches * spread)
     model, processor = build_tiny("qwen2_vl", words=[*vocabulary(), *(f"w{i}" for i in range(vocab))])
     processor.image_processor.size = {"shortest_edge": 32 * 32, "longest_edge": 128 * 128}  # dynamic resolution
     model.train()
@@ -103,7 +106,7 @@ def measure(setting: dict, vocab: int, batch_size: int, batches: int, rounds: in
         EpochSampler(len(records), 0)
     order = list(sampler)
     data = [collate([RecordDataset(records)[j] for j in order[b * batch_size:(b + 1) * batch_size]])
-            for b in range(batches)]
+            for b in range(0, batches * spread, spread)]
     real = sum(int(batch["attention_mask"].sum()) for batch in data)
     positions = sum(batch["attention_mask"].numel() for batch in data)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -149,9 +152,9 @@ def settings() -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocab", type=int, default=150_000, help="extra words in the vocabulary")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--batches", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--world", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -169,8 +172,9 @@ def main() -> None:
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     hf = {row["layout"]: row for row in rows if row["method"] == "hf"}
-    print(f"Qwen2-VL tiny, vocabulary {rows[0]['vocabulary']:,}; {args.batches} batches of {args.batch_size} "
-          f"({rows[0]['real_tokens']:,} tokens), forward + backward, median of {args.rounds} rounds after one warm-up")
+    print(f"Qwen2-VL tiny, vocabulary {rows[0]['vocabulary']:,}; {args.batches} batches of {args.batch_size} (every "
+          f"8th of an epoch of {args.batches * 8}), forward + backward, median of {args.rounds} rounds after one "
+          "warm-up, each setting in its own process")
     print()
     print("| loss | layout | head on | padded share | real tokens / s | × HF, same layout | × HF padded | peak RSS |")
     print("|---|---|---|---|---|---|---|---|")

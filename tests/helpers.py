@@ -86,3 +86,20 @@ def step_gradient(run, micro) -> dict[str, torch.Tensor]:
     builder = step_builder(run.methods)
     builder.build_step(step) if builder is not None else step.backward()
     return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in ctx.trainable.items()}
+
+
+def step_gradients_on_and_off(tiny_config, method: str, setting: str, marked) -> tuple[dict, dict]:
+    """One step of ``method`` from the same state on the same micro-batch with ``setting`` (a boolean config key)
+    true, then false: the two gradients. ``marked(batch)`` says whether a batch shows the setting on (so that a test
+    fails if the setting never reached the batches)."""
+    results = []
+    for on in ("true", "false"):
+        with assembled(tiny_config(f"method.name={method}", f"{setting}={on}", out=f"run-{on}")) as run:
+            micro = nth_micro(run)
+            assert bool(marked(micro[0])) == (on == "true")
+            move_off_pretrained(run)
+            torch.manual_seed(0)
+            run.ctx.generator.manual_seed(0)
+            results.append(step_gradient(run, micro))
+    assert any(float(g.abs().sum()) > 0 for g in results[1].values())
+    return results[0], results[1]

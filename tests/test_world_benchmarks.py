@@ -198,3 +198,16 @@ def test_rereport_of_stored_per_seed_scores_is_the_report_over_the_folders(tmp_p
                 pytest.approx((mine["values"][key]["vs_vanilla"] or {}).get("p_holm"))
     assert again["rereported"]["task_facts"]["detailed_caption"]["ceiling"] == \
         pytest.approx(facts["detailed_caption"]["ceiling"])
+
+
+def test_make_bench_rewrites_only_its_own_sections_of_the_benchmarks_doc(tmp_path):
+    """benchmarks/run_all.py rewrites the step and evaluation sections; the sections other scripts own (target logits,
+    tokens that count, merging) stay, whatever their order (it once kept only what followed "Model merging")."""
+    from run_all import others_sections
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# B\n\n## Training step\nold\n\n## Target-only logits\nmine\n\n## Reading these numbers\nold\n\n"
+                   "## Tokens that count\nalso mine\n\n## Model merging\nmerged\n")
+    kept = others_sections(doc)
+    assert kept == "\n## Target-only logits\nmine\n\n## Tokens that count\nalso mine\n\n## Model merging\nmerged\n"
+    assert others_sections(tmp_path / "absent.md") == ""
