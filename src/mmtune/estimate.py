@@ -199,6 +199,27 @@ def logits_bytes(batch: int, positions: int, vocabulary: int, width: int) -> int
     return batch * positions * vocabulary * (width + 4)
 
 
+def add_logits(result: Estimate, config, model: nn.Module, batch: int, sequence: int, width: int, forwards: int,
+               target_tokens: int | None) -> None:
+    """The logits' part of ``result``: at the target positions (``train.target_logits``) or at every one, with a note
+    giving the other setting's size."""
+    parts = result.parts
+    head = base_of(model).get_output_embeddings()
+    vocabulary = head.out_features if head is not None else 0
+    targets = min(sequence, target_tokens or TARGET_TOKENS)
+    every = logits_bytes(batch, sequence, vocabulary, width) * forwards
+    if config.train.target_logits:
+        parts["logits (target positions)"] = logits_bytes(batch, targets, vocabulary, width) * forwards
+        result.notes.append(f"logits at {targets} target positions per record (train.target_logits; --target-tokens "
+                            f"sets the answers' mean length); at all {sequence} positions the {vocabulary:,}-word "
+                            f"head's logits would take {_size(every).strip()}")
+    else:
+        parts["logits (every position)"] = every
+        result.notes.append(f"logits at all {sequence} positions (train.target_logits=false): "
+                            f"{_size(logits_bytes(batch, targets, vocabulary, width) * forwards).strip()} at "
+                            f"{targets} target positions per record with train.target_logits=true")
+
+
 def estimate(config, engine: str = "ddp", devices: int = 1, sequence: int | None = None,
              architecture: str | None = None, target_tokens: int | None = None) -> Estimate:
     """Per-device memory of ``config`` on ``devices`` devices under ``engine`` (``target_tokens``: answer tokens per
@@ -255,20 +276,7 @@ def estimate(config, engine: str = "ddp", devices: int = 1, sequence: int | None
         parts["activations without checkpointing"] = full
     else:
         parts["activations"] = full
-    head = base_of(model).get_output_embeddings()
-    vocabulary = head.out_features if head is not None else 0
-    targets = min(sequence, target_tokens or TARGET_TOKENS)
-    every = logits_bytes(batch, sequence, vocabulary, width) * forwards
-    if config.train.target_logits:
-        parts["logits (target positions)"] = logits_bytes(batch, targets, vocabulary, width) * forwards
-        result.notes.append(f"logits at {targets} target positions per record (train.target_logits; --target-tokens "
-                            f"sets the answers' mean length); at all {sequence} positions the {vocabulary:,}-word "
-                            f"head's logits would take {_size(every).strip()}")
-    else:
-        parts["logits (every position)"] = every
-        result.notes.append(f"logits at all {sequence} positions (train.target_logits=false): "
-                            f"{_size(logits_bytes(batch, targets, vocabulary, width) * forwards).strip()} at "
-                            f"{targets} target positions per record with train.target_logits=true")
+    add_logits(result, config, model, batch, sequence, width, forwards, target_tokens)
     result.notes.append(f"activations for batch {batch} × sequence {sequence} per device (data.max_length unless "
                         "--seq-len), an upper bound: attention's s×s weights counted as PyTorch's math path keeps them"
                         + (f"; × {forwards} forwards kept per micro-batch (NRCA's noised view)" if forwards > 1 else ""))
