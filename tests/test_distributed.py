@@ -28,6 +28,10 @@ METHODS = ["pcgrad", "sam", "task_sam"]
 # the masters.
 BF16_SPIDER = ["method.name=spider", "model.dtype=bf16", "train.mixed_precision=bf16", "train.save_every=2"]
 
+# Padding-free batches under DDP (issue 37): each process packs its own records; the same training as one process
+# with padded batches.
+PADDING_FREE = ["method.name=vanilla", "data.padding_free=true"]
+
 
 @pytest.fixture(scope="module")
 def runs(world, tmp_path_factory):
@@ -44,9 +48,11 @@ def runs(world, tmp_path_factory):
         return load_config(TINY_CONFIG, overrides)
 
     launched = []
-    settings = {name: [f"method.name={name}"] for name in METHODS} | {"spider-bf16": BF16_SPIDER}
+    settings = {name: [f"method.name={name}"] for name in METHODS} | {"spider-bf16": BF16_SPIDER,
+                                                                       "padding-free": PADDING_FREE}
     for name, extra in settings.items():
-        train(config(name, "single", *extra, "train.batch_size=8"))
+        single = [e for e in extra if e != "data.padding_free=true"]  # padding-free: the padded run is the reference
+        train(config(name, "single", *single, "train.batch_size=8"))
         path = root / f"ddp-{name}.yaml"
         save_config(config(name, "ddp", *extra, "train.batch_size=4"), path)
         launched.append(path)
@@ -79,3 +85,13 @@ def test_two_processes_in_bf16_with_fp32_masters_match_one(runs):
         torch.testing.assert_close(one[name].float(), two[name].float(), rtol=2e-2, atol=2e-3, msg=name)
     masters = torch.load(ddp / "checkpoints" / "step-000002" / "mmtune_methods.pt", weights_only=True)["spider"]
     assert {w.dtype for w in masters["pretrained"].values()} == {torch.float32}
+
+
+def test_padding_free_batches_on_two_processes_match_padded_ones_on_one(runs):
+    single, ddp = runs / "single" / "padding-free", runs / "ddp" / "padding-free"
+    assert "padding_free: true" in (ddp / "config.yaml").read_text()
+    assert "padding_free: false" in (single / "config.yaml").read_text()
+    assert losses(ddp) == pytest.approx(losses(single), rel=1e-4)
+    one, two = final_weights(single), final_weights(ddp)
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5, msg=name)
