@@ -22,6 +22,8 @@ IGNORE_INDEX = -100
 # The batch key of the positions whose logits a loss reads (train.target_logits): named as the models' forward
 # argument, so the model computes its head there only (hidden states gathered at the targets, then the head).
 KEEP = "logits_to_keep"
+# The batch key by which the collator asks for a padding-free forward (data.padding_free; never passed to the model).
+PADDING_FREE = "padding_free"
 _MARKER = "MMTUNEANSWERMARKER"
 
 
@@ -343,7 +345,7 @@ class TrainCollator:
         if self.target_logits:
             batch[KEEP] = target_positions(batch["labels"])
         if self.padding_free:
-            batch["padding_free"] = True
+            batch[PADDING_FREE] = True
         batch["open_mask"] = torch.tensor([r.kind == "open" for r in records])
         batch["image_mask"] = torch.tensor([r.image is not None for r in records])
         batch["image_counts"] = torch.tensor([len(r.images) for r in records])
@@ -443,7 +445,7 @@ class GenerationCollator:
 
 
 MODEL_INPUT_EXCLUDE = ("labels", "open_mask", "image_mask", "image_counts", "pixel_counts", "image_tokens", "records",
-                       "tasks", "padding_free")
+                       "tasks", PADDING_FREE)
 
 
 def model_inputs(batch: dict) -> dict:

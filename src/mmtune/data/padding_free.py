@@ -14,10 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmtune.data.collate import IGNORE_INDEX, IMAGE_INPUTS, KEEP
-
-# The batch key by which the collator asks for a padding-free forward (never passed to the model).
-PADDING_FREE = "padding_free"
+from mmtune.data.collate import IGNORE_INDEX, IMAGE_INPUTS, KEEP, PADDING_FREE  # noqa: F401 — PADDING_FREE: also here
 
 
 @dataclass
