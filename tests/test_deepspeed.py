@@ -31,10 +31,11 @@ pytest.importorskip("deepspeed")
 WORKER = Path(__file__).with_name("train_many_worker.py")
 SHIPPED = {stage: Path(__file__).resolve().parents[1] / "configs" / "accelerate" / f"deepspeed_zero{stage}.yaml"
            for stage in (2, 3)}
+SCULPT_STEP = 2  # LoRASculpt's masks are applied after this optimizer step
 # What makes each method act within 3 tiny steps (the defaults of L1/L2 would change nothing visible).
 ACTIVE = {"half_ft": ["method.half_ft.round_steps=2"], "l2_reg": ["method.l2_reg.lam=1000.0"],
           "l1_reg": ["method.l1_reg.lam=0.01"], "ewc": ["method.ewc.lam=1000000.0"],
-          "lora_sculpt": ["method.lora_sculpt.sculpt_step=2"],
+          "lora_sculpt": [f"method.lora_sculpt.sculpt_step={SCULPT_STEP}"],
           # on detailed captions + counting MC the tasks' gradients don't conflict (PCGrad = vanilla to 1e-7); on brief
           # captions + counting MC they do (0.0007 from vanilla in 3 steps), so the comparison sees PCGrad's projection
           "pcgrad": ["data.tasks=[{path: 'synthetic:brief_caption', n: 16}, {path: 'synthetic:count_mc', n: 16}]"]}
@@ -279,7 +280,13 @@ def test_deepspeed_zero3_one_process_matches_one_process(runs, name):
     _assert_same_run(runs / "single" / name, runs / "ds3" / name)
     if METHODS[name]().overrides("weight_penalty"):
         term = METHODS[name]().weight_penalty_term
-        assert losses(runs / "ds3" / name, term) == pytest.approx(losses(runs / "single" / name, term), rel=1e-4)
+        got, want = losses(runs / "ds3" / name, term), losses(runs / "single" / name, term)
+        # After a top-k over near-ties (lora_sculpt's masks, from step SCULPT_STEP on) an entry may be kept on one
+        # engine and its near-equal neighbour on the other: the penalty moves by ~1e-4 of itself (2.5e-4 seen on an
+        # AMD EPYC), while a penalty not added, counted twice or read off one partition is ≥ 50% off.
+        exact = SCULPT_STEP if name in SELECTS_OVER_NEAR_TIES else len(want)
+        assert got[:exact] == pytest.approx(want[:exact], rel=1e-4)
+        assert got[exact:] == pytest.approx(want[exact:], rel=1e-2)
         # the penalty moves the weights well beyond the comparison's tolerance (at λ = 1 it did not: 1e-6 from vanilla)
         vanilla, penalised = final_weights(runs / "single" / "vanilla"), final_weights(runs / "single" / name)
         assert max(float((vanilla[k] - penalised[k]).abs().max()) for k in vanilla) > 1e-4
