@@ -55,9 +55,7 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
         raise ValueError("a KL coefficient β > 0 needs the base model's log-probabilities (ref_logps)")
     mask = mask.to(logps.dtype)
     advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-    ratio = torch.exp(logps - old_logps)
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    per_token = -torch.min(ratio * advantages, clipped * advantages)
+    per_token, ratio = clipped_objective(logps, old_logps, advantages, epsilon_low, epsilon_high)
     out: dict[str, torch.Tensor] = {}
     if beta:
         kl = per_token_kl(logps, ref_logps)
@@ -67,11 +65,28 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
         out["loss"] = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     else:
         out["loss"] = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
-    low = ((ratio < 1 - epsilon_low) & (advantages < 0)).to(mask.dtype)
-    high = ((ratio > 1 + epsilon_high) & (advantages > 0)).to(mask.dtype)
-    for name, flags in (("clip_low", low), ("clip_high", high), ("clip_region", torch.maximum(low, high))):
+    for name, flags in clip_flags(ratio, advantages, epsilon_low, epsilon_high).items():
+        flags = flags.to(mask.dtype)
         out[name] = ((flags * mask).sum() / mask.sum().clamp(min=1.0)).detach()
     return out
+
+
+def clipped_objective(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                      epsilon_low: float = 0.2, epsilon_high: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sampled token's ``−min(ρA, clip(ρ, 1 − ε_low, 1 + ε_high)A)`` and its ratio ρ (shapes broadcast). Taken
+    where the answers were drawn (``old_logps = logps.detach()``), ρ ≡ 1: the value is −A and the gradient −A·∇log π —
+    the clip only binds when the weights moved since the sampling."""
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    return -torch.min(ratio * advantages, clipped * advantages), ratio
+
+
+def clip_flags(ratio: torch.Tensor, advantages: torch.Tensor, epsilon_low: float,
+               epsilon_high: float) -> dict[str, torch.Tensor]:
+    """Where the clip took the gradient away: below 1 − ε_low with A < 0, above 1 + ε_high with A > 0, either."""
+    low = (ratio < 1 - epsilon_low) & (advantages < 0)
+    high = (ratio > 1 + epsilon_high) & (advantages > 0)
+    return {"clip_low": low, "clip_high": high, "clip_region": low | high}
 
 
 def verifiable_reward(record, answer: str, metric: str) -> float:

@@ -58,6 +58,23 @@ class Step:
     # the engine's step in place of the one in its buffers (``mmtune.engines.optimizer_step``).
     built: dict[str, torch.Tensor] | None = None
     _primed: bool = False  # under DeepSpeed: the engine holds this step's gradient buffers (``_prime_engine``)
+    # What a method measured in this step beside its loss (GRPO's rewards, KL, answer lengths): per key the totals
+    # ``[Σx, Σx², n]`` over the step's values, written to the log as the mean (and ``<key>/std``), never summed into
+    # the loss. Every process must note the same keys (the log reduces them together).
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def use_batches(self, micro: list[dict]) -> None:
+        """The step's micro-batches replaced by ones a method built (GRPO's rollouts): the token count follows."""
+        self.micro = micro
+        if self.tokens is not None:
+            self.tokens = step_tokens(self.ctx.accelerator, micro) / len(micro)
+
+    def note(self, key: str, values: torch.Tensor) -> None:
+        """Add ``values`` (any shape; none allowed) to the step's diagnostic ``key``."""
+        values = values.detach().double().flatten()
+        totals = torch.stack([values.sum(), (values ** 2).sum(), torch.tensor(float(values.numel()),
+                                                                               dtype=torch.float64)]).cpu()
+        self.diagnostics[key] = self.diagnostics.get(key, torch.zeros(3, dtype=torch.float64)) + totals
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -391,6 +408,7 @@ class StepResult:
     terms: dict[str, float]
     grad_norm: float
     task_losses: torch.Tensor | None = None
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)  # ``Step.diagnostics``: key → [Σx, Σx², n]
 
     def __iter__(self):  # ``terms, grad_norm = train_step(...)``, as before StepResult
         return iter((self.terms, self.grad_norm))
@@ -426,4 +444,5 @@ def train_step(ctx: TrainContext, methods: list[Method], micro: list[dict], opti
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
         scheduler.step()
     ctx.step += 1
-    return StepResult(terms, grad_norm, torch.stack(step.task_totals).sum(0) if step.task_totals else None)
+    return StepResult(terms, grad_norm, torch.stack(step.task_totals).sum(0) if step.task_totals else None,
+                      step.diagnostics)

@@ -87,9 +87,12 @@ class StepLog:
         self.started = time.time()
 
     def step(self, step: int, epoch: float, terms: dict[str, float], lr: float, grad_norm: float,
-             task_losses: torch.Tensor | None = None, tasks: list[str] | None = None) -> None:
+             task_losses: torch.Tensor | None = None, tasks: list[str] | None = None,
+             diagnostics: dict[str, torch.Tensor] | None = None) -> None:
         """``task_losses``: the step's per-task loss sums and counts ``[2, T]`` over ``tasks`` (this process's),
-        written as ``loss/<task>``: each task's mean training loss over the step's samples on every process."""
+        written as ``loss/<task>``: each task's mean training loss over the step's samples on every process.
+        ``diagnostics``: what a method measured beside its loss (``Step.note``: key → ``[Σx, Σx², n]``), written as
+        the mean over every process's values and ``<key>/std`` — not part of ``loss``."""
         self.progress.update(1)
         if step % self.every == 0 or step == self.total_steps:
             accelerator = self.accelerator
@@ -100,6 +103,11 @@ class StepLog:
                 sums, counts = accelerator.reduce(task_losses.to(accelerator.device), "sum").tolist()
                 row.update({f"loss/{task}": total / count for task, total, count in zip(tasks, sums, counts,
                                                                                          strict=True) if count})
+            if diagnostics:
+                names = sorted(diagnostics)
+                totals = accelerator.reduce(torch.stack([diagnostics[k] for k in names]).to(accelerator.device),
+                                            "sum").tolist()
+                row.update(described(names, totals))
             row.update({"lr": lr, "grad_norm": grad_norm, "elapsed_s": round(time.time() - self.started, 4)})
             self.write(row)
             accelerator.log({f"train/{tracker_name(k)}": v for k, v in row.items() if isinstance(v, float) and k != "epoch"},
@@ -132,3 +140,14 @@ class StepLog:
         for tracker in self.accelerator.trackers:
             tracker.finish()
         self.accelerator.trackers = []
+
+
+def described(names: list[str], totals: list[list[float]]) -> dict[str, float]:
+    """Each diagnostic's mean and standard deviation (population) from its totals ``[Σx, Σx², n]``; none where n = 0."""
+    out = {}
+    for name, (total, squares, count) in zip(names, totals, strict=True):
+        if count:
+            mean = total / count
+            out[name] = mean
+            out[f"{name}/std"] = max(0.0, squares / count - mean ** 2) ** 0.5
+    return out

@@ -138,7 +138,8 @@ def prepare_training(run: Run) -> None:
     if config.train.target_logits and not target_logits:
         run.say(f"train.target_logits: {type(run.model).__name__}'s forward takes no logits_to_keep; its head runs at "
                 "every position")
-    loader, run.records = build_loader(config, run.records, run.processor, run.skipped, run.say, target_logits)
+    loader, run.records = build_loader(config, run.records, run.processor, run.skipped, run.say, target_logits,
+                                       keep_samples=any(m.reads_samples for m in run.methods))
     run.plan = getattr(loader.sampler, "plan", None)
     if run.sharded and base_needs_evaluation(run):
         # A sharded model can't be evaluated by one process: evaluate the base before sharding it (under ZeRO-3 a
@@ -171,7 +172,8 @@ def prepare_training(run: Run) -> None:
                            accelerator=run.accelerator, engine=run.engine, optimizer=run.optimizer,
                            total_steps=total_steps,
                            output_dir=run.paths.root, tasks=sorted({r.task for r in run.records}),
-                           batches=lambda: run.loader)
+                           batches=lambda: run.loader, records=run.records,
+                           collator=getattr(run.loader, "collate_fn", None))
     with on_masters(run.ctx, write_back=False):  # W0 and the like from the fp32 masters, on every engine
         for method in run.methods:
             method.setup(run.ctx)
@@ -201,7 +203,7 @@ def train_loop(run: Run, epoch: int, step_in_epoch: int) -> LoopEnd:
         for epoch, step_in_epoch, micro in steps:
             done = train_step(ctx, run.methods, micro, run.optimizer, run.scheduler, config.train)
             log.step(ctx.step, epoch + step_in_epoch / run.steps_per_epoch, done.terms,
-                     run.scheduler.get_last_lr()[0], done.grad_norm, done.task_losses, ctx.tasks)
+                     run.scheduler.get_last_lr()[0], done.grad_norm, done.task_losses, ctx.tasks, done.diagnostics)
             done_epoch = step_in_epoch >= run.steps_per_epoch
             position = {"step": ctx.step, "epoch": epoch + int(done_epoch),
                         "step_in_epoch": 0 if done_epoch else step_in_epoch}

@@ -108,12 +108,13 @@ def load_records(config: RunConfig, accelerator, say) -> tuple[Path | None, list
 
 
 def build_loader(config: RunConfig, records: list, processor, skipped: list[str], say,
-                 target_logits: bool = False) -> tuple[DataLoader, list]:
+                 target_logits: bool = False, keep_samples: bool = False) -> tuple[DataLoader, list]:
     """The training data loader (records longer than ``data.max_length`` refused before training, or skipped and
-    counted in ``skipped``; ``target_logits``: batches name the positions whose logits the losses read); returns it
-    with the records it holds."""
+    counted in ``skipped``; ``target_logits``: batches name the positions whose logits the losses read;
+    ``keep_samples``: batches carry their records and images, for a method that builds batches of its own); returns
+    it with the records it holds."""
     collator = TrainCollator(processor, config.data.max_length, target_logits=target_logits,
-                             padding_free=config.data.padding_free)
+                             padding_free=config.data.padding_free, keep_samples=keep_samples)
     lengths = record_lengths(records, collator)
     too_long = over_length(records, lengths, collator.max_length)
     if too_long and not config.data.skip_bad_records:

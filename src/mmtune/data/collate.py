@@ -24,6 +24,10 @@ IGNORE_INDEX = -100
 KEEP = "logits_to_keep"
 # The batch key by which the collator asks for a padding-free forward (data.padding_free; never passed to the model).
 PADDING_FREE = "padding_free"
+# The batch keys of a method's own batches (never passed to the model): the records with their images
+# (``TrainCollator.keep_samples``), and each row's advantage in a GRPO rollout (NaN: a row trained by the cross-entropy).
+SAMPLES = "samples"
+ADVANTAGES = "advantages"
 _MARKER = "MMTUNEANSWERMARKER"
 
 
@@ -205,6 +209,8 @@ class TrainCollator:
     target_logits: bool = False
     # batch["padding_free"]: the model sees the rows concatenated without their padding (mmtune.data.padding_free)
     padding_free: bool = False
+    # batch["samples"]: the records with their images (GRPO samples answers to their prompts)
+    keep_samples: bool = False
 
     def __post_init__(self):
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
@@ -353,6 +359,8 @@ class TrainCollator:
         if tiles is not None:
             batch["pixel_counts"] = tiles
         batch["tasks"] = [r.task for r in records]  # for methods that need each task's loss (multi-task optimisation)
+        if self.keep_samples:
+            batch[SAMPLES] = samples
         return batch
 
 
@@ -445,7 +453,7 @@ class GenerationCollator:
 
 
 MODEL_INPUT_EXCLUDE = ("labels", "open_mask", "image_mask", "image_counts", "pixel_counts", "image_tokens", "records",
-                       "tasks", PADDING_FREE)
+                       "tasks", PADDING_FREE, SAMPLES, ADVANTAGES)
 
 
 def model_inputs(batch: dict) -> dict:
@@ -503,7 +511,7 @@ def subset_batch(batch: dict, rows: torch.Tensor) -> dict:
             out[key] = value
         elif torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == size:
             out[key] = value[rows.to(value.device)]
-        elif key in ("records", "tasks"):
+        elif key in ("records", "tasks", SAMPLES):
             out[key] = [value[i] for i in row_list]
         else:
             out[key] = value

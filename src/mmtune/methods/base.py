@@ -108,6 +108,10 @@ class TrainContext:
     # The training batches (on the device, in the run's order), for methods that estimate something from the data
     # before training (EWC's Fisher information): ``for batch in ctx.batches()``. None where the host has no loader.
     batches: Callable[[], Iterable[dict]] | None = None
+    # The training records (what each task is scored by: GRPO's rewards), and the collator that turns records into a
+    # batch (for methods that build batches of their own); None where the host has none.
+    records: list | None = None
+    collator: Callable[[list[dict]], dict] | None = None
 
     def __post_init__(self):
         if self.engine is None:
@@ -150,6 +154,8 @@ class Method:
     # Forward passes per micro-batch whose activations the backward keeps, beyond the plain one (NRCA's noised view):
     # what ``mmtune estimate`` multiplies the activations by.
     extra_forwards: ClassVar[int] = 0
+    # Its batches must carry their records and images (``batch["samples"]``): it builds batches of its own (GRPO).
+    reads_samples: ClassVar[bool] = False
     # Deprecated: the flags that shaped the step before ``build_step``; a subclass setting them still
     # works (its step is built from combine_task_gradients / task_perturbation / perturb / restore) with a warning.
     per_task_gradients: ClassVar[bool] = False
@@ -470,8 +476,10 @@ def check_method_combination(methods: list[Method]) -> None:
         raise ValueError(f"{' + '.join(reweighting)}: only one method may replace the tokens' loss (each defines the "
                          "whole per-token loss); choose one")
     builders = [m.name for m in methods if m.builds_own_step]
-    if reweighting and builders:
-        raise ValueError(f"{reweighting[0]} + {builders[0]}: {builders[0]} forms the step from the tasks' plain "
+    # (a method that builds its step around its own token loss, GRPO, combines with itself)
+    foreign = [name for name in builders if name not in reweighting]
+    if reweighting and foreign:
+        raise ValueError(f"{reweighting[0]} + {foreign[0]}: {foreign[0]} forms the step from the tasks' plain "
                          f"cross-entropy, which would drop {reweighting[0]}'s token loss; they are not combined")
     if len(builders) > 1:
         raise ValueError(f"{' + '.join(builders)}: only one method may combine the tasks' gradients, take a second "

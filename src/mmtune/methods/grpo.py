@@ -1,0 +1,287 @@
+"""grpo — reinforcement fine-tuning with verifiable rewards (Shao et al., DeepSeekMath 2024; TRL's GRPOTrainer), on
+mmtune's loop: the same configs, data, scope, engines, checkpoints and S/G report as supervised fine-tuning.
+
+Each optimizer step, for every record of a GRPO task in the step's batches:
+
+1. G answers are sampled from the current model (``generate``: temperature, top-p; seeded from the run's generator,
+   so a resumed run samples the same answers);
+2. each answer is scored by its task's own metric (``mmtune.grpo.verifiable_reward``: the letter for multiple choice,
+   VQA accuracy, exact match), or by a user's ``reward`` function, plus an optional format reward;
+3. the group's rewards become advantages (``group_advantages``: minus the group mean, over its std);
+4. the batch is rebuilt from the prompts and the sampled tokens (labels: the sampled tokens), and each sampled token's
+   loss is GRPO's clipped objective ``−min(ρA, clip(ρ)A)`` plus ``β·KL`` to the base model (k3, ``per_token_kl``;
+   the base's log-probabilities from a forward at W0, as ASFT's anchor).
+
+One optimizer step per sampled batch (TRL's default ``num_iterations=1``): ρ ≡ 1 where the loss is taken, so the clip
+never binds and the gradient is ``−A·∇log π`` (+ β·∇KL). Reduced as the cross-entropy is: ``train.loss_reduction=
+sample`` is TRL's ``loss_type="grpo"`` (each answer's token mean, then the mean over answers), ``token`` the mean over
+the step's tokens (DAPO's). Records of the other tasks train by the cross-entropy in the same step (a mixed recipe):
+by default every task whose metric gives a per-answer reward is trained by GRPO and the rest (captions: CIDEr) by SFT.
+In a GRPO batch the logged ``ce`` is the sampled answers' negative log-likelihood, ``grpo`` the rest of the loss.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from mmtune.data.collate import (
+    ADVANTAGES,
+    IGNORE_INDEX,
+    KEEP,
+    PADDING_FREE,
+    SAMPLES,
+    GenerationCollator,
+    image_token_ids,
+    pixel_counts,
+    subset_batch,
+    target_positions,
+)
+from mmtune.data.record import metric_choice
+from mmtune.grpo import SCALES, clip_flags, clipped_objective, group_advantages, per_token_kl, verifiable_reward
+from mmtune.losses import target_log_probs
+from mmtune.methods.base import MethodConfig, PretrainedSnapshotMethod, register
+from mmtune.methods.dft import base_logits
+
+REWARDED = ("mc", "vqa", "exact")  # the metrics that score one answer on its own
+
+
+@dataclass
+class GRPOConfig(MethodConfig):
+    num_generations: int = 4  # G: answers sampled per prompt (TRL's default 8; 4 keeps CPU runs short)
+    beta: float = 0.04  # β, the KL's weight (DeepSeekMath's; TRL's default is now 0.0): 0 — no KL, no base forward
+    epsilon_low: float = 0.2  # the clip's ε below 1 (binds only when the weights moved since the sampling)
+    epsilon_high: float = 0.2  # and above 1 (DAPO raises it)
+    scale_rewards: str = "group"  # advantages over the group's std ("group") or not ("none": Dr. GRPO)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32  # of each sampled answer (eval.max_new_tokens is the evaluation's)
+    # The tasks trained by GRPO (task names as the records hold them); empty: every task scored by mc, vqa or exact
+    # (with ``reward``: every task). The other tasks train by the cross-entropy in the same steps.
+    tasks: list[str] = field(default_factory=list)
+    reward: str = ""  # "package.module:function" — reward(record, answer) -> float, in place of the task's metric
+    format_pattern: str = ""  # a regular expression the whole answer should match (e.g. "[A-D]")
+    format_weight: float = 0.0  # added to the reward of an answer that matches format_pattern
+
+    ranges: ClassVar[dict[str, str]] = {"num_generations": "≥ 2", "beta": "≥ 0", "epsilon_low": "[0, 1)",
+                                        "epsilon_high": "≥ 0", "temperature": "> 0", "top_p": "(0, 1]",
+                                        "max_new_tokens": "≥ 1", "format_weight": "≥ 0"}
+    choices: ClassVar[dict[str, tuple]] = {"scale_rewards": SCALES}
+
+
+@register
+class GRPO(PretrainedSnapshotMethod):
+    name = "grpo"
+    description = "reinforcement fine-tuning: G sampled answers per prompt, rewards by the task's metric, GRPO's loss"
+    config_class = GRPOConfig
+    reads_samples = True
+    sharding_refusal = ("it samples answers with the model's generate: the processes would run different numbers of "
+                        "forwards on the shards, each of which gathers them from every process")
+    partitioned_refusal = sharding_refusal.replace("shards", "partitions")
+    persistent = ("pretrained",)
+
+    def setup(self, ctx):
+        self.pretrained = {}
+        if self.config.beta:
+            super().setup(ctx)  # W0: the base model of the KL
+        if ctx.records is None or ctx.collator is None:
+            raise ValueError("grpo needs the run's records and collator (mmtune's own training loop; not the "
+                             "Hugging Face Trainer)")
+        by_task: dict[str, list] = {}
+        for record in ctx.records:
+            by_task.setdefault(record.task, []).append(record)
+        self.metrics = {task: metric_choice(records)[0] for task, records in by_task.items()}
+        self.reward_function = load_reward(self.config.reward) if self.config.reward else None
+        unknown = sorted(set(self.config.tasks) - set(by_task))
+        if unknown:
+            raise ValueError(f"method.grpo.tasks names {', '.join(unknown)}: no training record has that task "
+                             f"(the tasks are {', '.join(sorted(by_task))})")
+        chosen = self.config.tasks or [t for t in sorted(by_task)
+                                        if self.reward_function or self.metrics[t] in REWARDED]
+        unscored = [t for t in chosen if not self.reward_function and self.metrics[t] not in REWARDED]
+        if unscored:
+            raise ValueError(f"method.grpo.tasks: {', '.join(unscored)} is scored by "
+                             f"{self.metrics[unscored[0]]}, which gives no per-answer reward; give "
+                             "method.grpo.reward (a function of the record and the answer) or leave it to SFT")
+        if not chosen:
+            raise ValueError(f"grpo: no task has a per-answer reward (their metrics: "
+                             f"{', '.join(f'{t} {m}' for t, m in sorted(self.metrics.items()))}); give "
+                             "method.grpo.reward or tasks scored by mc, vqa or exact")
+        self.grpo_tasks = sorted(chosen)
+        self.format = re.compile(self.config.format_pattern) if self.config.format_pattern else None
+        self._noted: list[tuple[str, torch.Tensor]] = []
+        if ctx.accelerator is not None:
+            sft = sorted(set(by_task) - set(chosen))
+            ctx.accelerator.print(f"grpo: {', '.join(self.grpo_tasks)} by GRPO (G={self.config.num_generations}, "
+                                  f"β={self.config.beta})" + (f"; {', '.join(sft)} by the cross-entropy" if sft else ""))
+
+    def build_step(self, step):
+        """Each micro-batch's GRPO rows replaced by their rollouts (the other rows stay a micro-batch of their own),
+        then the plain backward over them; the rewards, answer lengths, KL and clip share noted for the log."""
+        # every process notes every key, rows or not (the log reduces them together)
+        for key in [f"reward/{task}" for task in self.grpo_tasks] + ["answer_length", "clip_fraction"] + \
+                (["kl"] if self.config.beta else []):
+            step.note(key, torch.zeros(0))
+        batches = []
+        for piece in step.micro:
+            batches += self.rollout(step, piece)
+        step.use_batches(batches)
+        step.backward()
+        for key, values in self._noted:
+            step.note(key, values)
+        self._noted = []
+
+    def rollout(self, step, batch: dict) -> list[dict]:
+        ctx, samples = step.ctx, batch[SAMPLES]
+        rows = [i for i, s in enumerate(samples) if s["record"].task in self.grpo_tasks]
+        others = [i for i in range(len(samples)) if i not in rows]
+        if not rows:
+            return [batch]
+        prompts = [samples[i] for i in rows for _ in range(self.config.num_generations)]
+        generated, completions = self.sample(ctx, prompts)
+        answers = ctx.collator.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        records = [s["record"] for s in prompts]
+        rewards = torch.tensor([self.reward(r, a.strip()) for r, a in zip(records, answers, strict=True)],
+                               dtype=torch.float64)
+        for task in self.grpo_tasks:
+            step.note(f"reward/{task}", rewards[[r.task == task for r in records]])
+        step.note("answer_length", torch.tensor([float(len(c)) for c in completions]))
+        rollout = rollout_batch(ctx.collator, generated, completions, records, ctx.accelerator)
+        rollout[ADVANTAGES] = group_advantages(rewards, self.config.num_generations,
+                                               self.config.scale_rewards).float().to(rollout["labels"].device)
+        if not others:
+            return [rollout]
+        rest = subset_batch(batch, torch.tensor(others))
+        if KEEP in rest:
+            rest[KEEP] = target_positions(rest["labels"])
+        return [rest, rollout]
+
+    @torch.no_grad()
+    def sample(self, ctx, prompts: list[dict]) -> tuple[dict, list[list[int]]]:
+        """G answers per prompt (``prompts`` repeats each G times) from the model as it is: the left-padded prompt
+        batch, and each answer's tokens up to and with its first end-of-answer token."""
+        collator, model = ctx.collator, ctx.unwrapped
+        inputs = GenerationCollator(collator.processor)(prompts)
+        inputs.pop("records")
+        device = next(model.parameters()).device
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        tokenizer = collator.tokenizer
+        stops = stop_ids(model, tokenizer)
+        generator = ctx.generator
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        process = ctx.accelerator.process_index if ctx.accelerator is not None else 0
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed((seed + process) % 2**63)
+                tokens = model.generate(**inputs, do_sample=True, temperature=self.config.temperature,
+                                        top_p=self.config.top_p, top_k=0, max_new_tokens=self.config.max_new_tokens,
+                                        pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                                        # an image placeholder in an answer would ask the training forward for an
+                                        # image that isn't there (a random-init model samples them)
+                                        suppress_tokens=sorted(image_token_ids(collator.processor)))
+        finally:
+            model.train(was_training)
+        completions = []
+        for row in tokens[:, inputs["input_ids"].shape[1]:].tolist():
+            end = next((j for j, token in enumerate(row) if token in stops), len(row) - 1)
+            completions.append(row[:end + 1])
+        return inputs, completions
+
+    def reward(self, record, answer: str) -> float:
+        value = float(self.reward_function(record, answer) if self.reward_function else
+                      verifiable_reward(record, answer, self.metrics[record.task]))
+        if not math.isfinite(value):
+            raise ValueError(f"record {record.id!r}: the reward of answer {answer[:80]!r} is {value}")
+        if self.format is not None and self.format.fullmatch(answer):
+            value += self.config.format_weight
+        return value
+
+    def token_loss(self, ctx, batch, outputs, log_probs, index):
+        """GRPO's loss of each sampled token (a rollout batch's); None — the cross-entropy — for other batches."""
+        advantages = batch.get(ADVANTAGES)
+        if advantages is None:
+            return None
+        advantages = advantages[index]
+        loss, ratio = clipped_objective(log_probs, log_probs.detach(), advantages, self.config.epsilon_low,
+                                        self.config.epsilon_high)
+        flags = clip_flags(ratio, advantages, self.config.epsilon_low, self.config.epsilon_high)
+        self._noted.append(("clip_fraction", flags["clip_region"].double()))
+        if self.config.beta:
+            reference = base_logits(ctx, batch, self.pretrained)
+            ref_log_probs, _ = target_log_probs(reference, batch["labels"], batch.get(KEEP))
+            kl = per_token_kl(log_probs, ref_log_probs)
+            self._noted.append(("kl", kl))
+            loss = loss + self.config.beta * kl
+        return loss
+
+
+def rollout_batch(collator, generated: dict, completions: list[list[int]], records: list, accelerator) -> dict:
+    """The training batch of the sampled answers: each row its prompt (the generation batch's, left padding removed)
+    then its answer's tokens (the labels), right-padded as the collator pads; the prompts' image inputs as the
+    generation batch holds them (same rows, same order)."""
+    ids, mask = generated["input_ids"], generated["attention_mask"]
+    per_token = [k for k, v in generated.items() if torch.is_tensor(v) and v.shape[:2] == ids.shape
+                 and k not in ("input_ids", "attention_mask")]
+    rows, labels, extras = [], [], {k: [] for k in per_token}
+    for i, answer in enumerate(completions):
+        kept = mask[i].bool()
+        prompt = ids[i][kept].tolist()
+        rows.append(prompt + answer)
+        labels.append([IGNORE_INDEX] * len(prompt) + answer)
+        for key in per_token:
+            extras[key].append(generated[key][i][kept].tolist() + [0] * len(answer))
+    width = max(len(r) for r in rows)
+    device = ids.device
+
+    def padded(seqs, value):
+        return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
+
+    batch = {k: v for k, v in generated.items() if torch.is_tensor(v) and k not in per_token
+             and k not in ("input_ids", "attention_mask")}
+    batch["input_ids"] = padded(rows, collator.tokenizer.pad_token_id)
+    batch["attention_mask"] = padded([[1] * len(r) for r in rows], 0)
+    batch["labels"] = padded(labels, IGNORE_INDEX)
+    for key, seqs in extras.items():
+        batch[key] = padded(seqs, 0)
+    if collator.target_logits:
+        batch[KEEP] = target_positions(batch["labels"])
+    if collator.padding_free:
+        batch[PADDING_FREE] = True
+    batch["open_mask"] = torch.tensor([r.kind == "open" for r in records], device=device)
+    batch["image_mask"] = torch.tensor([r.image is not None for r in records], device=device)
+    batch["image_counts"] = torch.tensor([len(r.images) for r in records], device=device)
+    tiles = pixel_counts(collator.processor, batch)
+    if tiles is not None:
+        batch["pixel_counts"] = tiles.to(device)
+    batch["tasks"] = [r.task for r in records]
+    return batch
+
+
+def stop_ids(model, tokenizer) -> set[int]:
+    """The tokens that end an answer: the generation config's end-of-sequence ids and the tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(ids if isinstance(ids, list) else [ids])
+    ids.add(tokenizer.eos_token_id)
+    return {i for i in ids if i is not None}
+
+
+def load_reward(path: str) -> Callable:
+    """A user's reward function from ``"package.module:function"`` (importable from the run's environment)."""
+    module, _, name = path.partition(":")
+    if not module or not name:
+        raise ValueError(f"method.grpo.reward={path!r}: write it as package.module:function")
+    try:
+        function = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"method.grpo.reward={path!r}: {error}") from error
+    if not callable(function):
+        raise ValueError(f"method.grpo.reward={path!r} is not a function")
+    return function
