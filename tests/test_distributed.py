@@ -23,7 +23,9 @@ WORKER = Path(__file__).with_name("train_many_worker.py")
 # sam's second gradient and task_sam's per-task second pass run the same forwards on every process, whichever tasks
 # each one holds. (NRCA's gap term is normalised per device, as in the reference code under DeepSpeed, so it is not
 # expected to match a single process exactly.)
-METHODS = ["pcgrad", "sam", "task_sam"]
+# grpo samples each record's answers from a seed of the step and the record, so two processes sample what one does,
+# and with loss_reduction=token (the default) every sampled token weighs the same on any number of processes.
+METHODS = ["pcgrad", "sam", "task_sam", "grpo"]
 # DDP over fp32 masters beside bf16 frozen weights (DDP buckets the two dtypes apart): SPIDER, whose state follows
 # the masters.
 BF16_SPIDER = ["method.name=spider", "model.dtype=bf16", "train.mixed_precision=bf16", "train.save_every=2"]

@@ -18,7 +18,7 @@ TWIN = {"l1_reg": "l2_reg", "magnitude_mask": "random_mask", "wise_ft": "dare", 
         "lora": "lora_sculpt", "cagrad": "pcgrad"}
 ORDER = ["vanilla", "nrca", "spider", "l2_reg", "l1_reg", "dft", "eaft", "asft", "ewc", "random_mask", "magnitude_mask",
          "half_ft", "grafting", "dare", "wise_ft", "lora", "lora_sculpt", "uncertainty", "famo", "pcgrad", "cagrad",
-         "sam", "task_sam"]
+         "sam", "task_sam", "grpo"]
 HEADER = ("| method | 1 process fp32 · bf16 | DDP 2 proc. | ZeRO-2 fp32: 1 · 2 proc. | ZeRO-2 bf16: 1 · 2 proc. "
           "| ZeRO-3 fp32: 1 · 2 proc. | ZeRO-3 bf16 | FSDP2 shards: fp32 · bf16 |")
 
@@ -47,8 +47,9 @@ def table() -> str:
                           f"{tested(name, set(deepspeed_tests.ZERO3_DDP), twins=twins)}")
             zero3_bf16 = tested(name, set(deepspeed_tests.ZERO3_BF16), twins=twins)
         else:
-            zero3_fp32 = zero3_bf16 = "✗ own gradient" if name not in accepted else "✗ whole gradients" \
-                if METHODS[name].partitioned_refusal else "✗ reads weights"
+            zero3_fp32 = zero3_bf16 = "✗ own gradient" if name not in accepted else "✗ samples answers" \
+                if METHODS[name].reads_samples else "✗ whole gradients" if METHODS[name].partitioned_refusal \
+                else "✗ reads weights"
         fsdp2 = "✗" if not METHODS[name].supports_sharding else \
             f"{tested(name, set(fsdp2_tests.RUN), twins=fsdp2_tests.SAME_CODE_AS_ANOTHER)} · " \
             f"{tested(name, set(fsdp2_tests.BF16), twins=fsdp2_tests.SAME_CODE_AS_ANOTHER)}"

@@ -28,6 +28,7 @@ PADDING_FREE = "padding_free"
 # (``TrainCollator.keep_samples``), and each row's advantage in a GRPO rollout (NaN: a row trained by the cross-entropy).
 SAMPLES = "samples"
 ADVANTAGES = "advantages"
+ROW_WEIGHTS = "row_weights"  # and its rows' weights in a sample-reduced loss (each record weighs the same)
 _MARKER = "MMTUNEANSWERMARKER"
 
 
@@ -453,7 +454,7 @@ class GenerationCollator:
 
 
 MODEL_INPUT_EXCLUDE = ("labels", "open_mask", "image_mask", "image_counts", "pixel_counts", "image_tokens", "records",
-                       "tasks", PADDING_FREE, SAMPLES, ADVANTAGES)
+                       "tasks", PADDING_FREE, SAMPLES, ADVANTAGES, ROW_WEIGHTS)
 
 
 def model_inputs(batch: dict) -> dict:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import math
 import re
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -36,11 +37,12 @@ from mmtune.data.collate import (
     IGNORE_INDEX,
     KEEP,
     PADDING_FREE,
+    ROW_WEIGHTS,
     SAMPLES,
     GenerationCollator,
     image_token_ids,
+    last_image_turn,
     pixel_counts,
-    subset_batch,
     target_positions,
 )
 from mmtune.data.record import metric_choice
@@ -122,65 +124,77 @@ class GRPO(PretrainedSnapshotMethod):
                                   f"β={self.config.beta})" + (f"; {', '.join(sft)} by the cross-entropy" if sft else ""))
 
     def build_step(self, step):
-        """Each micro-batch's GRPO rows replaced by their rollouts (the other rows stay a micro-batch of their own),
-        then the plain backward over them; the rewards, answer lengths, KL and clip share noted for the log."""
+        """Each micro-batch replaced by its rollout batch (one for one: the engines' accumulation is unchanged), then
+        the plain backward; the rewards, answer lengths, KL and clip share noted for the log."""
         # every process notes every key, rows or not (the log reduces them together)
         for key in [f"reward/{task}" for task in self.grpo_tasks] + ["answer_length", "clip_fraction"] + \
                 (["kl"] if self.config.beta else []):
             step.note(key, torch.zeros(0))
-        batches = []
-        for piece in step.micro:
-            batches += self.rollout(step, piece)
-        step.use_batches(batches)
+        generator = step.ctx.generator  # one draw per step on every process: the same step seed everywhere
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        step.use_batches([self.rollout(step, piece, seed, step.loss_reduction) for piece in step.micro])
         step.backward()
         for key, values in self._noted:
             step.note(key, values)
         self._noted = []
 
-    def rollout(self, step, batch: dict) -> list[dict]:
-        ctx, samples = step.ctx, batch[SAMPLES]
-        rows = [i for i, s in enumerate(samples) if s["record"].task in self.grpo_tasks]
-        others = [i for i in range(len(samples)) if i not in rows]
-        if not rows:
-            return [batch]
-        prompts = [samples[i] for i in rows for _ in range(self.config.num_generations)]
-        generated, completions = self.sample(ctx, prompts)
-        answers = ctx.collator.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        records = [s["record"] for s in prompts]
-        rewards = torch.tensor([self.reward(r, a.strip()) for r, a in zip(records, answers, strict=True)],
-                               dtype=torch.float64)
-        for task in self.grpo_tasks:
-            step.note(f"reward/{task}", rewards[[r.task == task for r in records]])
-        step.note("answer_length", torch.tensor([float(len(c)) for c in completions]))
-        rollout = rollout_batch(ctx.collator, generated, completions, records, ctx.accelerator)
-        rollout[ADVANTAGES] = group_advantages(rewards, self.config.num_generations,
-                                               self.config.scale_rewards).float().to(rollout["labels"].device)
-        if not others:
-            return [rollout]
-        rest = subset_batch(batch, torch.tensor(others))
-        if KEEP in rest:
-            rest[KEEP] = target_positions(rest["labels"])
-        return [rest, rollout]
+    def rollout(self, step, batch: dict, seed: int, reduction: str = "token") -> dict:
+        """The batch of the micro-batch's records as trained this step: G sampled answers for each record of a GRPO
+        task (with their advantages), the reference answer for the others (advantage NaN: the cross-entropy) —
+        every row laid out by one processor call, so any mix of tasks and image layouts makes one batch. With
+        ``reduction="sample"`` each record weighs the same, its G answers sharing its weight (TRL's "grpo" loss
+        weighs prompts so; SFT weighs records so; and every process then holds the same weight whatever its mix)."""
+        ctx = step.ctx
+        samples = batch[SAMPLES]
+        if not any(s["record"].task in self.grpo_tasks for s in samples):
+            return batch
+        rows, completions, advantages, shares = [], [], [], []
+        for sample in samples:
+            record = sample["record"]
+            if record.task not in self.grpo_tasks:
+                if last_image_turn(record) > 0:
+                    raise ValueError(f"record {record.id!r} (task {record.task}): a GRPO run trains its other "
+                                     "tasks' conversations from their first image turn; this one shows an image "
+                                     "in a later turn — train it in a run of its own")
+                rows.append(sample)
+                completions.append(ctx.collator.answer_ids(record.target))
+                advantages.append(math.nan)
+                shares.append(1.0)
+                continue
+            answers = self.sample(ctx, sample, (seed + zlib.crc32(record.id.encode())) % 2**63)
+            texts = ctx.collator.tokenizer.batch_decode(answers, skip_special_tokens=True)
+            rewards = torch.tensor([self.reward(record, text.strip()) for text in texts], dtype=torch.float64)
+            step.note(f"reward/{record.task}", rewards)
+            step.note("answer_length", torch.tensor([float(len(a)) for a in answers]))
+            rows += [sample] * len(answers)
+            completions += answers
+            advantages += group_advantages(rewards, len(answers), self.config.scale_rewards).tolist()
+            shares += [1.0 / len(answers)] * len(answers)
+        device = batch["labels"].device
+        prompts = GenerationCollator(ctx.collator.processor)(rows)
+        prompts.pop("records")
+        rollout = rollout_batch(ctx.collator, {k: v.to(device) for k, v in prompts.items()}, completions,
+                                [s["record"] for s in rows])
+        rollout[ADVANTAGES] = torch.tensor(advantages, dtype=torch.float32, device=device)
+        if reduction == "sample":  # the loss is the mean over rows: row r counts rows × (its share of a record)
+            rollout[ROW_WEIGHTS] = torch.tensor(shares, device=device) * (len(rows) / len(samples))
+        return rollout
 
     @torch.no_grad()
-    def sample(self, ctx, prompts: list[dict]) -> tuple[dict, list[list[int]]]:
-        """G answers per prompt (``prompts`` repeats each G times) from the model as it is: the left-padded prompt
-        batch, and each answer's tokens up to and with its first end-of-answer token."""
+    def sample(self, ctx, sample: dict, seed: int) -> list[list[int]]:
+        """G answers to one record from the model as it is, each up to and with its first end-of-answer token.
+        Seeded by the step and the record: the same answers whatever the batch or process the record lands in."""
         collator, model = ctx.collator, ctx.unwrapped
-        inputs = GenerationCollator(collator.processor)(prompts)
+        inputs = GenerationCollator(collator.processor)([sample] * self.config.num_generations)
         inputs.pop("records")
         device = next(model.parameters()).device
-        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        inputs = {k: v.to(device) for k, v in inputs.items()}
         tokenizer = collator.tokenizer
-        stops = stop_ids(model, tokenizer)
-        generator = ctx.generator
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-        process = ctx.accelerator.process_index if ctx.accelerator is not None else 0
         was_training = model.training
         model.eval()
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed((seed + process) % 2**63)
+                torch.manual_seed(seed)
                 tokens = model.generate(**inputs, do_sample=True, temperature=self.config.temperature,
                                         top_p=self.config.top_p, top_k=0, max_new_tokens=self.config.max_new_tokens,
                                         pad_token_id=tokenizer.pad_token_id, use_cache=True,
@@ -189,11 +203,12 @@ class GRPO(PretrainedSnapshotMethod):
                                         suppress_tokens=sorted(image_token_ids(collator.processor)))
         finally:
             model.train(was_training)
-        completions = []
+        stops = stop_ids(model, tokenizer)
+        answers = []
         for row in tokens[:, inputs["input_ids"].shape[1]:].tolist():
             end = next((j for j, token in enumerate(row) if token in stops), len(row) - 1)
-            completions.append(row[:end + 1])
-        return inputs, completions
+            answers.append(row[:end + 1])
+        return answers
 
     def reward(self, record, answer: str) -> float:
         value = float(self.reward_function(record, answer) if self.reward_function else
@@ -210,20 +225,24 @@ class GRPO(PretrainedSnapshotMethod):
         if advantages is None:
             return None
         advantages = advantages[index]
+        sampled = ~advantages.isnan()
+        advantages = advantages.nan_to_num(0.0)
         loss, ratio = clipped_objective(log_probs, log_probs.detach(), advantages, self.config.epsilon_low,
                                         self.config.epsilon_high)
         flags = clip_flags(ratio, advantages, self.config.epsilon_low, self.config.epsilon_high)
-        self._noted.append(("clip_fraction", flags["clip_region"].double()))
+        self._noted.append(("clip_fraction", flags["clip_region"][sampled].double()))
         if self.config.beta:
             reference = base_logits(ctx, batch, self.pretrained)
             ref_log_probs, _ = target_log_probs(reference, batch["labels"], batch.get(KEEP))
             kl = per_token_kl(log_probs, ref_log_probs)
-            self._noted.append(("kl", kl))
+            self._noted.append(("kl", kl[sampled]))
             loss = loss + self.config.beta * kl
-        return loss
+        loss = torch.where(sampled, loss, -log_probs)  # a reference answer's tokens: the cross-entropy
+        weights = batch.get(ROW_WEIGHTS)
+        return loss if weights is None else loss * weights[index]
 
 
-def rollout_batch(collator, generated: dict, completions: list[list[int]], records: list, accelerator) -> dict:
+def rollout_batch(collator, generated: dict, completions: list[list[int]], records: list) -> dict:
     """The training batch of the sampled answers: each row its prompt (the generation batch's, left padding removed)
     then its answer's tokens (the labels), right-padded as the collator pads; the prompts' image inputs as the
     generation batch holds them (same rows, same order)."""
