@@ -128,6 +128,17 @@ def tokens_that_count(size: dict, world: Path, tmp: Path, device: str, default: 
     return parts
 
 
+def grpo_step(size: dict, world: Path, tmp: Path, device: str) -> dict:
+    """Issue 38: one GRPO configuration (counting MC by GRPO, 4 answers of ≤ 16 tokens sampled per question, β = 0.04;
+    captions by the cross-entropy): its step time — sampling included — and the answers it generated per step."""
+    part = mmtune_step("grpo", size, world, tmp, device, ("method.grpo.max_new_tokens=16",))
+    rows = [json.loads(line) for line in (tmp / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    lengths = [row["answer_length"] for row in rows if "answer_length" in row]
+    part["answer_tokens_mean"] = statistics.mean(lengths) if lengths else 0.0
+    print(f"grpo: {part}", flush=True)
+    return part
+
+
 def trainer_step(size: dict, world: Path, tmp: Path, device: str) -> dict:
     """A plain Hugging Face Trainer on the same model, scope and batches: fp32 model, bf16 autocast (or none, with
     ``size["precision"] = "fp32"``)."""
@@ -236,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             results["methods"][method] = mmtune_step(method, size, world, tmp, device)
             print(f"{method}: {results['methods'][method]}", flush=True)
         results["tokens_that_count"] = tokens_that_count(size, world, tmp, device, results["methods"]["vanilla"])
+        results["grpo"] = grpo_step(size, world, tmp, device)
         results["hf_trainer"] = trainer_step(size, world, tmp, device)
         results["vanilla_vs_hf_trainer"] = results["methods"]["vanilla"]["step_s"] / results["hf_trainer"]["step_s"]
         results["deepspeed_zero2_bf16"] = deepspeed_step(size, world, tmp)

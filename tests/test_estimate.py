@@ -18,7 +18,7 @@ def _state_bytes(state) -> int:
     return sum(t.numel() * t.element_size() for t in tensors_in(state) if t.dim() > 0)
 
 
-@pytest.mark.parametrize("method", ["spider", "lora"])
+@pytest.mark.parametrize("method", ["spider", "lora", "grpo"])
 def test_counts_and_states_match_a_real_run(tiny_config, method):
     """Parameters, trainable parameters (LoRA's adapters included), the weights, AdamW's and the method's state:
     the meta-device estimate equals what a real run of the same config holds after one step."""
@@ -137,3 +137,19 @@ def test_the_estimate_counts_the_logits_and_what_target_logits_removes(tiny_conf
     assert any("logits at 8 target positions per record" in note for note in on.notes)
     assert main(["estimate", "--config", PAPERS, "--architecture", "qwen2_vl-7b", "--target-tokens", "32"]) in (0, 1)
     assert "logits at 32 target positions per record" in capsys.readouterr().out
+
+
+def test_grpo_counts_its_sampled_answers_as_rows():
+    """Issue 38: a GRPO batch holds G rows per record (its sampled answers): the activations are vanilla's at G times
+    the batch size, and the note says so; β > 0 keeps W0 (the method state), β = 0 keeps nothing."""
+    from conftest import TINY_CONFIG
+    from mmtune.config import load_config
+
+    def result(*overrides):
+        return estimate(load_config(TINY_CONFIG, list(overrides)), "ddp", 1)
+
+    vanilla, grpo = result("train.batch_size=24"), result("method.name=grpo", "method.grpo.num_generations=3")
+    assert grpo.parts["activations"] == vanilla.parts["activations"]  # batch 8 × 3 rows = vanilla's batch 24
+    assert any("8 × 3 rows per record" in note for note in grpo.notes)
+    assert grpo.parts["method state"] == grpo.parts["trainable weights (masters)"]  # W0 in fp32
+    assert result("method.name=grpo", "method.grpo.beta=0").parts["method state"] == 0

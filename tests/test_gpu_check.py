@@ -34,6 +34,7 @@ def test_cpu_smoke_runs_every_part_and_writes_the_json(tmp_path):
     for part in ("every_position_logits", "padding_free"):
         assert counted[part]["step_s"] > 0 and counted[part]["tokens_per_s"] > 0
     assert counted["padding_free_flash_attention_2"] == {"skipped": "no GPU"}
+    assert data["grpo"]["step_s"] > 0 and 1 <= data["grpo"]["answer_tokens_mean"] <= 16
     assert data["vanilla_vs_hf_trainer"] > 0 and data["evaluation"]["samples_per_s"] > 0
     zero2 = data["deepspeed_zero2_bf16"]
     assert "skipped" in zero2 or (zero2["engine"], zero2["zero_stage"], zero2["zero_precision"]) == \

@@ -265,8 +265,9 @@ def estimate(config, engine: str = "ddp", devices: int = 1, sequence: int | None
         result.notes.append(f"method state of {', '.join(unmeasured)} not counted: its setup could not run on a "
                             "stand-alone tensor")
     parts["method state"] = trainable * ratio / (n if engine == "fsdp2" else 1)
-    batch = config.train.batch_size
     methods = build_methods(config.method)
+    rows = max(m.rows_per_record for m in methods)
+    batch = config.train.batch_size * rows
     forwards = 1 + sum(m.extra_forwards for m in methods)
     full = activation_bytes(model, layout, batch, sequence, dtype) * forwards
     if config.model.gradient_checkpointing:
@@ -279,7 +280,9 @@ def estimate(config, engine: str = "ddp", devices: int = 1, sequence: int | None
     add_logits(result, config, model, batch, sequence, width, forwards, target_tokens)
     result.notes.append(f"activations for batch {batch} × sequence {sequence} per device (data.max_length unless "
                         "--seq-len), an upper bound: attention's s×s weights counted as PyTorch's math path keeps them"
-                        + (f"; × {forwards} forwards kept per micro-batch (NRCA's noised view)" if forwards > 1 else ""))
+                        + (f"; × {forwards} forwards kept per micro-batch (NRCA's noised view)" if forwards > 1 else "")
+                        + (f"; batch {config.train.batch_size} × {rows} rows per record (grpo's sampled answers: an "
+                           "upper bound, as if every record were of a GRPO task)" if rows > 1 else ""))
     from mmtune.engine import Engine
     from mmtune.methods.base import METHODS, refusal
 

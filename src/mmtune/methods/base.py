@@ -195,6 +195,12 @@ class Method:
         """Whether the method forms the step's gradient or loss itself (a step of its own, or loss balancing)."""
         return self.builds_step or self.balances_task_losses
 
+    @property
+    def rows_per_record(self) -> int:
+        """Rows a training batch holds per record, at most (GRPO: its G sampled answers): what ``mmtune estimate``
+        multiplies the activations by."""
+        return 1
+
     def prepare_model(self, model: nn.Module, layout) -> nn.Module:
         return model
 

@@ -22,6 +22,7 @@ In a GRPO batch the logged ``ce`` is the sampled answers' negative log-likelihoo
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import re
@@ -92,6 +93,8 @@ class GRPO(PretrainedSnapshotMethod):
         self.pretrained = {}
         if self.config.beta:
             super().setup(ctx)  # W0: the base model of the KL
+        if ctx.model is None:  # a stand-alone probe of the method's state (mmtune estimate): nothing to sample from
+            return
         if ctx.records is None or ctx.collator is None:
             raise ValueError("grpo needs the run's records and collator (mmtune's own training loop; not the "
                              "Hugging Face Trainer)")
@@ -122,6 +125,10 @@ class GRPO(PretrainedSnapshotMethod):
             sft = sorted(set(by_task) - set(chosen))
             ctx.accelerator.print(f"grpo: {', '.join(self.grpo_tasks)} by GRPO (G={self.config.num_generations}, "
                                   f"β={self.config.beta})" + (f"; {', '.join(sft)} by the cross-entropy" if sft else ""))
+
+    @property
+    def rows_per_record(self) -> int:
+        return self.config.num_generations
 
     def build_step(self, step):
         """Each micro-batch replaced by its rollout batch (one for one: the engines' accumulation is unchanged), then
@@ -193,7 +200,9 @@ class GRPO(PretrainedSnapshotMethod):
         was_training = model.training
         model.eval()
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            # under the run's autocast, as the training forward (bf16 weights beside fp32 masters: mixed dtypes)
+            autocast = ctx.accelerator.autocast() if ctx.accelerator is not None else contextlib.nullcontext()
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
                 torch.manual_seed(seed)
                 tokens = model.generate(**inputs, do_sample=True, temperature=self.config.temperature,
                                         top_p=self.config.top_p, top_k=0, max_new_tokens=self.config.max_new_tokens,
