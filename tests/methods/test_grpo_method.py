@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from helpers import final_weights
 from mmtune.data.collate import (
     ADVANTAGES,
     GenerationCollator,
@@ -191,3 +192,17 @@ def test_a_run_logs_rewards_kl_clip_and_lengths_beside_the_sft_tasks(tiny_config
         assert row["loss"] == pytest.approx(row["ce"] + row["grpo"])
         assert 1 <= row["answer_length"] <= 8 and row["clip_fraction"] == 0.0  # ρ ≡ 1: one step per sampling
     assert any("loss/detailed_caption" in r for r in rows)  # the SFT task trained in the same steps
+
+
+def test_grpo_starts_from_an_sft_runs_final_model(tiny_config):
+    """SFT then GRPO: a GRPO run whose model.path is an SFT run's final/ trains from those weights (its KL anchor W0
+    is the SFT model, not the random base), and the two runs are separate folders — two rows of a report."""
+    sft = train(tiny_config("train.max_steps=2", out="sft"))
+    grpo = train(tiny_config("model.tiny=null", f"model.path={sft / 'final'}", "method.name=grpo",
+                             "method.grpo.max_new_tokens=4", "train.max_steps=2", "train.save_every=1", out="grpo"))
+    start = final_weights(sft)
+    anchor = torch.load(grpo / "checkpoints" / "step-000001" / "mmtune_methods.pt", weights_only=True)["grpo"]
+    assert len(anchor["pretrained"]) > 5
+    for name, value in anchor["pretrained"].items():
+        assert torch.equal(value, start[name]), name
+    assert (grpo / "final").is_dir() and (sft / "final").is_dir()
