@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmtune.data.records import Record
-from mmtune.grpo import group_advantages, per_token_kl, policy_loss, verifiable_reward
+from mmtune.grpo import CiderCorpus, cider_d, group_advantages, per_token_kl, policy_loss, verifiable_reward
 
 
 def _batch(seed: int = 0, answers: int = 6, tokens: int = 5):
@@ -99,5 +99,27 @@ def test_rewards_follow_the_tasks_metric():
     short = Record(id="c", task="color", kind="short", image=None, prompt="Colour?", answers=["red"] * 2 + ["blue"])
     assert verifiable_reward(short, "Red.", "exact") == 1.0 and verifiable_reward(short, "blue", "exact") == 1.0
     assert verifiable_reward(short, "blue", "vqa") == pytest.approx(2 / 9)  # VQA accuracy, leave-one-out
-    with pytest.raises(ValueError, match="document frequencies"):
+    with pytest.raises(ValueError, match="needs the task's reference corpus"):
         verifiable_reward(short, "a red square", "cider")
+
+
+def test_the_cider_reward_is_pycocoevalcaps_cider_d():
+    """One answer's CIDEr-D with the corpus statistics of a set of records equals pycocoevalcap's per-caption score
+    on that set (PTB-tokenized alike); a better caption gets more; the reward needs the corpus."""
+    from pycocoevalcap.cider.cider import Cider
+
+    from mmtune.metrics import python_ptb_tokenize
+
+    references = {"a": ["A red square left of a blue circle.", "a red square and a blue circle"],
+                  "b": ["Two green triangles on a white background.", "two green triangles"],
+                  "c": ["A yellow star above a black square.", "a star, yellow, above a black square"]}
+    answers = {"a": "a red square beside a blue circle", "b": "three green triangles", "c": "a yellow star"}
+    tokenized = {k: [python_ptb_tokenize(r) for r in refs] for k, refs in references.items()}
+    _, theirs = Cider().compute_score(tokenized, {k: [python_ptb_tokenize(v)] for k, v in answers.items()})
+    corpus = CiderCorpus.of([references[k] for k in sorted(references)])
+    for key, expected in zip(sorted(references), theirs, strict=True):
+        record = Record(id=key, task="caption", kind="open", image=None, prompt="Describe.", answers=references[key])
+        assert verifiable_reward(record, answers[key], "cider", corpus) == pytest.approx(float(expected), abs=1e-9)
+    record = Record(id="a", task="caption", kind="open", image=None, prompt="Describe.", answers=references["a"])
+    assert cider_d("a red square left of a blue circle", references["a"], corpus) > \
+        cider_d("a green triangle", references["a"], corpus)

@@ -16,6 +16,10 @@ For answers ``o_1 … o_G`` sampled for one prompt with rewards ``r_i``:
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
 import torch
 
 LOSS_TYPES = ("grpo", "bnpo")
@@ -89,13 +93,77 @@ def clip_flags(ratio: torch.Tensor, advantages: torch.Tensor, epsilon_low: float
     return {"clip_low": low, "clip_high": high, "clip_region": low | high}
 
 
-def verifiable_reward(record, answer: str, metric: str) -> float:
+@dataclass
+class CiderCorpus:
+    """What CIDEr-D reads from the whole reference corpus: each n-gram's document frequency (in how many records'
+    references it occurs) and the log of the number of records — self-critical sequence training's precomputed
+    statistics, so that one answer can be scored on its own."""
+
+    frequency: dict[tuple[str, ...], float]
+    log_records: float
+
+    @classmethod
+    def of(cls, references: list[list[str]]) -> CiderCorpus:
+        """From every training record's references (PTB-tokenized here, as ``mmtune eval`` tokenizes without Java)."""
+        from mmtune.metrics import python_ptb_tokenize
+
+        frequency: dict[tuple[str, ...], float] = defaultdict(float)
+        for refs in references:
+            for gram in {g for ref in refs for g in ngram_counts(python_ptb_tokenize(ref))}:
+                frequency[gram] += 1.0
+        return cls(dict(frequency), math.log(max(1, len(references))))
+
+
+def ngram_counts(text: str, n: int = 4) -> dict[tuple[str, ...], int]:
+    """How often each 1…n-gram occurs in ``text`` (split on spaces)."""
+    words, counts = text.split(), defaultdict(int)
+    for size in range(1, n + 1):
+        for start in range(len(words) - size + 1):
+            counts[tuple(words[start:start + size])] += 1
+    return counts
+
+
+def cider_d(answer: str, references: list[str], corpus: CiderCorpus, n: int = 4, sigma: float = 6.0) -> float:
+    """CIDEr-D of one answer (×10, pycocoevalcap's scale; ×100 in mmtune's reports is ×10 this): per n-gram size the
+    clipped cosine of TF-IDF vectors (IDF from ``corpus``) against each reference, times a Gaussian penalty on the
+    length difference, averaged over sizes and references. Equal to pycocoevalcap's per-caption score when ``corpus``
+    is the scored set's own references (tests/test_grpo.py)."""
+    from mmtune.metrics import python_ptb_tokenize
+
+    def vectors(text: str):
+        weights, norms, length = [defaultdict(float) for _ in range(n)], [0.0] * n, 0
+        for gram, count in ngram_counts(text, n).items():
+            idf = corpus.log_records - math.log(max(1.0, corpus.frequency.get(gram, 0.0)))
+            weights[len(gram) - 1][gram] = count * idf
+            norms[len(gram) - 1] += (count * idf) ** 2
+            length += count if len(gram) == 2 else 0  # pycocoevalcap's length: the number of bigrams
+        return weights, [math.sqrt(x) for x in norms], length
+
+    mine, my_norms, my_length = vectors(python_ptb_tokenize(answer))
+    total = 0.0
+    for reference in references:
+        theirs, their_norms, their_length = vectors(python_ptb_tokenize(reference))
+        penalty = math.exp(-((my_length - their_length) ** 2) / (2 * sigma ** 2))
+        for size in range(n):
+            overlap = sum(min(value, theirs[size][gram]) * theirs[size][gram] for gram, value in mine[size].items())
+            if my_norms[size] and their_norms[size]:
+                overlap /= my_norms[size] * their_norms[size]
+            total += overlap * penalty
+    return 10.0 * total / n / max(1, len(references))
+
+
+def verifiable_reward(record, answer: str, metric: str, corpus: CiderCorpus | None = None) -> float:
     """The reward of one sampled ``answer`` to ``record`` by the rule that scores its task (``TaskSpec.metric``, as
     ``mmtune eval`` scores it): ``mc`` — 1 when the letter or option it names is the record's gold one (mmtune's
     letter parsing), ``vqa`` — VQA accuracy against the annotators' answers, ``exact`` — exact match after
-    normalisation. CIDEr (captions) is a corpus statistic: a per-answer CIDEr reward needs the references' document
-    frequencies, which a single record does not hold — it is refused here."""
+    normalisation, ``cider`` — CIDEr-D against the record's references with the document frequencies of the task's
+    training references (``corpus``: CIDEr is a corpus statistic, which one record does not hold)."""
     from mmtune.metrics import exact_match, parse_choice, vqa_accuracy
+
+    if metric == "cider":
+        if corpus is None:
+            raise ValueError(f"record {record.id!r}: a CIDEr reward needs the task's reference corpus (CiderCorpus)")
+        return cider_d(answer, record.answers, corpus)
 
     if metric == "mc":
         if not record.choices:
@@ -106,5 +174,4 @@ def verifiable_reward(record, answer: str, metric: str) -> float:
         return float(vqa_accuracy(answer, record.answers))
     if metric == "exact":
         return float(exact_match(answer, record.answers))
-    raise ValueError(f"no per-answer reward for metric {metric!r}: choose mc, vqa or exact (a CIDEr reward needs the "
-                     "references' document frequencies)")
+    raise ValueError(f"no per-answer reward for metric {metric!r}: choose mc, vqa, exact or cider")

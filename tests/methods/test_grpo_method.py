@@ -162,8 +162,18 @@ def test_rewards_by_metric_user_function_and_format(world, tmp_path, monkeypatch
     assert method.grpo_tasks == ["detailed_caption"] and method.reward(records[2], "abc") == 0.25
 
 
+def test_a_named_caption_task_is_rewarded_by_cider_d(world):
+    """A caption task in method.grpo.tasks: each answer's CIDEr-D against its references, the document frequencies
+    from the task's training references — the reference itself scores far above another record's caption."""
+    captions = read_records(world / "detailed_caption_train.jsonl")[:20]
+    records = read_records(world / "count_mc_train.jsonl")[:2] + captions
+    *_, method, _ = _setup(world, "llava", records=records, tasks=["count_mc", "detailed_caption"])
+    caption, other = captions[0], captions[5]
+    assert method.metrics["detailed_caption"] == "cider" and method.grpo_tasks == ["count_mc", "detailed_caption"]
+    assert method.reward(caption, caption.target) > 2 * method.reward(caption, other.target) >= 0
+
+
 @pytest.mark.parametrize("options, message", [
-    ({"tasks": ["detailed_caption"]}, "scored by cider, which gives no per-answer reward"),
     ({"tasks": ["nope"]}, "no training record has that task"),
     ({"reward": "no_such_module:f"}, "method.grpo.reward='no_such_module:f'"),
     ({"reward": "nocolon"}, "write it as package.module:function"),
@@ -175,7 +185,7 @@ def test_what_cannot_be_rewarded_is_refused_by_name(world, options, message):
 
 def test_captions_alone_have_no_reward(world):
     captions = read_records(world / "detailed_caption_train.jsonl")[:2]
-    with pytest.raises(ValueError, match="no task has a per-answer reward"):
+    with pytest.raises(ValueError, match="no task has a per-answer reward by default"):
         _setup(world, "llava", records=captions)
 
 

@@ -6,7 +6,8 @@ Each optimizer step, for every record of a GRPO task in the step's batches:
 1. G answers are sampled from the current model (``generate``: temperature, top-p; seeded from the run's generator,
    so a resumed run samples the same answers);
 2. each answer is scored by its task's own metric (``mmtune.grpo.verifiable_reward``: the letter for multiple choice,
-   VQA accuracy, exact match), or by a user's ``reward`` function, plus an optional format reward;
+   VQA accuracy, exact match; CIDEr-D for a caption task named in ``tasks``), or by a user's ``reward`` function,
+   plus an optional format reward;
 3. the group's rewards become advantages (``group_advantages``: minus the group mean, over its std);
 4. the batch is rebuilt from the prompts and the sampled tokens (labels: the sampled tokens), and each sampled token's
    loss is GRPO's clipped objective ``−min(ρA, clip(ρ)A)`` plus ``β·KL`` to the base model (k3, ``per_token_kl``;
@@ -16,7 +17,7 @@ One optimizer step per sampled batch (TRL's default ``num_iterations=1``): ρ �
 never binds and the gradient is ``−A·∇log π`` (+ β·∇KL). Reduced as the cross-entropy is: ``train.loss_reduction=
 sample`` is TRL's ``loss_type="grpo"`` (each answer's token mean, then the mean over answers), ``token`` the mean over
 the step's tokens (DAPO's). Records of the other tasks train by the cross-entropy in the same step (a mixed recipe):
-by default every task whose metric gives a per-answer reward is trained by GRPO and the rest (captions: CIDEr) by SFT.
+by default every task scored by mc, vqa or exact is trained by GRPO and the rest (captions: CIDEr) by SFT.
 In a GRPO batch the logged ``ce`` is the sampled answers' negative log-likelihood, ``grpo`` the rest of the loss.
 """
 
@@ -47,12 +48,22 @@ from mmtune.data.collate import (
     target_positions,
 )
 from mmtune.data.record import metric_choice
-from mmtune.grpo import SCALES, clip_flags, clipped_objective, group_advantages, per_token_kl, verifiable_reward
+from mmtune.grpo import (
+    SCALES,
+    CiderCorpus,
+    clip_flags,
+    clipped_objective,
+    group_advantages,
+    per_token_kl,
+    verifiable_reward,
+)
 from mmtune.losses import target_log_probs
 from mmtune.methods.base import MethodConfig, PretrainedSnapshotMethod, register
 from mmtune.methods.dft import base_logits
 
-REWARDED = ("mc", "vqa", "exact")  # the metrics that score one answer on its own
+# The metrics whose tasks GRPO trains by default (one answer scored on its own). CIDEr-D is a reward too, for a
+# caption task named in method.grpo.tasks: not by default, as SCST is a recipe of its own (long sampled captions).
+REWARDED = ("mc", "vqa", "exact")
 
 
 @dataclass
@@ -65,8 +76,8 @@ class GRPOConfig(MethodConfig):
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 32  # of each sampled answer (eval.max_new_tokens is the evaluation's)
-    # The tasks trained by GRPO (task names as the records hold them); empty: every task scored by mc, vqa or exact
-    # (with ``reward``: every task). The other tasks train by the cross-entropy in the same steps.
+    # The tasks trained by GRPO (task names as the records hold them; a caption task's reward is CIDEr-D); empty:
+    # every task scored by mc, vqa or exact (with ``reward``: every task). The others train by the cross-entropy.
     tasks: list[str] = field(default_factory=list)
     reward: str = ""  # "package.module:function" — reward(record, answer) -> float, in place of the task's metric
     format_pattern: str = ""  # a regular expression the whole answer should match (e.g. "[A-D]")
@@ -109,15 +120,14 @@ class GRPO(PretrainedSnapshotMethod):
                              f"(the tasks are {', '.join(sorted(by_task))})")
         chosen = self.config.tasks or [t for t in sorted(by_task)
                                         if self.reward_function or self.metrics[t] in REWARDED]
-        unscored = [t for t in chosen if not self.reward_function and self.metrics[t] not in REWARDED]
-        if unscored:
-            raise ValueError(f"method.grpo.tasks: {', '.join(unscored)} is scored by "
-                             f"{self.metrics[unscored[0]]}, which gives no per-answer reward; give "
-                             "method.grpo.reward (a function of the record and the answer) or leave it to SFT")
         if not chosen:
-            raise ValueError(f"grpo: no task has a per-answer reward (their metrics: "
-                             f"{', '.join(f'{t} {m}' for t, m in sorted(self.metrics.items()))}); give "
-                             "method.grpo.reward or tasks scored by mc, vqa or exact")
+            raise ValueError(f"grpo: no task has a per-answer reward by default (their metrics: "
+                             f"{', '.join(f'{t} {m}' for t, m in sorted(self.metrics.items()))}); name the tasks "
+                             "(method.grpo.tasks: a caption task gets a CIDEr-D reward) or give method.grpo.reward")
+        # A caption task named in tasks: CIDEr-D against its references, with the document frequencies of the
+        # task's training references (self-critical sequence training's reward).
+        self.corpora = {t: CiderCorpus.of([r.answers for r in by_task[t]]) for t in chosen
+                        if self.metrics[t] == "cider" and not self.reward_function}
         self.grpo_tasks = sorted(chosen)
         self.format = re.compile(self.config.format_pattern) if self.config.format_pattern else None
         self._noted: list[tuple[str, torch.Tensor]] = []
@@ -221,7 +231,7 @@ class GRPO(PretrainedSnapshotMethod):
 
     def reward(self, record, answer: str) -> float:
         value = float(self.reward_function(record, answer) if self.reward_function else
-                      verifiable_reward(record, answer, self.metrics[record.task]))
+                      verifiable_reward(record, answer, self.metrics[record.task], self.corpora.get(record.task)))
         if not math.isfinite(value):
             raise ValueError(f"record {record.id!r}: the reward of answer {answer[:80]!r} is {value}")
         if self.format is not None and self.format.fullmatch(answer):
