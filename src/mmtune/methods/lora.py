@@ -65,12 +65,26 @@ class Lora(Method):
             ctx.final_model.save_pretrained(ctx.output_dir / "adapter")
         if ctx.engine.fsdp:  # PEFT's merge adds B·A into the weight in place, which shards don't allow
             merge_sharded(ctx.final_model)
-            ctx.final_model = ctx.final_model.unload()
+            ctx.final_model = unload_keeping_trained_modules(ctx.final_model)
         elif partitioned(dict(ctx.final_model.named_parameters())):  # DeepSpeed ZeRO-3: W is an empty partition
             merge_partitioned(ctx.final_model, ctx.trainable)
-            ctx.final_model = ctx.final_model.unload()
+            ctx.final_model = unload_keeping_trained_modules(ctx.final_model)
         else:
             ctx.final_model = ctx.final_model.merge_and_unload()
+
+
+def unload_keeping_trained_modules(model):
+    """The plain model after the LoRA updates were merged by hand: PEFT's ``unload()`` with each fully trained module
+    (``modules_to_save``: the projector) replaced by its trained copy first — ``unload()`` alone gives back the
+    original, untrained module since peft 0.22 (before, it kept the copy)."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    wrappers = [(name, module) for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
+    for name, wrapper in wrappers:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, wrapper.modules_to_save[wrapper.active_adapters[0]])
+    return model.unload()
 
 
 def lora_targets(model, layout, target_modules: list[str]) -> list[str]:
