@@ -285,6 +285,35 @@ class TrainCollator:
         extras = {key: whole_extras[key] + own[key][split:] for key in own}
         return whole + row[split:], labels + label[split:], extras
 
+    def assemble(self, image_inputs: dict, rows: list[list[int]], labels: list[list[int]], extras: dict[str, list],
+                 records: list[Record], device: torch.device | None = None) -> dict:
+        """A batch from its rows' token ids, labels and per-token extras (right-padded), the processor's image inputs
+        for those rows, and what the losses and methods read of each row (target positions, open / image masks,
+        tasks) — the collator's own batches and the ones a method builds (GRPO's rollouts) alike."""
+        width = max(len(r) for r in rows)
+
+        def padded(seqs, value):
+            return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
+
+        batch = dict(image_inputs)
+        batch["input_ids"] = padded(rows, self.tokenizer.pad_token_id)
+        batch["attention_mask"] = padded([[1] * len(r) for r in rows], 0)
+        batch["labels"] = padded(labels, IGNORE_INDEX)
+        for key, seqs in extras.items():
+            batch[key] = padded(seqs, 0)
+        if self.target_logits:
+            batch[KEEP] = target_positions(batch["labels"])
+        if self.padding_free:
+            batch[PADDING_FREE] = True
+        batch["open_mask"] = torch.tensor([r.kind == "open" for r in records], device=device)
+        batch["image_mask"] = torch.tensor([r.image is not None for r in records], device=device)
+        batch["image_counts"] = torch.tensor([len(r.images) for r in records], device=device)
+        tiles = pixel_counts(self.processor, batch)
+        if tiles is not None:
+            batch["pixel_counts"] = tiles.to(device) if device is not None else tiles
+        batch["tasks"] = [r.task for r in records]  # for methods that need each task's loss (multi-task optimisation)
+        return batch
+
     def check_length(self, record: Record, row: list[int]) -> None:
         if len(row) > self.max_length:
             where = f"{record.source}: " if record.source else ""
@@ -333,33 +362,12 @@ class TrainCollator:
             labels.append(label)
             for key, value in per_token.items():
                 extras[key].append(value[i, :n].tolist() + [0] * (len(row) - n))
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-
-        def padded(seqs, value):
-            return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
-
-        batch = dict(encoded)
-        batch["input_ids"] = padded(rows, pad)
-        batch["attention_mask"] = padded([[1] * len(r) for r in rows], 0)
-        batch["labels"] = padded(labels, IGNORE_INDEX)
-        for key, seqs in extras.items():
-            batch[key] = padded(seqs, 0)
+        batch = self.assemble(encoded, rows, labels, extras, records)
         if any(f is not None for f in flags):  # where the task says which answer tokens depend on the image
+            width = batch["input_ids"].shape[1]
             batch["image_tokens"] = torch.tensor(
                 [[False] * (len(row) - len(f or [])) + (f or []) + [False] * (width - len(row))
                  for row, f in zip(rows, flags, strict=True)], dtype=torch.bool)
-        if self.target_logits:
-            batch[KEEP] = target_positions(batch["labels"])
-        if self.padding_free:
-            batch[PADDING_FREE] = True
-        batch["open_mask"] = torch.tensor([r.kind == "open" for r in records])
-        batch["image_mask"] = torch.tensor([r.image is not None for r in records])
-        batch["image_counts"] = torch.tensor([len(r.images) for r in records])
-        tiles = pixel_counts(self.processor, batch)
-        if tiles is not None:
-            batch["pixel_counts"] = tiles
-        batch["tasks"] = [r.task for r in records]  # for methods that need each task's loss (multi-task optimisation)
         if self.keep_samples:
             batch[SAMPLES] = samples
         return batch

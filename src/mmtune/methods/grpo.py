@@ -38,14 +38,11 @@ from mmtune.data.collate import (
     ADVANTAGES,
     IGNORE_INDEX,
     KEEP,
-    PADDING_FREE,
     ROW_WEIGHTS,
     SAMPLES,
     GenerationCollator,
     image_token_ids,
     last_image_turn,
-    pixel_counts,
-    target_positions,
 )
 from mmtune.data.record import metric_choice
 from mmtune.grpo import (
@@ -263,8 +260,8 @@ class GRPO(PretrainedSnapshotMethod):
 
 def rollout_batch(collator, generated: dict, completions: list[list[int]], records: list) -> dict:
     """The training batch of the sampled answers: each row its prompt (the generation batch's, left padding removed)
-    then its answer's tokens (the labels), right-padded as the collator pads; the prompts' image inputs as the
-    generation batch holds them (same rows, same order)."""
+    then its answer's tokens (the labels), assembled as the collator assembles its batches; the prompts' image inputs
+    as the generation batch holds them (same rows, same order)."""
     ids, mask = generated["input_ids"], generated["attention_mask"]
     per_token = [k for k, v in generated.items() if torch.is_tensor(v) and v.shape[:2] == ids.shape
                  and k not in ("input_ids", "attention_mask")]
@@ -276,31 +273,9 @@ def rollout_batch(collator, generated: dict, completions: list[list[int]], recor
         labels.append([IGNORE_INDEX] * len(prompt) + answer)
         for key in per_token:
             extras[key].append(generated[key][i][kept].tolist() + [0] * len(answer))
-    width = max(len(r) for r in rows)
-    device = ids.device
-
-    def padded(seqs, value):
-        return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
-
-    batch = {k: v for k, v in generated.items() if torch.is_tensor(v) and k not in per_token
-             and k not in ("input_ids", "attention_mask")}
-    batch["input_ids"] = padded(rows, collator.tokenizer.pad_token_id)
-    batch["attention_mask"] = padded([[1] * len(r) for r in rows], 0)
-    batch["labels"] = padded(labels, IGNORE_INDEX)
-    for key, seqs in extras.items():
-        batch[key] = padded(seqs, 0)
-    if collator.target_logits:
-        batch[KEEP] = target_positions(batch["labels"])
-    if collator.padding_free:
-        batch[PADDING_FREE] = True
-    batch["open_mask"] = torch.tensor([r.kind == "open" for r in records], device=device)
-    batch["image_mask"] = torch.tensor([r.image is not None for r in records], device=device)
-    batch["image_counts"] = torch.tensor([len(r.images) for r in records], device=device)
-    tiles = pixel_counts(collator.processor, batch)
-    if tiles is not None:
-        batch["pixel_counts"] = tiles.to(device)
-    batch["tasks"] = [r.task for r in records]
-    return batch
+    image_inputs = {k: v for k, v in generated.items() if torch.is_tensor(v) and k not in per_token
+                    and k not in ("input_ids", "attention_mask")}
+    return collator.assemble(image_inputs, rows, labels, extras, records, ids.device)
 
 
 def stop_ids(model, tokenizer) -> set[int]:
