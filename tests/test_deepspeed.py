@@ -70,9 +70,13 @@ ZERO2_ONE_PROCESS = [n for n in METHOD_NAMES if n not in ZERO3_PATH or n == "van
 # adapters with masks and a merge (lora_sculpt; lora runs its adapter code without the masks); a Fisher from each
 # process's batches (ewc); a forward at W0 (asft); cagrad (its rule reads the Gram matrix off the diagonal, so a Gram
 # matrix of one process's slices alone shows — PCGrad's projections here did not); task_sam (the moved partitions,
-# per task: sam moves them once by the same code).
-ZERO3_DDP = ["vanilla", "spider", "nrca", "dare", "l2_reg", "ewc", "lora_sculpt", "asft", "cagrad", "task_sam"]
-ZERO3_BF16 = ["vanilla", "spider", "dare", "lora", "ewc", "asft", "lora_sculpt", "task_sam"]  # also bf16 with one process
+# per task: sam moves them once by the same code); grpo (each process generates in lockstep — as many generate calls
+# as the process with the most GRPO records, each until every process's answers ended: the processes' batches of 4
+# hold different numbers of counting MC records).
+ZERO3_DDP = ["vanilla", "spider", "nrca", "dare", "l2_reg", "ewc", "lora_sculpt", "asft", "cagrad", "task_sam",
+             "grpo"]
+# also bf16 with one process (grpo: its answers sampled under the run's autocast, from bf16 weights)
+ZERO3_BF16 = ["vanilla", "spider", "dare", "lora", "ewc", "asft", "lora_sculpt", "task_sam", "grpo"]
 # The multi-process and bf16 comparisons keep one method per code path of the engine (issue 39: `make test` ≤ 10 min);
 # every method is compared with one process in fp32 above. ZeRO-2 with 2 processes against DDP: the plain step, a hook
 # reading the all-reduced gradient and writing the masters (spider), a step built from per-task gradients reduced by

@@ -47,9 +47,8 @@ def table() -> str:
                           f"{tested(name, set(deepspeed_tests.ZERO3_DDP), twins=twins)}")
             zero3_bf16 = tested(name, set(deepspeed_tests.ZERO3_BF16), twins=twins)
         else:
-            zero3_fp32 = zero3_bf16 = "✗ own gradient" if name not in accepted else "✗ samples answers" \
-                if METHODS[name].reads_samples else "✗ whole gradients" if METHODS[name].partitioned_refusal \
-                else "✗ reads weights"
+            zero3_fp32 = zero3_bf16 = "✗ own gradient" if name not in accepted else "✗ whole gradients" \
+                if METHODS[name].partitioned_refusal else "✗ reads weights"
         fsdp2 = "✗" if not METHODS[name].supports_sharding else \
             f"{tested(name, set(fsdp2_tests.RUN), twins=fsdp2_tests.SAME_CODE_AS_ANOTHER)} · " \
             f"{tested(name, set(fsdp2_tests.BF16), twins=fsdp2_tests.SAME_CODE_AS_ANOTHER)}"

@@ -21,6 +21,8 @@ else in mmtune may import it.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -178,6 +180,26 @@ def write_weight(param: nn.Parameter, value: torch.Tensor) -> None:
     partition.data.view(-1)[:piece.numel()].copy_(piece)
     if param.data.numel() == value.numel():  # gathered now (a small parameter DeepSpeed keeps whole: ds_persist)
         param.data.copy_(value.view_as(param.data).to(param.dtype))
+
+
+@contextlib.contextmanager
+def root_gathered(model: nn.Module) -> Iterator[None]:
+    """An FSDP2 model's root parameters (those of no inner ``fully_shard`` unit: embeddings, a VLM's vision tower and
+    projector unless wrapped apart) gathered for code that calls them outside the root's forward — transformers'
+    ``generate`` computes a VLM's image features before its first forward — and sharded again after. The inner units
+    gather their own in their forward, as always. Elsewhere nothing. Every process must enter it (a collective)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        FSDPModule = ()
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def engine_of(accelerator):

@@ -8,6 +8,9 @@ what differs is only where each number lives. (What a method reads from the trai
 ``ctx.batches``, EWC's Fisher — differs per process: ``run``'s ``own``.) Rank 0 writes, per method, the largest difference per trainable tensor
 between the two runs' final weights, and how far each moved, to the JSON file named first.
 
+An entry ``uneven:<name>`` gives each process a batch of its own (GRPO: 3 records of its task on one, none on the other,
+which then generates for a stand-in in lockstep) and the whole-tensor run both batches in one, as DDP's tests do.
+
 An entry ``bf16:<name>`` runs both in bf16 with fp32 masters of what trains (whole: autocast; sharded: FSDP2's
 MixedPrecisionPolicy computing in bf16 and reducing in fp32, on fp32 shards — what Accelerate's FSDP2 sets up).
 
@@ -39,7 +42,10 @@ from mmtune.precision import keep_fp32_masters
 from mmtune.step import train_step
 
 # What makes each method act within 3 tiny steps (as tests/test_deepspeed.py's ACTIVE).
-OPTIONS = {"half_ft": {"round_steps": 2}, "l2_reg": {"lam": 1e3}, "l1_reg": {"lam": 1.0},
+OPTIONS = {"half_ft": {"round_steps": 2},
+           # short answers; a format reward that some answers of the random-init model earn (a group whose rewards
+           # are all equal has no advantage, and then only the KL and the captions' cross-entropy would train)
+           "grpo": {"num_generations": 3, "max_new_tokens": 4, "format_pattern": ".*[aeiou]", "format_weight": 1.0}, "l2_reg": {"lam": 1e3}, "l1_reg": {"lam": 1.0},
            "wise_ft": {"alpha": 0.5}, "ewc": {"lam": 1e6}, "lora_sculpt": {"sculpt_step": 2, "cmr_lam": 1.0}}
 # LoRA's B starts at zero, so its update starts in B; a larger rate moves A too within 3 steps.
 LEARNING_RATE = {"lora": 5e-2, "lora_sculpt": 5e-2}
@@ -86,6 +92,10 @@ class Stand_inAccelerator:
     def unwrap_model(self, model):
         return model
 
+    def print(self, *args):
+        if self.is_main_process:
+            print(*args)
+
 
 def build(sharded: bool, bf16: bool = False, method=None):
     model, processor = build_tiny("llava", words=vocabulary(), seed=0)
@@ -110,7 +120,7 @@ def build(sharded: bool, bf16: bool = False, method=None):
 
 
 def run(name: str, sharded: bool, batch: dict, resume_dir: Path | None = None, bf16: bool = False,
-        own: list[dict] = ()) -> dict[str, torch.Tensor]:
+        own: list[dict] = (), records: list | None = None, collator=None) -> dict[str, torch.Tensor]:
     """3 steps of ``name``; with ``resume_dir``, the method is saved after step 2 (one file per process, as the loop
     does on a sharding engine), replaced by a fresh instance set up and loaded from the file, as a resumed run's.
     ``own``: one batch per process, what ``ctx.batches`` gives (EWC's Fisher): each process its own when sharded, all
@@ -127,7 +137,8 @@ def run(name: str, sharded: bool, batch: dict, resume_dir: Path | None = None, b
     accelerator = Stand_inAccelerator(sharded, bf16)
     ctx = TrainContext(model=model, unwrapped=model, trainable=trainable, generator=torch.Generator().manual_seed(0),
                        accelerator=accelerator, optimizer=optimizer, total_steps=3, tasks=sorted(set(batch["tasks"])),
-                       batches=lambda: [own[dist.get_rank()]] if sharded else list(own), final_model=model)
+                       batches=lambda: [own[dist.get_rank()]] if sharded else list(own), final_model=model,
+                       records=records, collator=collator)
     method.setup(ctx)
     for step in range(3):
         if resume_dir is not None and step == 2:
@@ -154,18 +165,25 @@ def main() -> None:
     torch.manual_seed(0)
     records = read_records(world / "detailed_caption_train.jsonl")[:4] + read_records(world / "count_mc_train.jsonl")[:4]
     _, processor = build_tiny("llava", words=vocabulary(), seed=0)
-    collate = TrainCollator(processor)
+    collate = TrainCollator(processor, keep_samples=True)  # the records in the batch: what GRPO samples for
     batch = collate([RecordDataset(records)[i] for i in range(len(records))])
     others = read_records(world / "detailed_caption_train.jsonl")[4:8] + read_records(world / "count_mc_train.jsonl")[4:8]
     own = [batch, collate([RecordDataset(others)[i] for i in range(len(others))])]  # what each process trains on
+    everything = records + others
+    # uneven: 3 counting MC records and a caption on one process, 4 captions on the other
+    pieces = [records[4:7] + records[:1], records[1:4] + others[:1]]
+    uneven = [collate([RecordDataset(piece)[i] for i in range(len(piece))]) for piece in pieces]
+    together = collate([RecordDataset(pieces[0] + pieces[1])[i] for i in range(8)])
     result, wholes = {}, {}
     for entry in names:
-        bf16 = entry.startswith("bf16:")
-        name = entry.removeprefix("bf16:")
+        bf16, spread = entry.startswith("bf16:"), entry.startswith("uneven:")
+        name = entry.split(":")[-1]
         start = {n: p.detach().clone() for n, p in build(False, bf16)[0].named_parameters() if n in SCOPE}
-        whole = wholes[entry] = run(name, False, batch, bf16=bf16, own=own)
+        data = {"records": everything, "collator": collate}
+        whole = wholes[entry] = run(name, False, together if spread else batch, bf16=bf16, own=own, **data)
         try:
-            sharded = run(name, True, batch, out.parent / f"resume-{entry.replace(':', '-')}", bf16, own)
+            sharded = run(name, True, uneven[dist.get_rank()] if spread else batch,
+                          out.parent / f"resume-{entry.replace(':', '-')}", bf16, own, **data)
         except Exception as error:  # a refusal, or a method that breaks on shards: the test says which
             result[entry] = {"error": f"{type(error).__name__}: {error}"}
             continue
@@ -177,7 +195,7 @@ def main() -> None:
                          "size": {n: whole[n].numel() for n in whole},
                          "moved": {n: (whole[n] - start[n]).abs().max().item() for n in whole}}
     for entry, whole in wholes.items():  # how far each method's own step took it from vanilla's (whole tensors)
-        if "vanilla" in wholes and not entry.startswith("bf16:") and "error" not in result[entry]:
+        if "vanilla" in wholes and ":" not in entry and "error" not in result[entry]:
             result[entry]["from_vanilla"] = max((whole[n] - wholes["vanilla"][n]).abs().max().item() for n in whole)
     if dist.get_rank() == 0:
         out.write_text(json.dumps(result))

@@ -3,6 +3,7 @@ policy_loss, itself TRL's to 1e-6 in tests/test_grpo.py) on the tiny architectur
 not the batch; rewards by the task's metric, a user's function and a format; a run logs what GRPO users watch.
 (Every method's contract — frozen weights, exact resume — in test_contract.py; DDP in tests/test_distributed.py.)"""
 
+import dataclasses
 import json
 
 import pytest
@@ -20,6 +21,7 @@ from mmtune.data.collate import (
 )
 from mmtune.data.records import read_records
 from mmtune.data.synthetic import vocabulary
+from mmtune.engine import Engine
 from mmtune.grpo import group_advantages, policy_loss
 from mmtune.losses import compute_losses
 from mmtune.methods.base import TrainContext
@@ -30,14 +32,15 @@ from mmtune.train import train
 ARCHITECTURES = ["llava", "qwen2_vl", "idefics3"]
 
 
-def _setup(world, architecture, records=None, **options):
+def _setup(world, architecture, records=None, engine=None, **options):
     torch.manual_seed(0)
     model, processor = build_tiny(architecture, words=vocabulary())
     if records is None:
         records = read_records(world / "count_mc_train.jsonl")[:2] + read_records(world / "detailed_caption_train.jsonl")[:1]
     collator = TrainCollator(processor, keep_samples=True)
     ctx = TrainContext(model=model, unwrapped=model, generator=torch.Generator().manual_seed(0), records=records,
-                       trainable={n: p for n, p in model.named_parameters() if p.requires_grad}, collator=collator)
+                       trainable={n: p for n, p in model.named_parameters() if p.requires_grad}, collator=collator,
+                       engine=engine)
     method = GRPO(GRPOConfig(**options))
     method.setup(ctx)
     return model, processor, collator, ctx, method, records
@@ -181,6 +184,20 @@ def test_a_named_caption_task_is_rewarded_by_cider_d(world):
 def test_what_cannot_be_rewarded_is_refused_by_name(world, options, message):
     with pytest.raises(ValueError, match=message):
         _setup(world, "llava", **options)
+
+
+@pytest.mark.parametrize("engine", [Engine("fsdp2", 2), Engine("zero3", 2)])
+def test_sharded_weights_refuse_grpo_records_with_and_without_images(world, engine):
+    """With sharded weights the processes generate in lockstep, every generate's forwards gathering the weights from
+    all of them: a text-only record's generate skips the vision tower, whose gathers another process's would wait
+    for. A mix is refused before training, naming a text-only record; one process, or DDP, takes it."""
+    records = read_records(world / "count_mc_train.jsonl")[:3]
+    records[1] = dataclasses.replace(records[1], image=None)
+    with pytest.raises(ValueError, match=f"record '{records[1].id}'.*vision tower"):
+        _setup(world, "llava", records=records, engine=engine)
+    for whole in (Engine("ddp", 2), Engine("fsdp2", 1)):
+        assert _setup(world, "llava", records=records, engine=whole)[4].lockstep is False
+    assert _setup(world, "llava", engine=engine)[4].lockstep is True
 
 
 def test_captions_alone_have_no_reward(world):

@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -48,6 +48,9 @@ from mmtune.engine import (  # noqa: F401 — also public here: methods import t
     sum_over_shards,
     whole,
 )
+
+if TYPE_CHECKING:
+    from mmtune.data.collate import TrainCollator
 
 
 @dataclass
@@ -111,7 +114,7 @@ class TrainContext:
     # The training records (what each task is scored by: GRPO's rewards), and the collator that turns records into a
     # batch (for methods that build batches of their own); None where the host has none.
     records: list | None = None
-    collator: Callable[[list[dict]], dict] | None = None
+    collator: TrainCollator | None = None
 
     def __post_init__(self):
         if self.engine is None:

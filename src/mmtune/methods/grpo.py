@@ -41,10 +41,12 @@ from mmtune.data.collate import (
     ROW_WEIGHTS,
     SAMPLES,
     GenerationCollator,
+    RecordDataset,
     image_token_ids,
     last_image_turn,
 )
 from mmtune.data.record import metric_choice
+from mmtune.engine import root_gathered
 from mmtune.grpo import (
     SCALES,
     CiderCorpus,
@@ -92,9 +94,9 @@ class GRPO(PretrainedSnapshotMethod):
     description = "reinforcement fine-tuning: G sampled answers per prompt, rewards by the task's metric, GRPO's loss"
     config_class = GRPOConfig
     reads_samples = True
-    sharding_refusal = ("it samples answers with the model's generate: the processes would run different numbers of "
-                        "forwards on the shards, each of which gathers them from every process")
-    partitioned_refusal = sharding_refusal.replace("shards", "partitions")
+    # On FSDP2 shards and ZeRO-3 partitions every forward gathers weights from every process, so the processes sample
+    # in lockstep (``rollout``): the same number of generate calls, each run until every process's answers ended.
+    supports_sharding = True
     persistent = ("pretrained",)
 
     def setup(self, ctx):
@@ -128,6 +130,20 @@ class GRPO(PretrainedSnapshotMethod):
         self.grpo_tasks = sorted(chosen)
         self.format = re.compile(self.config.format_pattern) if self.config.format_pattern else None
         self._noted: list[tuple[str, torch.Tensor]] = []
+        # Weights sharded over processes: each generate's forwards gather them from every process, so every process
+        # makes the same generate calls (``rollout``), and runs the same modules in them: a process with fewer GRPO
+        # records generates for a stand-in record, and a vision tower runs on every process or on none.
+        self.lockstep = ctx.engine.shards_parameters and ctx.engine.processes > 1
+        rewarded = [r for t in self.grpo_tasks for r in by_task[t]]
+        pictured = {r.image is not None for r in rewarded}
+        if self.lockstep and len(pictured) > 1:
+            text_only = next(r for r in rewarded if r.image is None)
+            raise ValueError(f"grpo on {ctx.engine}: the GRPO tasks ({', '.join(self.grpo_tasks)}) mix records with "
+                             f"images and text-only ones (record {text_only.id!r}, task {text_only.task}); with "
+                             "sharded weights every process samples in lockstep, running the vision tower on all "
+                             "processes or on none — train the text-only records by the cross-entropy (leave their "
+                             "task out of method.grpo.tasks), or run on DDP or ZeRO-2")
+        self.stand_in = rewarded[0]
         if ctx.accelerator is not None:
             sft = sorted(set(by_task) - set(chosen))
             ctx.accelerator.print(f"grpo: {', '.join(self.grpo_tasks)} by GRPO (G={self.config.num_generations}, "
@@ -160,7 +176,11 @@ class GRPO(PretrainedSnapshotMethod):
         weighs prompts so; SFT weighs records so; and every process then holds the same weight whatever its mix)."""
         ctx = step.ctx
         samples = batch[SAMPLES]
-        if not any(s["record"].task in self.grpo_tasks for s in samples):
+        sampled = [s for s in samples if s["record"].task in self.grpo_tasks]
+        generated = self.generate_all(ctx, sampled, seed)
+        if not sampled:
+            if self.lockstep and self.config.beta:  # every process's token loss takes the forward at W0 (a collective)
+                return {**batch, ADVANTAGES: torch.full((len(samples),), math.nan, device=batch["labels"].device)}
             return batch
         rows, completions, advantages, shares = [], [], [], []
         for sample in samples:
@@ -175,7 +195,7 @@ class GRPO(PretrainedSnapshotMethod):
                 advantages.append(math.nan)
                 shares.append(1.0)
                 continue
-            answers = self.sample(ctx, sample, (seed + zlib.crc32(record.id.encode())) % 2**63)
+            answers = generated[id(sample)]
             texts = ctx.collator.tokenizer.batch_decode(answers, skip_special_tokens=True)
             rewards = torch.tensor([self.reward(record, text.strip()) for text in texts], dtype=torch.float64)
             step.note(f"reward/{record.task}", rewards)
@@ -194,6 +214,26 @@ class GRPO(PretrainedSnapshotMethod):
             rollout[ROW_WEIGHTS] = torch.tensor(shares, device=device) * (len(rows) / len(samples))
         return rollout
 
+    def generate_all(self, ctx, sampled: list[dict], seed: int) -> dict[int, list[list[int]]]:
+        """Each sample's G answers (by ``id``), seeded by the step and its record. With sharded weights, as many
+        generate calls on every process as the process with the most GRPO records makes (the others generate for the
+        stand-in record and drop the answers)."""
+        calls = len(sampled)
+        if self.lockstep:
+            import torch.distributed as dist
+
+            count = torch.tensor([calls], device=next(ctx.unwrapped.parameters()).device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            calls = int(count.item())
+        answers = {}
+        for i in range(calls):
+            if i < len(sampled):
+                record = sampled[i]["record"]
+                answers[id(sampled[i])] = self.sample(ctx, sampled[i], (seed + zlib.crc32(record.id.encode())) % 2**63)
+            else:
+                self.sample(ctx, RecordDataset([self.stand_in])[0], seed)
+        return answers
+
     @torch.no_grad()
     def sample(self, ctx, sample: dict, seed: int) -> list[list[int]]:
         """G answers to one record from the model as it is, each up to and with its first end-of-answer token.
@@ -209,9 +249,12 @@ class GRPO(PretrainedSnapshotMethod):
         try:
             # under the run's autocast, as the training forward (bf16 weights beside fp32 masters: mixed dtypes)
             autocast = ctx.accelerator.autocast() if ctx.accelerator is not None else contextlib.nullcontext()
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast, \
+                    root_gathered(model):
                 torch.manual_seed(seed)
-                tokens = model.generate(**inputs, do_sample=True, temperature=self.config.temperature,
+                # synced_gpus: with sharded weights each process runs forwards until every process's answers ended
+                tokens = model.generate(**inputs, synced_gpus=self.lockstep, do_sample=True,
+                                        temperature=self.config.temperature,
                                         top_p=self.config.top_p, top_k=0, max_new_tokens=self.config.max_new_tokens,
                                         pad_token_id=tokenizer.pad_token_id, use_cache=True,
                                         # an image placeholder in an answer would ask the training forward for an
