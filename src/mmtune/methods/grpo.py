@@ -239,7 +239,7 @@ class GRPO(PretrainedSnapshotMethod):
         """G answers to one record from the model as it is, each up to and with its first end-of-answer token.
         Seeded by the step and the record: the same answers whatever the batch or process the record lands in."""
         collator, model = ctx.collator, ctx.unwrapped
-        inputs = GenerationCollator(collator.processor)([sample] * self.config.num_generations)
+        inputs = GenerationCollator(collator.processor)([sample])  # its G answers: num_return_sequences
         inputs.pop("records")
         device = next(model.parameters()).device
         inputs = {k: v.to(device) for k, v in inputs.items()}
@@ -253,7 +253,8 @@ class GRPO(PretrainedSnapshotMethod):
                     root_gathered(model):
                 torch.manual_seed(seed)
                 # synced_gpus: with sharded weights each process runs forwards until every process's answers ended
-                tokens = model.generate(**inputs, synced_gpus=self.lockstep, do_sample=True,
+                tokens = model.generate(**inputs, num_return_sequences=self.config.num_generations,
+                                        synced_gpus=self.lockstep, do_sample=True,
                                         temperature=self.config.temperature,
                                         top_p=self.config.top_p, top_k=0, max_new_tokens=self.config.max_new_tokens,
                                         pad_token_id=tokenizer.pad_token_id, use_cache=True,
