@@ -4,7 +4,7 @@ mmtune's loop: the same configs, data, scope, engines, checkpoints and S/G repor
 Each optimizer step, for every record of a GRPO task in the step's batches:
 
 1. G answers are sampled from the current model (``generate``: temperature, top-p; seeded from the run's generator,
-   so a resumed run samples the same answers);
+   so a resumed run samples the same answers; on FSDP2 / ZeRO-3 with several processes, in lockstep: ``generate_all``);
 2. each answer is scored by its task's own metric (``mmtune.grpo.verifiable_reward``: the letter for multiple choice,
    VQA accuracy, exact match; CIDEr-D for a caption task named in ``tasks``), or by a user's ``reward`` function,
    plus an optional format reward;
