@@ -4,6 +4,7 @@ One launch trains every configuration below (tests/train_many_worker.py), so the
 group are paid once; vanilla and spider are compared the same way from the engine runs of tests/test_deepspeed.py.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -30,6 +31,13 @@ METHODS = ["pcgrad", "sam", "task_sam", "grpo"]
 # the masters.
 BF16_SPIDER = ["method.name=spider", "model.dtype=bf16", "train.mixed_precision=bf16", "train.save_every=2"]
 
+# GRPO where one process's batch holds the one record of its task (1 counting MC record among 32): a process
+# whose step has no GRPO term logs as many numbers as one that has (metrics.jsonl's reduction; it once hung a DDP run
+# at the first such step), and the two processes still train what one does.
+SPARSE_GRPO = ["method.name=grpo",
+               "data.tasks=[{path: 'synthetic:detailed_caption', n: 31}, {path: 'synthetic:count_mc', n: 1}]",
+               "train.max_steps=4"]  # the whole epoch: the record is drawn
+
 # Padding-free batches under DDP (issue 37): each process packs its own records; the same training as one process
 # with padded batches.
 PADDING_FREE = ["method.name=vanilla", "data.padding_free=true"]
@@ -51,7 +59,8 @@ def runs(world, tmp_path_factory):
 
     launched = []
     settings = {name: [f"method.name={name}"] for name in METHODS} | {"spider-bf16": BF16_SPIDER,
-                                                                       "padding-free": PADDING_FREE}
+                                                                       "padding-free": PADDING_FREE,
+                                                                       "grpo-sparse": SPARSE_GRPO}
     for name, extra in settings.items():
         single = [e for e in extra if e != "data.padding_free=true"]  # padding-free: the padded run is the reference
         train(config(name, "single", *single, "train.batch_size=8"))
@@ -71,6 +80,18 @@ def runs(world, tmp_path_factory):
 @pytest.mark.parametrize("method", METHODS)
 def test_two_processes_match_one(runs, method):
     single, ddp = runs / "single" / method, runs / "ddp" / method
+    assert losses(ddp) == pytest.approx(losses(single), rel=1e-4)
+    one, two = final_weights(single), final_weights(ddp)
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_grpo_where_one_process_has_no_grpo_record_matches_one(runs):
+    """The step that drew the one counting MC record: one process has a GRPO term, the other none. (Before the log
+    reduced the union of every process's keys, the DDP run died there: gloo's "Received data size doesn't match".)"""
+    single, ddp = runs / "single" / "grpo-sparse", runs / "ddp" / "grpo-sparse"
+    rows = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
+    assert any("grpo" in row for row in rows if "loss" in row), "the MC record was not drawn: the test says nothing"
     assert losses(ddp) == pytest.approx(losses(single), rel=1e-4)
     one, two = final_weights(single), final_weights(ddp)
     for name in one:

@@ -96,18 +96,22 @@ class StepLog:
         self.progress.update(1)
         if step % self.every == 0 or step == self.total_steps:
             accelerator = self.accelerator
-            logged = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
-                      for k, v in terms.items()}
+            # One reduction per kind, over the keys of every process: a process whose batches gave no term of some
+            # key (GRPO's, without a record of its tasks) counts 0 there, and every process makes the same calls.
+            names, noted = every_process_keys(accelerator, list(terms), list(diagnostics or {}))
+            means = accelerator.reduce(torch.tensor([float(terms.get(k, 0.0)) for k in names], dtype=torch.float64,
+                                                    device=accelerator.device), "mean").tolist()
+            logged = dict(zip(names, means, strict=True))
             row = {"step": step, "epoch": epoch, "loss": sum(logged.values()), **logged}
             if task_losses is not None and tasks:
                 sums, counts = accelerator.reduce(task_losses.to(accelerator.device), "sum").tolist()
                 row.update({f"loss/{task}": total / count for task, total, count in zip(tasks, sums, counts,
                                                                                          strict=True) if count})
-            if diagnostics:
-                names = sorted(diagnostics)
-                totals = accelerator.reduce(torch.stack([diagnostics[k] for k in names]).to(accelerator.device),
-                                            "sum").tolist()
-                row.update(described(names, totals))
+            if noted:
+                noted, none = sorted(noted), torch.zeros(3, dtype=torch.float64)
+                totals = accelerator.reduce(torch.stack([(diagnostics or {}).get(k, none) for k in noted])
+                                            .to(accelerator.device), "sum").tolist()
+                row.update(described(noted, totals))
             row.update({"lr": lr, "grad_norm": grad_norm, "elapsed_s": round(time.time() - self.started, 4)})
             self.write(row)
             accelerator.log({f"train/{tracker_name(k)}": v for k, v in row.items() if isinstance(v, float) and k != "epoch"},
@@ -140,6 +144,17 @@ class StepLog:
         for tracker in self.accelerator.trackers:
             tracker.finish()
         self.accelerator.trackers = []
+
+
+def every_process_keys(accelerator, *keys: list[str]) -> list[list[str]]:
+    """Each list of ``keys`` joined with the same list of every other process (in the order of the processes, then
+    of their keys): the same lists on every process, so that the reductions over them match (one exchange)."""
+    if getattr(accelerator, "num_processes", 1) <= 1:
+        return list(keys)
+    from accelerate.utils import gather_object
+
+    gathered = gather_object([keys])  # one entry per process: its lists
+    return [list(dict.fromkeys(k for lists in gathered for k in lists[i])) for i in range(len(keys))]
 
 
 def described(names: list[str], totals: list[list[float]]) -> dict[str, float]:
