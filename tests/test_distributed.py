@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import final_weights, free_port, losses
+from helpers import base_weights, final_weights, free_port, losses
 from mmtune.config import save_config
 from mmtune.train import train
 
@@ -38,6 +38,11 @@ SPARSE_GRPO = ["method.name=grpo",
                "data.tasks=[{path: 'synthetic:detailed_caption', n: 31}, {path: 'synthetic:count_mc', n: 1}]",
                "train.max_steps=4"]  # the whole epoch: the record is drawn
 
+# Text-only records beside captions (as the LLaVA-1.5 mix holds conversations without an image): a process whose
+# batch is text-only gives the trainable projector no gradient of its own, which DDP refuses ("Expected to have
+# finished reduction"); the loss ties every trainable weight in with a 0 (mmtune.losses.unused_weights_tie).
+TEXT_ONLY = ["method.name=vanilla", "train.max_steps=4"]  # the whole epoch: both captions drawn
+
 # Padding-free batches under DDP (issue 37): each process packs its own records; the same training as one process
 # with padded batches.
 PADDING_FREE = ["method.name=vanilla", "data.padding_free=true"]
@@ -57,10 +62,17 @@ def runs(world, tmp_path_factory):
                      "train.max_steps=3", "train.warmup_ratio=0.0", "eval.downstream=[]", "eval.heldout=[]", *extra]
         return load_config(TINY_CONFIG, overrides)
 
+    texts = root / "text_qa.jsonl"
+    texts.write_text("".join(json.dumps({"id": f"text-{i}", "task": "text_qa", "kind": "open", "image": None,
+                                         "prompt": f"Which shape has {i + 3} sides?", "answers": [f"a {i + 3}-gon ."]})
+                             + "\n" for i in range(30)))
     launched = []
     settings = {name: [f"method.name={name}"] for name in METHODS} | {"spider-bf16": BF16_SPIDER,
                                                                        "padding-free": PADDING_FREE,
-                                                                       "grpo-sparse": SPARSE_GRPO}
+                                                                       "grpo-sparse": SPARSE_GRPO,
+                                                                       "text-only": [*TEXT_ONLY, f"data.tasks=[{{path: "
+                                                                                     f"'synthetic:detailed_caption', n: 2}}, "
+                                                                                     f"{{path: '{texts}'}}]"]}
     for name, extra in settings.items():
         single = [e for e in extra if e != "data.padding_free=true"]  # padding-free: the padded run is the reference
         train(config(name, "single", *single, "train.batch_size=8"))
@@ -94,6 +106,21 @@ def test_grpo_where_one_process_has_no_grpo_record_matches_one(runs):
     assert any("grpo" in row for row in rows if "loss" in row), "the MC record was not drawn: the test says nothing"
     assert losses(ddp) == pytest.approx(losses(single), rel=1e-4)
     one, two = final_weights(single), final_weights(ddp)
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_text_only_batches_on_one_process_match_one_process(runs):
+    """2 captions among 32 records: in the steps that draw one, the other process's batch is text-only (without the
+    tie to the weights the DDP launch dies there)."""
+    single, ddp = runs / "single" / "text-only", runs / "ddp" / "text-only"
+    assert losses(ddp) == pytest.approx(losses(single), rel=1e-4)
+    one, two = final_weights(single), final_weights(ddp)
+    from conftest import TINY_CONFIG
+    from mmtune.config import load_config
+
+    start = base_weights(load_config(TINY_CONFIG))
+    assert any(not torch.equal(one[k], start[k]) for k in one if "multi_modal_projector" in k)  # the projector trains
     for name in one:
         torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5, msg=name)
 

@@ -69,3 +69,42 @@ def test_the_two_loss_reductions_differ_by_hand():
     sample = compute_losses(ctx, [], batch, "sample")[0]["ce"]
     torch.testing.assert_close(token, (easy + 3 * log3) / 4)
     torch.testing.assert_close(sample, ((easy + 2 * log3) / 3 + log3) / 2)
+
+
+class _Processes:
+    """An accelerator's reduce over processes whose other members hold ``others`` (one flag per micro-batch each)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, others: list[list[float]]):
+        self.others = others
+
+    def reduce(self, tensor, reduction="sum"):
+        return tensor + torch.tensor(self.others).sum(0)
+
+
+@pytest.mark.parametrize("kind", ["zero3", "fsdp2"])
+def test_a_text_only_micro_batch_beside_images_stops_a_sharded_run_naming_it(kind):
+    """On sharded weights every process must run the vision tower or none (its gathers are collectives; a ZeRO-3
+    launch with text-only records hung at step 2 before this check): stopped with the reason on every process —
+    the one holding the text-only micro-batch, and the others."""
+    from mmtune.engine import Engine
+    from mmtune.methods.base import TrainContext
+    from mmtune.step import check_images_everywhere
+
+    text = {"labels": torch.zeros(1, 3), "tasks": ["text_qa"]}
+    image = {"labels": torch.zeros(1, 3), "pixel_values": torch.zeros(1), "tasks": ["caption"]}
+
+    def ctx(others):
+        return TrainContext(model=None, unwrapped=None, trainable={}, generator=torch.Generator(),
+                            accelerator=_Processes(others), engine=Engine(kind, 2))
+
+    check_images_everywhere(ctx([[1.0, 0.0]]), [image, text])  # the same kind of micro-batch on both: goes on
+    with pytest.raises(ValueError, match=r"micro-batch 2: .* holds only text-only records \(tasks: text_qa\) while "
+                                         r"1 of 2 have images"):
+        check_images_everywhere(ctx([[1.0, 1.0]]), [image, text])
+    with pytest.raises(ValueError, match=r"micro-batch 1: .* has images \(tasks: caption\)"):
+        check_images_everywhere(ctx([[0.0]]), [image])
+    whole = TrainContext(model=None, unwrapped=None, trainable={}, generator=torch.Generator(),
+                         accelerator=_Processes([[1.0]]), engine=Engine("zero2", 2))
+    check_images_everywhere(whole, [text])  # DDP / ZeRO-1/2: the losses' tie to the weights handles it

@@ -133,6 +133,14 @@ def task_loss_totals(batch: dict, sample_loss: torch.Tensor, tasks: list[str]) -
     return totals
 
 
+def unused_weights_tie(trainable: dict[str, torch.Tensor]) -> torch.Tensor:
+    """0, tied to every trainable weight: added to a batch without images (text-only records) on DDP and ZeRO-1/2,
+    where the vision tower and projector take no part in its forward. Their gradient from it is 0 — as one process
+    gets for those records — but present, so every process reduces the same tensors (DDP stops at a trainable weight
+    without a gradient; DeepSpeed's buckets would differ in size). One element of each weight is read."""
+    return sum(param.reshape(-1)[0] for param in trainable.values()) * 0.0
+
+
 def compute_losses(ctx, methods, batch: dict, reduction: str = "sample", tokens: float | torch.Tensor | None = None,
                    shares: dict | None = None, task_totals: list | None = None):
     """Cross-entropy plus every method's named extra terms; returns ``(terms, outputs)`` (terms named, outputs of
@@ -160,6 +168,8 @@ def compute_losses(ctx, methods, batch: dict, reduction: str = "sample", tokens:
         shares.update(task_shares(batch, log_probs, index, sample_loss, reduction, tokens))
     if task_totals is not None and ctx.tasks:
         task_totals.append(task_loss_totals(batch, sample_loss, ctx.tasks))
+    if "pixel_values" not in batch and ctx.engine.processes > 1 and ctx.engine.tensors == "whole":
+        ce = ce + unused_weights_tie(ctx.trainable)
     terms = {"ce": ce}
     for method in methods:
         if method.replaces_token_loss:

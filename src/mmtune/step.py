@@ -372,6 +372,27 @@ class Step:
             raise RuntimeError(f"can't {what} under DeepSpeed: its engine keeps the gradients in its own buffers")
 
 
+def check_images_everywhere(ctx: TrainContext, micro: list[dict]) -> None:
+    """On sharded weights (FSDP2, ZeRO-3) with several processes every module's forward gathers its weights from all
+    of them, so the vision tower must run on every process's micro-batch or on none: a micro-batch of text-only records
+    beside one with images would leave the other processes waiting for its gathers forever. Stops the run with the
+    reason instead, on every process at once (one all-reduce of a flag per micro-batch)."""
+    engine = ctx.engine
+    if not engine.shards_parameters or engine.processes <= 1:
+        return
+    pictured = torch.tensor([float("pixel_values" in batch) for batch in micro], device=ctx.accelerator.device)
+    counts = ctx.accelerator.reduce(pictured, "sum").tolist()
+    for index, (count, batch) in enumerate(zip(counts, micro, strict=True)):
+        if 0 < count < engine.processes:
+            tasks = sorted(set(batch.get("tasks") or []))
+            mine = "has images" if "pixel_values" in batch else "holds only text-only records"
+            raise ValueError(f"step {ctx.step + 1}, micro-batch {index + 1}: on {engine} the vision tower must run "
+                             f"on every process or on none, and this process's micro-batch {mine} (tasks: "
+                             f"{', '.join(tasks) or '?'}) while {int(count)} of {engine.processes} have images. "
+                             "Records without an image beside records with one need DDP or ZeRO-1/2 here (a larger "
+                             "train.batch_size makes such a step rarer, not impossible)")
+
+
 def step_tokens(accelerator, micro: list[dict]) -> torch.Tensor:
     """Target tokens of one optimizer step, per process on average (all processes' micro-batches counted): the
     token-mean loss divides by it, so accumulation and DDP's gradient averaging give the exact token mean. A tensor
@@ -419,6 +440,7 @@ def train_step(ctx: TrainContext, methods: list[Method], micro: list[dict], opti
     """One optimizer step over ``micro`` (``train``: the run's ``train`` config section); returns each loss term's
     step mean (one host sync for all of them), the gradient norm before clipping and the per-task losses."""
     accelerator = ctx.accelerator
+    check_images_everywhere(ctx, micro)
     tokens = step_tokens(accelerator, micro) / len(micro) if train.loss_reduction == "token" else None
     step = Step(ctx, methods, micro, train.loss_reduction, tokens)
     builder = step_builder(methods)
