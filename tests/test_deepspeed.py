@@ -6,6 +6,7 @@ hooks silently missed those would end elsewhere: these tests compare final weigh
 Runs whenever DeepSpeed imports (it installs from the registry and runs on CPU: `pip install mmtune[deepspeed]`).
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -199,6 +200,15 @@ def runs(world, tmp_path_factory):
     paths["ds3-2"].append(config("spider", "ds3-2-checkpoint", "train.batch_size=4", "model.tiny=null",
                                  f"model.path={root / 'base'}", "eval.downstream=['synthetic:detailed_caption']",
                                  "eval.limit=4", "eval.max_new_tokens=4")[1])
+    # Text-only records beside captions, one record per process and step: ZeRO-3 runs the vision tower on a blank
+    # image for a text-only micro-batch (its gathers are every process's), DDP ties the projector in with a 0.
+    texts = root / "text_qa.jsonl"
+    texts.write_text("".join(json.dumps({"id": f"text-{i}", "task": "text_qa", "kind": "open", "image": None,
+                                         "prompt": f"Which shape has {i + 3} sides?", "answers": [f"a {i + 3}-gon ."]})
+                             + "\n" for i in range(16)))
+    mixed = f"data.tasks=[{{path: 'synthetic:detailed_caption', n: 16}}, {{path: '{texts}'}}]"
+    for way in ("ddp2", "ds3-2"):
+        paths[way].append(config("vanilla", f"{way}-text-only", "train.batch_size=1", "train.max_steps=4", mixed)[1])
     # The one-process launches (one thread each) side by side, with this process's reference runs beside them.
     one_process = [_start(paths["ds1"], root, 1, deepspeed=True), _start(paths["ds3"], root, 1, deepspeed=True, stage=3)]
     threads = torch.get_num_threads()
@@ -299,6 +309,16 @@ def test_deepspeed_zero3_one_process_matches_one_process(runs, name):
 @pytest.mark.parametrize("name", ZERO3_DDP)
 def test_deepspeed_zero3_two_processes_match_ddp(runs, name):
     _assert_same_run(runs / "ddp2" / name, runs / "ds3-2" / name)
+
+
+def test_deepspeed_zero3_trains_text_only_micro_batches_beside_images_as_ddp(runs):
+    """A step whose records are a caption on one process and a text-only record on the other (both tasks logged in
+    it): the text-only process runs the vision tower on a blank image, so ZeRO-3's gathers match (without it the
+    launch hung at that step), and the training is DDP's."""
+    reference, other = runs / "ddp2-text-only" / "vanilla", runs / "ds3-2-text-only" / "vanilla"
+    rows = [json.loads(line) for line in (other / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss/text_qa" in row and "loss/detailed_caption" in row for row in rows)
+    _assert_same_run(reference, other)
 
 
 @pytest.mark.parametrize("name", ZERO3_BF16)

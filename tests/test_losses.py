@@ -1,6 +1,8 @@
 """Target-only logits (train.target_logits, issue 37): the model's head runs only where a loss reads it, and every
 loss and gradient equals the full-logits one."""
 
+import functools
+
 import pytest
 import torch
 
@@ -76,3 +78,44 @@ def test_every_method_that_reads_logits_takes_the_same_step(tiny_config, method)
     on, off = step_gradients_on_and_off(tiny_config, method, "train.target_logits", lambda batch: KEEP in batch)
     for name, grad in off.items():
         torch.testing.assert_close(on[name], grad, rtol=1e-5, atol=1e-6, msg=f"{method}: {name}")
+
+
+@pytest.mark.parametrize("architecture", ["llava", "qwen2_vl", "idefics3"])
+def test_a_blank_image_runs_the_vision_tower_and_leaves_a_text_only_batch_unchanged(architecture):
+    """BLANK_IMAGE (what a text-only micro-batch gets beside another process's images on sharded weights): the vision
+    tower and projector run once per forward, the loss is the same to the bit, and the projector's gradient is there
+    and zero (without it: None — what DDP and ZeRO's reductions trip on)."""
+    from mmtune.data.collate import BLANK_IMAGE
+    from mmtune.losses import forward
+
+    torch.manual_seed(0)
+    model, processor = build_tiny(architecture, words=vocabulary())
+    collator = TrainCollator(processor)
+    records = [Record(id=f"t{i}", task="text_qa", kind="open", image=None, prompt="Which shape has three sides?",
+                      answers=["a triangle ."]) for i in range(2)]
+    batch = collator([RecordDataset(records)[i] for i in range(2)])
+    assert "pixel_values" not in batch
+    projector = [p for n, p in model.named_parameters() if "projector" in n or "merger" in n or "connector" in n]
+    calls, original = [], model.get_image_features
+
+    @functools.wraps(original)
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    model.get_image_features = counted
+
+    def loss_and_grads(with_blank: bool):
+        model.zero_grad()
+        given = {**batch, BLANK_IMAGE: collator.blank_image_inputs()} if with_blank else batch
+        outputs = forward(model, given)
+        log_probs, index = target_log_probs(outputs.logits, batch["labels"])
+        loss = -log_probs.mean()
+        loss.backward()
+        return loss.detach(), [p.grad for p in projector]
+
+    plain, plain_grads = loss_and_grads(False)
+    assert not calls and all(g is None for g in plain_grads)
+    blank, blank_grads = loss_and_grads(True)
+    assert len(calls) == 1 and torch.equal(plain, blank)
+    assert projector and all(g is not None and not g.any() for g in blank_grads)

@@ -84,27 +84,39 @@ class _Processes:
 
 
 @pytest.mark.parametrize("kind", ["zero3", "fsdp2"])
-def test_a_text_only_micro_batch_beside_images_stops_a_sharded_run_naming_it(kind):
+def test_a_text_only_micro_batch_beside_images_runs_the_vision_tower_on_a_blank_image(kind):
     """On sharded weights every process must run the vision tower or none (its gathers are collectives; a ZeRO-3
-    launch with text-only records hung at step 2 before this check): stopped with the reason on every process —
-    the one holding the text-only micro-batch, and the others."""
+    launch with text-only records hung at step 2 before this): a text-only micro-batch beside another process's
+    images gets a blank image (BLANK_IMAGE); a host with no collator to make one stops on every process, naming why.
+    (The forward it drives: tests/test_deepspeed.py, ZeRO-3 with text-only records = DDP.)"""
+    from types import SimpleNamespace
+
+    from mmtune.data.collate import BLANK_IMAGE
     from mmtune.engine import Engine
     from mmtune.methods.base import TrainContext
-    from mmtune.step import check_images_everywhere
+    from mmtune.step import vision_tower_everywhere
 
-    text = {"labels": torch.zeros(1, 3), "tasks": ["text_qa"]}
-    image = {"labels": torch.zeros(1, 3), "pixel_values": torch.zeros(1), "tasks": ["caption"]}
+    def micro():
+        return [{"labels": torch.zeros(1, 3), "pixel_values": torch.zeros(1), "tasks": ["caption"]},
+                {"labels": torch.zeros(1, 3), "tasks": ["text_qa"]}]
 
-    def ctx(others):
+    blank = {"pixel_values": torch.ones(1, 3, 4, 4)}
+    collator = SimpleNamespace(blank_image_inputs=lambda: blank)
+
+    def ctx(others, collator=collator, engine=None):
         return TrainContext(model=None, unwrapped=None, trainable={}, generator=torch.Generator(),
-                            accelerator=_Processes(others), engine=Engine(kind, 2))
+                            accelerator=_Processes(others), engine=engine or Engine(kind, 2), collator=collator)
 
-    check_images_everywhere(ctx([[1.0, 0.0]]), [image, text])  # the same kind of micro-batch on both: goes on
+    batches = micro()
+    vision_tower_everywhere(ctx([[1.0, 0.0]]), batches)  # the same kind of micro-batch on both: nothing to do
+    assert not any(BLANK_IMAGE in b for b in batches)
+    vision_tower_everywhere(ctx([[1.0, 1.0]]), batches)  # the other process has images in micro-batch 2
+    assert BLANK_IMAGE not in batches[0] and torch.equal(batches[1][BLANK_IMAGE]["pixel_values"], blank["pixel_values"])
     with pytest.raises(ValueError, match=r"micro-batch 2: .* holds only text-only records \(tasks: text_qa\) while "
                                          r"1 of 2 have images"):
-        check_images_everywhere(ctx([[1.0, 1.0]]), [image, text])
+        vision_tower_everywhere(ctx([[1.0, 1.0]], collator=None), micro())
     with pytest.raises(ValueError, match=r"micro-batch 1: .* has images \(tasks: caption\)"):
-        check_images_everywhere(ctx([[0.0]]), [image])
-    whole = TrainContext(model=None, unwrapped=None, trainable={}, generator=torch.Generator(),
-                         accelerator=_Processes([[1.0]]), engine=Engine("zero2", 2))
-    check_images_everywhere(whole, [text])  # DDP / ZeRO-1/2: the losses' tie to the weights handles it
+        vision_tower_everywhere(ctx([[0.0, 0.0]], collator=None), micro())
+    batches = micro()
+    vision_tower_everywhere(ctx([[0.0, 1.0]], engine=Engine("zero2", 2)), batches)  # whole weights: the tie's job
+    assert not any(BLANK_IMAGE in b for b in batches)

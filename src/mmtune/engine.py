@@ -182,6 +182,21 @@ def write_weight(param: nn.Parameter, value: torch.Tensor) -> None:
         param.data.copy_(value.view_as(param.data).to(param.dtype))
 
 
+def innermost(model: nn.Module) -> nn.Module:
+    """The model inside DDP, DeepSpeed, PEFT and ``torch.compile`` wrappers (the transformers model)."""
+    inner = model
+    for _ in range(8):
+        if hasattr(inner, "get_base_model"):
+            inner = inner.get_base_model()
+        elif isinstance(getattr(inner, "module", None), nn.Module):
+            inner = inner.module
+        elif isinstance(getattr(inner, "_orig_mod", None), nn.Module):
+            inner = inner._orig_mod
+        else:
+            break
+    return inner
+
+
 @contextlib.contextmanager
 def root_gathered(model: nn.Module) -> Iterator[None]:
     """An FSDP2 model's root parameters (those of no inner ``fully_shard`` unit: embeddings, a VLM's vision tower and

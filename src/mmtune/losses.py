@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+from collections.abc import Iterator
+
 import torch
 
 from mmtune.config import LOSS_REDUCTIONS
-from mmtune.data.collate import IGNORE_INDEX, KEEP, model_inputs, target_positions
+from mmtune.data.collate import BLANK_IMAGE, IGNORE_INDEX, KEEP, model_inputs, target_positions
 from mmtune.data.padding_free import PADDING_FREE, pack, rope_index_of, unpack
+from mmtune.engine import innermost
 
 
 def forward(model, batch: dict, call=None):
@@ -15,12 +20,36 @@ def forward(model, batch: dict, call=None):
     model's forward on its inputs where it is not ``model(**inputs)`` (a functional call with other weights)."""
     call = call or model
     inputs = model_inputs(batch)
-    if not batch.get(PADDING_FREE):
-        return call(**inputs)
-    packed, packing = pack(inputs, batch["labels"], rope_index_of(model))
-    outputs = call(**packed)
+    blank = batch.get(BLANK_IMAGE)
+    with vision_tower_on(model, blank) if blank is not None else contextlib.nullcontext():
+        if not batch.get(PADDING_FREE):
+            return call(**inputs)
+        packed, packing = pack(inputs, batch["labels"], rope_index_of(model))
+        outputs = call(**packed)
     outputs.logits = unpack(outputs.logits, packing)
     return outputs
+
+
+@contextlib.contextmanager
+def vision_tower_on(model, image_inputs: dict[str, torch.Tensor]) -> Iterator[None]:
+    """A forward (of a text-only batch) that runs the vision tower and projector on ``image_inputs`` (a blank image)
+    right after the token embeddings — where a batch with images runs them — and adds 0 × their output to the
+    embeddings: on sharded weights every process then gathers the same modules in the same order, and the projector
+    gets its (zero) gradient as on a process with images. The batch's own numbers are unchanged."""
+    inner = innermost(model)
+    accepted = inspect.signature(inner.get_image_features).parameters
+    kwargs = {k: v for k, v in image_inputs.items() if k in accepted}
+
+    def tie(module, args, output):
+        features = inner.get_image_features(**kwargs, return_dict=True).pooler_output
+        features = features if isinstance(features, list | tuple) else [features]
+        return output + sum(f.sum() for f in features).to(output.dtype) * 0.0
+
+    handle = inner.get_input_embeddings().register_forward_hook(tie)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def shifted(logits: torch.Tensor, labels: torch.Tensor,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mmtune.data.collate import IGNORE_INDEX
+from mmtune.data.collate import BLANK_IMAGE, IGNORE_INDEX
 from mmtune.engine import (
     DTensor,
     engine_of,
@@ -372,25 +372,31 @@ class Step:
             raise RuntimeError(f"can't {what} under DeepSpeed: its engine keeps the gradients in its own buffers")
 
 
-def check_images_everywhere(ctx: TrainContext, micro: list[dict]) -> None:
+def vision_tower_everywhere(ctx: TrainContext, micro: list[dict]) -> None:
     """On sharded weights (FSDP2, ZeRO-3) with several processes every module's forward gathers its weights from all
     of them, so the vision tower must run on every process's micro-batch or on none: a micro-batch of text-only records
-    beside one with images would leave the other processes waiting for its gathers forever. Stops the run with the
-    reason instead, on every process at once (one all-reduce of a flag per micro-batch)."""
+    beside one with images would leave the other processes waiting for its gathers forever. Such a micro-batch gets a
+    blank image for its forwards to run the vision tower on (``BLANK_IMAGE``: ``mmtune.losses.vision_tower_on``,
+    0 × its output added) — or, where the host has no collator to make one, the run stops with the reason on every
+    process at once. One all-reduce of a flag per micro-batch."""
     engine = ctx.engine
     if not engine.shards_parameters or engine.processes <= 1:
         return
     pictured = torch.tensor([float("pixel_values" in batch) for batch in micro], device=ctx.accelerator.device)
     counts = ctx.accelerator.reduce(pictured, "sum").tolist()
+    blank = getattr(ctx.collator, "blank_image_inputs", None)  # the same host, so the same answer, everywhere
     for index, (count, batch) in enumerate(zip(counts, micro, strict=True)):
-        if 0 < count < engine.processes:
+        if not 0 < count < engine.processes:
+            continue
+        if blank is None:  # every process stops here, those with images too
             tasks = sorted(set(batch.get("tasks") or []))
             mine = "has images" if "pixel_values" in batch else "holds only text-only records"
             raise ValueError(f"step {ctx.step + 1}, micro-batch {index + 1}: on {engine} the vision tower must run "
                              f"on every process or on none, and this process's micro-batch {mine} (tasks: "
-                             f"{', '.join(tasks) or '?'}) while {int(count)} of {engine.processes} have images. "
-                             "Records without an image beside records with one need DDP or ZeRO-1/2 here (a larger "
-                             "train.batch_size makes such a step rarer, not impossible)")
+                             f"{', '.join(tasks) or '?'}) while {int(count)} of {engine.processes} have images; with "
+                             "no collator to make a blank image for the others, run such records on DDP or ZeRO-1/2")
+        if "pixel_values" not in batch:
+            batch[BLANK_IMAGE] = {k: v.to(ctx.accelerator.device) for k, v in blank().items()}
 
 
 def step_tokens(accelerator, micro: list[dict]) -> torch.Tensor:
@@ -440,7 +446,7 @@ def train_step(ctx: TrainContext, methods: list[Method], micro: list[dict], opti
     """One optimizer step over ``micro`` (``train``: the run's ``train`` config section); returns each loss term's
     step mean (one host sync for all of them), the gradient norm before clipping and the per-task losses."""
     accelerator = ctx.accelerator
-    check_images_everywhere(ctx, micro)
+    vision_tower_everywhere(ctx, micro)
     tokens = step_tokens(accelerator, micro) / len(micro) if train.loss_reduction == "token" else None
     step = Step(ctx, methods, micro, train.loss_reduction, tokens)
     builder = step_builder(methods)

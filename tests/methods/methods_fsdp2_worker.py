@@ -9,7 +9,9 @@ what differs is only where each number lives. (What a method reads from the trai
 between the two runs' final weights, and how far each moved, to the JSON file named first.
 
 An entry ``uneven:<name>`` gives each process a batch of its own (GRPO: 3 records of its task on one, none on the other,
-which then generates for a stand-in in lockstep) and the whole-tensor run both batches in one, as DDP's tests do.
+which then generates for a stand-in in lockstep) and the whole-tensor run both batches in one, as DDP's tests do;
+``text:<name>`` gives one process captions and the other text-only records (which run the vision tower on a blank
+image, as every process must on shards).
 
 An entry ``bf16:<name>`` runs both in bf16 with fp32 masters of what trains (whole: autocast; sharded: FSDP2's
 MixedPrecisionPolicy computing in bf16 and reducing in fp32, on fp32 shards — what Accelerate's FSDP2 sets up).
@@ -19,6 +21,7 @@ calls: backward, no_sync, autocast, clip_grad_norm_, reduce) — the loop around
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -170,19 +173,22 @@ def main() -> None:
     others = read_records(world / "detailed_caption_train.jsonl")[4:8] + read_records(world / "count_mc_train.jsonl")[4:8]
     own = [batch, collate([RecordDataset(others)[i] for i in range(len(others))])]  # what each process trains on
     everything = records + others
-    # uneven: 3 counting MC records and a caption on one process, 4 captions on the other
-    pieces = [records[4:7] + records[:1], records[1:4] + others[:1]]
-    uneven = [collate([RecordDataset(piece)[i] for i in range(len(piece))]) for piece in pieces]
-    together = collate([RecordDataset(pieces[0] + pieces[1])[i] for i in range(8)])
+    # uneven: 3 counting MC records and a caption on one process, 4 captions on the other; text: the 4 captions on
+    # one process, 4 text-only records on the other (whose forward runs the vision tower on a blank image)
+    texts = [dataclasses.replace(r, id=f"text-{i}", image=None) for i, r in enumerate(others[:4])]
+    split = {"uneven": [records[4:7] + records[:1], records[1:4] + others[:1]], "text": [records[:4], texts]}
+    per_process = {k: [collate([RecordDataset(p)[i] for i in range(len(p))]) for p in pieces]
+                   for k, pieces in split.items()}
+    together = {k: collate([RecordDataset(pieces[0] + pieces[1])[i] for i in range(8)]) for k, pieces in split.items()}
     result, wholes = {}, {}
     for entry in names:
-        bf16, spread = entry.startswith("bf16:"), entry.startswith("uneven:")
+        bf16, spread = entry.startswith("bf16:"), entry.split(":")[0] if entry.split(":")[0] in split else None
         name = entry.split(":")[-1]
         start = {n: p.detach().clone() for n, p in build(False, bf16)[0].named_parameters() if n in SCOPE}
         data = {"records": everything, "collator": collate}
-        whole = wholes[entry] = run(name, False, together if spread else batch, bf16=bf16, own=own, **data)
+        whole = wholes[entry] = run(name, False, together[spread] if spread else batch, bf16=bf16, own=own, **data)
         try:
-            sharded = run(name, True, uneven[dist.get_rank()] if spread else batch,
+            sharded = run(name, True, per_process[spread][dist.get_rank()] if spread else batch,
                           out.parent / f"resume-{entry.replace(':', '-')}", bf16, own, **data)
         except Exception as error:  # a refusal, or a method that breaks on shards: the test says which
             result[entry] = {"error": f"{type(error).__name__}: {error}"}

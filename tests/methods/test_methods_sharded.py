@@ -34,7 +34,7 @@ def sharded_runs(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2") / "result.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER),
                str(out), str(world), *RUN, *(f"bf16:{name}" for name in BF16),
-               *(f"uneven:{name}" for name in UNEVEN)]
+               *(f"uneven:{name}" for name in UNEVEN), "text:vanilla"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -65,6 +65,16 @@ def test_method_with_a_batch_per_process_on_shards_equals_one_batch_on_whole_ten
     assert "error" not in found, found.get("error")
     for tensor, difference in found["difference"].items():
         assert difference < 1e-4, f"{name}: {tensor} differs on shards by {difference}"
+    assert sum(value > 1e-4 for value in found["moved"].values()) >= len(found["moved"]) // 2
+
+
+def test_text_only_records_on_one_process_and_images_on_the_other_train_as_on_whole_tensors(sharded_runs):
+    """A process whose batch is text-only runs the vision tower and projector on a blank image (0 × their output
+    added), so both processes run the same modules: the training is the whole-tensor one on both batches."""
+    found = sharded_runs["text:vanilla"]
+    assert "error" not in found, found.get("error")
+    for tensor, difference in found["difference"].items():
+        assert difference < 1e-4, f"{tensor} differs on shards by {difference}"
     assert sum(value > 1e-4 for value in found["moved"].values()) >= len(found["moved"]) // 2
 
 

@@ -29,6 +29,9 @@ PADDING_FREE = "padding_free"
 SAMPLES = "samples"
 ADVANTAGES = "advantages"
 ROW_WEIGHTS = "row_weights"  # and its rows' weights in a sample-reduced loss (each record weighs the same)
+# The image inputs of a blank image, on a text-only batch whose forward must run the vision tower all the same (sharded
+# weights: another process's batch has images, and each module's forward gathers from every process): mmtune.losses
+BLANK_IMAGE = "blank_image"
 _MARKER = "MMTUNEANSWERMARKER"
 
 
@@ -216,6 +219,15 @@ class TrainCollator:
     def __post_init__(self):
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.answer_prefix, self.answer_suffix = answer_affixes(self.processor)
+
+    def blank_image_inputs(self) -> dict[str, torch.Tensor]:
+        """The processor's image inputs of one blank 64×64 image (``pixel_values`` and what goes with them), made once:
+        what a text-only batch's forward runs the vision tower on where every process must run it (``BLANK_IMAGE``)."""
+        if getattr(self, "_blank", None) is None:
+            record = Record(id="blank", task="blank", kind="open", image="blank.png", prompt="", answers=[""])
+            inputs = GenerationCollator(self.processor)([{"record": record, "image": Image.new("RGB", (64, 64))}])
+            self._blank = {k: v for k, v in inputs.items() if torch.is_tensor(v) and k in IMAGE_INPUTS}
+        return self._blank
 
     def answer_ids(self, answer: str) -> list[int]:
         return self.tokenizer(self.answer_prefix + answer + self.answer_suffix, add_special_tokens=False)["input_ids"]
@@ -462,7 +474,7 @@ class GenerationCollator:
 
 
 MODEL_INPUT_EXCLUDE = ("labels", "open_mask", "image_mask", "image_counts", "pixel_counts", "image_tokens", "records",
-                       "tasks", PADDING_FREE, SAMPLES, ADVANTAGES, ROW_WEIGHTS)
+                       "tasks", PADDING_FREE, SAMPLES, ADVANTAGES, ROW_WEIGHTS, BLANK_IMAGE)
 
 
 def model_inputs(batch: dict) -> dict:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from mmtune.data.collate import IGNORE_INDEX, IMAGE_INPUTS, KEEP, PADDING_FREE  # noqa: F401 — PADDING_FREE: also here
+from mmtune.engine import innermost
 
 
 @dataclass
@@ -88,16 +89,7 @@ def unpack(logits: torch.Tensor, packing: Packing) -> torch.Tensor:
 def rope_index_of(model):
     """The model's ``get_rope_index`` (Qwen-VL's multimodal positions) through DDP, DeepSpeed, PEFT and compile
     wrappers; None for a model with 1-D positions."""
-    inner = model
-    for _ in range(8):
-        if hasattr(inner, "get_base_model"):
-            inner = inner.get_base_model()
-        elif isinstance(getattr(inner, "module", None), torch.nn.Module):
-            inner = inner.module
-        elif isinstance(getattr(inner, "_orig_mod", None), torch.nn.Module):
-            inner = inner._orig_mod
-        else:
-            break
+    inner = innermost(model)
     for candidate in (inner, getattr(inner, "model", None)):
         if callable(getattr(candidate, "get_rope_index", None)):
             return candidate.get_rope_index
