@@ -161,3 +161,37 @@ def test_a_trainer_under_zero3_refuses_a_loss_that_reads_the_weights():
 
     with pytest.raises(ValueError, match="lora: merging the adapters into ZeRO-3's partitioned weights"):
         Trainer(model=build_tiny("llava", words=vocabulary(), seed=0)[0], methods=[Lora()])
+
+
+def test_a_trainers_text_only_batch_beside_another_processs_images_runs_the_vision_tower(world, tmp_path):
+    """In a Trainer too (its compute_loss, train and eval): on FSDP2 / ZeRO-3 a text-only batch while another process's
+    has images gets the blank image of the Trainer's TrainCollator (tests/test_step.py, tests/test_losses.py: what it
+    does); the loss is the plain one."""
+    from types import SimpleNamespace
+
+    from mmtune.data.collate import BLANK_IMAGE
+    from mmtune.data.records import Record
+    from mmtune.engine import Engine
+    from mmtune.methods.base import TrainContext
+
+    model, processor = build_tiny("llava", words=vocabulary())
+    apply_scope(model)
+    collator = TrainCollator(processor)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True,
+                             remove_unused_columns=False, save_strategy="no", disable_tqdm=True)
+    records = [Record(id=f"t{i}", task="text_qa", kind="open", image=None, prompt="Which shape has three sides?",
+                      answers=["a triangle ."]) for i in range(2)]
+    trainer = MethodTrainer(model=model, args=args, train_dataset=RecordDataset(records), data_collator=collator,
+                            methods=[NRCA()])
+    other_has_images = SimpleNamespace(device=torch.device("cpu"), reduce=lambda tensor, reduction: tensor + 1)
+
+    def ctx(engine):
+        return TrainContext(model=model, unwrapped=model, trainable={}, generator=torch.Generator(),
+                            accelerator=other_has_images, engine=engine, collator=collator)
+
+    inputs = collator([RecordDataset(records)[i] for i in range(2)])
+    trainer.ctx = ctx(Engine("single"))
+    plain = trainer.compute_loss(model, dict(inputs))
+    trainer.ctx = ctx(Engine("zero3", 2))
+    loss = trainer.compute_loss(model, inputs)
+    assert BLANK_IMAGE in inputs and torch.equal(loss, plain)

@@ -32,6 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from mmtune.engine import Engine
 from mmtune.losses import compute_losses
 from mmtune.methods.base import Method, TrainContext, load_method_states, refusal, save_method_states
+from mmtune.step import vision_tower_everywhere
 
 
 class MethodCallback(TrainerCallback):
@@ -45,7 +46,8 @@ class MethodCallback(TrainerCallback):
                                         generator=generator, accelerator=self.trainer.accelerator,
                                         optimizer=optimizer, total_steps=state.max_steps,
                                         output_dir=Path(args.output_dir) if args.output_dir else None,
-                                        batches=(lambda: train_dataloader) if train_dataloader is not None else None)
+                                        batches=(lambda: train_dataloader) if train_dataloader is not None else None,
+                                        collator=getattr(self.trainer, "data_collator", None))
         for method in self.methods:
             method.setup(self.trainer.ctx)
         if self.trainer.resumed_from:  # the Trainer restored weights and its state; the methods follow
@@ -124,6 +126,7 @@ class MethodTrainerMixin:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Per micro-batch means; the Trainer divides by the accumulation steps (model_accepts_loss_kwargs=False).
+        vision_tower_everywhere(self.ctx, [inputs])  # FSDP2 / ZeRO-3: a text-only batch beside another's images
         terms, outputs = compute_losses(self.ctx, self.methods, inputs, self.loss_reduction)
         if model.training:
             for key, value in terms.items():
