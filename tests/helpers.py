@@ -8,8 +8,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText
 
+from mmtune.data.records import Record
 from mmtune.step import Step, step_builder, step_tokens
 from mmtune.train import load_base
+
+
+def text_only_records(n: int) -> list[Record]:
+    """``n`` records without an image (task ``text_qa``), as instruction mixes hold conversations with no picture."""
+    return [Record(id=f"text-{i}", task="text_qa", kind="open", image=None, prompt=f"Which shape has {i + 3} sides?",
+                   answers=[f"a {i + 3}-gon ."]) for i in range(n)]
 
 
 def free_port() -> int:

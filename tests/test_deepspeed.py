@@ -17,8 +17,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import base_weights, final_weights, free_port, losses
+from helpers import base_weights, final_weights, free_port, losses, text_only_records
 from mmtune.config import save_config
+from mmtune.data.records import write_records
 from mmtune.engine import Engine
 from mmtune.engines import configure_deepspeed, zero3_refusal
 from mmtune.methods import METHODS, build_methods
@@ -203,9 +204,7 @@ def runs(world, tmp_path_factory):
     # Text-only records beside captions, one record per process and step: ZeRO-3 runs the vision tower on a blank
     # image for a text-only micro-batch (its gathers are every process's), DDP ties the projector in with a 0.
     texts = root / "text_qa.jsonl"
-    texts.write_text("".join(json.dumps({"id": f"text-{i}", "task": "text_qa", "kind": "open", "image": None,
-                                         "prompt": f"Which shape has {i + 3} sides?", "answers": [f"a {i + 3}-gon ."]})
-                             + "\n" for i in range(16)))
+    write_records(text_only_records(16), texts)
     mixed = f"data.tasks=[{{path: 'synthetic:detailed_caption', n: 16}}, {{path: '{texts}'}}]"
     for way in ("ddp2", "ds3-2"):
         paths[way].append(config("vanilla", f"{way}-text-only", "train.batch_size=1", "train.max_steps=4", mixed)[1])

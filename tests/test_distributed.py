@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import base_weights, final_weights, free_port, losses
+from helpers import base_weights, final_weights, free_port, losses, text_only_records
 from mmtune.config import save_config
+from mmtune.data.records import write_records
 from mmtune.train import train
 
 pytestmark = pytest.mark.multiprocess
@@ -63,9 +64,7 @@ def runs(world, tmp_path_factory):
         return load_config(TINY_CONFIG, overrides)
 
     texts = root / "text_qa.jsonl"
-    texts.write_text("".join(json.dumps({"id": f"text-{i}", "task": "text_qa", "kind": "open", "image": None,
-                                         "prompt": f"Which shape has {i + 3} sides?", "answers": [f"a {i + 3}-gon ."]})
-                             + "\n" for i in range(30)))
+    write_records(text_only_records(30), texts)
     launched = []
     settings = {name: [f"method.name={name}"] for name in METHODS} | {"spider-bf16": BF16_SPIDER,
                                                                        "padding-free": PADDING_FREE,

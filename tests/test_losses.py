@@ -6,7 +6,7 @@ import functools
 import pytest
 import torch
 
-from helpers import step_gradients_on_and_off
+from helpers import step_gradients_on_and_off, text_only_records
 from mmtune.data.collate import KEEP, RecordDataset, TrainCollator, model_inputs, subset_batch
 from mmtune.data.records import Record, read_records
 from mmtune.data.synthetic import vocabulary
@@ -91,8 +91,7 @@ def test_a_blank_image_runs_the_vision_tower_and_leaves_a_text_only_batch_unchan
     torch.manual_seed(0)
     model, processor = build_tiny(architecture, words=vocabulary())
     collator = TrainCollator(processor)
-    records = [Record(id=f"t{i}", task="text_qa", kind="open", image=None, prompt="Which shape has three sides?",
-                      answers=["a triangle ."]) for i in range(2)]
+    records = text_only_records(2)
     batch = collator([RecordDataset(records)[i] for i in range(2)])
     assert "pixel_values" not in batch
     projector = [p for n, p in model.named_parameters() if "projector" in n or "merger" in n or "connector" in n]

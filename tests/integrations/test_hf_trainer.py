@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
+from helpers import text_only_records
 from mmtune.data.collate import RecordDataset, TrainCollator
 from mmtune.data.records import read_records
 from mmtune.data.synthetic import vocabulary
@@ -170,7 +171,6 @@ def test_a_trainers_text_only_batch_beside_another_processs_images_runs_the_visi
     from types import SimpleNamespace
 
     from mmtune.data.collate import BLANK_IMAGE
-    from mmtune.data.records import Record
     from mmtune.engine import Engine
     from mmtune.methods.base import TrainContext
 
@@ -179,8 +179,7 @@ def test_a_trainers_text_only_batch_beside_another_processs_images_runs_the_visi
     collator = TrainCollator(processor)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True,
                              remove_unused_columns=False, save_strategy="no", disable_tqdm=True)
-    records = [Record(id=f"t{i}", task="text_qa", kind="open", image=None, prompt="Which shape has three sides?",
-                      answers=["a triangle ."]) for i in range(2)]
+    records = text_only_records(2)
     trainer = MethodTrainer(model=model, args=args, train_dataset=RecordDataset(records), data_collator=collator,
                             methods=[NRCA()])
     other_has_images = SimpleNamespace(device=torch.device("cpu"), reduce=lambda tensor, reduction: tensor + 1)
